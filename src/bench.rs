@@ -1,0 +1,99 @@
+//! `qpai bench`: prefill and decode speed of a model on this machine, from
+//! the engine's own forward pass (no HTTP). `scripts/bench.py` runs it beside
+//! llama.cpp on the same GGUF file and token ids.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::catalog::fetch::ModelStore;
+use crate::catalog::resolve::resolve;
+use crate::config::{BenchArgs, GlobalArgs};
+use crate::engine::sampling::argmax;
+use crate::models::{LoadedModel, load_model};
+
+/// A fixed English passage, repeated to the wanted prompt length.
+const PASSAGE: &str = "Quantum-Page builds and runs websites for small businesses. Each site has pages about \
+products, services, opening hours and answers to common questions. Writers ask for new descriptions, \
+summaries and replies in the voice of the business, and the engine drafts them quickly and cheaply. ";
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub time_to_first_token_ms: f64,
+    pub prompt_ids: Vec<u32>,
+}
+
+pub fn prompt_ids(model: &LoadedModel, length: usize) -> anyhow::Result<Vec<u32>> {
+    let text = PASSAGE.repeat(length / 40 + 2);
+    let mut ids = model.encode_prompt(&text).map_err(anyhow::Error::msg)?;
+    ids.truncate(length);
+    Ok(ids)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> {
+    let catalog = Catalog::load(global.catalog.as_deref())?;
+    let store = ModelStore::new(global.models_dir());
+    let resolved = resolve(&args.model, &catalog, &store)?;
+    let model = load_model(&resolved.source, &resolved.options)?;
+    let ids = prompt_ids(&model, args.prompt_tokens)?;
+    anyhow::ensure!(
+        ids.len() + args.decode_tokens < model.context_length,
+        "prompt + decode tokens exceed the context length"
+    );
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    // One warm-up run, then the measured ones.
+    for run in 0..=args.runs.max(1) {
+        let mut sequence = model.new_sequence()?;
+        let started = Instant::now();
+        let logits = sequence.forward(&ids)?;
+        let mut next = argmax(&logits) as u32;
+        let first = started.elapsed().as_secs_f64();
+        let decode_started = Instant::now();
+        for _ in 0..args.decode_tokens {
+            let logits = sequence.forward(&[next])?;
+            next = argmax(&logits) as u32;
+        }
+        let decode_s = decode_started.elapsed().as_secs_f64();
+        if run > 0 {
+            prefill.push(ids.len() as f64 / first);
+            decode.push(args.decode_tokens as f64 / decode_s);
+            ttft.push(first * 1000.0);
+        }
+    }
+    let result = BenchResult {
+        model: model.id.clone(),
+        threads: candle_core::utils::get_num_threads(),
+        prompt_tokens: ids.len(),
+        decode_tokens: args.decode_tokens,
+        prefill_tokens_per_s: median(prefill),
+        decode_tokens_per_s: median(decode),
+        time_to_first_token_ms: median(ttft),
+        prompt_ids: ids,
+    };
+    println!(
+        "{}: prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), TTFT {:.0} ms, {} threads",
+        result.model,
+        result.prefill_tokens_per_s,
+        result.prompt_tokens,
+        result.decode_tokens_per_s,
+        result.decode_tokens,
+        result.time_to_first_token_ms,
+        result.threads
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
+    }
+    Ok(result)
+}

@@ -1,0 +1,236 @@
+//! Command line and configuration. Every flag has an environment variable;
+//! `qpai serve --config FILE` reads a TOML file whose keys are the serve flags
+//! (snake_case). Precedence: flag or env > file > default.
+
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+#[derive(Debug, Parser)]
+#[command(name = "qpai", version, about = "qpai: local LLM inference behind an OpenAI-compatible API")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Directory for everything qpai writes (models cache, databases).
+    /// Default: $XDG_DATA_HOME/qpai or ~/.local/share/qpai.
+    #[arg(long, env = "QPAI_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Models cache. Default: <data-dir>/models.
+    #[arg(long, env = "QPAI_MODELS_DIR", global = true)]
+    pub models_dir: Option<PathBuf>,
+    /// Model catalog (TOML). Default: the catalog built into qpai (models/models.toml).
+    #[arg(long, env = "QPAI_CATALOG", global = true)]
+    pub catalog: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "QPAI_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+impl GlobalArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("qpai")
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("models"))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the OpenAI-compatible server.
+    Serve(ServeArgs),
+    /// Inspect and fetch catalog models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Measure prefill and decode speed of a model.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// List the catalog and what is in the local cache.
+    List,
+    /// Fetch models into the cache (verifies sha256; safe to run concurrently).
+    Pull {
+        /// Catalog ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Show one catalog entry and its local state.
+    Show { id: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML file with serve settings (keys as the flags, in snake_case).
+    #[arg(long, env = "QPAI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "QPAI_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, env = "QPAI_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Models to serve: catalog ids, paths (.gguf file or checkpoint dir) or
+    /// hub repos (owner/name). Repeat or separate with commas.
+    #[arg(long = "model", env = "QPAI_MODEL", value_delimiter = ',', default_value = DEFAULT_MODEL)]
+    pub models: Vec<String>,
+    /// Requests decoded together per model; more wait in the queue.
+    #[arg(long, env = "QPAI_MAX_RUNNING", default_value_t = 8)]
+    pub max_running: usize,
+    /// Requests accepted per model at once (queued + running); beyond: 429.
+    #[arg(long, env = "QPAI_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Largest request body in bytes; beyond: 413.
+    #[arg(long, env = "QPAI_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Cap on the context length a model is served with.
+    #[arg(long, env = "QPAI_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// CPU threads for the model kernels (default: all cores).
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+}
+
+/// The serve settings a `--config` file may hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub models: Option<Vec<String>>,
+    pub max_running: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub max_context: Option<usize>,
+    pub threads: Option<usize>,
+}
+
+fn is_default(matches: &ArgMatches, id: &str) -> bool {
+    !matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+impl ServeArgs {
+    /// Fills in values from the `--config` file where neither a flag nor an
+    /// environment variable gave one.
+    pub fn apply_file(&mut self, matches: &ArgMatches) -> anyhow::Result<()> {
+        let Some(path) = &self.config else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        let file: ServeFile = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        macro_rules! layer {
+            ($field:ident, $id:literal) => {
+                if let Some(value) = file.$field
+                    && is_default(matches, $id)
+                {
+                    self.$field = value.into();
+                }
+            };
+        }
+        layer!(host, "host");
+        layer!(port, "port");
+        layer!(models, "models");
+        layer!(max_running, "max_running");
+        layer!(max_in_flight, "max_in_flight");
+        layer!(max_body_bytes, "max_body_bytes");
+        layer!(max_context, "max_context");
+        layer!(threads, "threads");
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Model to measure (catalog id or path).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> (ServeArgs, ArgMatches) {
+        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
+        let sub = matches.subcommand_matches("serve").unwrap().clone();
+        (serve, sub)
+    }
+
+    #[test]
+    fn defaults_parse_and_work() {
+        let (serve, _) = parse(&["qpai", "serve"]);
+        assert_eq!(serve.host, "127.0.0.1");
+        assert_eq!(serve.port, 8080);
+        assert_eq!(serve.models, vec![DEFAULT_MODEL.to_string()]);
+        assert!(serve.max_running >= 1 && serve.max_in_flight >= serve.max_running);
+    }
+
+    #[test]
+    fn file_fills_defaults_but_flags_win() {
+        let dir = std::env::temp_dir().join(format!("qpai-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.toml");
+        std::fs::write(&path, "port = 9999\nhost = \"0.0.0.0\"\nmodels = [\"a\", \"b\"]\n").unwrap();
+        let config = path.to_str().unwrap();
+        let (mut serve, matches) = parse(&["qpai", "serve", "--config", config, "--port", "7000"]);
+        serve.apply_file(&matches).unwrap();
+        assert_eq!(serve.port, 7000, "a flag beats the file");
+        assert_eq!(serve.host, "0.0.0.0", "the file beats a default");
+        assert_eq!(serve.models, vec!["a".to_string(), "b".to_string()]);
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let (mut serve, matches) = parse(&["qpai", "serve", "--config", config]);
+        let err = serve.apply_file(&matches).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+}

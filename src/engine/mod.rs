@@ -1,0 +1,157 @@
+//! The engine: a handle that async code uses to submit generation requests
+//! to the worker thread that owns a model. Backpressure is a semaphore: a
+//! request that finds no permit is refused at once (429), and the permit
+//! travels with the response stream, so it is held exactly as long as the work.
+
+pub mod detokenize;
+pub mod sampling;
+pub mod types;
+mod worker;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::models::LoadedModel;
+pub use types::{FinishReason, GenerationEvent, GenerationRequest, Logprobs, SamplingParams, TokenLogprob};
+use worker::{Job, Worker};
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Requests decoded together; more wait in the queue.
+    pub max_running: usize,
+    /// Requests accepted at once (queued + running); beyond it: 429.
+    pub max_in_flight: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 8,
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// Live counters of one engine.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests queued, not yet admitted by the worker.
+    pub waiting: AtomicUsize,
+    /// Requests being generated.
+    pub running: AtomicUsize,
+    /// Requests dropped because their client went away.
+    pub cancelled: AtomicU64,
+}
+
+impl EngineStats {
+    fn publish_gauges(&self) {
+        metrics::gauge!("qpai_queue_depth").set(self.waiting.load(Ordering::SeqCst) as f64);
+        metrics::gauge!("qpai_running_requests").set(self.running.load(Ordering::SeqCst) as f64);
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error("the model worker has stopped")]
+    Stopped,
+}
+
+struct EngineInner {
+    model: LoadedModel,
+    jobs: Mutex<SyncSender<Job>>,
+    permits: Arc<Semaphore>,
+    stats: Arc<EngineStats>,
+}
+
+/// A cheap-to-clone handle to one model's worker thread. The worker stops
+/// when the last handle is dropped and its running requests are done.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+/// The events of one submitted request. Dropping it cancels the request.
+pub struct GenerationStream {
+    events: UnboundedReceiver<GenerationEvent>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl GenerationStream {
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Engine {
+    pub fn start(model: LoadedModel, config: EngineConfig) -> std::io::Result<Self> {
+        let config = EngineConfig {
+            max_running: config.max_running.max(1),
+            max_in_flight: config.max_in_flight.max(1),
+        };
+        let (sender, receiver) = sync_channel(config.max_in_flight);
+        let stats = Arc::new(EngineStats::default());
+        let worker = Worker::new(model.clone(), config, stats.clone());
+        std::thread::Builder::new()
+            .name(format!("qpai-worker-{}", model.id))
+            .spawn(move || worker.run(receiver))?;
+        Ok(Self {
+            inner: Arc::new(EngineInner {
+                model,
+                jobs: Mutex::new(sender),
+                permits: Arc::new(Semaphore::new(config.max_in_flight)),
+                stats,
+            }),
+        })
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.inner.model
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.inner.stats
+    }
+
+    /// Queues a checked request. Fails at once when the engine is full.
+    pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, SubmitError> {
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SubmitError::Overloaded)?;
+        let (events, receiver) = unbounded_channel();
+        let job = Job {
+            request,
+            events,
+            span: tracing::Span::current(),
+            enqueued_at: Instant::now(),
+        };
+        self.inner.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        let sent = self
+            .inner
+            .jobs
+            .lock()
+            .map_err(|_| SubmitError::Stopped)?
+            .try_send(job);
+        if let Err(error) = sent {
+            self.inner.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(match error {
+                TrySendError::Full(_) => SubmitError::Overloaded,
+                TrySendError::Disconnected(_) => SubmitError::Stopped,
+            });
+        }
+        self.inner.stats.publish_gauges();
+        Ok(GenerationStream {
+            events: receiver,
+            _permit: permit,
+        })
+    }
+}

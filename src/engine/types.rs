@@ -1,0 +1,89 @@
+//! What flows into and out of the engine: checked generation requests and
+//! typed stream events.
+
+use serde::Serialize;
+
+/// How the next token is chosen. Checked by the HTTP layer before queueing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: Option<usize>,
+    /// Same seed, same prompt, same parameters: same output.
+    pub seed: Option<u64>,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            seed: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+        }
+    }
+}
+
+/// A request the engine can run as is: tokenized, within limits.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    /// Generation ends before any of these strings; they are not returned.
+    pub stop: Vec<String>,
+    /// Number of independent completions of the prompt.
+    pub n: usize,
+    pub sampling: SamplingParams,
+    /// When set, each token comes with its log-probability and this many alternatives.
+    pub top_logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+}
+
+/// One token and its log-probability under the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    /// The token's own text (may be a partial UTF-8 sequence, lossily decoded).
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// Log-probabilities of a generated token and its best alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Events of one request, in order. `choice` is the completion's index (`n`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// A generated token. `text` is the new visible text (may be empty while a
+    /// multi-byte character or a possible stop string is held back).
+    Token {
+        choice: usize,
+        text: String,
+        logprobs: Option<Logprobs>,
+    },
+    /// The choice is finished; any held-back text was sent before.
+    End {
+        choice: usize,
+        finish_reason: FinishReason,
+        completion_tokens: usize,
+    },
+    /// The request failed inside the engine; no more events follow.
+    Error(String),
+}

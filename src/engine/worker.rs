@@ -1,0 +1,263 @@
+//! The worker thread: owns the model and every sequence's KV cache. Requests
+//! arrive through a bounded channel; each loop admits new requests (prefill)
+//! up to `max_running`, then advances every running choice by one token, so
+//! all requests in flight make progress together. A request whose client has
+//! gone is dropped before any more compute is spent on it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
+use super::sampling::{Sampled, Sampler};
+use super::types::{FinishReason, GenerationEvent, GenerationRequest, Logprobs, TokenLogprob};
+use super::{EngineConfig, EngineStats};
+use crate::models::{LoadedModel, SequenceModel};
+
+/// A request on its way to the worker.
+pub(crate) struct Job {
+    pub request: GenerationRequest,
+    pub events: UnboundedSender<GenerationEvent>,
+    pub span: tracing::Span,
+    pub enqueued_at: Instant,
+}
+
+struct Choice {
+    index: usize,
+    sequence: Box<dyn SequenceModel>,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    generated: usize,
+    next_input: u32,
+    finished: bool,
+}
+
+struct Running {
+    job: Job,
+    choices: Vec<Choice>,
+    first_token_at: Instant,
+    tokens_sent: usize,
+}
+
+impl Running {
+    fn finished(&self) -> bool {
+        self.choices.iter().all(|c| c.finished)
+    }
+}
+
+pub(crate) struct Worker {
+    model: LoadedModel,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+}
+
+impl Worker {
+    pub fn new(model: LoadedModel, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
+        Self {
+            model,
+            config,
+            stats,
+        }
+    }
+
+    pub fn run(self, jobs: Receiver<Job>) {
+        let mut running: Vec<Running> = Vec::new();
+        loop {
+            if running.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.admit(job, &mut running),
+                    Err(_) => return,
+                }
+            }
+            while running.len() < self.config.max_running {
+                match jobs.try_recv() {
+                    Ok(job) => self.admit(job, &mut running),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            for request in running.iter_mut() {
+                self.step(request);
+            }
+            let before = running.len();
+            running.retain(|r| !r.finished());
+            for _ in running.len()..before {
+                self.stats.running.fetch_sub(1, Ordering::SeqCst);
+            }
+            self.stats.publish_gauges();
+        }
+    }
+
+    /// Prefills a new request and samples the first token of each choice.
+    fn admit(&self, job: Job, running: &mut Vec<Running>) {
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        if job.events.is_closed() {
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            self.stats.publish_gauges();
+            return;
+        }
+        let span = job.span.clone();
+        let _enter = span.enter();
+        metrics::histogram!("qpai_request_queue_duration_seconds")
+            .record(job.enqueued_at.elapsed().as_secs_f64());
+        metrics::counter!("qpai_prompt_tokens_total").increment(job.request.prompt_ids.len() as u64);
+        match self.prefill(&job) {
+            Ok((choices, first_token_at)) => {
+                let mut request = Running {
+                    job,
+                    choices,
+                    first_token_at,
+                    tokens_sent: 0,
+                };
+                request.tokens_sent = request.choices.len();
+                if !request.finished() {
+                    self.stats.running.fetch_add(1, Ordering::SeqCst);
+                    running.push(request);
+                } else {
+                    self.record_done(&request);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "prefill failed");
+                let _ = job.events.send(GenerationEvent::Error(error.to_string()));
+            }
+        }
+        self.stats.publish_gauges();
+    }
+
+    fn prefill(&self, job: &Job) -> candle_core::Result<(Vec<Choice>, Instant)> {
+        let request = &job.request;
+        let mut sequence = self.model.new_sequence()?;
+        let logits = sequence.forward(&request.prompt_ids)?;
+        let mut sequences: Vec<Box<dyn SequenceModel>> =
+            (1..request.n).map(|_| sequence.fork()).collect();
+        sequences.push(sequence);
+        let mut choices = Vec::with_capacity(request.n);
+        for (index, sequence) in sequences.into_iter().enumerate() {
+            let mut choice = Choice {
+                index,
+                sequence,
+                sampler: Sampler::new(request.sampling.clone(), index as u64),
+                decoder: IncrementalDecoder::default(),
+                stops: StopMatcher::new(request.stop.clone()),
+                generated: 0,
+                next_input: 0,
+                finished: false,
+            };
+            let mut logits = logits.clone();
+            let sampled = choice.sampler.sample(&mut logits, request.top_logprobs);
+            self.accept(&mut choice, sampled, job);
+            choices.push(choice);
+        }
+        let first_token_at = Instant::now();
+        metrics::histogram!("qpai_time_to_first_token_seconds")
+            .record((first_token_at - job.enqueued_at).as_secs_f64());
+        Ok((choices, first_token_at))
+    }
+
+    /// One decode step for every unfinished choice of a request.
+    fn step(&self, request: &mut Running) {
+        if request.job.events.is_closed() {
+            tracing::debug!(parent: &request.job.span, "client gone; request dropped");
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            request.choices.iter_mut().for_each(|c| c.finished = true);
+            return;
+        }
+        let _enter = request.job.span.enter();
+        for index in 0..request.choices.len() {
+            if request.choices[index].finished {
+                continue;
+            }
+            let choice = &mut request.choices[index];
+            let result = choice.sequence.forward(&[choice.next_input]);
+            match result {
+                Ok(mut logits) => {
+                    let sampled = choice
+                        .sampler
+                        .sample(&mut logits, request.job.request.top_logprobs);
+                    self.accept(choice, sampled, &request.job);
+                    request.tokens_sent += 1;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "decode step failed");
+                    let _ = request.job.events.send(GenerationEvent::Error(error.to_string()));
+                    request.choices.iter_mut().for_each(|c| c.finished = true);
+                    return;
+                }
+            }
+        }
+        if request.finished() {
+            self.record_done(request);
+        }
+    }
+
+    fn record_done(&self, request: &Running) {
+        if request.tokens_sent > request.choices.len() {
+            let decode_tokens = (request.tokens_sent - request.choices.len()) as f64;
+            metrics::histogram!("qpai_time_per_output_token_seconds")
+                .record(request.first_token_at.elapsed().as_secs_f64() / decode_tokens);
+        }
+    }
+
+    /// Takes a sampled token: emits its text, checks stop conditions.
+    fn accept(&self, choice: &mut Choice, sampled: Sampled, job: &Job) {
+        metrics::counter!("qpai_generation_tokens_total").increment(1);
+        choice.generated += 1;
+        choice.next_input = sampled.id;
+        let tokenizer = &self.model.tokenizer;
+        let is_eos = self.model.eos_token_ids.contains(&sampled.id);
+        let mut finish = None;
+        let mut text;
+        if is_eos {
+            text = choice.stops.flush();
+            finish = Some(FinishReason::Stop);
+        } else {
+            let delta = choice.decoder.push(tokenizer, sampled.id).unwrap_or_default();
+            match choice.stops.push(&delta) {
+                StopCheck::Continue(t) => text = t,
+                StopCheck::Stopped(t) => {
+                    text = t;
+                    finish = Some(FinishReason::Stop);
+                }
+            }
+            let context_full = choice.sequence.position() + 1 >= self.model.context_length;
+            if finish.is_none() && (choice.generated >= job.request.max_new_tokens || context_full) {
+                text.push_str(&choice.stops.flush());
+                finish = Some(FinishReason::Length);
+            }
+        }
+        let logprobs = (!is_eos)
+            .then(|| self.logprobs(&sampled))
+            .flatten();
+        if !is_eos || !text.is_empty() {
+            let _ = job.events.send(GenerationEvent::Token {
+                choice: choice.index,
+                text,
+                logprobs,
+            });
+        }
+        if let Some(finish_reason) = finish {
+            choice.finished = true;
+            let _ = job.events.send(GenerationEvent::End {
+                choice: choice.index,
+                finish_reason,
+                completion_tokens: choice.generated,
+            });
+        }
+    }
+
+    fn logprobs(&self, sampled: &Sampled) -> Option<Logprobs> {
+        let token = |id: u32, logprob: f32| TokenLogprob {
+            id,
+            text: self.model.tokenizer.decode(&[id], false).unwrap_or_default(),
+            logprob,
+        };
+        Some(Logprobs {
+            chosen: token(sampled.id, sampled.logprob?),
+            top: sampled.top.iter().map(|&(id, lp)| token(id, lp)).collect(),
+        })
+    }
+}

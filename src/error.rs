@@ -1,0 +1,157 @@
+//! Errors at the HTTP edge: every failure a client sees is the OpenAI error
+//! envelope `{"error": {"message", "type", "param", "code"}}` with the right
+//! status. Internal details are logged, never sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error answered to an API client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: EnvelopeBody<'a>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeBody<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'a str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 naming the offending request parameter.
+    pub fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param.into()),
+            code: Some("invalid_value"),
+        }
+    }
+
+    /// 400 for a parameter the server does not implement: rejected, never ignored.
+    pub fn unsupported_param(param: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("The parameter '{param}' is not supported by this server."),
+            param: Some(param.to_string()),
+            code: Some("unsupported_parameter"),
+        }
+    }
+
+    /// 400 for a body that is not valid JSON or does not match the schema.
+    pub fn bad_body(message: impl Into<String>, param: Option<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param,
+            code: Some("invalid_request_body"),
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model '{model}' does not exist or is not served here."),
+            param: Some("model".to_string()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            param: None,
+            code: Some("not_found"),
+        }
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("The request body exceeds the limit of {limit} bytes."),
+            param: None,
+            code: Some("payload_too_large"),
+        }
+    }
+
+    pub fn overloaded() -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "The server is overloaded: too many requests in flight. Retry later."
+                .to_string(),
+            param: None,
+            code: Some("overloaded"),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            param: None,
+            code: Some("unavailable"),
+        }
+    }
+
+    /// 500: the cause is logged here and replaced by a generic message.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "internal error");
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "The server had an internal error while processing the request.".to_string(),
+            param: None,
+            code: Some("internal_error"),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The envelope as JSON, also used inside SSE streams.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(Envelope {
+            error: EnvelopeBody {
+                message: &self.message,
+                kind: self.kind(),
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.to_json())).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,268 @@
+//! `POST /v1/chat/completions`: the conversation is rendered with the
+//! model's chat template, tokenized, checked, and generated (whole or streamed).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::extract::ApiJson;
+use super::streaming::{ChunkFormat, collect, sse};
+use super::wire::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, ContentPart,
+    MessageContent, Role, TopLogprob, Usage,
+};
+use super::{AppState, submit_error, unix_now, validate};
+use crate::engine::{FinishReason, GenerationRequest, Logprobs, TokenLogprob};
+use crate::error::{ApiError, ApiResult};
+use crate::models::chat_template::TemplateError;
+use crate::models::{ModelKind, TemplateMessage};
+
+#[tracing::instrument(skip_all, fields(model = %request.model))]
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<ChatCompletionRequest>,
+) -> ApiResult<Response> {
+    validate::reject_unknown_fields(&request.other, "")?;
+    let engine = state.engine(&request.model)?;
+    let model = engine.model();
+    let template = match (&model.chat_template, model.kind) {
+        (Some(template), ModelKind::Chat | ModelKind::Completion) => template,
+        _ => {
+            return Err(ApiError::invalid_param(
+                "model",
+                format!("The model '{}' has no chat template; use /v1/completions.", model.id),
+            ));
+        }
+    };
+    let messages = template_messages(&request.messages)?;
+    let prompt = template.render(&messages, true).map_err(|e| match e {
+        TemplateError::Rejected(message) => ApiError::invalid_param("messages", message),
+        TemplateError::Broken(message) => ApiError::internal(message),
+    })?;
+    let prompt_ids = model
+        .tokenizer
+        .encode_fast(prompt.as_str(), false)
+        .map_err(ApiError::internal)?
+        .get_ids()
+        .to_vec();
+    let sampling = validate::sampling_params(&request.sampling)?;
+    let (length_param, requested) = match request.max_completion_tokens {
+        Some(n) => ("max_completion_tokens", Some(n)),
+        None => ("max_tokens", request.sampling.max_tokens),
+    };
+    let max_new_tokens = validate::max_new_tokens(
+        length_param,
+        requested,
+        None,
+        prompt_ids.len(),
+        model.context_length,
+        "messages",
+    )?;
+    let logprobs = request.logprobs.unwrap_or(false);
+    let top_logprobs = validate::top_logprobs("top_logprobs", request.top_logprobs, validate::MAX_TOP_LOGPROBS)?;
+    if request.top_logprobs.is_some() && !logprobs {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "'top_logprobs' requires 'logprobs' to be true.",
+        ));
+    }
+    let stream = request.sampling.stream.unwrap_or(false);
+    if request.sampling.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_param(
+            "stream_options",
+            "'stream_options' is only allowed when 'stream' is true.",
+        ));
+    }
+    let n = validate::choice_count(request.sampling.n)?;
+    let generation = GenerationRequest {
+        prompt_ids,
+        max_new_tokens,
+        stop: validate::stop_strings(&request.sampling.stop)?,
+        n,
+        sampling,
+        top_logprobs: logprobs.then_some(top_logprobs),
+    };
+    validate::log_caller(&request.sampling);
+    let prompt_tokens = generation.prompt_ids.len();
+    let events = engine.submit(generation).map_err(submit_error)?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+    if stream {
+        let include_usage = request
+            .sampling
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let format = ChatChunks {
+            id,
+            created,
+            model: model.id.clone(),
+            include_usage,
+        };
+        return Ok(sse(format, events, n, prompt_tokens, include_usage).into_response());
+    }
+    let outputs = collect(events, n).await?;
+    let completion_tokens = outputs.iter().map(|o| o.completion_tokens).sum();
+    let choices = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(index, out)| ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: out.text,
+                refusal: None,
+            },
+            logprobs: logprobs.then(|| chat_logprobs(&out.logprobs)),
+            finish_reason: out.finish_reason,
+        })
+        .collect();
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model: model.id.clone(),
+        system_fingerprint: None,
+        choices,
+        usage: Usage::new(prompt_tokens, completion_tokens),
+    })
+    .into_response())
+}
+
+/// Wire messages to template messages; refuses what qpai cannot render.
+fn template_messages(messages: &[ChatMessage]) -> ApiResult<Vec<TemplateMessage>> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| {
+            validate::reject_unknown_fields(&message.other, &format!("messages[{i}]."))?;
+            if message.role == Role::Tool {
+                return Err(ApiError::unsupported_param(&format!("messages[{i}].role")));
+            }
+            let content = match &message.content {
+                None => {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].content"),
+                        "A message needs 'content'.",
+                    ));
+                }
+                Some(MessageContent::Text(text)) => text.clone(),
+                Some(MessageContent::Parts(parts)) => parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, part)| match part {
+                        ContentPart::Text { text } => Ok(text.as_str()),
+                        _ => Err(ApiError::unsupported_param(&format!("messages[{i}].content[{j}].type"))),
+                    })
+                    .collect::<ApiResult<Vec<_>>>()?
+                    .join("\n"),
+            };
+            Ok(TemplateMessage {
+                role: message.role.template_name().to_string(),
+                content,
+                name: message.name.clone(),
+            })
+        })
+        .collect()
+}
+
+fn top_logprob(token: &TokenLogprob) -> TopLogprob {
+    TopLogprob {
+        token: token.text.clone(),
+        logprob: token.logprob,
+        bytes: token.text.as_bytes().to_vec(),
+    }
+}
+
+fn chat_logprobs(tokens: &[Logprobs]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .map(|lp| ChatTokenLogprob {
+                token: lp.chosen.text.clone(),
+                logprob: lp.chosen.logprob,
+                bytes: lp.chosen.text.as_bytes().to_vec(),
+                top_logprobs: lp.top.iter().map(top_logprob).collect(),
+            })
+            .collect(),
+        refusal: None,
+    }
+}
+
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl ChatChunks {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage: self.include_usage.then_some(None),
+        }
+    }
+}
+
+impl ChunkFormat for ChatChunks {
+    type Chunk = ChatCompletionChunk;
+
+    fn opening(&mut self, n: usize) -> Vec<ChatCompletionChunk> {
+        (0..n)
+            .map(|index| {
+                self.chunk(vec![ChatChunkChoice {
+                    index,
+                    delta: ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }])
+            })
+            .collect()
+    }
+
+    fn token(&mut self, choice: usize, text: String, logprobs: Option<Logprobs>) -> Option<ChatCompletionChunk> {
+        if text.is_empty() && logprobs.is_none() {
+            return None;
+        }
+        Some(self.chunk(vec![ChatChunkChoice {
+            index: choice,
+            delta: ChatDelta {
+                role: None,
+                content: Some(text),
+            },
+            logprobs: logprobs.map(|lp| chat_logprobs(std::slice::from_ref(&lp))),
+            finish_reason: None,
+        }]))
+    }
+
+    fn end(&mut self, choice: usize, finish_reason: FinishReason) -> ChatCompletionChunk {
+        self.chunk(vec![ChatChunkChoice {
+            index: choice,
+            delta: ChatDelta::default(),
+            logprobs: None,
+            finish_reason: Some(finish_reason),
+        }])
+    }
+
+    fn usage(&mut self, usage: Usage) -> ChatCompletionChunk {
+        let mut chunk = self.chunk(Vec::new());
+        chunk.usage = Some(Some(usage));
+        chunk
+    }
+}

@@ -1,0 +1,47 @@
+//! Liveness (`/health`), readiness (`/ready`: every announced model loaded)
+//! and Prometheus metrics (`/metrics`).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let models: Vec<serde_json::Value> = state
+        .engines()
+        .iter()
+        .map(|e| {
+            let stats = e.stats();
+            json!({
+                "id": e.model().id,
+                "waiting": stats.waiting.load(Ordering::SeqCst),
+                "running": stats.running.load(Ordering::SeqCst),
+            })
+        })
+        .collect();
+    let ready = state.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ready, "models": models}))).into_response()
+}
+
+pub async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render_metrics(),
+    )
+        .into_response()
+}

@@ -1,0 +1,178 @@
+//! The OpenAI-compatible HTTP API: one file per endpoint family.
+
+mod chat;
+mod completions;
+pub mod extract;
+mod health;
+mod models;
+mod streaming;
+pub mod validate;
+pub mod wire;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+use crate::engine::{Engine, SubmitError};
+use crate::error::{ApiError, ApiResult};
+use extract::BodyLimit;
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Shared state of the server: the engines of the served models.
+pub struct AppState {
+    engines: RwLock<Vec<Engine>>,
+    /// Models announced at start whose loading is not finished.
+    loading: RwLock<Vec<String>>,
+    pub config: HttpConfig,
+    pub started_at: Instant,
+}
+
+impl AppState {
+    pub fn new(config: HttpConfig) -> Arc<Self> {
+        Arc::new(Self {
+            engines: RwLock::new(Vec::new()),
+            loading: RwLock::new(Vec::new()),
+            config,
+            started_at: Instant::now(),
+        })
+    }
+
+    /// Announces models that are being loaded (answered with 503 until ready).
+    pub fn expect_models(&self, ids: impl IntoIterator<Item = String>) {
+        if let Ok(mut loading) = self.loading.write() {
+            loading.extend(ids);
+        }
+    }
+
+    pub fn add_engine(&self, engine: Engine) {
+        let id = engine.model().id.clone();
+        if let Ok(mut loading) = self.loading.write() {
+            loading.retain(|m| *m != id);
+        }
+        if let Ok(mut engines) = self.engines.write() {
+            engines.retain(|e| e.model().id != id);
+            engines.push(engine);
+        }
+    }
+
+    /// A model that failed to load is no longer announced.
+    pub fn forget_model(&self, id: &str) {
+        if let Ok(mut loading) = self.loading.write() {
+            loading.retain(|m| m != id);
+        }
+    }
+
+    pub fn engines(&self) -> Vec<Engine> {
+        self.engines.read().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Ready when every announced model is loaded and at least one serves.
+    pub fn is_ready(&self) -> bool {
+        self.loading.read().is_ok_and(|l| l.is_empty()) && !self.engines().is_empty()
+    }
+
+    pub fn engine(&self, id: &str) -> ApiResult<Engine> {
+        if let Some(engine) = self.engines().into_iter().find(|e| e.model().id == id) {
+            return Ok(engine);
+        }
+        if self.loading.read().is_ok_and(|l| l.iter().any(|m| m == id)) {
+            return Err(ApiError::unavailable(format!("The model '{id}' is still loading.")));
+        }
+        Err(ApiError::model_not_found(id))
+    }
+}
+
+pub fn submit_error(error: SubmitError) -> ApiError {
+    match error {
+        SubmitError::Overloaded => ApiError::overloaded(),
+        SubmitError::Stopped => ApiError::internal("model worker stopped"),
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The whole HTTP application; tests drive it in-process.
+pub fn router(state: Arc<AppState>) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{*id}", get(models::get_model))
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(Extension(BodyLimit(limit)))
+        .layer(middleware::from_fn(track_requests))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
+                })
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("No such endpoint.")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::not_found("Method not allowed on this endpoint.")
+    }
+}
+
+/// Counts requests by endpoint and status, and times them (to the response head).
+async fn track_requests(req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(req).await.into_response();
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("qpai_http_requests_total", "path" => path.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("qpai_http_request_duration_seconds", "path" => path)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

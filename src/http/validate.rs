@@ -1,0 +1,180 @@
+//! Parse, don't validate: wire requests become checked `GenerationRequest`s
+//! (tokenized, limits applied) before anything is queued. Every refusal names
+//! the parameter.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::wire::{SamplingFields, StopSequences};
+use crate::engine::SamplingParams;
+use crate::error::{ApiError, ApiResult};
+
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_N: i64 = 16;
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// OpenAI request fields this server knows but does not implement yet: each
+/// is refused by name rather than silently ignored.
+const KNOWN_UNSUPPORTED: [&str; 16] = [
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "logit_bias",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "suffix",
+    "best_of",
+    "service_tier",
+    "store",
+];
+
+/// Refuses every field left over after deserialization.
+pub fn reject_unknown_fields(other: &BTreeMap<String, Value>, prefix: &str) -> ApiResult<()> {
+    match other.iter().find(|(_, v)| !v.is_null()).or(other.iter().next()) {
+        None => Ok(()),
+        Some((name, _)) if KNOWN_UNSUPPORTED.contains(&name.as_str()) => {
+            Err(ApiError::unsupported_param(&format!("{prefix}{name}")))
+        }
+        Some((name, _)) => Err(ApiError::invalid_param(
+            format!("{prefix}{name}"),
+            format!("Unrecognized request argument supplied: {prefix}{name}"),
+        )),
+    }
+}
+
+fn in_range(param: &str, value: Option<f32>, min: f32, max: f32, default: f32) -> ApiResult<f32> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && (min..=max).contains(&v) => Ok(v),
+        Some(v) => Err(ApiError::invalid_param(
+            param,
+            format!("{v} is not a valid value for '{param}': expected a number from {min} to {max}."),
+        )),
+    }
+}
+
+pub fn sampling_params(fields: &SamplingFields) -> ApiResult<SamplingParams> {
+    let temperature = in_range("temperature", fields.temperature, 0.0, 2.0, 1.0)?;
+    let top_p = in_range("top_p", fields.top_p, 0.0, 1.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(ApiError::invalid_param("top_p", "'top_p' must be greater than 0."));
+    }
+    let top_k = match fields.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("{k} is not a valid value for 'top_k': expected a positive integer (or -1/0 to disable)."),
+            ));
+        }
+    };
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed: fields.seed.map(|s| s as u64),
+        frequency_penalty: in_range("frequency_penalty", fields.frequency_penalty, -2.0, 2.0, 0.0)?,
+        presence_penalty: in_range("presence_penalty", fields.presence_penalty, -2.0, 2.0, 0.0)?,
+    })
+}
+
+pub fn stop_strings(stop: &Option<StopSequences>) -> ApiResult<Vec<String>> {
+    let stops = match stop {
+        None => Vec::new(),
+        Some(StopSequences::One(s)) => vec![s.clone()],
+        Some(StopSequences::Many(list)) => list.clone(),
+    };
+    if stops.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("At most {MAX_STOP_SEQUENCES} stop sequences are allowed; got {}.", stops.len()),
+        ));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_param("stop", "Stop sequences must not be empty."));
+    }
+    Ok(stops)
+}
+
+pub fn choice_count(n: Option<i64>) -> ApiResult<usize> {
+    match n {
+        None => Ok(1),
+        Some(n) if (1..=MAX_N).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid_param(
+            "n",
+            format!("{n} is not a valid value for 'n': expected 1 to {MAX_N}."),
+        )),
+    }
+}
+
+pub fn top_logprobs(param: &str, value: Option<i64>, max: i64) -> ApiResult<usize> {
+    match value {
+        None => Ok(0),
+        Some(k) if (0..=max).contains(&k) => Ok(k as usize),
+        Some(k) => Err(ApiError::invalid_param(
+            param,
+            format!("{k} is not a valid value for '{param}': expected 0 to {max}."),
+        )),
+    }
+}
+
+/// The number of tokens to generate: the request's limit when it fits the
+/// context, else the rest of the context.
+pub fn max_new_tokens(
+    param: &str,
+    requested: Option<i64>,
+    default: Option<usize>,
+    prompt_tokens: usize,
+    context_length: usize,
+    prompt_param: &str,
+) -> ApiResult<usize> {
+    if prompt_tokens >= context_length {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param(
+                prompt_param,
+                format!(
+                    "This model's maximum context length is {context_length} tokens, but the prompt has {prompt_tokens} tokens."
+                ),
+            )
+        });
+    }
+    let room = context_length - prompt_tokens;
+    match requested {
+        None => Ok(default.map_or(room, |d| d.min(room))),
+        Some(n) if n < 1 => Err(ApiError::invalid_param(
+            param,
+            format!("{n} is not a valid value for '{param}': expected at least 1."),
+        )),
+        Some(n) if n as usize > room => Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param(
+                param,
+                format!(
+                    "This model's maximum context length is {context_length} tokens. However, you requested {} tokens ({prompt_tokens} in the prompt, {n} for the completion).",
+                    prompt_tokens as i64 + n
+                ),
+            )
+        }),
+        Some(n) => Ok(n as usize),
+    }
+}
+
+/// `user` and `metadata` are accepted and logged with the request.
+pub fn log_caller(fields: &SamplingFields) {
+    if fields.user.is_some() || fields.metadata.is_some() {
+        let metadata = fields
+            .metadata
+            .as_ref()
+            .map(|m| serde_json::to_string(m).unwrap_or_default());
+        tracing::info!(user = fields.user.as_deref(), metadata = metadata.as_deref(), "caller");
+    }
+}

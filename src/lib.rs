@@ -1,0 +1,23 @@
+//! qpai: the AI engine of Quantum-Page AI. Local inference with candle behind
+//! an OpenAI-compatible HTTP API.
+
+pub mod bench;
+pub mod catalog;
+pub mod commands;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod models;
+pub mod server;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+pub use http::{AppState, HttpConfig};
+
+/// The HTTP application over `state` (tests drive it in-process).
+pub fn app(state: Arc<AppState>) -> axum::Router {
+    telemetry::metrics_handle();
+    http::router(state)
+}

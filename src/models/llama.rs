@@ -1,0 +1,95 @@
+//! Hugging Face safetensors checkpoints of the llama family (Llama, Mistral,
+//! SmolLM) through candle's `llama` model, whose KV cache is a separate value:
+//! one cache per sequence over shared weights.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
+
+use super::SequenceModel;
+
+pub struct LlamaWeights {
+    model: Llama,
+    config: Config,
+    dtype: DType,
+    device: Device,
+}
+
+impl LlamaWeights {
+    /// Loads `config.json` and every `*.safetensors` file of `dir`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let config_text = std::fs::read_to_string(dir.join("config.json"))?;
+        let file_config: LlamaConfig = serde_json::from_str(&config_text)
+            .map_err(|e| anyhow::anyhow!("config.json is not a llama config: {e}"))?;
+        let config = file_config.into_config(false);
+        let mut files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        anyhow::ensure!(!files.is_empty(), "no .safetensors files in {}", dir.display());
+        // SAFETY: the files are memory-mapped read-only; qpai never writes them
+        // while serving, and a model directory changed underneath a running
+        // server is outside what any mmap-based loader can defend against.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        // candle's loader unwraps a missing tensor inside; turn that into an error.
+        let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Llama::load(vb, &config)
+        }))
+        .map_err(|_| anyhow::anyhow!("the checkpoint lacks tensors a llama model needs"))??;
+        Ok(Self {
+            model,
+            config,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn max_position_embeddings(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+}
+
+pub struct LlamaSequence {
+    weights: Arc<LlamaWeights>,
+    cache: Cache,
+    position: usize,
+}
+
+impl LlamaSequence {
+    pub fn new(weights: Arc<LlamaWeights>) -> candle_core::Result<Self> {
+        let cache = Cache::new(true, weights.dtype, &weights.config, &weights.device)?;
+        Ok(Self {
+            weights,
+            cache,
+            position: 0,
+        })
+    }
+}
+
+impl SequenceModel for LlamaSequence {
+    fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let input = Tensor::new(tokens, &self.weights.device)?.unsqueeze(0)?;
+        let logits = self
+            .weights
+            .model
+            .forward(&input, self.position, &mut self.cache)?;
+        self.position += tokens.len();
+        logits.squeeze(0)?.to_vec1::<f32>()
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn fork(&self) -> Box<dyn SequenceModel> {
+        Box::new(Self {
+            weights: self.weights.clone(),
+            cache: self.cache.clone(),
+            position: self.position,
+        })
+    }
+}

@@ -1,0 +1,89 @@
+//! Models: loading weights, tokenizers and chat templates, and the per-sequence
+//! forward pass the engine drives. One file per architecture family.
+
+pub mod chat_template;
+pub mod gguf_tokenizer;
+pub mod llama;
+pub mod loader;
+pub mod quantized;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+pub use chat_template::{ChatTemplate, TemplateMessage};
+pub use loader::{ModelSource, load_model};
+
+/// What a served model can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Instruction-tuned: chat completions (and plain completions).
+    Chat,
+    /// Base model: plain text completions.
+    Completion,
+    /// Sentence embeddings.
+    Embedding,
+}
+
+/// The weights of a model, shared by every sequence that runs on it.
+#[derive(Clone)]
+pub enum Weights {
+    QuantizedLlama(candle_transformers::models::quantized_llama::ModelWeights),
+    QuantizedGemma3(candle_transformers::models::quantized_gemma3::ModelWeights),
+    Llama(Arc<llama::LlamaWeights>),
+}
+
+/// A loaded model: weights plus everything needed to turn text into tokens and back.
+#[derive(Clone)]
+pub struct LoadedModel {
+    pub id: String,
+    pub kind: ModelKind,
+    pub architecture: String,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    pub bos_token_id: Option<u32>,
+    /// Whether a plain-text prompt starts with BOS (the GGUF `add_bos_token` flag).
+    pub add_bos_token: bool,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Maximum number of positions (prompt + completion) this server runs the model at.
+    pub context_length: usize,
+    pub weights: Weights,
+    pub device: Device,
+}
+
+impl LoadedModel {
+    /// A fresh sequence (empty KV cache) sharing this model's weights.
+    pub fn new_sequence(&self) -> candle_core::Result<Box<dyn SequenceModel>> {
+        Ok(match &self.weights {
+            Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(w.clone(), self.device.clone())),
+            Weights::QuantizedGemma3(w) => Box::new(quantized::Gemma3Sequence::new(w.clone(), self.device.clone())),
+            Weights::Llama(w) => Box::new(llama::LlamaSequence::new(w.clone())?),
+        })
+    }
+
+    /// Token ids of a plain-text prompt, with BOS when the model wants it.
+    pub fn encode_prompt(&self, text: &str) -> tokenizers::Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos_token
+            && let Some(bos) = self.bos_token_id
+        {
+            ids.push(bos);
+        }
+        ids.extend(self.tokenizer.encode_fast(text, false)?.get_ids());
+        Ok(ids)
+    }
+}
+
+/// One sequence being generated: owns its KV cache.
+pub trait SequenceModel: Send {
+    /// Feeds `tokens` at the current position and returns the logits of the
+    /// next token (f32, vocabulary-sized).
+    fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>>;
+    /// Number of tokens already in the KV cache.
+    fn position(&self) -> usize;
+    /// An independent copy of this sequence (same cache contents).
+    fn fork(&self) -> Box<dyn SequenceModel>;
+}

@@ -1,0 +1,121 @@
+//! `qpai serve`: binds first (so /health answers at once), loads the models
+//! in the background (`/ready` turns 200 when all are loaded), then serves
+//! until SIGINT/SIGTERM.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::catalog::Catalog;
+use crate::catalog::fetch::ModelStore;
+use crate::catalog::resolve::resolve;
+use crate::config::{GlobalArgs, ServeArgs};
+use crate::engine::{Engine, EngineConfig};
+use crate::http::{AppState, HttpConfig};
+use crate::models::load_model;
+
+pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
+    let catalog = Catalog::load(global.catalog.as_deref())?;
+    let store = ModelStore::new(global.models_dir());
+    let state = AppState::new(HttpConfig {
+        max_body_bytes: args.max_body_bytes,
+    });
+    state.expect_models(args.models.iter().filter_map(|m| catalog.get(m).map(|e| e.id.clone())));
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, data_dir = %global.data_dir().display(), "listening");
+    let loading = tokio::task::spawn_blocking({
+        let state = state.clone();
+        let engine_config = EngineConfig {
+            max_running: args.max_running,
+            max_in_flight: args.max_in_flight,
+        };
+        move || load_all(&args, &catalog, &store, &state, engine_config)
+    });
+    // A model that fails to load stops the server with that error.
+    let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    let failed = Arc::new(Notify::new());
+    tokio::spawn({
+        let (failure, failed) = (failure.clone(), failed.clone());
+        async move {
+            let outcome = match loading.await {
+                Ok(result) => result,
+                Err(join) => Err(anyhow::anyhow!("model loading task: {join}")),
+            };
+            match outcome {
+                Ok(()) => tracing::info!("all models loaded; ready"),
+                Err(error) => {
+                    if let Ok(mut slot) = failure.lock() {
+                        *slot = Some(error);
+                    }
+                    failed.notify_one();
+                }
+            }
+        }
+    });
+    let app = crate::app(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                _ = failed.notified() => {},
+            }
+        })
+        .await
+        .context("serving")?;
+    match failure.lock().ok().and_then(|mut slot| slot.take()) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+fn load_all(
+    args: &ServeArgs,
+    catalog: &Catalog,
+    store: &ModelStore,
+    state: &Arc<AppState>,
+    engine_config: EngineConfig,
+) -> anyhow::Result<()> {
+    for spec in &args.models {
+        let loaded = resolve(spec, catalog, store).and_then(|mut resolved| {
+            if let Some(cap) = args.max_context {
+                resolved.options.max_context =
+                    Some(resolved.options.max_context.map_or(cap, |c| c.min(cap)));
+            }
+            load_model(&resolved.source, &resolved.options)
+        });
+        let model = match loaded {
+            Ok(model) => model,
+            Err(error) => {
+                state.forget_model(spec);
+                return Err(error.context(format!("loading model `{spec}`")));
+            }
+        };
+        state.add_engine(Engine::start(model, engine_config)?);
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
