@@ -1,1 +1,12 @@
+//! qpai's integration tests: one binary, so the heavy crates link once.
+//! They use the real models of the catalog (pulled into the models cache on
+//! first use) and fixtures from the reference implementation
+//! (scripts/reference/make_fixtures.py).
 
+mod api;
+mod bad_input;
+mod common;
+mod concurrency;
+mod openai_client;
+mod reference;
+mod tokenizer;

@@ -1,0 +1,145 @@
+//! Shared test helpers: models loaded once per process, an in-process app,
+//! request helpers and an SSE parser.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use qpai::catalog::Catalog;
+use qpai::catalog::fetch::ModelStore;
+use qpai::catalog::resolve::resolve;
+use qpai::engine::{Engine, EngineConfig};
+use qpai::models::{LoadedModel, load_model};
+use qpai::{AppState, HttpConfig};
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub const CHAT_MODEL: &str = "smollm2-135m-instruct";
+pub const BASE_MODEL: &str = "gemma3-270m";
+
+/// The models cache the tests share with `qpai` itself (QPAI_MODELS_DIR or
+/// the default under the data dir).
+pub fn models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("QPAI_MODELS_DIR") {
+        return dir.into();
+    }
+    let data = std::env::var_os("QPAI_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".local/share/qpai"));
+    data.join("models")
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = fixtures_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load_catalog_model(id: &str) -> LoadedModel {
+    let catalog = Catalog::load(None).unwrap();
+    let store = ModelStore::new(models_dir()).with_progress(false);
+    let resolved = resolve(id, &catalog, &store).unwrap_or_else(|e| panic!("pulling {id}: {e:#}"));
+    load_model(&resolved.source, &resolved.options).unwrap_or_else(|e| panic!("loading {id}: {e:#}"))
+}
+
+/// The default chat model, loaded once for the whole test binary.
+pub fn chat_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| load_catalog_model(CHAT_MODEL))
+}
+
+/// Gemma 3 270M base, loaded once.
+pub fn base_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| load_catalog_model(BASE_MODEL))
+}
+
+/// An app with its own engine (own worker, own counters) over the shared weights.
+pub fn app_with(config: EngineConfig, http: HttpConfig) -> (axum::Router, Engine) {
+    let engine = Engine::start(chat_model().clone(), config).unwrap();
+    let state = AppState::new(http);
+    state.add_engine(engine.clone());
+    (qpai::app(state), engine)
+}
+
+pub fn app() -> (axum::Router, Engine) {
+    app_with(EngineConfig::default(), HttpConfig::default())
+}
+
+pub fn post_json(path: &str, body: &Value) -> Request<Body> {
+    post_raw(path, body.to_string().into_bytes())
+}
+
+pub fn post_raw(path: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+pub async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, Vec<u8>) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, bytes.to_vec())
+}
+
+pub async fn send_json(app: &axum::Router, request: Request<Body>) -> (StatusCode, Value) {
+    let (status, bytes) = send(app, request).await;
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    (status, value)
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Concatenated `delta.content` of choice 0 of a chat stream.
+pub fn streamed_chat_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect()
+}
+
+pub fn chat_body(content: &str, max_tokens: u32) -> Value {
+    serde_json::json!({
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+/// Waits (bounded) until the engine has no queued or running request.
+pub async fn wait_idle(engine: &Engine) -> (usize, usize) {
+    use std::sync::atomic::Ordering;
+    let stats = engine.stats();
+    for _ in 0..200 {
+        let (w, r) = (stats.waiting.load(Ordering::SeqCst), stats.running.load(Ordering::SeqCst));
+        if w == 0 && r == 0 {
+            return (w, r);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    (stats.waiting.load(Ordering::SeqCst), stats.running.load(Ordering::SeqCst))
+}
+
+#[allow(dead_code)]
+pub fn shared<T>(value: T) -> Arc<T> {
+    Arc::new(value)
+}
