@@ -196,7 +196,8 @@ def tokenizer_inputs(meta: dict) -> tuple[str, dict, dict]:
     return meta["general.architecture"], tok, cfg
 
 
-def export_tokenizer(meta: dict, out_dir: str) -> None:
+def build_tokenizer(meta: dict):
+    """(transformers tokenizer, tokenizer_config) as AutoTokenizer(..., gguf_file=...) would build them."""
     from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
@@ -205,8 +206,14 @@ def export_tokenizer(meta: dict, out_dir: str) -> None:
     architecture, tok_dict, tok_cfg = tokenizer_inputs(meta)
     backend, extra = tm.convert_gguf_tokenizer(architecture, tok_dict)
     tok_cfg.update(extra)
+    # The wrapper sets the post-processor (BOS/EOS insertion) from add_bos_token / add_eos_token.
     tokenizer = TokenizersBackend(tokenizer_object=backend, **tok_cfg)
     tokenizer.name_or_path = ""
+    return tokenizer, tok_cfg
+
+
+def export_tokenizer(meta: dict, out_dir: str) -> None:
+    tokenizer, tok_cfg = build_tokenizer(meta)
     tokenizer.save_pretrained(out_dir)
 
     # save_pretrained leaves out add_bos_token / add_eos_token and moves the template to

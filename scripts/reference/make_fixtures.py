@@ -378,15 +378,18 @@ def smollm2_digit_split_check(tok) -> dict:
 def light_replica_check(work: str, key: str, tok) -> bool:
     """export_safetensors.py rebuilds the tokenizer without torch; it must equal AutoTokenizer's."""
     from gguf import GGUFReader
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     reader = GGUFReader(os.path.join(work, "models", key, MODELS[key]["file"]))
-    arch, tok_dict, tok_cfg = export_safetensors.tokenizer_inputs(export_safetensors.read_metadata(reader))
-    backend, _ = convert_gguf_tokenizer(arch, tok_dict)
-    same_json = json.loads(backend.to_str()) == backend_json(tok)
-    same_cfg = all(tok.init_kwargs.get(k) == v for k, v in tok_cfg.items() if k != "chat_template")
-    same_cfg = same_cfg and (tok_cfg.get("chat_template") == tok.chat_template)
-    return bool(same_json and same_cfg)
+    replica, tok_cfg = export_safetensors.build_tokenizer(export_safetensors.read_metadata(reader))
+    same = backend_json(replica) == backend_json(tok)
+    same = same and replica.chat_template == tok.chat_template
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token"):
+        same = same and getattr(replica, attr, None) == getattr(tok, attr, None)
+    for text in COMMON_TEXTS + EXTRA_TEXTS[key]:
+        for special in (False, True):
+            a = replica(text, add_special_tokens=special).input_ids
+            same = same and a == tok(text, add_special_tokens=special).input_ids
+    return bool(same)
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,10 +142,10 @@ fn template_messages(messages: &[ChatMessage]) -> ApiResult<Vec<TemplateMessage>
         .iter()
         .enumerate()
         .map(|(i, message)| {
-            validate::reject_unknown_fields(&message.other, &format!("messages[{i}]."))?;
             if message.role == Role::Tool {
                 return Err(ApiError::unsupported_param(&format!("messages[{i}].role")));
             }
+            validate::reject_unknown_fields(&message.other, &format!("messages[{i}]."))?;
             let content = match &message.content {
                 None => {
                     return Err(ApiError::invalid_param(

@@ -1,0 +1,1 @@
+//! Model outputs against the reference implementation (filled in below).
