@@ -15,6 +15,7 @@ Writes into OUT_DIR:
                            to the Hugging Face layout.
     tokenizer.json         the tokenizer transformers builds from the GGUF metadata
     tokenizer_config.json  (+ chat_template.jinja when the GGUF has tokenizer.chat_template)
+    export_source.json     the source GGUF's name and sha256
 
 No torch needed: gguf-py reads and dequantizes (numpy), safetensors.numpy writes, and the tokenizer
 conversion is transformers' own `convert_gguf_tokenizer`. transformers' `AutoTokenizer(...,
@@ -251,8 +252,14 @@ def main() -> None:
     config = build_config(meta, tensor_names)
 
     tensors = export_tensors(reader, config)
-    st_meta = {"format": "pt", "source_gguf_sha256": sha256(args.gguf_path)}
-    save_file(tensors, os.path.join(args.out_dir, "model.safetensors"), metadata=st_meta)
+    # Only one metadata key: safetensors writes the metadata map in hash order, so a second key
+    # would make the file bytes vary from run to run.
+    save_file(tensors, os.path.join(args.out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(args.out_dir, "export_source.json"), "w", encoding="utf-8") as f:
+        source = {"gguf_file": os.path.basename(args.gguf_path), "gguf_sha256": sha256(args.gguf_path),
+                  "exporter": "scripts/reference/export_safetensors.py"}
+        json.dump(source, f, indent=2, sort_keys=True)
+        f.write("\n")
     with open(os.path.join(args.out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

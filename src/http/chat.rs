@@ -48,10 +48,11 @@ pub async fn chat_completions(
         .map_err(ApiError::internal)?
         .get_ids()
         .to_vec();
-    let sampling = validate::sampling_params(&request.sampling)?;
+    let fields = request.sampling();
+    let sampling = validate::sampling_params(&fields)?;
     let (length_param, requested) = match request.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
-        None => ("max_tokens", request.sampling.max_tokens),
+        None => ("max_tokens", fields.max_tokens),
     };
     let max_new_tokens = validate::max_new_tokens(
         length_param,
@@ -69,30 +70,29 @@ pub async fn chat_completions(
             "'top_logprobs' requires 'logprobs' to be true.",
         ));
     }
-    let stream = request.sampling.stream.unwrap_or(false);
-    if request.sampling.stream_options.is_some() && !stream {
+    let stream = fields.stream.unwrap_or(false);
+    if fields.stream_options.is_some() && !stream {
         return Err(ApiError::invalid_param(
             "stream_options",
             "'stream_options' is only allowed when 'stream' is true.",
         ));
     }
-    let n = validate::choice_count(request.sampling.n)?;
+    let n = validate::choice_count(fields.n)?;
     let generation = GenerationRequest {
         prompt_ids,
         max_new_tokens,
-        stop: validate::stop_strings(&request.sampling.stop)?,
+        stop: validate::stop_strings(&fields.stop)?,
         n,
         sampling,
         top_logprobs: logprobs.then_some(top_logprobs),
     };
-    validate::log_caller(&request.sampling);
+    validate::log_caller(&fields);
     let prompt_tokens = generation.prompt_ids.len();
     let events = engine.submit(generation).map_err(submit_error)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
     if stream {
-        let include_usage = request
-            .sampling
+        let include_usage = fields
             .stream_options
             .as_ref()
             .and_then(|o| o.include_usage)

@@ -31,7 +31,7 @@ pub async fn completions(
         return Err(ApiError::invalid_param("model", format!("The model '{}' is an embedding model.", model.id)));
     }
     let (prompt_text, prompt_ids) = prompt_tokens(model, &request.prompt)?;
-    let fields = &request.sampling;
+    let fields = &request.sampling();
     let sampling = validate::sampling_params(fields)?;
     let max_new_tokens = validate::max_new_tokens(
         "max_tokens",

@@ -23,7 +23,7 @@ pub struct StreamOptions {
 }
 
 /// Sampling and length fields shared by chat and text completions.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SamplingFields {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
@@ -39,6 +39,54 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     pub user: Option<String>,
     pub metadata: Option<BTreeMap<String, Value>>,
+}
+
+/// Declares a request body with the shared sampling fields inlined (not
+/// `#[serde(flatten)]`ed, so that a bad value is reported with its name) and
+/// a `sampling()` accessor gathering them.
+macro_rules! request_with_sampling {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($(#[$field_meta])* pub $field: $ty,)*
+            pub max_tokens: Option<i64>,
+            pub temperature: Option<f32>,
+            pub top_p: Option<f32>,
+            pub top_k: Option<i64>,
+            pub seed: Option<i64>,
+            pub stop: Option<StopSequences>,
+            pub n: Option<i64>,
+            pub stream: Option<bool>,
+            pub stream_options: Option<StreamOptions>,
+            pub frequency_penalty: Option<f32>,
+            pub presence_penalty: Option<f32>,
+            pub user: Option<String>,
+            pub metadata: Option<BTreeMap<String, Value>>,
+            /// Fields this server does not know or implement: each is refused by name.
+            #[serde(flatten)]
+            pub other: BTreeMap<String, Value>,
+        }
+
+        impl $name {
+            pub fn sampling(&self) -> SamplingFields {
+                SamplingFields {
+                    max_tokens: self.max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    seed: self.seed,
+                    stop: self.stop.clone(),
+                    n: self.n,
+                    stream: self.stream,
+                    stream_options: self.stream_options.clone(),
+                    frequency_penalty: self.frequency_penalty,
+                    presence_penalty: self.presence_penalty,
+                    user: self.user.clone(),
+                    metadata: self.metadata.clone(),
+                }
+            }
+        }
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -88,18 +136,15 @@ pub struct ChatMessage {
     pub other: BTreeMap<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
-    pub max_completion_tokens: Option<i64>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<i64>,
-    /// Fields this server does not know or implement: each is refused by name.
-    #[serde(flatten)]
-    pub other: BTreeMap<String, Value>,
+request_with_sampling! {
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct ChatCompletionRequest {
+        pub model: String,
+        pub messages: Vec<ChatMessage>,
+        pub max_completion_tokens: Option<i64>,
+        pub logprobs: Option<bool>,
+        pub top_logprobs: Option<i64>,
+    }
 }
 
 /// `prompt`: text, a list of texts, token ids, or lists of token ids.
@@ -112,16 +157,14 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
-    pub model: String,
-    pub prompt: Prompt,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
-    pub logprobs: Option<i64>,
-    pub echo: Option<bool>,
-    #[serde(flatten)]
-    pub other: BTreeMap<String, Value>,
+request_with_sampling! {
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct CompletionRequest {
+        pub model: String,
+        pub prompt: Prompt,
+        pub logprobs: Option<i64>,
+        pub echo: Option<bool>,
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
