@@ -11,7 +11,10 @@ pub fn models(command: ModelsCommand, global: &GlobalArgs) -> anyhow::Result<()>
     let store = ModelStore::new(global.models_dir());
     match command {
         ModelsCommand::List => {
-            println!("{:<24} {:<11} {:<12} {:>8}  {:<8} DESCRIPTION", "ID", "KIND", "FORMAT", "CONTEXT", "LOCAL");
+            println!(
+                "{:<24} {:<11} {:<12} {:>8}  {:<8} DESCRIPTION",
+                "ID", "KIND", "FORMAT", "CONTEXT", "LOCAL"
+            );
             for entry in catalog.entries() {
                 println!(
                     "{:<24} {:<11} {:<12} {:>8}  {:<8} {}",
@@ -27,18 +30,18 @@ pub fn models(command: ModelsCommand, global: &GlobalArgs) -> anyhow::Result<()>
         }
         ModelsCommand::Pull { ids } => {
             for id in ids {
-                let entry = catalog
-                    .get(&id)
-                    .with_context(|| format!("`{id}` is not in the catalog (see `qpai models list`)"))?;
+                let entry = catalog.get(&id).with_context(|| {
+                    format!("`{id}` is not in the catalog (see `qpai models list`)")
+                })?;
                 let path = store.pull(entry)?;
                 println!("{id}: {}", path.display());
             }
             Ok(())
         }
         ModelsCommand::Show { id } => {
-            let entry = catalog
-                .get(&id)
-                .with_context(|| format!("`{id}` is not in the catalog (see `qpai models list`)"))?;
+            let entry = catalog.get(&id).with_context(|| {
+                format!("`{id}` is not in the catalog (see `qpai models list`)")
+            })?;
             print!("{}", toml::to_string_pretty(entry)?);
             match store.local_path(entry) {
                 Some(path) if store.is_present(entry) => println!("local = {:?} # verified", path),

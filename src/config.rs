@@ -13,7 +13,11 @@ use crate::telemetry::LogFormat;
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 #[derive(Debug, Parser)]
-#[command(name = "qpai", version, about = "qpai: local LLM inference behind an OpenAI-compatible API")]
+#[command(
+    name = "qpai",
+    version,
+    about = "qpai: local LLM inference behind an OpenAI-compatible API"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -34,7 +38,13 @@ pub struct GlobalArgs {
     #[arg(long, env = "QPAI_CATALOG", global = true)]
     pub catalog: Option<PathBuf>,
     /// Log format.
-    #[arg(long, env = "QPAI_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "QPAI_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -146,8 +156,8 @@ impl ServeArgs {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-        let file: ServeFile = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        let file: ServeFile =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         macro_rules! layer {
             ($field:ident, $id:literal) => {
                 if let Some(value) = file.$field
@@ -221,7 +231,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qpai-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("serve.toml");
-        std::fs::write(&path, "port = 9999\nhost = \"0.0.0.0\"\nmodels = [\"a\", \"b\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "port = 9999\nhost = \"0.0.0.0\"\nmodels = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
         let config = path.to_str().unwrap();
         let (mut serve, matches) = parse(&["qpai", "serve", "--config", config, "--port", "7000"]);
         serve.apply_file(&matches).unwrap();

@@ -6,7 +6,9 @@ fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches)?;
     qpai::telemetry::init_logging(cli.global.log_format);
-    if let (Command::Serve(args), Some(sub)) = (&mut cli.command, matches.subcommand_matches("serve")) {
+    if let (Command::Serve(args), Some(sub)) =
+        (&mut cli.command, matches.subcommand_matches("serve"))
+    {
         args.apply_file(sub)?;
     }
     let threads = match &cli.command {

@@ -22,7 +22,11 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let state = AppState::new(HttpConfig {
         max_body_bytes: args.max_body_bytes,
     });
-    state.expect_models(args.models.iter().filter_map(|m| catalog.get(m).map(|e| e.id.clone())));
+    state.expect_models(
+        args.models
+            .iter()
+            .filter_map(|m| catalog.get(m).map(|e| e.id.clone())),
+    );
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;

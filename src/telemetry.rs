@@ -22,7 +22,11 @@ pub fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     };
 }
 
@@ -41,7 +45,10 @@ static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics_handle() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
         let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("time_per_output_token_seconds".into()), &TOKEN_BUCKETS)
+            .set_buckets_for_metric(
+                Matcher::Suffix("time_per_output_token_seconds".into()),
+                &TOKEN_BUCKETS,
+            )
             .and_then(|b| b.set_buckets(&LATENCY_BUCKETS))
             .expect("static bucket lists are non-empty");
         let recorder = builder.build_recorder();

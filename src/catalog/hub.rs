@@ -21,11 +21,18 @@ fn offline() -> bool {
 
 /// Fetches `files` (or the checkpoint files the repo lists) and returns the
 /// local snapshot directory holding them.
-pub fn fetch(repo_id: &str, revision: &str, files: &[String], progress: bool) -> anyhow::Result<PathBuf> {
+pub fn fetch(
+    repo_id: &str,
+    revision: &str,
+    files: &[String],
+    progress: bool,
+) -> anyhow::Result<PathBuf> {
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     let paths: Vec<PathBuf> = if offline() {
         if files.is_empty() {
-            bail!("HF_HUB_OFFLINE is set: list the files of `{repo_id}` in the catalog to use the cache");
+            bail!(
+                "HF_HUB_OFFLINE is set: list the files of `{repo_id}` in the catalog to use the cache"
+            );
         }
         let cached = Cache::from_env().repo(repo);
         files
@@ -53,9 +60,18 @@ pub fn fetch(repo_id: &str, revision: &str, files: &[String], progress: bool) ->
         };
         names
             .iter()
-            .map(|f| remote.get(f).with_context(|| format!("downloading `{f}` of `{repo_id}`")))
+            .map(|f| {
+                remote
+                    .get(f)
+                    .with_context(|| format!("downloading `{f}` of `{repo_id}`"))
+            })
             .collect::<anyhow::Result<_>>()?
     };
-    let first = paths.first().context("the hub repository has no model files")?;
-    Ok(first.parent().context("hub file without a directory")?.to_path_buf())
+    let first = paths
+        .first()
+        .context("the hub repository has no model files")?;
+    Ok(first
+        .parent()
+        .context("hub file without a directory")?
+        .to_path_buf())
 }

@@ -117,7 +117,11 @@ impl Catalog {
         let file: CatalogFile = toml::from_str(text)?;
         let mut seen = std::collections::HashSet::new();
         for entry in &file.model {
-            anyhow::ensure!(seen.insert(&entry.id), "duplicate catalog id `{}`", entry.id);
+            anyhow::ensure!(
+                seen.insert(&entry.id),
+                "duplicate catalog id `{}`",
+                entry.id
+            );
             if matches!(entry.source, Source::Pypi(_)) {
                 anyhow::ensure!(
                     entry.file.is_some() && entry.sha256.is_some(),

@@ -49,5 +49,7 @@ pub fn resolve(spec: &str, catalog: &Catalog, store: &ModelStore) -> anyhow::Res
             options: LoadOptions::new(spec),
         });
     }
-    bail!("unknown model `{spec}`: not a catalog id (see `qpai models list`), not an existing path, not a hub repo (owner/name)")
+    bail!(
+        "unknown model `{spec}`: not a catalog id (see `qpai models list`), not an existing path, not a hub repo (owner/name)"
+    )
 }

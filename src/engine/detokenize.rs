@@ -72,7 +72,12 @@ impl StopMatcher {
             return StopCheck::Continue(delta.to_string());
         }
         self.pending.push_str(delta);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let before = self.pending[..at].to_string();
             self.pending.clear();
             return StopCheck::Stopped(before);
@@ -119,12 +124,18 @@ mod tests {
 
     #[test]
     fn stop_string_split_over_deltas_is_cut_out() {
-        assert_eq!(feed(&["END"], &["abc E", "N", "Dxyz"]), ("abc ".into(), true));
+        assert_eq!(
+            feed(&["END"], &["abc E", "N", "Dxyz"]),
+            ("abc ".into(), true)
+        );
     }
 
     #[test]
     fn near_miss_is_released() {
-        assert_eq!(feed(&["END"], &["abc E", "N", "x"]), ("abc ENx".into(), false));
+        assert_eq!(
+            feed(&["END"], &["abc E", "N", "x"]),
+            ("abc ENx".into(), false)
+        );
         assert_eq!(feed(&["END"], &["abc EN"]), ("abc EN".into(), false));
     }
 

@@ -17,7 +17,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::models::LoadedModel;
-pub use types::{FinishReason, GenerationEvent, GenerationRequest, Logprobs, SamplingParams, TokenLogprob};
+pub use types::{
+    FinishReason, GenerationEvent, GenerationRequest, Logprobs, SamplingParams, TokenLogprob,
+};
 use worker::{Job, Worker};
 
 #[derive(Debug, Clone, Copy)]

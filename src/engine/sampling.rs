@@ -34,7 +34,9 @@ impl Sampler {
     /// `stream` separates the random streams of the `n` choices of one request.
     pub fn new(params: SamplingParams, stream: u64) -> Self {
         let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed.wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+            Some(seed) => {
+                StdRng::seed_from_u64(seed.wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            }
             None => StdRng::from_os_rng(),
         };
         Self {
@@ -184,7 +186,7 @@ mod tests {
             p.seed = Some(42);
             let mut sampler = Sampler::new(p, stream);
             (0..32)
-                .map(|_| sampler.sample(&mut vec![0.0; 50], None).id)
+                .map(|_| sampler.sample(&mut [0.0; 50], None).id)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(0), draw(0));
@@ -197,14 +199,14 @@ mod tests {
         p.top_k = Some(1);
         let mut sampler = Sampler::new(p, 0);
         for _ in 0..20 {
-            assert_eq!(sampler.sample(&mut vec![1.0, 3.0, 2.9], None).id, 1);
+            assert_eq!(sampler.sample(&mut [1.0, 3.0, 2.9], None).id, 1);
         }
         let mut p = params(1.0);
         p.top_p = 0.5;
         let mut sampler = Sampler::new(p, 0);
         // Token 0 carries ~0.88 of the mass: the 0.5 nucleus is {0}.
         for _ in 0..20 {
-            assert_eq!(sampler.sample(&mut vec![3.0, 1.0, 0.0], None).id, 0);
+            assert_eq!(sampler.sample(&mut [3.0, 1.0, 0.0], None).id, 0);
         }
     }
 
@@ -213,15 +215,15 @@ mod tests {
         let mut p = params(0.0);
         p.frequency_penalty = 1.0;
         let mut sampler = Sampler::new(p, 0);
-        assert_eq!(sampler.sample(&mut vec![2.0, 1.5], None).id, 0);
+        assert_eq!(sampler.sample(&mut [2.0, 1.5], None).id, 0);
         // Token 0 was generated once: 2.0 - 1.0 < 1.5.
-        assert_eq!(sampler.sample(&mut vec![2.0, 1.5], None).id, 1);
+        assert_eq!(sampler.sample(&mut [2.0, 1.5], None).id, 1);
     }
 
     #[test]
     fn logprobs_are_log_softmax_of_the_raw_logits() {
         let mut sampler = Sampler::new(params(0.0), 0);
-        let sampled = sampler.sample(&mut vec![0.0, 2f32.ln(), f32::NEG_INFINITY], Some(2));
+        let sampled = sampler.sample(&mut [0.0, 2f32.ln(), f32::NEG_INFINITY], Some(2));
         // probabilities 1/3, 2/3, 0
         assert_eq!(sampled.id, 1);
         assert!((sampled.logprob.unwrap() - (2.0f32 / 3.0).ln()).abs() < 1e-6);

@@ -103,7 +103,8 @@ impl Worker {
         let _enter = span.enter();
         metrics::histogram!("qpai_request_queue_duration_seconds")
             .record(job.enqueued_at.elapsed().as_secs_f64());
-        metrics::counter!("qpai_prompt_tokens_total").increment(job.request.prompt_ids.len() as u64);
+        metrics::counter!("qpai_prompt_tokens_total")
+            .increment(job.request.prompt_ids.len() as u64);
         match self.prefill(&job) {
             Ok((choices, first_token_at)) => {
                 let mut request = Running {
@@ -183,7 +184,10 @@ impl Worker {
                 }
                 Err(error) => {
                     tracing::error!(%error, "decode step failed");
-                    let _ = request.job.events.send(GenerationEvent::Error(error.to_string()));
+                    let _ = request
+                        .job
+                        .events
+                        .send(GenerationEvent::Error(error.to_string()));
                     request.choices.iter_mut().for_each(|c| c.finished = true);
                     return;
                 }
@@ -215,7 +219,10 @@ impl Worker {
             text = choice.stops.flush();
             finish = Some(FinishReason::Stop);
         } else {
-            let delta = choice.decoder.push(tokenizer, sampled.id).unwrap_or_default();
+            let delta = choice
+                .decoder
+                .push(tokenizer, sampled.id)
+                .unwrap_or_default();
             match choice.stops.push(&delta) {
                 StopCheck::Continue(t) => text = t,
                 StopCheck::Stopped(t) => {
@@ -224,14 +231,13 @@ impl Worker {
                 }
             }
             let context_full = choice.sequence.position() + 1 >= self.model.context_length;
-            if finish.is_none() && (choice.generated >= job.request.max_new_tokens || context_full) {
+            if finish.is_none() && (choice.generated >= job.request.max_new_tokens || context_full)
+            {
                 text.push_str(&choice.stops.flush());
                 finish = Some(FinishReason::Length);
             }
         }
-        let logprobs = (!is_eos)
-            .then(|| self.logprobs(&sampled))
-            .flatten();
+        let logprobs = (!is_eos).then(|| self.logprobs(&sampled)).flatten();
         if !is_eos || !text.is_empty() {
             let _ = job.events.send(GenerationEvent::Token {
                 choice: choice.index,
@@ -252,7 +258,11 @@ impl Worker {
     fn logprobs(&self, sampled: &Sampled) -> Option<Logprobs> {
         let token = |id: u32, logprob: f32| TokenLogprob {
             id,
-            text: self.model.tokenizer.decode(&[id], false).unwrap_or_default(),
+            text: self
+                .model
+                .tokenizer
+                .decode(&[id], false)
+                .unwrap_or_default(),
             logprob,
         };
         Some(Logprobs {

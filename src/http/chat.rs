@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use super::extract::ApiJson;
 use super::streaming::{ChunkFormat, collect, sse};
@@ -33,7 +33,10 @@ pub async fn chat_completions(
         _ => {
             return Err(ApiError::invalid_param(
                 "model",
-                format!("The model '{}' has no chat template; use /v1/completions.", model.id),
+                format!(
+                    "The model '{}' has no chat template; use /v1/completions.",
+                    model.id
+                ),
             ));
         }
     };
@@ -63,7 +66,11 @@ pub async fn chat_completions(
         "messages",
     )?;
     let logprobs = request.logprobs.unwrap_or(false);
-    let top_logprobs = validate::top_logprobs("top_logprobs", request.top_logprobs, validate::MAX_TOP_LOGPROBS)?;
+    let top_logprobs = validate::top_logprobs(
+        "top_logprobs",
+        request.top_logprobs,
+        validate::MAX_TOP_LOGPROBS,
+    )?;
     if request.top_logprobs.is_some() && !logprobs {
         return Err(ApiError::invalid_param(
             "top_logprobs",
@@ -136,7 +143,10 @@ pub async fn chat_completions(
 /// Wire messages to template messages; refuses what qpai cannot render.
 fn template_messages(messages: &[ChatMessage]) -> ApiResult<Vec<TemplateMessage>> {
     if messages.is_empty() {
-        return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."));
+        return Err(ApiError::invalid_param(
+            "messages",
+            "'messages' must contain at least one message.",
+        ));
     }
     messages
         .iter()
@@ -159,7 +169,9 @@ fn template_messages(messages: &[ChatMessage]) -> ApiResult<Vec<TemplateMessage>
                     .enumerate()
                     .map(|(j, part)| match part {
                         ContentPart::Text { text } => Ok(text.as_str()),
-                        _ => Err(ApiError::unsupported_param(&format!("messages[{i}].content[{j}].type"))),
+                        _ => Err(ApiError::unsupported_param(&format!(
+                            "messages[{i}].content[{j}].type"
+                        ))),
                     })
                     .collect::<ApiResult<Vec<_>>>()?
                     .join("\n"),
@@ -236,7 +248,12 @@ impl ChunkFormat for ChatChunks {
             .collect()
     }
 
-    fn token(&mut self, choice: usize, text: String, logprobs: Option<Logprobs>) -> Option<ChatCompletionChunk> {
+    fn token(
+        &mut self,
+        choice: usize,
+        text: String,
+        logprobs: Option<Logprobs>,
+    ) -> Option<ChatCompletionChunk> {
         if text.is_empty() && logprobs.is_none() {
             return None;
         }

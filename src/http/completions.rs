@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 
 use super::extract::ApiJson;
 use super::streaming::{ChunkFormat, collect, sse};
-use super::wire::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage};
+use super::wire::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
+};
 use super::{AppState, submit_error, unix_now, validate};
 use crate::engine::{FinishReason, GenerationRequest, Logprobs};
 use crate::error::{ApiError, ApiResult};
@@ -28,7 +30,10 @@ pub async fn completions(
     let engine = state.engine(&request.model)?;
     let model = engine.model();
     if model.kind == ModelKind::Embedding {
-        return Err(ApiError::invalid_param("model", format!("The model '{}' is an embedding model.", model.id)));
+        return Err(ApiError::invalid_param(
+            "model",
+            format!("The model '{}' is an embedding model.", model.id),
+        ));
     }
     let (prompt_text, prompt_ids) = prompt_tokens(model, &request.prompt)?;
     let fields = &request.sampling();
@@ -136,7 +141,10 @@ fn prompt_tokens(model: &LoadedModel, prompt: &Prompt) -> ApiResult<(String, Vec
         }
     };
     if ids.is_empty() {
-        return Err(ApiError::invalid_param("prompt", "The prompt must not be empty."));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "The prompt must not be empty.",
+        ));
     }
     Ok((text, ids))
 }
@@ -153,7 +161,10 @@ fn decode(model: &LoadedModel, ids: &[u32]) -> ApiResult<String> {
             format!("Token id {bad} is outside the model's vocabulary (size {vocab})."),
         ));
     }
-    model.tokenizer.decode(ids, false).map_err(ApiError::internal)
+    model
+        .tokenizer
+        .decode(ids, false)
+        .map_err(ApiError::internal)
 }
 
 /// OpenAI's legacy logprobs object; `offset` is the running character offset.
@@ -216,11 +227,17 @@ impl ChunkFormat for CompletionChunks {
             .collect()
     }
 
-    fn token(&mut self, choice: usize, text: String, logprobs: Option<Logprobs>) -> Option<Completion> {
+    fn token(
+        &mut self,
+        choice: usize,
+        text: String,
+        logprobs: Option<Logprobs>,
+    ) -> Option<Completion> {
         if text.is_empty() && logprobs.is_none() {
             return None;
         }
-        let logprobs = logprobs.map(|lp| completion_logprobs(std::slice::from_ref(&lp), &mut self.offsets[choice]));
+        let logprobs = logprobs
+            .map(|lp| completion_logprobs(std::slice::from_ref(&lp), &mut self.offsets[choice]));
         Some(self.chunk(vec![CompletionChoice {
             index: choice,
             text,

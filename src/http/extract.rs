@@ -27,7 +27,10 @@ where
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::payload_too_large(limit)
             } else {
-                ApiError::bad_body(format!("Could not read the request body: {rejection}"), None)
+                ApiError::bad_body(
+                    format!("Could not read the request body: {rejection}"),
+                    None,
+                )
             }
         })?;
         parse_json(&bytes).map(ApiJson)
@@ -42,7 +45,10 @@ pub struct BodyLimit(pub usize);
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if let Err(e) = std::str::from_utf8(bytes) {
         return Err(ApiError::bad_body(
-            format!("The request body is not valid UTF-8 (at byte {}).", e.valid_up_to()),
+            format!(
+                "The request body is not valid UTF-8 (at byte {}).",
+                e.valid_up_to()
+            ),
             None,
         ));
     }
@@ -63,9 +69,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         };
         ApiError::bad_body(message, param)
     })?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::bad_body(format!("The request body is not valid JSON: {e}"), None))?;
+    deserializer.end().map_err(|e| {
+        ApiError::bad_body(format!("The request body is not valid JSON: {e}"), None)
+    })?;
     Ok(value)
 }
 

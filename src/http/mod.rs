@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use crate::engine::{Engine, SubmitError};
 use crate::error::{ApiError, ApiResult};
@@ -97,7 +97,9 @@ impl AppState {
             return Ok(engine);
         }
         if self.loading.read().is_ok_and(|l| l.iter().any(|m| m == id)) {
-            return Err(ApiError::unavailable(format!("The model '{id}' is still loading.")));
+            return Err(ApiError::unavailable(format!(
+                "The model '{id}' is still loading."
+            )));
         }
         Err(ApiError::model_not_found(id))
     }
@@ -145,7 +147,9 @@ pub fn router(state: Arc<AppState>) -> Router {
                         .unwrap_or("-");
                     tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
                 })
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                // Server errors are logged with their cause where they happen.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 
-use super::wire::{ModelCard, ModelList};
 use super::AppState;
+use super::wire::{ModelCard, ModelList};
 use crate::engine::Engine;
 use crate::error::ApiResult;
 

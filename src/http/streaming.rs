@@ -59,7 +59,12 @@ pub trait ChunkFormat: Send + 'static {
     /// Chunks sent before any token (e.g. the assistant role).
     fn opening(&mut self, n: usize) -> Vec<Self::Chunk>;
     /// A chunk for a token, or none when there is nothing to say.
-    fn token(&mut self, choice: usize, text: String, logprobs: Option<Logprobs>) -> Option<Self::Chunk>;
+    fn token(
+        &mut self,
+        choice: usize,
+        text: String,
+        logprobs: Option<Logprobs>,
+    ) -> Option<Self::Chunk>;
     fn end(&mut self, choice: usize, finish_reason: FinishReason) -> Self::Chunk;
     fn usage(&mut self, usage: Usage) -> Self::Chunk;
 }
@@ -102,7 +107,8 @@ impl<F: ChunkFormat> StreamState<F> {
                 finish_reason,
                 completion_tokens,
             }) => {
-                self.queue.push_back(data(&self.format.end(choice, finish_reason)));
+                self.queue
+                    .push_back(data(&self.format.end(choice, finish_reason)));
                 self.completion_tokens += completion_tokens;
                 self.open_choices -= 1;
                 if self.open_choices == 0 {
@@ -114,7 +120,9 @@ impl<F: ChunkFormat> StreamState<F> {
                     self.finished = true;
                 }
             }
-            Some(GenerationEvent::Error(message)) => self.finish_with_error(ApiError::internal(message)),
+            Some(GenerationEvent::Error(message)) => {
+                self.finish_with_error(ApiError::internal(message))
+            }
             None => self.finish_with_error(ApiError::internal("generation ended without a result")),
         }
     }

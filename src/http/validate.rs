@@ -37,7 +37,11 @@ const KNOWN_UNSUPPORTED: [&str; 16] = [
 
 /// Refuses every field left over after deserialization.
 pub fn reject_unknown_fields(other: &BTreeMap<String, Value>, prefix: &str) -> ApiResult<()> {
-    match other.iter().find(|(_, v)| !v.is_null()).or(other.iter().next()) {
+    match other
+        .iter()
+        .find(|(_, v)| !v.is_null())
+        .or(other.iter().next())
+    {
         None => Ok(()),
         Some((name, _)) if KNOWN_UNSUPPORTED.contains(&name.as_str()) => {
             Err(ApiError::unsupported_param(&format!("{prefix}{name}")))
@@ -55,7 +59,9 @@ fn in_range(param: &str, value: Option<f32>, min: f32, max: f32, default: f32) -
         Some(v) if v.is_finite() && (min..=max).contains(&v) => Ok(v),
         Some(v) => Err(ApiError::invalid_param(
             param,
-            format!("{v} is not a valid value for '{param}': expected a number from {min} to {max}."),
+            format!(
+                "{v} is not a valid value for '{param}': expected a number from {min} to {max}."
+            ),
         )),
     }
 }
@@ -64,7 +70,10 @@ pub fn sampling_params(fields: &SamplingFields) -> ApiResult<SamplingParams> {
     let temperature = in_range("temperature", fields.temperature, 0.0, 2.0, 1.0)?;
     let top_p = in_range("top_p", fields.top_p, 0.0, 1.0, 1.0)?;
     if top_p == 0.0 {
-        return Err(ApiError::invalid_param("top_p", "'top_p' must be greater than 0."));
+        return Err(ApiError::invalid_param(
+            "top_p",
+            "'top_p' must be greater than 0.",
+        ));
     }
     let top_k = match fields.top_k {
         None | Some(-1) | Some(0) => None,
@@ -72,7 +81,9 @@ pub fn sampling_params(fields: &SamplingFields) -> ApiResult<SamplingParams> {
         Some(k) => {
             return Err(ApiError::invalid_param(
                 "top_k",
-                format!("{k} is not a valid value for 'top_k': expected a positive integer (or -1/0 to disable)."),
+                format!(
+                    "{k} is not a valid value for 'top_k': expected a positive integer (or -1/0 to disable)."
+                ),
             ));
         }
     };
@@ -81,7 +92,13 @@ pub fn sampling_params(fields: &SamplingFields) -> ApiResult<SamplingParams> {
         top_p,
         top_k,
         seed: fields.seed.map(|s| s as u64),
-        frequency_penalty: in_range("frequency_penalty", fields.frequency_penalty, -2.0, 2.0, 0.0)?,
+        frequency_penalty: in_range(
+            "frequency_penalty",
+            fields.frequency_penalty,
+            -2.0,
+            2.0,
+            0.0,
+        )?,
         presence_penalty: in_range("presence_penalty", fields.presence_penalty, -2.0, 2.0, 0.0)?,
     })
 }
@@ -95,11 +112,17 @@ pub fn stop_strings(stop: &Option<StopSequences>) -> ApiResult<Vec<String>> {
     if stops.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::invalid_param(
             "stop",
-            format!("At most {MAX_STOP_SEQUENCES} stop sequences are allowed; got {}.", stops.len()),
+            format!(
+                "At most {MAX_STOP_SEQUENCES} stop sequences are allowed; got {}.",
+                stops.len()
+            ),
         ));
     }
     if stops.iter().any(String::is_empty) {
-        return Err(ApiError::invalid_param("stop", "Stop sequences must not be empty."));
+        return Err(ApiError::invalid_param(
+            "stop",
+            "Stop sequences must not be empty.",
+        ));
     }
     Ok(stops)
 }
@@ -175,6 +198,10 @@ pub fn log_caller(fields: &SamplingFields) {
             .metadata
             .as_ref()
             .map(|m| serde_json::to_string(m).unwrap_or_default());
-        tracing::info!(user = fields.user.as_deref(), metadata = metadata.as_deref(), "caller");
+        tracing::info!(
+            user = fields.user.as_deref(),
+            metadata = metadata.as_deref(),
+            "caller"
+        );
     }
 }

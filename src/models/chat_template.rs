@@ -41,7 +41,11 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, TemplateError> {
+    pub fn new(
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
@@ -50,9 +54,12 @@ impl ChatTemplate {
             .map_err(|e| TemplateError::Broken(e.to_string()))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| TemplateError::Broken(e.to_string()))?;
         Ok(Self {
@@ -79,9 +86,11 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
             })
             .map_err(|e| match e.kind() {
-                ErrorKind::InvalidOperation => {
-                    TemplateError::Rejected(e.detail().unwrap_or("rejected by the chat template").to_string())
-                }
+                ErrorKind::InvalidOperation => TemplateError::Rejected(
+                    e.detail()
+                        .unwrap_or("rejected by the chat template")
+                        .to_string(),
+                ),
                 _ => TemplateError::Broken(e.to_string()),
             })
     }

@@ -67,12 +67,20 @@ fn optional_bool(ct: &Content, key: &str) -> Option<bool> {
 }
 
 fn token_types(ct: &Content, n: usize) -> Vec<i32> {
-    let Some(Ok(values)) = ct.metadata.get("tokenizer.ggml.token_type").map(|v| v.to_vec()) else {
+    let Some(Ok(values)) = ct
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .map(|v| v.to_vec())
+    else {
         return vec![1; n];
     };
     values
         .iter()
-        .map(|v| v.to_i32().or_else(|_| v.to_u32().map(|x| x as i32)).unwrap_or(1))
+        .map(|v| {
+            v.to_i32()
+                .or_else(|_| v.to_u32().map(|x| x as i32))
+                .unwrap_or(1)
+        })
         .collect()
 }
 
@@ -107,7 +115,8 @@ pub fn tokenizer_from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens)> {
     };
     let mut spec = spec;
     spec["added_tokens"] = added_tokens(&tokens, &types, &special);
-    let text = serde_json::to_string(&spec).map_err(|e| GgufTokenizerError::Build(e.to_string()))?;
+    let text =
+        serde_json::to_string(&spec).map_err(|e| GgufTokenizerError::Build(e.to_string()))?;
     let tokenizer: Tokenizer = text
         .parse()
         .map_err(|e: tokenizers::Error| GgufTokenizerError::Build(e.to_string()))?;
@@ -153,9 +162,7 @@ fn vocab_map(tokens: &[String]) -> serde_json::Map<String, Json> {
 
 /// The pre-tokenizer for a `tokenizer.ggml.pre` name (llama.cpp's names).
 fn byte_level_pre_tokenizer(pre: &str) -> Json {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     match pre {
         // Single digits split off first, then the GPT-2 regex.
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {

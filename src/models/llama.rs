@@ -30,16 +30,19 @@ impl LlamaWeights {
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         files.sort();
-        anyhow::ensure!(!files.is_empty(), "no .safetensors files in {}", dir.display());
+        anyhow::ensure!(
+            !files.is_empty(),
+            "no .safetensors files in {}",
+            dir.display()
+        );
         // SAFETY: the files are memory-mapped read-only; qpai never writes them
         // while serving, and a model directory changed underneath a running
         // server is outside what any mmap-based loader can defend against.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
         // candle's loader unwraps a missing tensor inside; turn that into an error.
-        let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Llama::load(vb, &config)
-        }))
-        .map_err(|_| anyhow::anyhow!("the checkpoint lacks tensors a llama model needs"))??;
+        let model =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Llama::load(vb, &config)))
+                .map_err(|_| anyhow::anyhow!("the checkpoint lacks tensors a llama model needs"))??;
         Ok(Self {
             model,
             config,

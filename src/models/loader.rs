@@ -9,10 +9,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
-use candle_transformers::models::{quantized_gemma3, quantized_llama};
+use candle_transformers::models::quantized_llama;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use super::gemma3::Gemma3Weights;
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
 use super::llama::LlamaWeights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
@@ -32,7 +33,10 @@ impl ModelSource {
         } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
             Ok(Self::Gguf(path.to_path_buf()))
         } else {
-            bail!("{} is neither a .gguf file nor a model directory", path.display())
+            bail!(
+                "{} is neither a .gguf file nor a model directory",
+                path.display()
+            )
         }
     }
 }
@@ -90,8 +94,13 @@ const END_OF_TURN_MARKERS: [&str; 5] = [
 fn eos_ids(tokenizer: &Tokenizer, declared: &[Option<u32>]) -> Vec<u32> {
     let mut ids: Vec<u32> = declared.iter().flatten().copied().collect();
     for marker in END_OF_TURN_MARKERS {
-        if let Some(id) = tokenizer.get_added_vocabulary().token_to_id(marker, tokenizer.get_model())
-            && tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
+        if let Some(id) = tokenizer
+            .get_added_vocabulary()
+            .token_to_id(marker, tokenizer.get_model())
+            && tokenizer
+                .get_added_tokens_decoder()
+                .get(&id)
+                .is_some_and(|t| t.special)
         {
             ids.push(id);
         }
@@ -102,7 +111,8 @@ fn eos_ids(tokenizer: &Tokenizer, declared: &[Option<u32>]) -> Vec<u32> {
 }
 
 fn token_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
-    id.and_then(|id| tokenizer.id_to_token(id)).unwrap_or_default()
+    id.and_then(|id| tokenizer.id_to_token(id))
+        .unwrap_or_default()
 }
 
 fn choose_kind(options: &LoadOptions, template: &Option<Arc<ChatTemplate>>) -> ModelKind {
@@ -123,7 +133,12 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         .and_then(|v| v.to_string().ok().cloned())
         .context("GGUF metadata lacks general.architecture")?;
     let (tokenizer, special) = tokenizer_from_gguf(&content)?;
-    let SpecialTokens { bos, eos, eot, add_bos } = special;
+    let SpecialTokens {
+        bos,
+        eos,
+        eot,
+        add_bos,
+    } = special;
     let template_source = content
         .metadata
         .get("tokenizer.chat_template")
@@ -135,34 +150,46 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         .map(|n| n as usize);
     let (weights, implementation_limit) = match architecture.as_str() {
         "llama" => (
-            Weights::QuantizedLlama(quantized_llama::ModelWeights::from_gguf(
+            Weights::QuantizedLlama(Box::new(quantized_llama::ModelWeights::from_gguf(
                 content,
                 &mut file,
                 &options.device,
-            )?),
+            )?)),
             quantized_llama::MAX_SEQ_LEN,
         ),
-        "gemma3" => (
-            Weights::QuantizedGemma3(quantized_gemma3::ModelWeights::from_gguf(
-                content,
-                &mut file,
-                &options.device,
-            )?),
-            quantized_gemma3::MAX_SEQ_LEN,
-        ),
+        "gemma3" => {
+            // Rotary tables are sized to the context actually served.
+            let positions = [file_context, options.max_context]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(8192);
+            let weights =
+                Gemma3Weights::from_gguf(&content, &mut file, positions, &options.device)?;
+            let positions = weights.max_positions();
+            (Weights::Gemma3(Arc::new(weights)), positions)
+        }
         other => bail!("GGUF architecture `{other}` is not supported (supported: llama, gemma3)"),
     };
     let chat_template = template_source
         .map(|source| {
-            ChatTemplate::new(source, token_text(&tokenizer, bos), token_text(&tokenizer, eos))
+            ChatTemplate::new(
+                source,
+                token_text(&tokenizer, bos),
+                token_text(&tokenizer, eos),
+            )
         })
         .transpose()?
         .map(Arc::new);
-    let context_length = [file_context, Some(implementation_limit), options.max_context]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(implementation_limit);
+    let context_length = [
+        file_context,
+        Some(implementation_limit),
+        options.max_context,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(implementation_limit);
     Ok(LoadedModel {
         id: options.id.clone(),
         kind: choose_kind(options, &chat_template),
@@ -239,19 +266,27 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         architecture.as_str(),
         "LlamaForCausalLM" | "MistralForCausalLM"
     ) {
-        bail!("safetensors architecture `{architecture}` is not supported (supported: LlamaForCausalLM, MistralForCausalLM)");
+        bail!(
+            "safetensors architecture `{architecture}` is not supported (supported: LlamaForCausalLM, MistralForCausalLM)"
+        );
     }
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("reading {}/tokenizer.json: {e}", dir.display()))?;
-    let tokenizer_config: TokenizerConfig = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
-        Ok(text) => serde_json::from_str(&text).context("tokenizer_config.json is not valid")?,
-        Err(_) => TokenizerConfig::default(),
-    };
+    let tokenizer_config: TokenizerConfig =
+        match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(text) => {
+                serde_json::from_str(&text).context("tokenizer_config.json is not valid")?
+            }
+            Err(_) => TokenizerConfig::default(),
+        };
     let bos_text = special_token_string(&tokenizer_config.bos_token);
     let eos_text = special_token_string(&tokenizer_config.eos_token);
     let bos = bos_text.as_deref().and_then(|t| tokenizer.token_to_id(t));
     let eos = eos_text.as_deref().and_then(|t| tokenizer.token_to_id(t));
-    let chat_template = template_source(&tokenizer_config.chat_template)
+    // transformers 5 writes the template to chat_template.jinja.
+    let template_file = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+    let chat_template = template_file
+        .or_else(|| template_source(&tokenizer_config.chat_template))
         .map(|source| {
             ChatTemplate::new(
                 source,

@@ -2,6 +2,7 @@
 //! forward pass the engine drives. One file per architecture family.
 
 pub mod chat_template;
+pub mod gemma3;
 pub mod gguf_tokenizer;
 pub mod llama;
 pub mod loader;
@@ -30,8 +31,8 @@ pub enum ModelKind {
 /// The weights of a model, shared by every sequence that runs on it.
 #[derive(Clone)]
 pub enum Weights {
-    QuantizedLlama(candle_transformers::models::quantized_llama::ModelWeights),
-    QuantizedGemma3(candle_transformers::models::quantized_gemma3::ModelWeights),
+    QuantizedLlama(Box<candle_transformers::models::quantized_llama::ModelWeights>),
+    Gemma3(Arc<gemma3::Gemma3Weights>),
     Llama(Arc<llama::LlamaWeights>),
 }
 
@@ -58,8 +59,11 @@ impl LoadedModel {
     /// A fresh sequence (empty KV cache) sharing this model's weights.
     pub fn new_sequence(&self) -> candle_core::Result<Box<dyn SequenceModel>> {
         Ok(match &self.weights {
-            Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(w.clone(), self.device.clone())),
-            Weights::QuantizedGemma3(w) => Box::new(quantized::Gemma3Sequence::new(w.clone(), self.device.clone())),
+            Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(
+                (**w).clone(),
+                self.device.clone(),
+            )),
+            Weights::Gemma3(w) => Box::new(gemma3::Gemma3Sequence::new(w.clone())),
             Weights::Llama(w) => Box::new(llama::LlamaSequence::new(w.clone())?),
         })
     }

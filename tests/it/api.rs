@@ -9,7 +9,14 @@ use crate::common::*;
 #[tokio::test]
 async fn chat_completion_answers_with_exact_usage() {
     let (app, _engine) = app();
-    let (status, body) = send_json(&app, post_json("/v1/chat/completions", &chat_body("What is the capital of France?", 12))).await;
+    let (status, body) = send_json(
+        &app,
+        post_json(
+            "/v1/chat/completions",
+            &chat_body("What is the capital of France?", 12),
+        ),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], CHAT_MODEL);
@@ -39,7 +46,10 @@ async fn chat_completion_answers_with_exact_usage() {
         "stop" => assert!(completion <= 12),
         other => panic!("finish_reason {other}"),
     }
-    assert_eq!(body["usage"]["total_tokens"], prompt_tokens as u64 + completion);
+    assert_eq!(
+        body["usage"]["total_tokens"],
+        prompt_tokens as u64 + completion
+    );
 }
 
 #[tokio::test]
@@ -58,14 +68,31 @@ async fn streaming_matches_non_streaming_and_reports_usage() {
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    let finish = chunks.iter().find(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
-    assert_eq!(finish["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let finish = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"], whole["usage"]);
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
-    assert_eq!(streamed_chat_text(&events), whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null())
+    );
+    assert_eq!(
+        streamed_chat_text(&events),
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[tokio::test]
@@ -78,7 +105,10 @@ async fn stop_strings_are_cut_and_seed_repeats() {
         "temperature": 0,
     });
     let (_, free) = send_json(&app, post_json("/v1/chat/completions", &base)).await;
-    let free_text = free["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let free_text = free["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Stop on something the free answer contains (past its first characters).
     let stop: String = free_text.chars().skip(4).take(2).collect();
     let mut stopped = base.clone();
@@ -87,7 +117,10 @@ async fn stop_strings_are_cut_and_seed_repeats() {
     let cut_text = cut["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
     assert!(!cut_text.contains(&stop), "{cut_text:?} contains {stop:?}");
-    assert!(free_text.starts_with(cut_text), "{free_text:?} / {cut_text:?}");
+    assert!(
+        free_text.starts_with(cut_text),
+        "{free_text:?} / {cut_text:?}"
+    );
 
     let mut sampled = base.clone();
     sampled["temperature"] = json!(1.0);
@@ -106,7 +139,10 @@ async fn stop_strings_are_cut_and_seed_repeats() {
         .iter()
         .map(|c| c["message"]["content"].as_str().unwrap())
         .collect();
-    assert!(texts[0] != texts[1] || texts[1] != texts[2], "n choices are independent draws");
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "n choices are independent draws"
+    );
 }
 
 #[tokio::test]
@@ -117,7 +153,9 @@ async fn logprobs_are_consistent_with_greedy_choice() {
     body["top_logprobs"] = json!(3);
     let (status, value) = send_json(&app, post_json("/v1/chat/completions", &body)).await;
     assert_eq!(status, StatusCode::OK, "{value}");
-    let content = value["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let content = value["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
     assert!(!content.is_empty());
     for token in content {
         let top = token["top_logprobs"].as_array().unwrap();
@@ -126,7 +164,10 @@ async fn logprobs_are_consistent_with_greedy_choice() {
         assert_eq!(top[0]["token"], token["token"]);
         let lp = token["logprob"].as_f64().unwrap();
         assert!(lp <= 0.0);
-        assert!(top.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+        assert!(
+            top.windows(2)
+                .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64())
+        );
     }
 }
 
@@ -139,7 +180,10 @@ async fn text_completion_and_echo() {
     assert_eq!(value["object"], "text_completion");
     let text = value["choices"][0]["text"].as_str().unwrap();
     assert!(text.starts_with("The capital of France is"), "{text}");
-    assert!(text.contains("Paris"), "greedy continuation names Paris: {text}");
+    assert!(
+        text.contains("Paris"),
+        "greedy continuation names Paris: {text}"
+    );
     assert_eq!(value["usage"]["prompt_tokens"], 5);
     assert_eq!(value["usage"]["completion_tokens"], 5);
 }
@@ -192,5 +236,10 @@ async fn unknown_model_is_404_and_not_ready_is_503() {
     request["model"] = json!("loading-model");
     let (status, body) = send_json(&app, post_json("/v1/chat/completions", &request)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body["error"]["message"].as_str().unwrap().contains("loading"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("loading")
+    );
 }

@@ -45,7 +45,8 @@ fn load_catalog_model(id: &str) -> LoadedModel {
     let catalog = Catalog::load(None).unwrap();
     let store = ModelStore::new(models_dir()).with_progress(false);
     let resolved = resolve(id, &catalog, &store).unwrap_or_else(|e| panic!("pulling {id}: {e:#}"));
-    load_model(&resolved.source, &resolved.options).unwrap_or_else(|e| panic!("loading {id}: {e:#}"))
+    load_model(&resolved.source, &resolved.options)
+        .unwrap_or_else(|e| panic!("loading {id}: {e:#}"))
 }
 
 /// The default chat model, loaded once for the whole test binary.
@@ -101,7 +102,10 @@ pub async fn send_json(app: &axum::Router, request: Request<Body>) -> (StatusCod
 pub fn sse_data(body: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(body)
         .lines()
-        .filter_map(|line| line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")))
+        .filter_map(|line| {
+            line.strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+        })
         .map(str::to_string)
         .collect()
 }
@@ -112,7 +116,11 @@ pub fn streamed_chat_text(events: &[String]) -> String {
         .iter()
         .filter(|e| e.as_str() != "[DONE]")
         .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -130,13 +138,19 @@ pub async fn wait_idle(engine: &Engine) -> (usize, usize) {
     use std::sync::atomic::Ordering;
     let stats = engine.stats();
     for _ in 0..200 {
-        let (w, r) = (stats.waiting.load(Ordering::SeqCst), stats.running.load(Ordering::SeqCst));
+        let (w, r) = (
+            stats.waiting.load(Ordering::SeqCst),
+            stats.running.load(Ordering::SeqCst),
+        );
         if w == 0 && r == 0 {
             return (w, r);
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
-    (stats.waiting.load(Ordering::SeqCst), stats.running.load(Ordering::SeqCst))
+    (
+        stats.waiting.load(Ordering::SeqCst),
+        stats.running.load(Ordering::SeqCst),
+    )
 }
 
 #[allow(dead_code)]

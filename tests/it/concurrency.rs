@@ -28,8 +28,17 @@ async fn eight_concurrent_streams_equal_their_single_outputs() {
     let (app, engine) = app();
     let mut singles = Vec::new();
     for prompt in PROMPTS {
-        let (_, body) = send_json(&app, post_json("/v1/chat/completions", &chat_body(prompt, 24))).await;
-        singles.push(body["choices"][0]["message"]["content"].as_str().unwrap().to_string());
+        let (_, body) = send_json(
+            &app,
+            post_json("/v1/chat/completions", &chat_body(prompt, 24)),
+        )
+        .await;
+        singles.push(
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let streams = PROMPTS.iter().map(|prompt| {
         let app = app.clone();
@@ -65,7 +74,8 @@ async fn a_full_engine_answers_429() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let (status, body) = send_json(&app, post_json("/v1/chat/completions", &chat_body("Hi", 2))).await;
+    let (status, body) =
+        send_json(&app, post_json("/v1/chat/completions", &chat_body("Hi", 2))).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(body["error"]["type"], "rate_limit_error");
     drop(response);
@@ -80,7 +90,11 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     let (app, engine) = app();
     let mut body = chat_body("Write a very long essay about the history of bread.", 1000);
     body["stream"] = json!(true);
-    let response = app.clone().oneshot(post_json("/v1/chat/completions", &body)).await.unwrap();
+    let response = app
+        .clone()
+        .oneshot(post_json("/v1/chat/completions", &body))
+        .await
+        .unwrap();
     let mut frames = response.into_body().into_data_stream();
     // Read a few chunks, so generation is under way.
     for _ in 0..3 {

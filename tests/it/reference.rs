@@ -1,1 +1,145 @@
-//! Model outputs against the reference implementation (filled in below).
+//! Model outputs against the reference implementation: Hugging Face
+//! transformers running the same weights dequantized to float32
+//! (tests/fixtures/logits_*.json, made by scripts/reference/make_fixtures.py).
+//!
+//! Tolerances (absolute, on logits of magnitude ~10-20):
+//! - quantized GGUF models: candle's Q4/Q8 kernels quantize activations to
+//!   8 bits, so logits move by up to a few tenths: `GGUF_TOLERANCE`;
+//! - the float32 safetensors copy is the same arithmetic up to summation
+//!   order: `F32_TOLERANCE`, and its top-10 ids must equal the reference's.
+
+use qpai::catalog::Catalog;
+use qpai::models::loader::LoadOptions;
+use qpai::models::{LoadedModel, ModelSource, load_model};
+use serde_json::Value;
+
+use crate::common::*;
+
+const GGUF_TOLERANCE: f32 = 0.75;
+const F32_TOLERANCE: f32 = 2e-3;
+/// How many of the reference's best tokens are compared.
+const TOP_K: usize = 10;
+
+struct Comparison {
+    max_abs_diff: f32,
+    failures: Vec<String>,
+}
+
+fn last_logits(model: &LoadedModel, ids: &[u32]) -> Vec<f32> {
+    let mut sequence = model.new_sequence().unwrap();
+    sequence.forward(ids).unwrap()
+}
+
+/// Compares the reference's top tokens with ours: their logits within
+/// `tolerance`, and our ranking consistent with the reference's up to ties
+/// closer than `tolerance`.
+fn compare(model: &LoadedModel, fixture: &Value, tolerance: f32) -> Comparison {
+    let mut max_abs_diff = 0f32;
+    let mut failures = Vec::new();
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let top_ids: Vec<usize> = serde_json::from_value(case["top_ids"].clone()).unwrap();
+        let top_logits: Vec<f32> = serde_json::from_value(case["top_logits"].clone()).unwrap();
+        let logits = last_logits(model, &ids);
+        for (&id, &reference) in top_ids.iter().zip(&top_logits).take(TOP_K) {
+            let diff = (logits[id] - reference).abs();
+            max_abs_diff = max_abs_diff.max(diff);
+            if diff > tolerance {
+                failures.push(format!(
+                    "{name}: token {id} logit {} vs reference {reference}",
+                    logits[id]
+                ));
+            }
+        }
+        let ours = qpai::engine::sampling::top_k_indices(&logits, TOP_K);
+        for (rank, &id) in ours.iter().enumerate().take(5) {
+            // Our rank-th token must be one the reference also ranks near there.
+            let reference_rank = top_ids.iter().position(|&r| r == id);
+            let within = match reference_rank {
+                Some(r) => (top_logits[r] - top_logits[rank]).abs() <= tolerance,
+                None => false,
+            };
+            if !within {
+                failures.push(format!(
+                    "{name}: our rank {rank} token {id} is at reference rank {reference_rank:?} (reference top: {:?})",
+                    &top_ids[..TOP_K]
+                ));
+            }
+        }
+    }
+    Comparison {
+        max_abs_diff,
+        failures,
+    }
+}
+
+fn assert_matches(model: &LoadedModel, fixture_name: &str, tolerance: f32) -> f32 {
+    let fixture = fixture(fixture_name);
+    let comparison = compare(model, &fixture, tolerance);
+    eprintln!(
+        "{fixture_name}: max |logit - reference| over the top-{TOP_K} = {:.5}",
+        comparison.max_abs_diff
+    );
+    assert!(
+        comparison.failures.is_empty(),
+        "{fixture_name} differs from the reference (tolerance {tolerance}):\n{}",
+        comparison.failures.join("\n")
+    );
+    comparison.max_abs_diff
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    assert_matches(chat_model(), "logits_smollm2.json", GGUF_TOLERANCE);
+}
+
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    assert_matches(base_model(), "logits_gemma3.json", GGUF_TOLERANCE);
+}
+
+/// The float32 safetensors copy (made by scripts/reference/export_safetensors.py
+/// from the GGUF) loads through the safetensors path and matches tightly,
+/// including the greedy continuation with the KV cache.
+#[test]
+fn smollm2_f32_safetensors_copy_matches_transformers() {
+    let dir = std::env::var_os("QPAI_TEST_SAFETENSORS_DIR").expect(
+        "QPAI_TEST_SAFETENSORS_DIR is not set: run the tests with scripts/test.sh, which exports the f32 copy",
+    );
+    let model = load_model(
+        &ModelSource::SafetensorsDir(dir.into()),
+        &LoadOptions::new("smollm2-f32"),
+    )
+    .unwrap();
+    assert_eq!(model.architecture, "LlamaForCausalLM");
+    let fixture = fixture("logits_smollm2.json");
+    assert_matches(&model, "logits_smollm2.json", F32_TOLERANCE);
+    for case in fixture["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let expected: Vec<u32> =
+            serde_json::from_value(case["greedy_continuation_ids"].clone()).unwrap();
+        let mut sequence = model.new_sequence().unwrap();
+        let mut logits = sequence.forward(&ids).unwrap();
+        let mut produced = Vec::new();
+        for _ in 0..expected.len() {
+            let next = qpai::engine::sampling::argmax(&logits) as u32;
+            produced.push(next);
+            logits = sequence.forward(&[next]).unwrap();
+        }
+        assert_eq!(
+            produced, expected,
+            "greedy continuation of {}",
+            case["name"]
+        );
+    }
+    // The chat template and special tokens come through tokenizer_config.json.
+    assert!(model.chat_template.is_some());
+    assert!(model.eos_token_ids.contains(&2));
+}
+
+#[test]
+fn catalog_default_model_is_the_one_under_test() {
+    let catalog = Catalog::load(None).unwrap();
+    assert!(catalog.get(CHAT_MODEL).is_some() && catalog.get(BASE_MODEL).is_some());
+}

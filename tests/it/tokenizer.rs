@@ -15,18 +15,33 @@ fn check_tokenizer(model: &LoadedModel, fixture_name: &str) {
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        let ids = model.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        let ids = model
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         if ids != expected {
-            failures.push(format!("encode {text:?}: got {ids:?}, reference {expected:?}"));
+            failures.push(format!(
+                "encode {text:?}: got {ids:?}, reference {expected:?}"
+            ));
             continue;
         }
         let decoded = model.tokenizer.decode(&ids, false).unwrap();
         let reference = case["decoded"].as_str().unwrap();
         if decoded != reference {
-            failures.push(format!("decode {text:?}: got {decoded:?}, reference {reference:?}"));
+            failures.push(format!(
+                "decode {text:?}: got {decoded:?}, reference {reference:?}"
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -55,10 +70,18 @@ fn messages(value: &Value) -> Vec<TemplateMessage> {
 #[test]
 fn smollm2_chat_template_renders_like_the_reference() {
     let fixture = fixture("chat_template_smollm2.json");
-    let template = chat_model().chat_template.as_ref().expect("SmolLM2 has a chat template");
+    let template = chat_model()
+        .chat_template
+        .as_ref()
+        .expect("SmolLM2 has a chat template");
     for case in fixture["cases"].as_array().unwrap() {
         let msgs = messages(&case["messages"]);
-        assert_eq!(template.render(&msgs, true).unwrap(), case["rendered"].as_str().unwrap(), "{}", case["name"]);
+        assert_eq!(
+            template.render(&msgs, true).unwrap(),
+            case["rendered"].as_str().unwrap(),
+            "{}",
+            case["name"]
+        );
         assert_eq!(
             template.render(&msgs, false).unwrap(),
             case["rendered_without_generation_prompt"].as_str().unwrap(),

@@ -1,0 +1,103 @@
+"""The official openai Python package as a real client of a running `qpai serve`.
+
+Run by the Rust integration test `openai_client` (which starts the server and
+sets QPAI_BASE_URL and QPAI_MODEL).
+"""
+
+import os
+
+import openai
+import pytest
+from openai import OpenAI
+
+BASE_URL = os.environ["QPAI_BASE_URL"]
+MODEL = os.environ.get("QPAI_MODEL", "smollm2-135m-instruct")
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client():
+    return OpenAI(base_url=BASE_URL, api_key="not-needed", max_retries=0, timeout=120)
+
+
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_completion_with_exact_usage(client):
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.completion_tokens <= 16
+
+
+def test_streaming_with_include_usage_equals_non_streaming(client):
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completions(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in r.choices[0].text
+    assert r.usage.completion_tokens == 5
+
+
+def test_seed_gives_the_same_sample(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=7)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) >= 1
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_unknown_model_raises_not_found(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert err.value.code == "model_not_found"
+
+
+def test_bad_value_raises_bad_request_naming_the_param(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=5)
+    assert err.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10_000_000)
+    assert err.value.param == "max_tokens"
+
+
+def test_unsupported_parameter_is_refused_by_name(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        )
+    assert err.value.param == "tools"
