@@ -61,7 +61,7 @@ impl LoadOptions {
             kind: None,
             max_context: None,
             dtype: None,
-            device: Device::Cpu,
+            device: super::default_device(),
         }
     }
 }

