@@ -16,6 +16,7 @@ use tokenizers::Tokenizer;
 use super::gemma3::Gemma3Weights;
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
 use super::llama::LlamaWeights;
+use super::llama_gguf::LlamaGgufWeights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
 
 /// Where a model's files are.
@@ -149,6 +150,17 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         .and_then(|v| v.to_u32().ok())
         .map(|n| n as usize);
     let (weights, implementation_limit) = match architecture.as_str() {
+        "llama" if options.device.is_cpu() => {
+            let positions = [file_context, options.max_context]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(4096);
+            let weights = LlamaGgufWeights::from_gguf(&content, &mut file, positions)?;
+            let positions = weights.max_positions();
+            (Weights::LlamaGguf(Arc::new(weights)), positions)
+        }
+        // Accelerators: candle's own quantized llama (tensor ops on the device).
         "llama" => (
             Weights::QuantizedLlama(Box::new(quantized_llama::ModelWeights::from_gguf(
                 content,

@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod gemma3;
 pub mod gguf_tokenizer;
 pub mod llama;
+pub mod llama_gguf;
 pub mod loader;
 pub mod quantized;
 
@@ -43,6 +44,7 @@ pub enum ModelKind {
 /// The weights of a model, shared by every sequence that runs on it.
 #[derive(Clone)]
 pub enum Weights {
+    LlamaGguf(Arc<llama_gguf::LlamaGgufWeights>),
     QuantizedLlama(Box<candle_transformers::models::quantized_llama::ModelWeights>),
     Gemma3(Arc<gemma3::Gemma3Weights>),
     Llama(Arc<llama::LlamaWeights>),
@@ -71,6 +73,7 @@ impl LoadedModel {
     /// A fresh sequence (empty KV cache) sharing this model's weights.
     pub fn new_sequence(&self) -> candle_core::Result<Box<dyn SequenceModel>> {
         Ok(match &self.weights {
+            Weights::LlamaGguf(w) => Box::new(llama_gguf::LlamaGgufSequence::new(w.clone())),
             Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(
                 (**w).clone(),
                 self.device.clone(),

@@ -4,8 +4,11 @@
 //!
 //! Tolerances (absolute, on logits of magnitude ~10-20):
 //! - quantized GGUF models: candle's Q4/Q8 kernels quantize activations to
-//!   8 bits, so logits move by a few tenths (measured max 0.71 for SmolLM2
-//!   Q4_1, 0.73 for Gemma 3 Q4_K_M over the reference top-10): `GGUF_TOLERANCE`;
+//!   8 bits, and a rounding flip there moves logits by up to about one unit
+//!   (measured max over the reference top-10: 0.44 for SmolLM2 Q4_1 with
+//!   qpai's llama loop, 0.71 with candle's quantized_llama on the same
+//!   kernels, 1.06 with a rotary table rounded differently; 0.73 for Gemma 3
+//!   Q4_K_M): `GGUF_TOLERANCE`;
 //! - the float32 safetensors copy is the same arithmetic up to summation
 //!   order (measured max 3e-5): `F32_TOLERANCE`.
 
@@ -16,7 +19,7 @@ use serde_json::Value;
 
 use crate::common::*;
 
-const GGUF_TOLERANCE: f32 = 1.0;
+const GGUF_TOLERANCE: f32 = 1.25;
 const F32_TOLERANCE: f32 = 2e-3;
 /// How many of the reference's best tokens are compared.
 const TOP_K: usize = 10;
@@ -143,4 +146,44 @@ fn smollm2_f32_safetensors_copy_matches_transformers() {
 fn catalog_default_model_is_the_one_under_test() {
     let catalog = Catalog::load(None).unwrap();
     assert!(catalog.get(CHAT_MODEL).is_some() && catalog.get(BASE_MODEL).is_some());
+}
+
+/// Decoding token by token with the KV cache gives the logits of one forward
+/// pass over the whole sequence. qpai's llama loop computes each row the same
+/// way in both, so they agree exactly (to float rounding). Gemma 3 goes
+/// through candle tensor ops whose prefill and decode sum in different orders;
+/// the 8-bit activation quantization of the next matmul can turn that into
+/// logit differences of the size of quantization noise: it must still pick
+/// the same token, within `GGUF_TOLERANCE`.
+#[test]
+fn incremental_decode_equals_full_prefill() {
+    for (model, tolerance) in [(chat_model(), 1e-3), (base_model(), GGUF_TOLERANCE)] {
+        let ids = model
+            .encode_prompt("The bakery on Main Street opens at seven and sells")
+            .unwrap();
+        let mut full = model.new_sequence().unwrap();
+        let expected = full.forward(&ids).unwrap();
+        let mut stepwise = model.new_sequence().unwrap();
+        let mut logits = stepwise.forward(&ids[..3]).unwrap();
+        for &id in &ids[3..] {
+            logits = stepwise.forward(&[id]).unwrap();
+        }
+        let max_diff = logits
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{}: max |stepwise - full| = {max_diff}", model.id);
+        assert!(
+            max_diff < tolerance,
+            "{}: max |stepwise - full| = {max_diff}",
+            model.id
+        );
+        assert_eq!(
+            qpai::engine::sampling::argmax(&logits),
+            qpai::engine::sampling::argmax(&expected),
+            "{}",
+            model.id
+        );
+    }
 }

@@ -1,0 +1,298 @@
+//! Llama-family GGUF models on the CPU: candle's quantized matmuls for the
+//! projections, and everything between them (norms, rotary embedding,
+//! attention over a per-sequence KV cache, SwiGLU) as plain loops over f32
+//! slices. For one token at a time these small steps cost more as candle
+//! tensor ops (an allocation, and for attention a threaded GEMM, per op) than
+//! the work they do; the KV cache grows in place instead of being copied
+//! every token, and grouped-query heads read their shared KV head directly.
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
+
+use super::SequenceModel;
+
+struct Layer {
+    attention_norm: Vec<f32>,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    ffn_norm: Vec<f32>,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+pub struct LlamaGgufWeights {
+    /// `[vocab, hidden]`, dequantized.
+    embedding: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: QMatMul,
+    hidden: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    eps: f32,
+    /// `[positions, head_dim / 2]` rotary tables.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    positions: usize,
+}
+
+fn metadata<'a>(
+    ct: &'a gguf_file::Content,
+    key: &str,
+) -> candle_core::Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(&format!("llama.{key}"))
+        .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks llama.{key}")))
+}
+
+fn vector(t: &candle_core::quantized::QTensor) -> candle_core::Result<Vec<f32>> {
+    t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+}
+
+impl LlamaGgufWeights {
+    /// Loads the weights; rotary tables cover `positions` positions.
+    pub fn from_gguf<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        positions: usize,
+    ) -> candle_core::Result<Self> {
+        let n_head = metadata(ct, "attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = metadata(ct, "attention.head_count_kv")?.to_u32()? as usize;
+        let block_count = metadata(ct, "block_count")?.to_u32()? as usize;
+        let hidden = metadata(ct, "embedding_length")?.to_u32()? as usize;
+        let eps = metadata(ct, "attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let base = metadata(ct, "rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10_000.0);
+        if ct.metadata.contains_key("llama.expert_count") {
+            candle_core::bail!("mixture-of-experts llama GGUF files are not supported");
+        }
+        let head_dim = hidden / n_head;
+        let rope_dim = metadata(ct, "rope.dimension_count")
+            .map_or(Ok(head_dim as u32), |v| v.to_u32())? as usize;
+        if rope_dim != head_dim || n_head % n_kv_head != 0 {
+            candle_core::bail!(
+                "unsupported llama head layout (rope dims {rope_dim}, head dim {head_dim})"
+            );
+        }
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| ct.tensor(reader, name, &device);
+        let embedding_q = tensor("token_embd.weight")?;
+        let embedding = vector(&embedding_q)?;
+        let output = match tensor("output.weight") {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            Err(_) => QMatMul::from_qtensor(embedding_q)?,
+        };
+        let norm = vector(&tensor("output_norm.weight")?)?;
+        let mut layers = Vec::with_capacity(block_count);
+        for i in 0..block_count {
+            let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
+            layers.push(Layer {
+                attention_norm: vector(&t("attn_norm.weight")?)?,
+                q: QMatMul::from_qtensor(t("attn_q.weight")?)?,
+                k: QMatMul::from_qtensor(t("attn_k.weight")?)?,
+                v: QMatMul::from_qtensor(t("attn_v.weight")?)?,
+                o: QMatMul::from_qtensor(t("attn_output.weight")?)?,
+                ffn_norm: vector(&t("ffn_norm.weight")?)?,
+                gate: QMatMul::from_qtensor(t("ffn_gate.weight")?)?,
+                up: QMatMul::from_qtensor(t("ffn_up.weight")?)?,
+                down: QMatMul::from_qtensor(t("ffn_down.weight")?)?,
+            });
+        }
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        for p in 0..positions {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            embedding,
+            layers,
+            norm,
+            output,
+            hidden,
+            n_head,
+            n_kv_head,
+            head_dim,
+            eps,
+            cos,
+            sin,
+            positions,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.positions
+    }
+
+    /// `x [rows, in] @ W^T -> [rows, out]` through candle's quantized kernels.
+    fn project(weight: &QMatMul, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        let input = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
+        weight.forward(&input)?.flatten_all()?.to_vec1()
+    }
+
+    fn rms_norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(self.hidden) {
+            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / self.hidden as f32;
+            let scale = 1.0 / (mean_square + self.eps).sqrt();
+            out.extend(row.iter().zip(weight).map(|(v, w)| v * scale * w));
+        }
+        out
+    }
+
+    /// Rotates adjacent pairs (GGUF stores llama's q/k rows permuted for this layout).
+    fn rope(&self, x: &mut [f32], heads: usize, first_position: usize) {
+        let half = self.head_dim / 2;
+        for (row, token) in x.chunks_exact_mut(heads * self.head_dim).enumerate() {
+            let table = (first_position + row) * half;
+            let (cos, sin) = (
+                &self.cos[table..table + half],
+                &self.sin[table..table + half],
+            );
+            for head in token.chunks_exact_mut(self.head_dim) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * cos[i] - b * sin[i];
+                    pair[1] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
+
+/// One sequence: per-layer keys and values, `[position][kv_head][head_dim]`.
+#[derive(Clone)]
+pub struct LlamaGgufSequence {
+    weights: Arc<LlamaGgufWeights>,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    position: usize,
+}
+
+impl LlamaGgufSequence {
+    pub fn new(weights: Arc<LlamaGgufWeights>) -> Self {
+        let layers = weights.layers.len();
+        Self {
+            weights,
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+            position: 0,
+        }
+    }
+
+    /// Causal attention of `q [rows, n_head, head_dim]` (positions
+    /// `first..first + rows`) over the cache of `layer`.
+    fn attention(&self, layer: usize, q: &[f32], rows: usize, first: usize) -> Vec<f32> {
+        let w = &self.weights;
+        let (hd, n_head, n_kv) = (w.head_dim, w.n_head, w.n_kv_head);
+        let group = n_head / n_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        let mut out = vec![0f32; rows * n_head * hd];
+        let work = |(index, out): (usize, &mut [f32])| {
+            let (row, head) = (index / n_head, index % n_head);
+            let kv = head / group;
+            let query = &q[(row * n_head + head) * hd..][..hd];
+            let visible = first + row + 1;
+            let mut scores: Vec<f32> = (0..visible)
+                .map(|t| {
+                    let key = &keys[(t * n_kv + kv) * hd..][..hd];
+                    query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for (t, s) in scores.iter().enumerate() {
+                let value = &values[(t * n_kv + kv) * hd..][..hd];
+                let weight = s / total;
+                out.iter_mut()
+                    .zip(value)
+                    .for_each(|(o, v)| *o += weight * v);
+            }
+        };
+        // One token: too little work to share; a prompt: spread over the pool.
+        if rows == 1 {
+            out.chunks_exact_mut(hd).enumerate().for_each(work);
+        } else {
+            out.par_chunks_exact_mut(hd).enumerate().for_each(work);
+        }
+        out
+    }
+}
+
+impl SequenceModel for LlamaGgufSequence {
+    fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let w = self.weights.clone();
+        let rows = tokens.len();
+        if rows == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        if self.position + rows > w.positions {
+            candle_core::bail!(
+                "sequence longer than the {} positions this model is served with",
+                w.positions
+            );
+        }
+        let vocab = w.embedding.len() / w.hidden;
+        let mut x = Vec::with_capacity(rows * w.hidden);
+        for &token in tokens {
+            let token = token as usize;
+            if token >= vocab {
+                candle_core::bail!("token id {token} outside the vocabulary");
+            }
+            x.extend_from_slice(&w.embedding[token * w.hidden..(token + 1) * w.hidden]);
+        }
+        for (index, layer) in w.layers.iter().enumerate() {
+            let h = w.rms_norm(&x, &layer.attention_norm);
+            let mut q = LlamaGgufWeights::project(&layer.q, &h, rows)?;
+            let mut k = LlamaGgufWeights::project(&layer.k, &h, rows)?;
+            let v = LlamaGgufWeights::project(&layer.v, &h, rows)?;
+            w.rope(&mut q, w.n_head, self.position);
+            w.rope(&mut k, w.n_kv_head, self.position);
+            self.keys[index].extend_from_slice(&k);
+            self.values[index].extend_from_slice(&v);
+            let attended = self.attention(index, &q, rows, self.position);
+            let o = LlamaGgufWeights::project(&layer.o, &attended, rows)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h = w.rms_norm(&x, &layer.ffn_norm);
+            let mut gate = LlamaGgufWeights::project(&layer.gate, &h, rows)?;
+            let up = LlamaGgufWeights::project(&layer.up, &h, rows)?;
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            let down = LlamaGgufWeights::project(&layer.down, &gate, rows)?;
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+        self.position += rows;
+        let last = w.rms_norm(&x[(rows - 1) * w.hidden..], &w.norm);
+        LlamaGgufWeights::project(&w.output, &last, 1)
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn fork(&self) -> Box<dyn SequenceModel> {
+        Box::new(self.clone())
+    }
+}
