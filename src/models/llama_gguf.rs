@@ -1,5 +1,5 @@
-//! Llama-family GGUF models on the CPU: candle's quantized matmuls for the
-//! projections, and everything between them (norms, rotary embedding,
+//! Llama-family GGUF models on the CPU: quantized matmuls for the projections
+//! (`quant_matmul`), and everything between them (norms, rotary embedding,
 //! attention over a per-sequence KV cache, SwiGLU) as plain loops over f32
 //! slices. For one token at a time these small steps cost more as candle
 //! tensor ops (an allocation, and for attention a threaded GEMM, per op) than
@@ -9,22 +9,60 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, gguf_file};
-use candle_core::{Device, Module, Tensor};
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
 use rayon::prelude::*;
 
 use super::SequenceModel;
+use super::quant_matmul::QuantMatrix;
+
+/// Query-key pairs per head below which attention runs on the calling thread.
+const PARALLEL_ATTENTION_MIN_SCORES: usize = 64;
 
 struct Layer {
     attention_norm: Vec<f32>,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    /// q, k and v projections stacked by rows: one matmul instead of three.
+    qkv: QuantMatrix,
+    o: QuantMatrix,
     ffn_norm: Vec<f32>,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    /// gate and up projections stacked by rows.
+    gate_up: QuantMatrix,
+    down: QuantMatrix,
+}
+
+/// Splits `x [rows, sum(widths)]` into one `[rows, width]` matrix per width.
+fn split_columns(x: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut parts: Vec<Vec<f32>> = widths
+        .iter()
+        .map(|w| Vec::with_capacity(rows * w))
+        .collect();
+    for row in x.chunks_exact(total).take(rows) {
+        let mut start = 0;
+        for (part, &width) in parts.iter_mut().zip(widths) {
+            part.extend_from_slice(&row[start..start + width]);
+            start += width;
+        }
+    }
+    parts
+}
+
+/// Dot product in 16 independent lanes, so that it vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..16 {
+            lanes[lane] += x[lane] * y[lane];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 pub struct LlamaGgufWeights {
@@ -32,7 +70,7 @@ pub struct LlamaGgufWeights {
     embedding: Vec<f32>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    output: QMatMul,
+    output: QuantMatrix,
     hidden: usize,
     n_head: usize,
     n_kv_head: usize,
@@ -78,7 +116,7 @@ impl LlamaGgufWeights {
         let head_dim = hidden / n_head;
         let rope_dim = metadata(ct, "rope.dimension_count")
             .map_or(Ok(head_dim as u32), |v| v.to_u32())? as usize;
-        if rope_dim != head_dim || n_head % n_kv_head != 0 {
+        if rope_dim != head_dim || !n_head.is_multiple_of(n_kv_head) {
             candle_core::bail!(
                 "unsupported llama head layout (rope dims {rope_dim}, head dim {head_dim})"
             );
@@ -88,8 +126,8 @@ impl LlamaGgufWeights {
         let embedding_q = tensor("token_embd.weight")?;
         let embedding = vector(&embedding_q)?;
         let output = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(embedding_q)?,
+            Ok(t) => QuantMatrix::new(t)?,
+            Err(_) => QuantMatrix::new(embedding_q)?,
         };
         let norm = vector(&tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(block_count);
@@ -97,14 +135,15 @@ impl LlamaGgufWeights {
             let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
             layers.push(Layer {
                 attention_norm: vector(&t("attn_norm.weight")?)?,
-                q: QMatMul::from_qtensor(t("attn_q.weight")?)?,
-                k: QMatMul::from_qtensor(t("attn_k.weight")?)?,
-                v: QMatMul::from_qtensor(t("attn_v.weight")?)?,
-                o: QMatMul::from_qtensor(t("attn_output.weight")?)?,
+                qkv: QuantMatrix::stack(vec![
+                    t("attn_q.weight")?,
+                    t("attn_k.weight")?,
+                    t("attn_v.weight")?,
+                ])?,
+                o: QuantMatrix::new(t("attn_output.weight")?)?,
                 ffn_norm: vector(&t("ffn_norm.weight")?)?,
-                gate: QMatMul::from_qtensor(t("ffn_gate.weight")?)?,
-                up: QMatMul::from_qtensor(t("ffn_up.weight")?)?,
-                down: QMatMul::from_qtensor(t("ffn_down.weight")?)?,
+                gate_up: QuantMatrix::stack(vec![t("ffn_gate.weight")?, t("ffn_up.weight")?])?,
+                down: QuantMatrix::new(t("ffn_down.weight")?)?,
             });
         }
         let half = head_dim / 2;
@@ -138,12 +177,6 @@ impl LlamaGgufWeights {
 
     pub fn max_positions(&self) -> usize {
         self.positions
-    }
-
-    /// `x [rows, in] @ W^T -> [rows, out]` through candle's quantized kernels.
-    fn project(weight: &QMatMul, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
-        let input = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
-        weight.forward(&input)?.flatten_all()?.to_vec1()
     }
 
     fn rms_norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
@@ -213,7 +246,7 @@ impl LlamaGgufSequence {
             let mut scores: Vec<f32> = (0..visible)
                 .map(|t| {
                     let key = &keys[(t * n_kv + kv) * hd..][..hd];
-                    query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
+                    dot(query, key) * scale
                 })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -230,8 +263,8 @@ impl LlamaGgufSequence {
                     .for_each(|(o, v)| *o += weight * v);
             }
         };
-        // One token: too little work to share; a prompt: spread over the pool.
-        if rows == 1 {
+        // Share the work once it outweighs handing it to the thread pool.
+        if rows * (first + rows) < PARALLEL_ATTENTION_MIN_SCORES {
             out.chunks_exact_mut(hd).enumerate().for_each(work);
         } else {
             out.par_chunks_exact_mut(hd).enumerate().for_each(work);
@@ -264,28 +297,37 @@ impl SequenceModel for LlamaGgufSequence {
         }
         for (index, layer) in w.layers.iter().enumerate() {
             let h = w.rms_norm(&x, &layer.attention_norm);
-            let mut q = LlamaGgufWeights::project(&layer.q, &h, rows)?;
-            let mut k = LlamaGgufWeights::project(&layer.k, &h, rows)?;
-            let v = LlamaGgufWeights::project(&layer.v, &h, rows)?;
+            let qkv = layer.qkv.matmul(&h, rows)?;
+            let (q_width, kv_width) = (w.n_head * w.head_dim, w.n_kv_head * w.head_dim);
+            let mut parts = split_columns(&qkv, rows, &[q_width, kv_width, kv_width]).into_iter();
+            let (mut q, mut k, v) = match (parts.next(), parts.next(), parts.next()) {
+                (Some(q), Some(k), Some(v)) => (q, k, v),
+                _ => candle_core::bail!("qkv projection split"),
+            };
             w.rope(&mut q, w.n_head, self.position);
             w.rope(&mut k, w.n_kv_head, self.position);
             self.keys[index].extend_from_slice(&k);
             self.values[index].extend_from_slice(&v);
             let attended = self.attention(index, &q, rows, self.position);
-            let o = LlamaGgufWeights::project(&layer.o, &attended, rows)?;
+            let o = layer.o.matmul(&attended, rows)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = w.rms_norm(&x, &layer.ffn_norm);
-            let mut gate = LlamaGgufWeights::project(&layer.gate, &h, rows)?;
-            let up = LlamaGgufWeights::project(&layer.up, &h, rows)?;
+            let gate_up = layer.gate_up.matmul(&h, rows)?;
+            let width = gate_up.len() / rows / 2;
+            let mut parts = split_columns(&gate_up, rows, &[width, width]).into_iter();
+            let (mut gate, up) = match (parts.next(), parts.next()) {
+                (Some(gate), Some(up)) => (gate, up),
+                _ => candle_core::bail!("gate/up projection split"),
+            };
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            let down = LlamaGgufWeights::project(&layer.down, &gate, rows)?;
+            let down = layer.down.matmul(&gate, rows)?;
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         self.position += rows;
         let last = w.rms_norm(&x[(rows - 1) * w.hidden..], &w.norm);
-        LlamaGgufWeights::project(&w.output, &last, 1)
+        w.output.matmul(&last, 1)
     }
 
     fn position(&self) -> usize {

@@ -7,6 +7,7 @@ pub mod gguf_tokenizer;
 pub mod llama;
 pub mod llama_gguf;
 pub mod loader;
+pub mod quant_matmul;
 pub mod quantized;
 
 use std::sync::Arc;
