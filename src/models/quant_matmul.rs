@@ -124,18 +124,28 @@ impl QuantMatrix {
                 let input = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 weight.forward(&input)?.flatten_all()?.to_vec1()
             }
-            Storage::Q4_1(blocks) => Ok(self.product(blocks, x, m, dot_q4_1)),
-            Storage::Q8_0(blocks) => Ok(self.product(blocks, x, m, dot_q8_0)),
+            Storage::Q4_1(blocks) => Ok(self.product(
+                blocks,
+                x,
+                m,
+                Kernel {
+                    dot: dot_q4_1,
+                    dot4: Some(dot4_q4_1),
+                },
+            )),
+            Storage::Q8_0(blocks) => Ok(self.product(
+                blocks,
+                x,
+                m,
+                Kernel {
+                    dot: dot_q8_0,
+                    dot4: None,
+                },
+            )),
         }
     }
 
-    fn product<B: Sync>(
-        &self,
-        weights: &[B],
-        x: &[f32],
-        m: usize,
-        dot: fn(&[B], &[ActivationBlock]) -> f32,
-    ) -> Vec<f32> {
+    fn product<B: Sync>(&self, weights: &[B], x: &[f32], m: usize, kernel: Kernel<B>) -> Vec<f32> {
         let per_row = self.cols / BLOCK;
         let activations: Vec<ActivationBlock> = x.chunks_exact(BLOCK).map(quantize_block).collect();
         // Computed transposed ([rows, m]) so that each task writes one
@@ -148,8 +158,31 @@ impl QuantMatrix {
                 let first_row = task * ROWS_PER_TASK;
                 for (offset, row_out) in out.chunks_exact_mut(m).enumerate() {
                     let row = &weights[(first_row + offset) * per_row..][..per_row];
-                    for (i, value) in row_out.iter_mut().enumerate() {
-                        *value = dot(row, &activations[i * per_row..][..per_row]);
+                    let activation = |i: usize| &activations[i * per_row..][..per_row];
+                    // Four activation rows share each unpacked weight block.
+                    let mut quads = row_out.chunks_exact_mut(4);
+                    let mut i = 0;
+                    if let Some(dot4) = kernel.dot4 {
+                        for quad in &mut quads {
+                            quad.copy_from_slice(&dot4(
+                                row,
+                                [
+                                    activation(i),
+                                    activation(i + 1),
+                                    activation(i + 2),
+                                    activation(i + 3),
+                                ],
+                            ));
+                            i += 4;
+                        }
+                        for value in quads.into_remainder() {
+                            *value = (kernel.dot)(row, activation(i));
+                            i += 1;
+                        }
+                    } else {
+                        for (i, value) in row_out.iter_mut().enumerate() {
+                            *value = (kernel.dot)(row, activation(i));
+                        }
                     }
                 }
             });
@@ -164,6 +197,12 @@ impl QuantMatrix {
         }
         out
     }
+}
+
+/// A weight row against one activation row, and optionally against four.
+struct Kernel<B> {
+    dot: fn(&[B], &[ActivationBlock]) -> f32,
+    dot4: Option<fn(&[B], [&[ActivationBlock]; 4]) -> [f32; 4]>,
 }
 
 fn quantize_block(x: &[f32]) -> ActivationBlock {
@@ -201,6 +240,15 @@ fn dot_q4_1(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
             w.d.to_f32() * a.d * sum as f32 + w.m.to_f32() * a.s
         })
         .sum()
+}
+
+fn dot4_q4_1(weights: &[BlockQ4_1], activations: [&[ActivationBlock]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { x86::dot4_q4_1(weights, activations) };
+    }
+    activations.map(|a| dot_q4_1(weights, a))
 }
 
 fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
@@ -261,6 +309,34 @@ mod x86 {
         horizontal_sum(acc) + offsets
     }
 
+    /// One weight row against four activation rows: each weight block is
+    /// unpacked once.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_q4_1(
+        weights: &[BlockQ4_1],
+        activations: [&[ActivationBlock]; 4],
+    ) -> [f32; 4] {
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut offsets = [0f32; 4];
+        for (b, w) in weights.iter().enumerate() {
+            // SAFETY (loads): qs are 16 and 32 bytes long; loadu has no alignment needs.
+            let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr() as *const __m128i) };
+            let q = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                low_nibbles,
+            );
+            let (d, m) = (w.d.to_f32(), w.m.to_f32());
+            for r in 0..4 {
+                let a = &activations[r][b];
+                let y = unsafe { _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i) };
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), products(q, y), acc[r]);
+                offsets[r] += m * a.s;
+            }
+        }
+        [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -290,7 +366,7 @@ mod tests {
     /// from the same quantized weights (within the activation quantization).
     #[test]
     fn kernels_match_candle_for_q4_1_and_q8_0() {
-        let (rows, cols, m) = (70, 128, 3);
+        let (rows, cols, m) = (70, 128, 6);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3)
             .collect();
