@@ -199,10 +199,13 @@ impl QuantMatrix {
     }
 }
 
+/// A weight row against four activation rows at once.
+type Dot4<B> = fn(&[B], [&[ActivationBlock]; 4]) -> [f32; 4];
+
 /// A weight row against one activation row, and optionally against four.
 struct Kernel<B> {
     dot: fn(&[B], &[ActivationBlock]) -> f32,
-    dot4: Option<fn(&[B], [&[ActivationBlock]; 4]) -> [f32; 4]>,
+    dot4: Option<Dot4<B>>,
 }
 
 fn quantize_block(x: &[f32]) -> ActivationBlock {
