@@ -5,6 +5,7 @@
 
 mod api;
 mod bad_input;
+mod catalog;
 mod common;
 mod concurrency;
 mod openai_client;
