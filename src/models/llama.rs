@@ -1,12 +1,11 @@
-//! Hugging Face safetensors checkpoints of the llama family (Llama, Mistral,
-//! SmolLM) through candle's `llama` model, whose KV cache is a separate value:
+//! Hugging Face safetensors checkpoints of the llama family (Llama, Mistral
+//! without its sliding window, SmolLM) through candle's `llama` model, whose KV cache is a separate value:
 //! one cache per sequence over shared weights.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
 
 use super::SequenceModel;
@@ -25,20 +24,7 @@ impl LlamaWeights {
         let file_config: LlamaConfig = serde_json::from_str(&config_text)
             .map_err(|e| anyhow::anyhow!("config.json is not a llama config: {e}"))?;
         let config = file_config.into_config(false);
-        let mut files: Vec<_> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        anyhow::ensure!(
-            !files.is_empty(),
-            "no .safetensors files in {}",
-            dir.display()
-        );
-        // SAFETY: the files are memory-mapped read-only; qpai never writes them
-        // while serving, and a model directory changed underneath a running
-        // server is outside what any mmap-based loader can defend against.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let vb = super::loader::checkpoint_vars(dir, dtype, device)?;
         // candle's loader unwraps a missing tensor inside; turn that into an error.
         let model =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Llama::load(vb, &config)))

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use candle_transformers::models::quantized_llama;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -17,6 +18,7 @@ use super::gemma3::Gemma3Weights;
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
 use super::llama::LlamaWeights;
 use super::llama_gguf::LlamaGgufWeights;
+use super::qwen2::Qwen2Weights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
 
 /// Where a model's files are.
@@ -217,6 +219,28 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
     })
 }
 
+/// Memory-maps every `*.safetensors` file of a checkpoint directory.
+pub(super) fn checkpoint_vars(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<VarBuilder<'static>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no .safetensors files in {}",
+        dir.display()
+    );
+    // SAFETY: the files are memory-mapped read-only; qpai never writes them
+    // while serving, and a model directory changed underneath a running
+    // server is outside what any mmap-based loader can defend against.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
+}
+
 /// The fields of config.json qpai reads before choosing an implementation.
 #[derive(Deserialize)]
 struct CheckpointConfig {
@@ -224,6 +248,9 @@ struct CheckpointConfig {
     architectures: Vec<String>,
     #[serde(default)]
     torch_dtype: Option<String>,
+    /// transformers 5 writes `dtype`.
+    #[serde(default)]
+    dtype: Option<String>,
 }
 
 /// tokenizer_config.json: the chat template and special-token strings.
@@ -260,7 +287,10 @@ fn checkpoint_dtype(config: &CheckpointConfig, options: &LoadOptions) -> DType {
     if let Some(dtype) = options.dtype {
         return dtype;
     }
-    match (config.torch_dtype.as_deref(), options.device.is_cpu()) {
+    match (
+        config.dtype.as_deref().or(config.torch_dtype.as_deref()),
+        options.device.is_cpu(),
+    ) {
         (Some("bfloat16"), false) => DType::BF16,
         (Some("float16"), false) => DType::F16,
         _ => DType::F32,
@@ -274,12 +304,10 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
     )
     .context("config.json is not valid JSON")?;
     let architecture = config.architectures.first().cloned().unwrap_or_default();
-    if !matches!(
-        architecture.as_str(),
-        "LlamaForCausalLM" | "MistralForCausalLM"
-    ) {
+    const SUPPORTED: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+    if !SUPPORTED.split(", ").any(|a| a == architecture) {
         bail!(
-            "safetensors architecture `{architecture}` is not supported (supported: LlamaForCausalLM, MistralForCausalLM)"
+            "safetensors architecture `{architecture}` is not supported (supported: {SUPPORTED})"
         );
     }
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
@@ -309,12 +337,20 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         .transpose()?
         .map(Arc::new);
     let dtype = checkpoint_dtype(&config, options);
-    let weights = LlamaWeights::load(dir, dtype, &options.device)?;
-    let context_length = [Some(weights.max_position_embeddings()), options.max_context]
+    let (weights, max_positions) = if architecture == "Qwen2ForCausalLM" {
+        let weights = Qwen2Weights::load(dir, dtype, &options.device)?;
+        let positions = weights.max_position_embeddings();
+        (Weights::Qwen2(Arc::new(weights)), positions)
+    } else {
+        let weights = LlamaWeights::load(dir, dtype, &options.device)?;
+        let positions = weights.max_position_embeddings();
+        (Weights::Llama(Arc::new(weights)), positions)
+    };
+    let context_length = [Some(max_positions), options.max_context]
         .into_iter()
         .flatten()
         .min()
-        .unwrap_or(2048);
+        .unwrap_or(max_positions);
     Ok(LoadedModel {
         id: options.id.clone(),
         kind: choose_kind(options, &chat_template),
@@ -325,7 +361,7 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         bos_token_id: bos,
         add_bos_token: tokenizer_config.add_bos_token.unwrap_or(false),
         context_length,
-        weights: Weights::Llama(Arc::new(weights)),
+        weights,
         device: options.device.clone(),
     })
 }

@@ -9,6 +9,7 @@ pub mod llama_gguf;
 pub mod loader;
 pub mod quant_matmul;
 pub mod quantized;
+pub mod qwen2;
 
 use std::sync::Arc;
 
@@ -49,6 +50,7 @@ pub enum Weights {
     QuantizedLlama(Box<candle_transformers::models::quantized_llama::ModelWeights>),
     Gemma3(Arc<gemma3::Gemma3Weights>),
     Llama(Arc<llama::LlamaWeights>),
+    Qwen2(Arc<qwen2::Qwen2Weights>),
 }
 
 /// A loaded model: weights plus everything needed to turn text into tokens and back.
@@ -81,6 +83,7 @@ impl LoadedModel {
             )),
             Weights::Gemma3(w) => Box::new(gemma3::Gemma3Sequence::new(w.clone())),
             Weights::Llama(w) => Box::new(llama::LlamaSequence::new(w.clone())?),
+            Weights::Qwen2(w) => Box::new(qwen2::Qwen2Sequence::new(w)),
         })
     }
 

