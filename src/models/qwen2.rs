@@ -18,9 +18,10 @@ pub struct Qwen2Weights {
 
 impl Qwen2Weights {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let config: Config =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
-                .map_err(|e| anyhow::anyhow!("config.json is not a Qwen2 config: {e}"))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+        let config: Config = serde_json::from_value(normalize_config(raw))
+            .map_err(|e| anyhow::anyhow!("config.json is not a Qwen2 config: {e}"))?;
         let vb = super::loader::checkpoint_vars(dir, dtype, device)?;
         let model = ModelForCausalLM::new(&config, vb)?;
         Ok(Self {
@@ -33,6 +34,26 @@ impl Qwen2Weights {
     pub fn max_position_embeddings(&self) -> usize {
         self.max_position_embeddings
     }
+}
+
+/// Fills what candle's `qwen2::Config` requires but checkpoints may leave out:
+/// without `use_sliding_window`, the window covers every position (candle
+/// applies the window always); `rope_theta` may sit in `rope_parameters`
+/// (transformers 5).
+fn normalize_config(mut config: serde_json::Value) -> serde_json::Value {
+    let max_positions = config["max_position_embeddings"].clone();
+    let sliding = config["use_sliding_window"].as_bool().unwrap_or(false);
+    if !sliding || config["sliding_window"].is_null() {
+        config["sliding_window"] = max_positions;
+    }
+    if config["rope_theta"].is_null() {
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"].clone();
+    }
+    if config["max_window_layers"].is_null() {
+        config["max_window_layers"] = config["num_hidden_layers"].clone();
+    }
+    config["use_sliding_window"] = serde_json::Value::Bool(sliding);
+    config
 }
 
 #[derive(Clone)]

@@ -187,3 +187,56 @@ fn incremental_decode_equals_full_prefill() {
         );
     }
 }
+
+/// Small random checkpoints (tests/fixtures/tiny/, made with transformers by
+/// scripts/reference/make_tiny_checkpoints.py) cover the safetensors
+/// architectures and dtypes no real offline model does: Qwen2 in bf16,
+/// Mistral in f16, Llama in bf16 with tied embeddings. Loaded as f32 on the
+/// CPU, like the reference computes them, so they agree to float rounding,
+/// the whole vocabulary and the greedy continuation with the KV cache too.
+#[test]
+fn tiny_safetensors_checkpoints_match_transformers() {
+    let root = fixtures_dir().join("tiny");
+    let fixture = fixture("tiny/logits.json");
+    let models = fixture["models"].as_object().unwrap();
+    assert_eq!(models.len(), 3);
+    for (name, expected) in models {
+        let model = load_model(
+            &ModelSource::SafetensorsDir(root.join(name)),
+            &LoadOptions::new(name.as_str()),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(
+            model.architecture,
+            expected["architecture"].as_str().unwrap()
+        );
+        for case in expected["cases"].as_array().unwrap() {
+            let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            let reference: Vec<f32> = serde_json::from_value(case["last_logits"].clone()).unwrap();
+            let mut sequence = model.new_sequence().unwrap();
+            let mut logits = sequence.forward(&ids).unwrap();
+            let max_diff = logits
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{name} ({} tokens): max |logit - reference| = {max_diff:.6}",
+                ids.len()
+            );
+            assert!(
+                max_diff < F32_TOLERANCE,
+                "{name}: max |logit - reference| = {max_diff}"
+            );
+            let greedy: Vec<u32> =
+                serde_json::from_value(case["greedy_continuation_ids"].clone()).unwrap();
+            let mut produced = Vec::new();
+            for _ in 0..greedy.len() {
+                let next = qpai::engine::sampling::argmax(&logits) as u32;
+                produced.push(next);
+                logits = sequence.forward(&[next]).unwrap();
+            }
+            assert_eq!(produced, greedy, "{name}: greedy continuation");
+        }
+    }
+}
