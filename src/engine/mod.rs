@@ -40,7 +40,7 @@ impl Default for EngineConfig {
 }
 
 /// Live counters of one engine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EngineStats {
     /// Requests queued, not yet admitted by the worker.
     pub waiting: AtomicUsize,
@@ -48,12 +48,26 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// The served model's id (the `model` label of the gauges).
+    model: String,
 }
 
 impl EngineStats {
+    fn new(model: &str) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            cancelled: AtomicU64::new(0),
+            model: model.to_string(),
+        }
+    }
+
     fn publish_gauges(&self) {
-        metrics::gauge!("qpai_queue_depth").set(self.waiting.load(Ordering::SeqCst) as f64);
-        metrics::gauge!("qpai_running_requests").set(self.running.load(Ordering::SeqCst) as f64);
+        let model = self.model.clone();
+        metrics::gauge!("qpai_queue_depth", "model" => model.clone())
+            .set(self.waiting.load(Ordering::SeqCst) as f64);
+        metrics::gauge!("qpai_running_requests", "model" => model)
+            .set(self.running.load(Ordering::SeqCst) as f64);
     }
 }
 
@@ -98,7 +112,7 @@ impl Engine {
             max_in_flight: config.max_in_flight.max(1),
         };
         let (sender, receiver) = sync_channel(config.max_in_flight);
-        let stats = Arc::new(EngineStats::default());
+        let stats = Arc::new(EngineStats::new(&model.id));
         let worker = Worker::new(model.clone(), config, stats.clone());
         std::thread::Builder::new()
             .name(format!("qpai-worker-{}", model.id))

@@ -101,9 +101,9 @@ impl Worker {
         }
         let span = job.span.clone();
         let _enter = span.enter();
-        metrics::histogram!("qpai_request_queue_duration_seconds")
+        metrics::histogram!("qpai_request_queue_duration_seconds", "model" => self.model.id.clone())
             .record(job.enqueued_at.elapsed().as_secs_f64());
-        metrics::counter!("qpai_prompt_tokens_total")
+        metrics::counter!("qpai_prompt_tokens_total", "model" => self.model.id.clone())
             .increment(job.request.prompt_ids.len() as u64);
         match self.prefill(&job) {
             Ok((choices, first_token_at)) => {
@@ -154,7 +154,7 @@ impl Worker {
             choices.push(choice);
         }
         let first_token_at = Instant::now();
-        metrics::histogram!("qpai_time_to_first_token_seconds")
+        metrics::histogram!("qpai_time_to_first_token_seconds", "model" => self.model.id.clone())
             .record((first_token_at - job.enqueued_at).as_secs_f64());
         Ok((choices, first_token_at))
     }
@@ -201,14 +201,15 @@ impl Worker {
     fn record_done(&self, request: &Running) {
         if request.tokens_sent > request.choices.len() {
             let decode_tokens = (request.tokens_sent - request.choices.len()) as f64;
-            metrics::histogram!("qpai_time_per_output_token_seconds")
+            metrics::histogram!("qpai_time_per_output_token_seconds", "model" => self.model.id.clone())
                 .record(request.first_token_at.elapsed().as_secs_f64() / decode_tokens);
         }
     }
 
     /// Takes a sampled token: emits its text, checks stop conditions.
     fn accept(&self, choice: &mut Choice, sampled: Sampled, job: &Job) {
-        metrics::counter!("qpai_generation_tokens_total").increment(1);
+        metrics::counter!("qpai_generation_tokens_total", "model" => self.model.id.clone())
+            .increment(1);
         choice.generated += 1;
         choice.next_input = sampled.id;
         let tokenizer = &self.model.tokenizer;

@@ -240,3 +240,37 @@ fn tiny_safetensors_checkpoints_match_transformers() {
         }
     }
 }
+
+/// Gemma 3's local layers see only the last 512 positions. Prompts longer
+/// than the window (tests/fixtures/logits_gemma3_long.json) check the
+/// windowed prefill against transformers; decoding on past the window with
+/// the trimmed KV cache must agree with a full prefill of the same tokens.
+#[test]
+fn gemma3_sliding_window_matches_transformers_and_full_prefill() {
+    let model = base_model();
+    assert_matches(model, "logits_gemma3_long.json", GGUF_TOLERANCE);
+    let fixture = fixture("logits_gemma3_long.json");
+    let ids: Vec<u32> = serde_json::from_value(fixture["cases"][0]["ids"].clone()).unwrap();
+    assert!(ids.len() > 600, "the long case spans the window");
+    let mut full = model.new_sequence().unwrap();
+    let expected = full.forward(&ids[..600]).unwrap();
+    let mut stepwise = model.new_sequence().unwrap();
+    let mut logits = stepwise.forward(&ids[..500]).unwrap();
+    for &id in &ids[500..600] {
+        logits = stepwise.forward(&[id]).unwrap();
+    }
+    let max_diff = logits
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("gemma3 past the window: max |stepwise - full| = {max_diff}");
+    assert!(
+        max_diff < GGUF_TOLERANCE,
+        "max |stepwise - full| = {max_diff}"
+    );
+    assert_eq!(
+        qpai::engine::sampling::argmax(&logits),
+        qpai::engine::sampling::argmax(&expected)
+    );
+}
