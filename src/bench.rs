@@ -27,6 +27,10 @@ pub struct BenchResult {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub time_to_first_token_ms: f64,
+    /// Sequences decoded together in the batched measurement (1: none).
+    pub concurrency: usize,
+    /// Decode tokens/s summed over the `concurrency` sequences.
+    pub batched_decode_tokens_per_s: Option<f64>,
     pub prompt_ids: Vec<u32>,
 }
 
@@ -72,6 +76,9 @@ pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> 
             ttft.push(first * 1000.0);
         }
     }
+    let batched_decode_tokens_per_s = (args.concurrency > 1)
+        .then(|| batched_decode(&model, &ids, args.concurrency, args.decode_tokens))
+        .transpose()?;
     let result = BenchResult {
         model: model.id.clone(),
         threads: candle_core::utils::get_num_threads(),
@@ -80,6 +87,8 @@ pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> 
         prefill_tokens_per_s: median(prefill),
         decode_tokens_per_s: median(decode),
         time_to_first_token_ms: median(ttft),
+        concurrency: args.concurrency,
+        batched_decode_tokens_per_s,
         prompt_ids: ids,
     };
     println!(
@@ -92,8 +101,41 @@ pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> 
         result.time_to_first_token_ms,
         result.threads
     );
+    if let Some(rate) = result.batched_decode_tokens_per_s {
+        println!(
+            "{}: {} sequences decoded together: {:.1} tok/s in all ({:.1} per sequence)",
+            result.model,
+            args.concurrency,
+            rate,
+            rate / args.concurrency as f64
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
     }
     Ok(result)
+}
+
+/// Aggregate decode speed of `concurrency` sequences stepped together, as the
+/// engine steps its running requests.
+fn batched_decode(
+    model: &LoadedModel,
+    ids: &[u32],
+    concurrency: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let mut sequences = Vec::with_capacity(concurrency);
+    let mut tokens = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let mut sequence = model.new_sequence()?;
+        tokens.push(argmax(&sequence.forward(ids)?) as u32);
+        sequences.push(sequence);
+    }
+    let started = Instant::now();
+    for _ in 0..steps {
+        let mut refs: Vec<_> = sequences.iter_mut().collect();
+        let logits = model.decode_batch(&mut refs, &tokens)?;
+        tokens = logits.iter().map(|l| argmax(l) as u32).collect();
+    }
+    Ok((concurrency * steps) as f64 / started.elapsed().as_secs_f64())
 }

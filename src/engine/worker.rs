@@ -79,9 +79,7 @@ impl Worker {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            for request in running.iter_mut() {
-                self.step(request);
-            }
+            self.step_all(&mut running);
             let before = running.len();
             running.retain(|r| !r.finished());
             for _ in running.len()..before {
@@ -159,42 +157,70 @@ impl Worker {
         Ok((choices, first_token_at))
     }
 
-    /// One decode step for every unfinished choice of a request.
-    fn step(&self, request: &mut Running) {
-        if request.job.events.is_closed() {
-            tracing::debug!(parent: &request.job.span, "client gone; request dropped");
-            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
-            request.choices.iter_mut().for_each(|c| c.finished = true);
+    /// One decode step for every unfinished choice of every running request,
+    /// batched into shared matmuls where the model supports it.
+    fn step_all(&self, running: &mut [Running]) {
+        for request in running.iter_mut() {
+            if !request.finished() && request.job.events.is_closed() {
+                tracing::debug!(parent: &request.job.span, "client gone; request dropped");
+                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                request.choices.iter_mut().for_each(|c| c.finished = true);
+            }
+        }
+        let mut owners = Vec::new();
+        let mut tokens = Vec::new();
+        let mut sequences: Vec<&mut Box<dyn SequenceModel>> = Vec::new();
+        for (r, request) in running.iter_mut().enumerate() {
+            for (c, choice) in request.choices.iter_mut().enumerate() {
+                if !choice.finished {
+                    owners.push((r, c));
+                    tokens.push(choice.next_input);
+                    sequences.push(&mut choice.sequence);
+                }
+            }
+        }
+        if owners.is_empty() {
             return;
         }
-        let _enter = request.job.span.enter();
-        for index in 0..request.choices.len() {
-            if request.choices[index].finished {
-                continue;
+        let result = self.model.decode_batch(&mut sequences, &tokens);
+        drop(sequences);
+        match result {
+            Ok(all_logits) => {
+                for (&(r, c), mut logits) in owners.iter().zip(all_logits) {
+                    let Running {
+                        job,
+                        choices,
+                        tokens_sent,
+                        ..
+                    } = &mut running[r];
+                    let _enter = job.span.enter();
+                    let choice = &mut choices[c];
+                    let sampled = choice.sampler.sample(&mut logits, job.request.top_logprobs);
+                    self.accept(choice, sampled, job);
+                    *tokens_sent += 1;
+                }
             }
-            let choice = &mut request.choices[index];
-            let result = choice.sequence.forward(&[choice.next_input]);
-            match result {
-                Ok(mut logits) => {
-                    let sampled = choice
-                        .sampler
-                        .sample(&mut logits, request.job.request.top_logprobs);
-                    self.accept(choice, sampled, &request.job);
-                    request.tokens_sent += 1;
+            Err(error) => {
+                tracing::error!(%error, "decode step failed");
+                for &(r, _) in &owners {
+                    let request = &mut running[r];
+                    if !request.finished() {
+                        let _ = request
+                            .job
+                            .events
+                            .send(GenerationEvent::Error(error.to_string()));
+                        request.choices.iter_mut().for_each(|c| c.finished = true);
+                    }
                 }
-                Err(error) => {
-                    tracing::error!(%error, "decode step failed");
-                    let _ = request
-                        .job
-                        .events
-                        .send(GenerationEvent::Error(error.to_string()));
-                    request.choices.iter_mut().for_each(|c| c.finished = true);
-                    return;
-                }
+                return;
             }
         }
-        if request.finished() {
-            self.record_done(request);
+        let mut stepped: Vec<usize> = owners.iter().map(|&(r, _)| r).collect();
+        stepped.dedup();
+        for r in stepped {
+            if running[r].finished() {
+                self.record_done(&running[r]);
+            }
         }
     }
 

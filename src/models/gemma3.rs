@@ -324,6 +324,10 @@ impl SequenceModel for Gemma3Sequence {
         self.position
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn fork(&self) -> Box<dyn SequenceModel> {
         Box::new(self.clone())
     }

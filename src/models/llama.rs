@@ -74,6 +74,10 @@ impl SequenceModel for LlamaSequence {
         self.position
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn fork(&self) -> Box<dyn SequenceModel> {
         Box::new(Self {
             weights: self.weights.clone(),

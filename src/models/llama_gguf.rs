@@ -189,11 +189,12 @@ impl LlamaGgufWeights {
         out
     }
 
-    /// Rotates adjacent pairs (GGUF stores llama's q/k rows permuted for this layout).
-    fn rope(&self, x: &mut [f32], heads: usize, first_position: usize) {
+    /// Rotates adjacent pairs (GGUF stores llama's q/k rows permuted for this
+    /// layout); row `r` of `x` is at `rows[r].position`.
+    fn rope(&self, x: &mut [f32], heads: usize, rows: &[Row]) {
         let half = self.head_dim / 2;
-        for (row, token) in x.chunks_exact_mut(heads * self.head_dim).enumerate() {
-            let table = (first_position + row) * half;
+        for (token, row) in x.chunks_exact_mut(heads * self.head_dim).zip(rows) {
+            let table = row.position * half;
             let (cos, sin) = (
                 &self.cos[table..table + half],
                 &self.sin[table..table + half],
@@ -207,6 +208,153 @@ impl LlamaGgufWeights {
             }
         }
     }
+
+    /// Causal attention of `q [rows, n_head, head_dim]`: row `r` attends to
+    /// the first `position + 1` cached keys of its sequence.
+    fn attention(&self, caches: &[(&[f32], &[f32])], q: &[f32], rows: &[Row]) -> Vec<f32> {
+        let (hd, n_head, n_kv) = (self.head_dim, self.n_head, self.n_kv_head);
+        let group = n_head / n_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; rows.len() * n_head * hd];
+        let work = |(index, out): (usize, &mut [f32])| {
+            let (row, head) = (&rows[index / n_head], index % n_head);
+            let (keys, values) = caches[row.seq];
+            let kv = head / group;
+            let query = &q[index * hd..][..hd];
+            let mut scores: Vec<f32> = (0..=row.position)
+                .map(|t| dot(query, &keys[(t * n_kv + kv) * hd..][..hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for (t, s) in scores.iter().enumerate() {
+                let value = &values[(t * n_kv + kv) * hd..][..hd];
+                let weight = s / total;
+                out.iter_mut()
+                    .zip(value)
+                    .for_each(|(o, v)| *o += weight * v);
+            }
+        };
+        // Share the work once it outweighs handing it to the thread pool.
+        let scores: usize = rows.iter().map(|r| r.position + 1).sum();
+        if scores < PARALLEL_ATTENTION_MIN_SCORES {
+            out.chunks_exact_mut(hd).enumerate().for_each(work);
+        } else {
+            out.par_chunks_exact_mut(hd).enumerate().for_each(work);
+        }
+        out
+    }
+
+    /// Runs one token per row through the model, appending keys and values
+    /// to each row's sequence (rows of one sequence come in position order),
+    /// and returns the logits of the rows listed in `logits_of`.
+    fn run(
+        &self,
+        sequences: &mut [&mut LlamaGgufSequence],
+        tokens: &[u32],
+        rows: &[Row],
+        logits_of: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let n = rows.len();
+        let vocab = self.embedding.len() / self.hidden;
+        let mut x = Vec::with_capacity(n * self.hidden);
+        for (&token, row) in tokens.iter().zip(rows) {
+            let token = token as usize;
+            if token >= vocab {
+                candle_core::bail!("token id {token} outside the vocabulary");
+            }
+            if row.position >= self.positions {
+                candle_core::bail!(
+                    "sequence longer than the {} positions this model is served with",
+                    self.positions
+                );
+            }
+            x.extend_from_slice(&self.embedding[token * self.hidden..(token + 1) * self.hidden]);
+        }
+        let (q_width, kv_width) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attention_norm);
+            let qkv = layer.qkv.matmul(&h, n)?;
+            let mut parts = split_columns(&qkv, n, &[q_width, kv_width, kv_width]).into_iter();
+            let (mut q, mut k, v) = match (parts.next(), parts.next(), parts.next()) {
+                (Some(q), Some(k), Some(v)) => (q, k, v),
+                _ => candle_core::bail!("qkv projection split"),
+            };
+            self.rope(&mut q, self.n_head, rows);
+            self.rope(&mut k, self.n_kv_head, rows);
+            for ((row, k), v) in rows
+                .iter()
+                .zip(k.chunks_exact(kv_width))
+                .zip(v.chunks_exact(kv_width))
+            {
+                let sequence = &mut sequences[row.seq];
+                sequence.keys[index].extend_from_slice(k);
+                sequence.values[index].extend_from_slice(v);
+            }
+            let caches: Vec<(&[f32], &[f32])> = sequences
+                .iter()
+                .map(|s| (s.keys[index].as_slice(), s.values[index].as_slice()))
+                .collect();
+            let attended = self.attention(&caches, &q, rows);
+            let o = layer.o.matmul(&attended, n)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h = self.rms_norm(&x, &layer.ffn_norm);
+            let gate_up = layer.gate_up.matmul(&h, n)?;
+            let width = gate_up.len() / n / 2;
+            let mut parts = split_columns(&gate_up, n, &[width, width]).into_iter();
+            let (mut gate, up) = match (parts.next(), parts.next()) {
+                (Some(gate), Some(up)) => (gate, up),
+                _ => candle_core::bail!("gate/up projection split"),
+            };
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            let down = layer.down.matmul(&gate, n)?;
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+        let mut last = Vec::with_capacity(logits_of.len() * self.hidden);
+        for &r in logits_of {
+            last.extend(self.rms_norm(&x[r * self.hidden..(r + 1) * self.hidden], &self.norm));
+        }
+        let logits = self.output.matmul(&last, logits_of.len())?;
+        Ok(logits
+            .chunks_exact(logits.len() / logits_of.len().max(1))
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// One decode step for several sequences at once: every matmul reads the
+    /// weights once for all of them.
+    pub fn decode_batch(
+        &self,
+        sequences: &mut [&mut LlamaGgufSequence],
+        tokens: &[u32],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let rows: Vec<Row> = sequences
+            .iter()
+            .enumerate()
+            .map(|(seq, s)| Row {
+                seq,
+                position: s.position,
+            })
+            .collect();
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let logits = self.run(sequences, tokens, &rows, &all)?;
+        for sequence in sequences.iter_mut() {
+            sequence.position += 1;
+        }
+        Ok(logits)
+    }
+}
+
+/// A row of a forward pass: the sequence it belongs to and its position there.
+#[derive(Clone, Copy)]
+struct Row {
+    seq: usize,
+    position: usize,
 }
 
 /// One sequence: per-layer keys and values, `[position][kv_head][head_dim]`.
@@ -228,110 +376,31 @@ impl LlamaGgufSequence {
             position: 0,
         }
     }
-
-    /// Causal attention of `q [rows, n_head, head_dim]` (positions
-    /// `first..first + rows`) over the cache of `layer`.
-    fn attention(&self, layer: usize, q: &[f32], rows: usize, first: usize) -> Vec<f32> {
-        let w = &self.weights;
-        let (hd, n_head, n_kv) = (w.head_dim, w.n_head, w.n_kv_head);
-        let group = n_head / n_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (keys, values) = (&self.keys[layer], &self.values[layer]);
-        let mut out = vec![0f32; rows * n_head * hd];
-        let work = |(index, out): (usize, &mut [f32])| {
-            let (row, head) = (index / n_head, index % n_head);
-            let kv = head / group;
-            let query = &q[(row * n_head + head) * hd..][..hd];
-            let visible = first + row + 1;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|t| {
-                    let key = &keys[(t * n_kv + kv) * hd..][..hd];
-                    dot(query, key) * scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for (t, s) in scores.iter().enumerate() {
-                let value = &values[(t * n_kv + kv) * hd..][..hd];
-                let weight = s / total;
-                out.iter_mut()
-                    .zip(value)
-                    .for_each(|(o, v)| *o += weight * v);
-            }
-        };
-        // Share the work once it outweighs handing it to the thread pool.
-        if rows * (first + rows) < PARALLEL_ATTENTION_MIN_SCORES {
-            out.chunks_exact_mut(hd).enumerate().for_each(work);
-        } else {
-            out.par_chunks_exact_mut(hd).enumerate().for_each(work);
-        }
-        out
-    }
 }
 
 impl SequenceModel for LlamaGgufSequence {
     fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
-        let w = self.weights.clone();
-        let rows = tokens.len();
-        if rows == 0 {
+        if tokens.is_empty() {
             candle_core::bail!("forward needs at least one token");
         }
-        if self.position + rows > w.positions {
-            candle_core::bail!(
-                "sequence longer than the {} positions this model is served with",
-                w.positions
-            );
-        }
-        let vocab = w.embedding.len() / w.hidden;
-        let mut x = Vec::with_capacity(rows * w.hidden);
-        for &token in tokens {
-            let token = token as usize;
-            if token >= vocab {
-                candle_core::bail!("token id {token} outside the vocabulary");
-            }
-            x.extend_from_slice(&w.embedding[token * w.hidden..(token + 1) * w.hidden]);
-        }
-        for (index, layer) in w.layers.iter().enumerate() {
-            let h = w.rms_norm(&x, &layer.attention_norm);
-            let qkv = layer.qkv.matmul(&h, rows)?;
-            let (q_width, kv_width) = (w.n_head * w.head_dim, w.n_kv_head * w.head_dim);
-            let mut parts = split_columns(&qkv, rows, &[q_width, kv_width, kv_width]).into_iter();
-            let (mut q, mut k, v) = match (parts.next(), parts.next(), parts.next()) {
-                (Some(q), Some(k), Some(v)) => (q, k, v),
-                _ => candle_core::bail!("qkv projection split"),
-            };
-            w.rope(&mut q, w.n_head, self.position);
-            w.rope(&mut k, w.n_kv_head, self.position);
-            self.keys[index].extend_from_slice(&k);
-            self.values[index].extend_from_slice(&v);
-            let attended = self.attention(index, &q, rows, self.position);
-            let o = layer.o.matmul(&attended, rows)?;
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let h = w.rms_norm(&x, &layer.ffn_norm);
-            let gate_up = layer.gate_up.matmul(&h, rows)?;
-            let width = gate_up.len() / rows / 2;
-            let mut parts = split_columns(&gate_up, rows, &[width, width]).into_iter();
-            let (mut gate, up) = match (parts.next(), parts.next()) {
-                (Some(gate), Some(up)) => (gate, up),
-                _ => candle_core::bail!("gate/up projection split"),
-            };
-            gate.iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            let down = layer.down.matmul(&gate, rows)?;
-            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
-        }
-        self.position += rows;
-        let last = w.rms_norm(&x[(rows - 1) * w.hidden..], &w.norm);
-        w.output.matmul(&last, 1)
+        let weights = self.weights.clone();
+        let rows: Vec<Row> = (0..tokens.len())
+            .map(|i| Row {
+                seq: 0,
+                position: self.position + i,
+            })
+            .collect();
+        let mut logits = weights.run(&mut [self], tokens, &rows, &[tokens.len() - 1])?;
+        self.position += tokens.len();
+        Ok(logits.pop().unwrap_or_default())
     }
 
     fn position(&self) -> usize {
         self.position
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn fork(&self) -> Box<dyn SequenceModel> {

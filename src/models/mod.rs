@@ -87,6 +87,33 @@ impl LoadedModel {
         })
     }
 
+    /// One decode step for several sequences of this model: `tokens[i]` is
+    /// fed to `sequences[i]`; returns each one's next-token logits. Batched
+    /// into shared matmuls where the architecture supports it, one sequence
+    /// after the other otherwise; the results are the same either way.
+    pub fn decode_batch(
+        &self,
+        sequences: &mut [&mut Box<dyn SequenceModel>],
+        tokens: &[u32],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        if let Weights::LlamaGguf(weights) = &self.weights
+            && sequences.len() > 1
+        {
+            let mut typed: Vec<&mut llama_gguf::LlamaGgufSequence> = sequences
+                .iter_mut()
+                .filter_map(|s| s.as_any_mut().downcast_mut())
+                .collect();
+            if typed.len() == tokens.len() {
+                return weights.decode_batch(&mut typed, tokens);
+            }
+        }
+        sequences
+            .iter_mut()
+            .zip(tokens)
+            .map(|(sequence, &token)| sequence.forward(&[token]))
+            .collect()
+    }
+
     /// Token ids of a plain-text prompt, with BOS when the model wants it.
     pub fn encode_prompt(&self, text: &str) -> tokenizers::Result<Vec<u32>> {
         let mut ids = Vec::new();
@@ -109,4 +136,6 @@ pub trait SequenceModel: Send {
     fn position(&self) -> usize;
     /// An independent copy of this sequence (same cache contents).
     fn fork(&self) -> Box<dyn SequenceModel>;
+    /// For batching: the concrete sequence type behind the trait object.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }

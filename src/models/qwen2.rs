@@ -87,6 +87,10 @@ impl SequenceModel for Qwen2Sequence {
         self.position
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn fork(&self) -> Box<dyn SequenceModel> {
         Box::new(self.clone())
     }
