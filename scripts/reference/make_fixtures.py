@@ -28,7 +28,7 @@ Writes into tests/fixtures/:
                                                     plus how far the logits move with the window off
 
 --only smollm2 | gemma3 | gemma3-long writes just that model's fixtures (gemma3-long: only
-logits_gemma3_long.json, ~5 minutes on 2 cores).
+logits_gemma3_long.json, 3-5 minutes on 2 cores).
 
 It also runs export_safetensors.py (the torch-free exporter CI uses) on the SmolLM2 GGUF, loads
 the result with transformers and records how far its logits are from the GGUF-loaded model's
@@ -701,7 +701,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--only", choices=["smollm2", "gemma3", "gemma3-long"], help="write only this group of fixtures (default: all groups)"
+        "--only",
+        choices=["smollm2", "gemma3", "gemma3-long"],
+        help="write only this group of fixtures (default: all groups)",
     )
     args = parser.parse_args()
 
