@@ -10,29 +10,30 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::SequenceModel;
+use super::quant_matmul::QuantMatrix;
 
 /// Every sixth layer is global; the others use the sliding window.
 const SLIDING_WINDOW_PATTERN: usize = 6;
 
 struct Layer {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: QuantMatrix,
+    k: QuantMatrix,
+    v: QuantMatrix,
+    o: QuantMatrix,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     attention_norm: RmsNorm,
     post_attention_norm: RmsNorm,
     ffn_norm: RmsNorm,
     post_ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: QuantMatrix,
+    up: QuantMatrix,
+    down: QuantMatrix,
     /// `Some(window)` for local layers.
     sliding_window: Option<usize>,
 }
@@ -78,7 +79,7 @@ pub struct Gemma3Weights {
     hidden: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: QuantMatrix,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -122,20 +123,20 @@ impl Gemma3Weights {
         let embedding_q = tensor("token_embd.weight")?;
         let embedding = embedding_q.dequantize_f16(device)?;
         let output = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(embedding_q)?,
+            Ok(t) => QuantMatrix::new(t)?,
+            Err(_) => QuantMatrix::new(embedding_q)?,
         };
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
         let mut layers = Vec::with_capacity(block_count);
         for i in 0..block_count {
             let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
-            let q = QMatMul::from_qtensor(t("attn_q.weight")?)?;
-            let k = QMatMul::from_qtensor(t("attn_k.weight")?)?;
-            let v = QMatMul::from_qtensor(t("attn_v.weight")?)?;
-            let o = QMatMul::from_qtensor(t("attn_output.weight")?)?;
-            let gate = QMatMul::from_qtensor(t("ffn_gate.weight")?)?;
-            let up = QMatMul::from_qtensor(t("ffn_up.weight")?)?;
-            let down = QMatMul::from_qtensor(t("ffn_down.weight")?)?;
+            let q = QuantMatrix::new(t("attn_q.weight")?)?;
+            let k = QuantMatrix::new(t("attn_k.weight")?)?;
+            let v = QuantMatrix::new(t("attn_v.weight")?)?;
+            let o = QuantMatrix::new(t("attn_output.weight")?)?;
+            let gate = QuantMatrix::new(t("ffn_gate.weight")?)?;
+            let up = QuantMatrix::new(t("ffn_up.weight")?)?;
+            let down = QuantMatrix::new(t("ffn_down.weight")?)?;
             let mut norm = |suffix: &str| RmsNorm::from_qtensor(t(suffix)?, eps);
             layers.push(Layer {
                 q_norm: norm("attn_q_norm.weight")?,

@@ -1,6 +1,7 @@
-//! Quantized matrix products for the GGUF block types candle 0.11 has no SIMD
-//! kernel for on x86: Q4_1 (its `vec_dot` is the generic scalar loop, which
-//! took three quarters of SmolLM2's decode time) and Q8_0, in the way llama.cpp
+//! Quantized matrix products for GGUF block types candle 0.11 has no SIMD
+//! kernel for on x86: Q4_1 and Q5_0 (their `vec_dot` is the generic scalar
+//! loop, which took three quarters of SmolLM2's and Gemma 3's time), and Q8_0,
+//! in the way llama.cpp
 //! computes them: activations quantized to 8 bits per block of 32, integer dot
 //! products with AVX2 (`maddubs`), one scale per block pair. Other types go
 //! through candle's `QMatMul`.
@@ -34,6 +35,16 @@ struct BlockQ8_0 {
     qs: [i8; 32],
 }
 
+/// GGUF Q5_0: `value = d * (q - 16)`, q in 0..32: low nibbles as in Q4_1,
+/// fifth bits in `qh` (bit j for element j).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BlockQ5_0 {
+    d: f16,
+    qh: [u8; 4],
+    qs: [u8; 16],
+}
+
 /// One block of activations: `value ≈ d * q`, and `s = d * sum(q)`.
 #[derive(Clone, Copy)]
 struct ActivationBlock {
@@ -44,6 +55,7 @@ struct ActivationBlock {
 
 enum Storage {
     Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
     Q8_0(Vec<BlockQ8_0>),
     Candle(QMatMul),
 }
@@ -69,11 +81,11 @@ fn blocks_from_bytes<T: Copy>(bytes: &[u8]) -> Vec<T> {
 impl QuantMatrix {
     pub fn new(tensor: QTensor) -> candle_core::Result<Self> {
         let (rows, cols) = tensor.shape().dims2()?;
-        let own = cols.is_multiple_of(BLOCK)
-            && matches!(tensor.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0);
+        let own = cols.is_multiple_of(BLOCK) && tensor.device().is_cpu();
         let storage = match (own, tensor.dtype()) {
             (true, GgmlDType::Q4_1) => Storage::Q4_1(blocks_from_bytes(&tensor.data()?)),
-            (true, _) => Storage::Q8_0(blocks_from_bytes(&tensor.data()?)),
+            (true, GgmlDType::Q5_0) => Storage::Q5_0(blocks_from_bytes(&tensor.data()?)),
+            (true, GgmlDType::Q8_0) => Storage::Q8_0(blocks_from_bytes(&tensor.data()?)),
             _ => Storage::Candle(QMatMul::from_qtensor(tensor)?),
         };
         Ok(Self {
@@ -110,6 +122,21 @@ impl QuantMatrix {
         self.rows
     }
 
+    /// `x [..., cols] -> [..., rows]` on tensors (for models written with
+    /// candle ops); candle-kernel matrices work on the tensor directly.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Storage::Candle(weight) = &self.storage {
+            return weight.forward(x);
+        }
+        let mut dims = x.dims().to_vec();
+        let m = x.elem_count() / self.cols;
+        let out = self.matmul(&x.flatten_all()?.to_vec1::<f32>()?, m)?;
+        if let Some(last) = dims.last_mut() {
+            *last = self.rows;
+        }
+        Tensor::from_vec(out, dims, x.device())
+    }
+
     /// `x [m, cols] @ W^T -> [m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         if x.len() != m * self.cols {
@@ -131,6 +158,15 @@ impl QuantMatrix {
                 Kernel {
                     dot: dot_q4_1,
                     dot4: Some(dot4_q4_1),
+                },
+            )),
+            Storage::Q5_0(blocks) => Ok(self.product(
+                blocks,
+                x,
+                m,
+                Kernel {
+                    dot: dot_q5_0,
+                    dot4: None,
                 },
             )),
             Storage::Q8_0(blocks) => Ok(self.product(
@@ -254,6 +290,28 @@ fn dot4_q4_1(weights: &[BlockQ4_1], activations: [&[ActivationBlock]; 4]) -> [f3
     activations.map(|a| dot_q4_1(weights, a))
 }
 
+fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { x86::dot_q5_0(weights, activations) };
+    }
+    weights
+        .iter()
+        .zip(activations)
+        .map(|(w, a)| {
+            let high = u32::from_le_bytes(w.qh);
+            let mut sum = 0i32;
+            for j in 0..16 {
+                let low = ((w.qs[j] & 0x0F) as i32) | (((high >> j) & 1) << 4) as i32;
+                let up = ((w.qs[j] >> 4) as i32) | (((high >> (j + 16)) & 1) << 4) as i32;
+                sum += (low - 16) * a.qs[j] as i32 + (up - 16) * a.qs[j + 16] as i32;
+            }
+            w.d.to_f32() * a.d * sum as f32
+        })
+        .sum()
+}
+
 fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -278,7 +336,7 @@ fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{ActivationBlock, BlockQ4_1, BlockQ8_0};
+    use super::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
 
     #[target_feature(enable = "avx2,fma")]
     fn horizontal_sum(v: __m256) -> f32 {
@@ -340,6 +398,51 @@ mod x86 {
         [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
     }
 
+    /// 0xFF in byte k where bit k of `bits` is set, else 0.
+    #[target_feature(enable = "avx2,fma")]
+    fn bytes_from_bits(bits: u32) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0x0000000000000000,
+            ),
+        );
+        let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        for (w, a) in weights.iter().zip(activations) {
+            // SAFETY (loads): qs are 16 and 32 bytes long; loadu has no alignment needs.
+            let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr() as *const __m128i) };
+            let low = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                low_nibbles,
+            );
+            // q - 16 as a signed byte: keep the nibble where the fifth bit is
+            // set, else set the upper four bits (nibble - 16).
+            let fifth = bytes_from_bits(u32::from_le_bytes(w.qh));
+            let x = _mm256_or_si256(
+                low,
+                _mm256_andnot_si256(fifth, _mm256_set1_epi8(0xF0_u8 as i8)),
+            );
+            let y = unsafe { _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i) };
+            let scale = _mm256_set1_ps(w.d.to_f32() * a.d);
+            acc = _mm256_fmadd_ps(
+                scale,
+                products(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)),
+                acc,
+            );
+        }
+        horizontal_sum(acc)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -378,7 +481,7 @@ mod tests {
             .collect();
         let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
         let input = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&weight, dtype).unwrap();
             let expected: Vec<f32> =
                 QMatMul::from_qtensor(QTensor::quantize(&weight, dtype).unwrap())
@@ -390,7 +493,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
             let ours = QuantMatrix::new(q).unwrap();
-            assert!(matches!(ours.storage, Storage::Q4_1(_) | Storage::Q8_0(_)));
+            assert!(!matches!(ours.storage, Storage::Candle(_)));
             let got = ours.matmul(&x, m).unwrap();
             for (g, e) in got.iter().zip(&expected) {
                 assert!(
