@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Requests accepted per model at once (queued + running); beyond: 429.
     #[arg(long, env = "QPAI_MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: usize,
+    /// Prompt tokens prefilled per engine step; longer prompts are fed over
+    /// several steps while other requests keep decoding.
+    #[arg(long, env = "QPAI_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
     /// Largest request body in bytes; beyond: 413.
     #[arg(long, env = "QPAI_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -135,6 +139,7 @@ pub struct ServeFile {
     pub models: Option<Vec<String>>,
     pub max_running: Option<usize>,
     pub max_in_flight: Option<usize>,
+    pub prefill_chunk: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub max_context: Option<usize>,
     pub threads: Option<usize>,
@@ -172,6 +177,7 @@ impl ServeArgs {
         layer!(models, "models");
         layer!(max_running, "max_running");
         layer!(max_in_flight, "max_in_flight");
+        layer!(prefill_chunk, "prefill_chunk");
         layer!(max_body_bytes, "max_body_bytes");
         layer!(max_context, "max_context");
         layer!(threads, "threads");

@@ -37,6 +37,7 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         let engine_config = EngineConfig {
             max_running: args.max_running,
             max_in_flight: args.max_in_flight,
+            prefill_chunk: args.prefill_chunk,
         };
         move || load_all(&args, &catalog, &store, &state, engine_config)
     });

@@ -28,6 +28,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Requests accepted at once (queued + running); beyond it: 429.
     pub max_in_flight: usize,
+    /// Prompt tokens fed per loop: a long prompt is prefilled over several
+    /// loops while the other requests keep decoding.
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +38,7 @@ impl Default for EngineConfig {
         Self {
             max_running: 8,
             max_in_flight: 64,
+            prefill_chunk: 512,
         }
     }
 }
@@ -110,6 +114,7 @@ impl Engine {
         let config = EngineConfig {
             max_running: config.max_running.max(1),
             max_in_flight: config.max_in_flight.max(1),
+            prefill_chunk: config.prefill_chunk.max(1),
         };
         let (sender, receiver) = sync_channel(config.max_in_flight);
         let stats = Arc::new(EngineStats::new(&model.id));

@@ -1,7 +1,8 @@
 //! The worker thread: owns the model and every sequence's KV cache. Requests
-//! arrive through a bounded channel; each loop admits new requests (prefill)
-//! up to `max_running`, then advances every running choice by one token, so
-//! all requests in flight make progress together. A request whose client has
+//! arrive through a bounded channel; each loop admits new requests up to
+//! `max_running`, feeds each prompt still being prefilled one chunk, then
+//! advances every running choice by one token, so all requests in flight
+//! make progress together. A request whose client has
 //! gone is dropped before any more compute is spent on it.
 
 use std::sync::Arc;
@@ -38,6 +39,8 @@ struct Choice {
 
 struct Running {
     job: Job,
+    /// The prompt's sequence while the prompt is fed chunk by chunk.
+    prefill: Option<Box<dyn SequenceModel>>,
     choices: Vec<Choice>,
     first_token_at: Instant,
     tokens_sent: usize,
@@ -45,7 +48,12 @@ struct Running {
 
 impl Running {
     fn finished(&self) -> bool {
-        self.choices.iter().all(|c| c.finished)
+        self.prefill.is_none() && self.choices.iter().all(|c| c.finished)
+    }
+
+    fn stop(&mut self) {
+        self.prefill = None;
+        self.choices.iter_mut().for_each(|c| c.finished = true);
     }
 }
 
@@ -103,34 +111,73 @@ impl Worker {
             .record(job.enqueued_at.elapsed().as_secs_f64());
         metrics::counter!("qpai_prompt_tokens_total", "model" => self.model.id.clone())
             .increment(job.request.prompt_ids.len() as u64);
-        match self.prefill(&job) {
-            Ok((choices, first_token_at)) => {
-                let mut request = Running {
-                    job,
-                    choices,
-                    first_token_at,
-                    tokens_sent: 0,
-                };
-                request.tokens_sent = request.choices.len();
-                if !request.finished() {
-                    self.stats.running.fetch_add(1, Ordering::SeqCst);
-                    running.push(request);
-                } else {
-                    self.record_done(&request);
-                }
-            }
+        let mut request = match self.model.new_sequence() {
+            Ok(sequence) => Running {
+                job,
+                prefill: Some(sequence),
+                choices: Vec::new(),
+                first_token_at: Instant::now(),
+                tokens_sent: 0,
+            },
             Err(error) => {
-                tracing::error!(%error, "prefill failed");
                 let _ = job.events.send(GenerationEvent::Error(error.to_string()));
+                return;
             }
+        };
+        self.advance_prefill(&mut request);
+        if !request.finished() {
+            self.stats.running.fetch_add(1, Ordering::SeqCst);
+            running.push(request);
         }
         self.stats.publish_gauges();
     }
 
-    fn prefill(&self, job: &Job) -> candle_core::Result<(Vec<Choice>, Instant)> {
+    /// Feeds the next chunk of the prompt (at most `prefill_chunk` tokens, so
+    /// that a long prompt does not stall the other requests); after the last
+    /// one, samples the first token of each choice.
+    fn advance_prefill(&self, request: &mut Running) {
+        let Some(sequence) = request.prefill.as_mut() else {
+            return;
+        };
+        let prompt_len = request.job.request.prompt_ids.len();
+        let start = sequence.position();
+        let end = (start + self.config.prefill_chunk).min(prompt_len);
+        let chunk = &request.job.request.prompt_ids[start..end];
+        let outcome = sequence.forward(chunk).and_then(|logits| {
+            if end < prompt_len {
+                return Ok(());
+            }
+            if let Some(sequence) = request.prefill.take() {
+                request.choices = self.first_tokens(&request.job, sequence, logits)?;
+                request.first_token_at = Instant::now();
+                request.tokens_sent = request.choices.len();
+                metrics::histogram!("qpai_time_to_first_token_seconds", "model" => self.model.id.clone())
+                    .record((request.first_token_at - request.job.enqueued_at).as_secs_f64());
+                if request.finished() {
+                    self.record_done(request);
+                }
+            }
+            Ok(())
+        });
+        if let Err(error) = outcome {
+            tracing::error!(parent: &request.job.span, %error, "prefill failed");
+            let _ = request
+                .job
+                .events
+                .send(GenerationEvent::Error(error.to_string()));
+            request.stop();
+        }
+    }
+
+    /// Forks the prefilled sequence into the request's `n` choices and
+    /// samples each one's first token.
+    fn first_tokens(
+        &self,
+        job: &Job,
+        sequence: Box<dyn SequenceModel>,
+        logits: Vec<f32>,
+    ) -> candle_core::Result<Vec<Choice>> {
         let request = &job.request;
-        let mut sequence = self.model.new_sequence()?;
-        let logits = sequence.forward(&request.prompt_ids)?;
         let mut sequences: Vec<Box<dyn SequenceModel>> =
             (1..request.n).map(|_| sequence.fork()).collect();
         sequences.push(sequence);
@@ -151,10 +198,7 @@ impl Worker {
             self.accept(&mut choice, sampled, job);
             choices.push(choice);
         }
-        let first_token_at = Instant::now();
-        metrics::histogram!("qpai_time_to_first_token_seconds", "model" => self.model.id.clone())
-            .record((first_token_at - job.enqueued_at).as_secs_f64());
-        Ok((choices, first_token_at))
+        Ok(choices)
     }
 
     /// One decode step for every unfinished choice of every running request,
@@ -164,8 +208,12 @@ impl Worker {
             if !request.finished() && request.job.events.is_closed() {
                 tracing::debug!(parent: &request.job.span, "client gone; request dropped");
                 self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
-                request.choices.iter_mut().for_each(|c| c.finished = true);
+                request.stop();
             }
+        }
+        for request in running.iter_mut() {
+            let _enter = request.job.span.clone().entered();
+            self.advance_prefill(request);
         }
         let mut owners = Vec::new();
         let mut tokens = Vec::new();

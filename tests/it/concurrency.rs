@@ -63,6 +63,7 @@ async fn a_full_engine_answers_429() {
         EngineConfig {
             max_running: 1,
             max_in_flight: 1,
+            ..EngineConfig::default()
         },
         HttpConfig::default(),
     );
@@ -108,4 +109,44 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     drop(frames);
     assert_eq!(wait_idle(&engine).await, (0, 0));
     assert_eq!(engine.stats().cancelled.load(Ordering::SeqCst), 1);
+}
+
+/// A prompt fed in small chunks (interleaved with other requests' decode
+/// steps) gives exactly the answer of a prompt fed at once, while a short
+/// request admitted behind it finishes.
+#[tokio::test]
+async fn chunked_prefill_gives_the_same_answer() {
+    let story = "The bakery on Main Street opens at seven. ".repeat(30);
+    let question = format!("{story}\nWhen does the bakery open?");
+    let (whole_app, _) = app();
+    let (_, whole) = send_json(
+        &whole_app,
+        post_json("/v1/chat/completions", &chat_body(&question, 16)),
+    )
+    .await;
+    let (chunked_app, engine) = app_with(
+        EngineConfig {
+            prefill_chunk: 32,
+            ..EngineConfig::default()
+        },
+        HttpConfig::default(),
+    );
+    let long = send_json(
+        &chunked_app,
+        post_json("/v1/chat/completions", &chat_body(&question, 16)),
+    );
+    let short = send_json(
+        &chunked_app,
+        post_json("/v1/chat/completions", &chat_body("Hi", 2)),
+    );
+    let ((status, chunked), (short_status, _)) = futures::join!(long, short);
+    assert_eq!(status, StatusCode::OK, "{chunked}");
+    assert_eq!(short_status, StatusCode::OK);
+    assert!(chunked["usage"]["prompt_tokens"].as_u64().unwrap() > 300);
+    assert_eq!(
+        chunked["choices"][0]["message"],
+        whole["choices"][0]["message"]
+    );
+    assert_eq!(chunked["usage"], whole["usage"]);
+    assert_eq!(wait_idle(&engine).await, (0, 0));
 }
