@@ -44,10 +44,6 @@ impl ModelStore {
         self
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn model_dir(&self, entry: &CatalogEntry) -> PathBuf {
         self.dir.join(&entry.id)
     }

@@ -118,10 +118,6 @@ impl QuantMatrix {
         Self::new(QTensor::new(storage, (rows, cols))?)
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// `x [..., cols] -> [..., rows]` on tensors (for models written with
     /// candle ops); candle-kernel matrices work on the tensor directly.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {

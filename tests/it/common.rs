@@ -2,7 +2,7 @@
 //! request helpers and an SSE parser.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -151,9 +151,4 @@ pub async fn wait_idle(engine: &Engine) -> (usize, usize) {
         stats.waiting.load(Ordering::SeqCst),
         stats.running.load(Ordering::SeqCst),
     )
-}
-
-#[allow(dead_code)]
-pub fn shared<T>(value: T) -> Arc<T> {
-    Arc::new(value)
 }
