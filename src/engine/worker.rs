@@ -97,7 +97,7 @@ impl Worker {
         }
     }
 
-    /// Prefills a new request and samples the first token of each choice.
+    /// Takes a new request in and feeds it the first chunk of its prompt.
     fn admit(&self, job: Job, running: &mut Vec<Running>) {
         self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
         if job.events.is_closed() {
