@@ -28,6 +28,69 @@ pub enum TemplateError {
     Broken(String),
 }
 
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// transformers' `strftime_now` (used by Llama 3 templates for the date), in
+/// UTC, for the common directives: %Y %y %m %d %B %b %H %M %S %%.
+fn strftime_now(format: &str, unix: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let days = unix.div_euclid(86_400);
+    let seconds = unix.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('B') => out.push_str(MONTHS[(month - 1) as usize]),
+            Some('b') => out.push_str(&MONTHS[(month - 1) as usize][..3]),
+            Some('H') => out.push_str(&format!("{:02}", seconds / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", seconds / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", seconds % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     pub bos_token: String,
@@ -60,6 +123,9 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
+        env.add_function("strftime_now", |format: String| {
+            strftime_now(&format, now_unix())
+        });
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| TemplateError::Broken(e.to_string()))?;
         Ok(Self {
@@ -93,5 +159,46 @@ impl ChatTemplate {
                 ),
                 _ => TemplateError::Broken(e.to_string()),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_now_formats_dates_in_utc() {
+        // 2024-02-29 13:05:09 UTC
+        assert_eq!(
+            strftime_now("%d %b %Y %H:%M:%S", 1_709_211_909),
+            "29 Feb 2024 13:05:09"
+        );
+        assert_eq!(strftime_now("%B %y %m %%", 0), "January 70 01 %");
+    }
+
+    #[test]
+    fn templates_can_call_raise_exception_and_strftime_now() {
+        let template = ChatTemplate::new(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}\
+             Today: {{ strftime_now('%Y') }} {{ messages[0]['content'] | trim }}"
+                .to_string(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let user = |role: &str| TemplateMessage {
+            role: role.to_string(),
+            content: "  hi  ".to_string(),
+            name: None,
+        };
+        let rendered = template.render(&[user("user")], true).unwrap();
+        assert!(
+            rendered.starts_with("Today: 20") && rendered.ends_with(" hi"),
+            "{rendered}"
+        );
+        match template.render(&[user("assistant")], true) {
+            Err(TemplateError::Rejected(message)) => assert_eq!(message, "first must be user"),
+            other => panic!("{other:?}"),
+        }
     }
 }
