@@ -259,7 +259,7 @@ fn quantize_block(x: &[f32]) -> ActivationBlock {
 
 fn dot_q4_1(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if x86::available() {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { x86::dot_q4_1(weights, activations) };
     }
@@ -279,7 +279,7 @@ fn dot_q4_1(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
 
 fn dot4_q4_1(weights: &[BlockQ4_1], activations: [&[ActivationBlock]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if x86::available() {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { x86::dot4_q4_1(weights, activations) };
     }
@@ -288,7 +288,7 @@ fn dot4_q4_1(weights: &[BlockQ4_1], activations: [&[ActivationBlock]; 4]) -> [f3
 
 fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if x86::available() {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { x86::dot_q5_0(weights, activations) };
     }
@@ -310,7 +310,7 @@ fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
 
 fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if x86::available() {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { x86::dot_q8_0(weights, activations) };
     }
@@ -333,6 +333,11 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+
+    /// Whether this CPU runs the kernels below (checked once, then cached by std).
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
 
     #[target_feature(enable = "avx2,fma")]
     fn horizontal_sum(v: __m256) -> f32 {

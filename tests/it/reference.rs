@@ -160,18 +160,7 @@ fn incremental_decode_equals_full_prefill() {
         let ids = model
             .encode_prompt("The bakery on Main Street opens at seven and sells")
             .unwrap();
-        let mut full = model.new_sequence().unwrap();
-        let expected = full.forward(&ids).unwrap();
-        let mut stepwise = model.new_sequence().unwrap();
-        let mut logits = stepwise.forward(&ids[..3]).unwrap();
-        for &id in &ids[3..] {
-            logits = stepwise.forward(&[id]).unwrap();
-        }
-        let max_diff = logits
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let (logits, expected, max_diff) = stepwise_and_full(model, &ids, 3);
         eprintln!("{}: max |stepwise - full| = {max_diff}", model.id);
         assert!(
             max_diff < tolerance,
@@ -246,11 +235,22 @@ fn gemma3_sliding_window_matches_transformers_and_full_prefill() {
     let fixture = fixture("logits_gemma3_long.json");
     let ids: Vec<u32> = serde_json::from_value(fixture["cases"][0]["ids"].clone()).unwrap();
     assert!(ids.len() > 600, "the long case spans the window");
-    let mut full = model.new_sequence().unwrap();
-    let expected = full.forward(&ids[..600]).unwrap();
+    let (logits, expected, max_diff) = stepwise_and_full(model, &ids[..600], 500);
+    eprintln!("gemma3 past the window: max |stepwise - full| = {max_diff}");
+    assert!(
+        max_diff < GGUF_TOLERANCE,
+        "max |stepwise - full| = {max_diff}"
+    );
+    assert_near_best(&logits, &expected, "gemma3 past the window");
+}
+
+/// Logits after `ids` fed as one prefill, and as a prefill of `split` tokens
+/// followed by single-token decode steps; and their max difference.
+fn stepwise_and_full(model: &LoadedModel, ids: &[u32], split: usize) -> (Vec<f32>, Vec<f32>, f32) {
+    let expected = model.new_sequence().unwrap().forward(ids).unwrap();
     let mut stepwise = model.new_sequence().unwrap();
-    let mut logits = stepwise.forward(&ids[..500]).unwrap();
-    for &id in &ids[500..600] {
+    let mut logits = stepwise.forward(&ids[..split]).unwrap();
+    for &id in &ids[split..] {
         logits = stepwise.forward(&[id]).unwrap();
     }
     let max_diff = logits
@@ -258,12 +258,7 @@ fn gemma3_sliding_window_matches_transformers_and_full_prefill() {
         .zip(&expected)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    eprintln!("gemma3 past the window: max |stepwise - full| = {max_diff}");
-    assert!(
-        max_diff < GGUF_TOLERANCE,
-        "max |stepwise - full| = {max_diff}"
-    );
-    assert_near_best(&logits, &expected, "gemma3 past the window");
+    (logits, expected, max_diff)
 }
 
 /// Our best token is the full pass's best, or within `GGUF_TOLERANCE` of it
