@@ -8,7 +8,7 @@ pub mod sampling;
 pub mod types;
 mod worker;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -54,6 +54,21 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// The served model's id (the `model` label of the gauges).
     model: String,
+    /// False once the worker thread has ended (normally only at shutdown;
+    /// earlier means it panicked, and `/health` reports it).
+    pub worker_alive: AtomicBool,
+}
+
+/// Marks the worker as gone when its thread ends, however it ends.
+struct WorkerAlive(Arc<EngineStats>);
+
+impl Drop for WorkerAlive {
+    fn drop(&mut self) {
+        self.0.worker_alive.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!(model = %self.0.model, "model worker panicked; the model no longer serves");
+        }
+    }
 }
 
 impl EngineStats {
@@ -63,6 +78,7 @@ impl EngineStats {
             running: AtomicUsize::new(0),
             cancelled: AtomicU64::new(0),
             model: model.to_string(),
+            worker_alive: AtomicBool::new(true),
         }
     }
 
@@ -121,7 +137,13 @@ impl Engine {
         let worker = Worker::new(model.clone(), config, stats.clone());
         std::thread::Builder::new()
             .name(format!("qpai-worker-{}", model.id))
-            .spawn(move || worker.run(receiver))?;
+            .spawn({
+                let alive = WorkerAlive(stats.clone());
+                move || {
+                    let _alive = alive;
+                    worker.run(receiver)
+                }
+            })?;
         Ok(Self {
             inner: Arc::new(EngineInner {
                 model,

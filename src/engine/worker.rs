@@ -5,6 +5,7 @@
 //! make progress together. A request whose client has
 //! gone is dropped before any more compute is spent on it.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -75,19 +76,36 @@ impl Worker {
     pub fn run(self, jobs: Receiver<Job>) {
         let mut running: Vec<Running> = Vec::new();
         loop {
+            let mut first = None;
             if running.is_empty() {
                 match jobs.recv() {
-                    Ok(job) => self.admit(job, &mut running),
+                    Ok(job) => first = Some(job),
                     Err(_) => return,
                 }
             }
-            while running.len() < self.config.max_running {
-                match jobs.try_recv() {
-                    Ok(job) => self.admit(job, &mut running),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            // A bug in one step fails the requests in flight, not the model.
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if let Some(job) = first.take() {
+                    self.admit(job, &mut running);
+                }
+                while running.len() < self.config.max_running {
+                    match jobs.try_recv() {
+                        Ok(job) => self.admit(job, &mut running),
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+                self.step_all(&mut running);
+            }));
+            if stepped.is_err() {
+                tracing::error!("engine step panicked; failing the requests in flight");
+                for request in running.iter_mut() {
+                    let _ = request
+                        .job
+                        .events
+                        .send(GenerationEvent::Error("engine step panicked".into()));
+                    request.stop();
                 }
             }
-            self.step_all(&mut running);
             let before = running.len();
             running.retain(|r| !r.finished());
             for _ in running.len()..before {

@@ -12,8 +12,23 @@ use serde_json::json;
 
 use super::AppState;
 
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while every model worker runs; 503 naming the ones that died.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let dead: Vec<String> = state
+        .engines()
+        .iter()
+        .filter(|e| !e.stats().worker_alive.load(Ordering::SeqCst))
+        .map(|e| e.model().id.clone())
+        .collect();
+    if dead.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unhealthy", "dead_workers": dead})),
+        )
+            .into_response()
+    }
 }
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
