@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::telemetry::LogFormat;
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+pub const DEFAULT_EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,6 +110,10 @@ pub struct ServeArgs {
     /// hub repos (owner/name). Repeat or separate with commas.
     #[arg(long = "model", env = "QPAI_MODEL", value_delimiter = ',', default_value = DEFAULT_MODEL)]
     pub models: Vec<String>,
+    /// Embedding model served at /v1/embeddings, loaded (and pulled) on first
+    /// use; an empty value serves none.
+    #[arg(long, env = "QPAI_EMBEDDING_MODEL", default_value = DEFAULT_EMBEDDING_MODEL)]
+    pub embedding_model: String,
     /// Requests decoded together per model; more wait in the queue.
     #[arg(long, env = "QPAI_MAX_RUNNING", default_value_t = 8)]
     pub max_running: usize,
@@ -137,6 +142,7 @@ pub struct ServeFile {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub models: Option<Vec<String>>,
+    pub embedding_model: Option<String>,
     pub max_running: Option<usize>,
     pub max_in_flight: Option<usize>,
     pub prefill_chunk: Option<usize>,
@@ -175,6 +181,7 @@ impl ServeArgs {
         layer!(host, "host");
         layer!(port, "port");
         layer!(models, "models");
+        layer!(embedding_model, "embedding_model");
         layer!(max_running, "max_running");
         layer!(max_in_flight, "max_in_flight");
         layer!(prefill_chunk, "prefill_chunk");

@@ -14,7 +14,7 @@ pub mod telemetry;
 
 use std::sync::Arc;
 
-pub use http::{AppState, HttpConfig};
+pub use http::{AppState, EmbeddingSlot, HttpConfig};
 
 /// The HTTP application over `state` (tests drive it in-process).
 pub fn app(state: Arc<AppState>) -> axum::Router {

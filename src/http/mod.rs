@@ -2,6 +2,7 @@
 
 mod chat;
 mod completions;
+mod embeddings;
 pub mod extract;
 mod health;
 mod models;
@@ -23,7 +24,12 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use crate::engine::{Engine, SubmitError};
 use crate::error::{ApiError, ApiResult};
+use crate::models::embedding::EmbeddingModel;
 use extract::BodyLimit;
+
+/// Embedding requests computed at once; more get 429 (each already batches
+/// its inputs, and the kernels use every core).
+const EMBEDDING_REQUESTS_AT_ONCE: usize = 4;
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone, Copy)]
@@ -39,9 +45,36 @@ impl Default for HttpConfig {
     }
 }
 
+/// An embedding model served on first use: loaded (and pulled) by `load`
+/// when the first request names it.
+pub struct EmbeddingSlot {
+    pub id: String,
+    pub context_length: usize,
+    pub load: Box<dyn Fn() -> anyhow::Result<EmbeddingModel> + Send + Sync>,
+    model: tokio::sync::OnceCell<Arc<EmbeddingModel>>,
+}
+
+impl EmbeddingSlot {
+    pub fn new(
+        id: impl Into<String>,
+        context_length: usize,
+        load: impl Fn() -> anyhow::Result<EmbeddingModel> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            context_length,
+            load: Box::new(load),
+            model: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
 /// Shared state of the server: the engines of the served models.
 pub struct AppState {
     engines: RwLock<Vec<Engine>>,
+    embedding: std::sync::OnceLock<Arc<EmbeddingSlot>>,
+    /// Embedding requests computed at once; beyond: 429.
+    pub embedding_permits: Arc<tokio::sync::Semaphore>,
     /// Models announced at start whose loading is not finished.
     loading: RwLock<Vec<String>>,
     pub config: HttpConfig,
@@ -52,6 +85,8 @@ impl AppState {
     pub fn new(config: HttpConfig) -> Arc<Self> {
         Arc::new(Self {
             engines: RwLock::new(Vec::new()),
+            embedding: std::sync::OnceLock::new(),
+            embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
             loading: RwLock::new(Vec::new()),
             config,
             started_at: Instant::now(),
@@ -92,6 +127,44 @@ impl AppState {
         self.loading.read().is_ok_and(|l| l.is_empty()) && !self.engines().is_empty()
     }
 
+    /// Serves `slot`'s embedding model (loaded on first use).
+    pub fn set_embedding_model(&self, slot: EmbeddingSlot) {
+        let _ = self.embedding.set(Arc::new(slot));
+    }
+
+    pub fn embedding_slot(&self) -> Option<&Arc<EmbeddingSlot>> {
+        self.embedding.get()
+    }
+
+    /// The embedding model named `id`, loading it on first use.
+    pub async fn embedding_model(&self, id: &str) -> ApiResult<Arc<EmbeddingModel>> {
+        let slot = match self.embedding.get() {
+            Some(slot) if slot.id == id => slot.clone(),
+            _ => {
+                return Err(if self.engines().iter().any(|e| e.model().id == id) {
+                    ApiError::invalid_param(
+                        "model",
+                        format!("The model '{id}' is not an embedding model."),
+                    )
+                } else {
+                    ApiError::model_not_found(id)
+                });
+            }
+        };
+        let model = slot
+            .model
+            .get_or_try_init(|| async {
+                let loader = slot.clone();
+                tokio::task::spawn_blocking(move || (loader.load)())
+                    .await
+                    .map_err(ApiError::internal)?
+                    .map(Arc::new)
+                    .map_err(|e| ApiError::internal(format!("loading embedding model: {e:#}")))
+            })
+            .await?;
+        Ok(model.clone())
+    }
+
     pub fn engine(&self, id: &str) -> ApiResult<Engine> {
         if let Some(engine) = self.engines().into_iter().find(|e| e.model().id == id) {
             return Ok(engine);
@@ -125,6 +198,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/health", get(health::health))

@@ -8,6 +8,7 @@ mod bad_input;
 mod catalog;
 mod common;
 mod concurrency;
+mod embeddings;
 mod openai_client;
 mod reference;
 mod tokenizer;

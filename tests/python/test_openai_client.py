@@ -101,3 +101,17 @@ def test_unsupported_parameter_is_refused_by_name(client):
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         )
     assert err.value.param == "tools"
+
+
+def test_embeddings(client):
+    # The SDK asks for base64 by default and decodes it.
+    r = client.embeddings.create(model="all-minilm-l6-v2", input=["The cat sits on the mat.", "A cat is sitting on a mat."])
+    assert [d.index for d in r.data] == [0, 1]
+    a, b = (d.embedding for d in r.data)
+    assert len(a) == 384
+    cosine = sum(x * y for x, y in zip(a, b))
+    assert 0.9 < cosine <= 1.0001
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="all-minilm-l6-v2", input="hi", dimensions=64)
+    assert err.value.param == "dimensions"

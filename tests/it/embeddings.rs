@@ -1,0 +1,150 @@
+//! Sentence embeddings against sentence-transformers
+//! (tests/fixtures/embeddings_minilm.json, made by
+//! scripts/reference/make_embedding_fixtures.py), and `/v1/embeddings`.
+
+use std::sync::OnceLock;
+
+use axum::http::StatusCode;
+use qpai::catalog::Catalog;
+use qpai::catalog::fetch::ModelStore;
+use qpai::catalog::resolve::resolve;
+use qpai::models::ModelSource;
+use qpai::models::embedding::EmbeddingModel;
+use qpai::{AppState, EmbeddingSlot, HttpConfig};
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
+/// The bar for candle f32 against sentence-transformers.
+const MIN_COSINE: f32 = 0.9999;
+
+fn load() -> anyhow::Result<EmbeddingModel> {
+    let catalog = Catalog::load(None)?;
+    let store = ModelStore::new(models_dir()).with_progress(false);
+    let resolved = resolve(EMBEDDING_MODEL, &catalog, &store)?;
+    let ModelSource::SafetensorsDir(dir) = resolved.source else {
+        anyhow::bail!("not a directory");
+    };
+    EmbeddingModel::load(&dir, EMBEDDING_MODEL, &candle_core::Device::Cpu)
+}
+
+fn model() -> &'static EmbeddingModel {
+    static MODEL: OnceLock<EmbeddingModel> = OnceLock::new();
+    MODEL.get_or_init(|| load().unwrap())
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[test]
+fn embeddings_match_sentence_transformers_batched_and_single() {
+    let fixture = fixture("embeddings_minilm.json");
+    let cases = fixture["cases"].as_array().unwrap();
+    let model = model();
+    let ids: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| model.tokenize(c["text"].as_str().unwrap()).unwrap())
+        .collect();
+    for (case, ids) in cases.iter().zip(&ids) {
+        let expected: Vec<u32> = serde_json::from_value(case["token_ids"].clone()).unwrap();
+        assert_eq!(ids, &expected, "token ids of {:?}", case["text"]);
+    }
+    let batched = model.embed(&ids).unwrap();
+    let mut worst = 1f32;
+    for ((case, ids), vector) in cases.iter().zip(&ids).zip(&batched) {
+        let reference: Vec<f32> = serde_json::from_value(case["embedding"].clone()).unwrap();
+        let similarity = cosine(vector, &reference);
+        worst = worst.min(similarity);
+        assert!(
+            similarity >= MIN_COSINE,
+            "{:?}: cosine {similarity}",
+            case["text"]
+        );
+        let single = model.embed(std::slice::from_ref(ids)).unwrap();
+        assert!(
+            cosine(&single[0], vector) > 0.999_999,
+            "batched != single for {:?}",
+            case["text"]
+        );
+    }
+    eprintln!(
+        "embeddings: worst cosine vs sentence-transformers = {worst:.7} over {} texts",
+        cases.len()
+    );
+}
+
+fn embedding_app() -> axum::Router {
+    let state = AppState::new(HttpConfig::default());
+    state.set_embedding_model(EmbeddingSlot::new(EMBEDDING_MODEL, 256, load));
+    qpai::app(state)
+}
+
+#[tokio::test]
+async fn embeddings_endpoint_speaks_openai() {
+    let app = embedding_app();
+    let body = json!({"model": EMBEDDING_MODEL, "input": ["The cat sits on the mat.", "A cat is sitting on a mat."]});
+    let (status, value) = send_json(&app, post_json("/v1/embeddings", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    assert_eq!(value["object"], "list");
+    let data = value["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let vector =
+        |i: usize| -> Vec<f32> { serde_json::from_value(data[i]["embedding"].clone()).unwrap() };
+    assert_eq!(vector(0).len(), 384);
+    assert!(cosine(&vector(0), &vector(1)) > 0.9);
+    assert_eq!(data[1]["index"], 1);
+    let tokens: usize = ["The cat sits on the mat.", "A cat is sitting on a mat."]
+        .iter()
+        .map(|t| model().tokenize(t).unwrap().len())
+        .sum();
+    assert_eq!(value["usage"]["prompt_tokens"], tokens);
+    assert_eq!(value["usage"]["total_tokens"], tokens);
+
+    // base64: little-endian f32 of the same vector.
+    let body = json!({"model": EMBEDDING_MODEL, "input": "The cat sits on the mat.", "encoding_format": "base64"});
+    let (_, encoded) = send_json(&app, post_json("/v1/embeddings", &body)).await;
+    let text = encoded["data"][0]["embedding"].as_str().unwrap();
+    // 384 f32 = 1536 bytes = 2048 base64 characters.
+    assert_eq!(text.len(), 2048);
+
+    let bad = |input: Value, extra: Value| {
+        let mut body = json!({"model": EMBEDDING_MODEL, "input": input});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (body, status, param) in [
+        (
+            bad(json!("hi"), json!({"dimensions": 128})),
+            400,
+            "dimensions",
+        ),
+        (bad(json!(""), json!({})), 400, "input"),
+        (bad(json!([]), json!({})), 400, "input"),
+        (bad(json!([999_999]), json!({})), 400, "input"),
+        (
+            bad(json!("hi"), json!({"encoding_format": "int8"})),
+            400,
+            "encoding_format",
+        ),
+        (json!({"model": "nope", "input": "hi"}), 404, "model"),
+    ] {
+        let (got, value) = send_json(&app, post_json("/v1/embeddings", &body)).await;
+        assert_eq!(got.as_u16(), status, "{body}: {value}");
+        assert_eq!(value["error"]["param"], param, "{body}: {value}");
+    }
+    let (status, list) = send_json(
+        &app,
+        axum::http::Request::get("/v1/models")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["data"][0]["kind"], "embedding");
+}
