@@ -30,11 +30,7 @@ impl EmbeddingModel {
         let config: Config =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
                 .context("config.json is not a BERT config")?;
-        let dimensions = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(
-            dir.join("config.json"),
-        )?)?["hidden_size"]
-            .as_u64()
-            .context("config.json lacks hidden_size")? as usize;
+        let dimensions = config.hidden_size;
         let max_tokens = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())

@@ -89,15 +89,6 @@ pub struct Gemma3Weights {
     device: Device,
 }
 
-fn metadata<'a>(
-    ct: &'a gguf_file::Content,
-    key: &str,
-) -> candle_core::Result<&'a gguf_file::Value> {
-    ct.metadata
-        .get(&format!("gemma3.{key}"))
-        .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks gemma3.{key}")))
-}
-
 impl Gemma3Weights {
     /// Loads the weights; rotary tables cover `positions` positions.
     pub fn from_gguf<R: Read + Seek>(
@@ -106,17 +97,21 @@ impl Gemma3Weights {
         positions: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let n_head = metadata(ct, "attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = metadata(ct, "attention.head_count_kv")?.to_u32()? as usize;
-        let block_count = metadata(ct, "block_count")?.to_u32()? as usize;
-        let hidden = metadata(ct, "embedding_length")?.to_u32()? as usize;
-        let head_dim = metadata(ct, "attention.key_length")?.to_u32()? as usize;
-        let eps = metadata(ct, "attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
-        let window = metadata(ct, "attention.sliding_window")?.to_u32()? as usize;
-        let global_base = metadata(ct, "rope.freq_base")
+        let n_head = super::gguf_metadata(ct, "gemma3", "attention.head_count")?.to_u32()? as usize;
+        let n_kv_head =
+            super::gguf_metadata(ct, "gemma3", "attention.head_count_kv")?.to_u32()? as usize;
+        let block_count = super::gguf_metadata(ct, "gemma3", "block_count")?.to_u32()? as usize;
+        let hidden = super::gguf_metadata(ct, "gemma3", "embedding_length")?.to_u32()? as usize;
+        let head_dim =
+            super::gguf_metadata(ct, "gemma3", "attention.key_length")?.to_u32()? as usize;
+        let eps = super::gguf_metadata(ct, "gemma3", "attention.layer_norm_rms_epsilon")?
+            .to_f32()? as f64;
+        let window =
+            super::gguf_metadata(ct, "gemma3", "attention.sliding_window")?.to_u32()? as usize;
+        let global_base = super::gguf_metadata(ct, "gemma3", "rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(1_000_000.0);
-        let local_base = metadata(ct, "rope.local_freq_base")
+        let local_base = super::gguf_metadata(ct, "gemma3", "rope.local_freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
         let mut tensor = |name: &str| ct.tensor(reader, name, device);

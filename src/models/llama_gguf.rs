@@ -82,15 +82,6 @@ pub struct LlamaGgufWeights {
     positions: usize,
 }
 
-fn metadata<'a>(
-    ct: &'a gguf_file::Content,
-    key: &str,
-) -> candle_core::Result<&'a gguf_file::Value> {
-    ct.metadata
-        .get(&format!("llama.{key}"))
-        .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks llama.{key}")))
-}
-
 fn vector(t: &candle_core::quantized::QTensor) -> candle_core::Result<Vec<f32>> {
     t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
 }
@@ -102,19 +93,21 @@ impl LlamaGgufWeights {
         reader: &mut R,
         positions: usize,
     ) -> candle_core::Result<Self> {
-        let n_head = metadata(ct, "attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = metadata(ct, "attention.head_count_kv")?.to_u32()? as usize;
-        let block_count = metadata(ct, "block_count")?.to_u32()? as usize;
-        let hidden = metadata(ct, "embedding_length")?.to_u32()? as usize;
-        let eps = metadata(ct, "attention.layer_norm_rms_epsilon")?.to_f32()?;
-        let base = metadata(ct, "rope.freq_base")
+        let n_head = super::gguf_metadata(ct, "llama", "attention.head_count")?.to_u32()? as usize;
+        let n_kv_head =
+            super::gguf_metadata(ct, "llama", "attention.head_count_kv")?.to_u32()? as usize;
+        let block_count = super::gguf_metadata(ct, "llama", "block_count")?.to_u32()? as usize;
+        let hidden = super::gguf_metadata(ct, "llama", "embedding_length")?.to_u32()? as usize;
+        let eps =
+            super::gguf_metadata(ct, "llama", "attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let base = super::gguf_metadata(ct, "llama", "rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
         if ct.metadata.contains_key("llama.expert_count") {
             candle_core::bail!("mixture-of-experts llama GGUF files are not supported");
         }
         let head_dim = hidden / n_head;
-        let rope_dim = metadata(ct, "rope.dimension_count")
+        let rope_dim = super::gguf_metadata(ct, "llama", "rope.dimension_count")
             .map_or(Ok(head_dim as u32), |v| v.to_u32())? as usize;
         if rope_dim != head_dim || !n_head.is_multiple_of(n_kv_head) {
             candle_core::bail!(

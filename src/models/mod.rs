@@ -20,6 +20,17 @@ use tokenizers::Tokenizer;
 pub use chat_template::{ChatTemplate, TemplateMessage};
 pub use loader::{ModelSource, load_model};
 
+/// The GGUF metadata value `<arch>.<key>`, or an error naming it.
+pub(crate) fn gguf_metadata<'a>(
+    ct: &'a candle_core::quantized::gguf_file::Content,
+    arch: &str,
+    key: &str,
+) -> candle_core::Result<&'a candle_core::quantized::gguf_file::Value> {
+    ct.metadata
+        .get(&format!("{arch}.{key}"))
+        .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks {arch}.{key}")))
+}
+
 /// CUDA device 0 when built with the `cuda` feature and a GPU is present, else the CPU.
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
