@@ -31,7 +31,7 @@ cargo build --tests
 qpai="$CARGO_TARGET_DIR/debug/qpai"
 
 echo "== models"
-"$qpai" models pull smollm2-135m-instruct gemma3-270m all-minilm-l6-v2
+"$qpai" models pull smollm2-135m-instruct gemma3-270m all-minilm-l6-v2 all-minilm-l6-v2-int8
 
 copy="$QPAI_DATA_DIR/test-fixtures/smollm2-135m-f32"
 if [ ! -f "$copy/model.safetensors" ]; then

@@ -139,3 +139,69 @@ fn batched_decode(
     }
     Ok((concurrency * steps) as f64 / started.elapsed().as_secs_f64())
 }
+
+#[derive(Debug, Serialize)]
+pub struct EmbeddingBenchResult {
+    pub model: String,
+    pub backend: &'static str,
+    pub threads: usize,
+    pub texts: usize,
+    pub tokens: usize,
+    pub batch: usize,
+    pub seconds: f64,
+    pub texts_per_s: f64,
+}
+
+/// `qpai bench-embeddings`: embeddings/s of an embedding model over the
+/// given texts (tokenization excluded, as the peer benchmark does), best of
+/// `runs` passes. Prints one JSON line.
+pub fn embeddings(
+    args: crate::config::BenchEmbeddingsArgs,
+    global: &GlobalArgs,
+) -> anyhow::Result<()> {
+    let catalog = Catalog::load(global.catalog.as_deref())?;
+    let store = ModelStore::new(global.models_dir());
+    let model = crate::catalog::resolve::load_embedding_model(&args.model, &catalog, &store)?;
+    let texts: Vec<String> = match &args.input {
+        Some(path) => std::fs::read_to_string(path)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => PASSAGE
+            .split(". ")
+            .cycle()
+            .take(512)
+            .enumerate()
+            .map(|(i, s)| format!("{s} (sample {i})"))
+            .collect(),
+    };
+    anyhow::ensure!(!texts.is_empty(), "no texts to embed");
+    let ids = texts
+        .iter()
+        .map(|t| model.tokenize(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let batch = args.batch.max(1);
+    // One warm-up pass, then the best of `runs`.
+    model.embed(&ids[..batch.min(ids.len())])?;
+    let mut best = f64::INFINITY;
+    for _ in 0..args.runs.max(1) {
+        let started = Instant::now();
+        for group in ids.chunks(batch) {
+            model.embed(group)?;
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    let result = EmbeddingBenchResult {
+        model: model.id.clone(),
+        backend: model.backend(),
+        threads: rayon::current_num_threads(),
+        texts: texts.len(),
+        tokens: ids.iter().map(Vec::len).sum(),
+        batch,
+        seconds: best,
+        texts_per_s: texts.len() as f64 / best,
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}

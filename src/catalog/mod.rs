@@ -20,6 +20,7 @@ pub const BUILTIN_CATALOG: &str = include_str!("../../models/models.toml");
 pub enum ModelFormat {
     Gguf,
     Safetensors,
+    Onnx,
 }
 
 /// One file inside a PyPI wheel.

@@ -53,3 +53,16 @@ pub fn resolve(spec: &str, catalog: &Catalog, store: &ModelStore) -> anyhow::Res
         "unknown model `{spec}`: not a catalog id (see `qpai models list`), not an existing path, not a hub repo (owner/name)"
     )
 }
+
+/// Resolves (pulling if needed) and loads an embedding model.
+pub fn load_embedding_model(
+    spec: &str,
+    catalog: &Catalog,
+    store: &ModelStore,
+) -> anyhow::Result<crate::models::embedding::EmbeddingModel> {
+    let resolved = resolve(spec, catalog, store)?;
+    let crate::models::ModelSource::SafetensorsDir(dir) = resolved.source else {
+        bail!("embedding model `{spec}` is not a model directory");
+    };
+    crate::models::embedding::EmbeddingModel::load(&dir, spec, &resolved.options.device)
+}

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::extract::ApiJson;
 use super::streaming::{ChunkFormat, collect, sse};
 use super::wire::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    AssistantMessage, ChatChoice, Citation, RagOptions, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, ContentPart,
     MessageContent, Role, TopLogprob, Usage,
 };
@@ -19,6 +19,7 @@ use crate::engine::{FinishReason, GenerationRequest, Logprobs, TokenLogprob};
 use crate::error::{ApiError, ApiResult};
 use crate::models::chat_template::TemplateError;
 use crate::models::{ModelKind, TemplateMessage};
+use crate::rag::{SearchRequest, SiteName, prompt, search};
 
 #[tracing::instrument(skip_all, fields(model = %request.model))]
 pub async fn chat_completions(
@@ -40,7 +41,11 @@ pub async fn chat_completions(
             ));
         }
     };
-    let messages = template_messages(&request.messages)?;
+    let mut messages = template_messages(&request.messages)?;
+    let citations = match &request.rag {
+        Some(options) => Some(ground(&state, options, &mut messages).await?),
+        None => None,
+    };
     let prompt = template.render(&messages, true).map_err(|e| match e {
         TemplateError::Rejected(message) => ApiError::invalid_param("messages", message),
         TemplateError::Broken(message) => ApiError::internal(message),
@@ -109,6 +114,7 @@ pub async fn chat_completions(
             created,
             model: model.id.clone(),
             include_usage,
+            citations,
         };
         return Ok(sse(format, events, n, prompt_tokens, include_usage).into_response());
     }
@@ -136,8 +142,55 @@ pub async fn chat_completions(
         system_fingerprint: None,
         choices,
         usage: Usage::new(prompt_tokens, completion_tokens),
+        citations,
     })
     .into_response())
+}
+
+/// Retrieves from the site for the last user message and replaces that
+/// message with the grounded prompt (sources, instructions, question).
+async fn ground(
+    state: &AppState,
+    options: &RagOptions,
+    messages: &mut [TemplateMessage],
+) -> ApiResult<Vec<Citation>> {
+    let site = SiteName::parse(&options.site)
+        .map_err(|e| ApiError::invalid_param("rag.site", e.to_string()))?;
+    let Some(question) = messages.iter_mut().rev().find(|m| m.role == "user") else {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "'rag' needs a user message to answer.",
+        ));
+    };
+    let request = SearchRequest {
+        query: question.content.clone(),
+        top_k: options.top_k.unwrap_or(5),
+        mode: options.mode.unwrap_or_default(),
+        filter: options.filter.clone().unwrap_or_default(),
+    };
+    let rag = state.rag().await?;
+    let hits = search::search(&rag, &site, &request)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError { param: Some(param), status, message, code } if status.is_client_error() => {
+                let param = if param == "query" { "messages".to_string() } else { format!("rag.{param}") };
+                ApiError { param: Some(param), status, message, code }
+            }
+            other => other,
+        })?;
+    question.content = prompt::render(&question.content, &hits).map_err(ApiError::internal)?;
+    tracing::debug!(site = %site, sources = hits.len(), template = prompt::TEMPLATE_NAME, "grounded prompt");
+    Ok(hits
+        .into_iter()
+        .enumerate()
+        .map(|(i, hit)| Citation {
+            index: i + 1,
+            url: hit.url,
+            title: hit.title,
+            chunk_id: hit.chunk_id,
+            score: hit.score,
+        })
+        .collect())
 }
 
 /// Wire messages to template messages; refuses what qpai cannot render.
@@ -213,6 +266,7 @@ struct ChatChunks {
     created: u64,
     model: String,
     include_usage: bool,
+    citations: Option<Vec<Citation>>,
 }
 
 impl ChatChunks {
@@ -225,6 +279,7 @@ impl ChatChunks {
             system_fingerprint: None,
             choices,
             usage: self.include_usage.then_some(None),
+            citations: None,
         }
     }
 }
@@ -269,17 +324,20 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn end(&mut self, choice: usize, finish_reason: FinishReason) -> ChatCompletionChunk {
-        self.chunk(vec![ChatChunkChoice {
+        let mut chunk = self.chunk(vec![ChatChunkChoice {
             index: choice,
             delta: ChatDelta::default(),
             logprobs: None,
             finish_reason: Some(finish_reason),
-        }])
+        }]);
+        chunk.citations = self.citations.clone();
+        chunk
     }
 
     fn usage(&mut self, usage: Usage) -> ChatCompletionChunk {
         let mut chunk = self.chunk(Vec::new());
         chunk.usage = Some(Some(usage));
+        chunk.citations = self.citations.clone();
         chunk
     }
 }

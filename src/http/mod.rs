@@ -6,6 +6,7 @@ mod embeddings;
 pub mod extract;
 mod health;
 mod models;
+mod sites;
 mod streaming;
 pub mod validate;
 pub mod wire;
@@ -77,6 +78,8 @@ pub struct AppState {
     pub embedding_permits: Arc<tokio::sync::Semaphore>,
     /// Models announced at start whose loading is not finished.
     loading: RwLock<Vec<String>>,
+    /// The sites' LanceDB store (RAG), when configured.
+    rag_store: std::sync::OnceLock<crate::rag::Store>,
     pub config: HttpConfig,
     pub started_at: Instant,
 }
@@ -88,6 +91,7 @@ impl AppState {
             embedding: std::sync::OnceLock::new(),
             embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
             loading: RwLock::new(Vec::new()),
+            rag_store: std::sync::OnceLock::new(),
             config,
             started_at: Instant::now(),
         })
@@ -165,6 +169,27 @@ impl AppState {
         Ok(model.clone())
     }
 
+    /// Serves sites (search, grounded answers) from this store.
+    pub fn set_rag_store(&self, store: crate::rag::Store) {
+        let _ = self.rag_store.set(store);
+    }
+
+    pub fn rag_store(&self) -> ApiResult<&crate::rag::Store> {
+        self.rag_store
+            .get()
+            .ok_or_else(|| ApiError::not_found("This server has no site store (RAG is off)."))
+    }
+
+    /// The store with the served embedding model (loaded on first use).
+    pub async fn rag(&self) -> ApiResult<crate::rag::Rag> {
+        let store = self.rag_store()?.clone();
+        let slot = self.embedding_slot().ok_or_else(|| {
+            ApiError::unavailable("Sites need an embedding model; this server serves none.")
+        })?;
+        let model = self.embedding_model(&slot.id.clone()).await?;
+        Ok(crate::rag::Rag::new(store, model))
+    }
+
     pub fn engine(&self, id: &str) -> ApiResult<Engine> {
         if let Some(engine) = self.engines().into_iter().find(|e| e.model().id == id) {
             return Ok(engine);
@@ -200,6 +225,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/sites", get(sites::list_sites).post(sites::create_site))
+        .route("/v1/sites/{site}", get(sites::site_stats).delete(sites::delete_site))
+        .route("/v1/sites/{site}/search", post(sites::search_site))
+        .route("/v1/sites/{site}/documents", post(sites::ingest_documents))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))

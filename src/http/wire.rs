@@ -144,7 +144,28 @@ request_with_sampling! {
         pub max_completion_tokens: Option<i64>,
         pub logprobs: Option<bool>,
         pub top_logprobs: Option<i64>,
+        pub rag: Option<RagOptions>,
     }
+}
+
+/// `rag`: answer from a site's content, citing it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RagOptions {
+    pub site: String,
+    pub top_k: Option<usize>,
+    pub mode: Option<crate::rag::SearchMode>,
+    pub filter: Option<crate::rag::SearchFilter>,
+}
+
+/// A source given to the model, numbered as the answer's `[n]` markers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Citation {
+    pub index: usize,
+    pub url: String,
+    pub title: String,
+    pub chunk_id: String,
+    pub score: f32,
 }
 
 /// `prompt`: text, a list of texts, token ids, or lists of token ids.
@@ -229,6 +250,9 @@ pub struct ChatCompletion {
     pub system_fingerprint: Option<String>,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// The sources of a grounded (`rag`) answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<Citation>>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -258,6 +282,9 @@ pub struct ChatCompletionChunk {
     /// Present (null until the last chunk) when `stream_options.include_usage`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// The sources of a grounded (`rag`) answer, on each choice's final chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<Citation>>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -1,7 +1,9 @@
-//! Sentence embeddings: a BERT checkpoint (sentence-transformers layout:
-//! config.json, model.safetensors, tokenizer.json, sentence_bert_config.json)
-//! through candle's `bert`, mean-pooled over the real tokens and L2-normalised,
-//! as sentence-transformers computes them.
+//! Sentence embeddings, mean-pooled over the real tokens and L2-normalised as
+//! sentence-transformers computes them, from one of two backends:
+//! - candle's `bert` on a checkpoint directory (sentence-transformers layout:
+//!   config.json, model.safetensors, tokenizer.json, sentence_bert_config.json);
+//! - ONNX Runtime (feature `onnx`) on a directory holding `model.onnx`, its
+//!   `tokenizer.json` and the `libonnxruntime` shared library it is run with.
 
 use std::path::Path;
 
@@ -13,34 +15,79 @@ use tokenizers::Tokenizer;
 /// Texts embedded in one forward pass.
 const BATCH: usize = 32;
 
+enum Backend {
+    Candle { model: BertModel, device: Device },
+    #[cfg(feature = "onnx")]
+    Onnx(super::onnx::OnnxEncoder),
+}
+
 pub struct EmbeddingModel {
     pub id: String,
-    model: BertModel,
+    backend: Backend,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, for counting tokens.
+    counting: Tokenizer,
     /// Longest input in tokens, special tokens included (longer text is truncated).
     pub max_tokens: usize,
     pub dimensions: usize,
     cls: u32,
     sep: u32,
-    device: Device,
 }
 
 impl EmbeddingModel {
+    /// Loads a directory: ONNX when it holds `model.onnx`, else a BERT checkpoint.
     pub fn load(dir: &Path, id: &str, device: &Device) -> anyhow::Result<Self> {
+        if dir.join("model.onnx").is_file() {
+            return Self::load_onnx(dir, id);
+        }
         let config: Config =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
                 .context("config.json is not a BERT config")?;
         let dimensions = config.hidden_size;
+        let vb = super::loader::checkpoint_vars(dir, DType::F32, device)?;
+        let model = BertModel::load(vb, &config)?;
+        let backend = Backend::Candle {
+            model,
+            device: device.clone(),
+        };
+        Self::with_tokenizer(dir, id, backend, dimensions)
+    }
+
+    #[cfg(feature = "onnx")]
+    fn load_onnx(dir: &Path, id: &str) -> anyhow::Result<Self> {
+        let encoder = super::onnx::OnnxEncoder::load(dir)?;
+        let dimensions = encoder.dimensions;
+        Self::with_tokenizer(dir, id, Backend::Onnx(encoder), dimensions)
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    fn load_onnx(dir: &Path, _id: &str) -> anyhow::Result<Self> {
+        anyhow::bail!(
+            "{} is an ONNX model; this qpai was built without the `onnx` feature",
+            dir.display()
+        )
+    }
+
+    fn with_tokenizer(
+        dir: &Path,
+        id: &str,
+        backend: Backend,
+        dimensions: usize,
+    ) -> anyhow::Result<Self> {
         let max_tokens = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["max_seq_length"].as_u64())
-            .unwrap_or(512) as usize;
+            .unwrap_or(256) as usize;
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| anyhow::anyhow!("reading tokenizer.json: {e}"))?;
         // The shipped tokenizer pads and truncates to a fixed 128; pooling
         // needs the real tokens, and sentence-transformers truncates at max_seq_length.
         tokenizer.with_padding(None);
+        let mut counting = tokenizer.clone();
+        counting
+            .with_truncation(None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: max_tokens,
@@ -53,18 +100,36 @@ impl EmbeddingModel {
                 .with_context(|| format!("tokenizer lacks {t}"))
         };
         let (cls, sep) = (token("[CLS]")?, token("[SEP]")?);
-        let vb = super::loader::checkpoint_vars(dir, DType::F32, device)?;
-        let model = BertModel::load(vb, &config)?;
         Ok(Self {
             id: id.to_string(),
-            model,
+            backend,
             tokenizer,
+            counting,
             max_tokens,
             dimensions,
             cls,
             sep,
-            device: device.clone(),
         })
+    }
+
+    /// Which backend computes the vectors: "candle" or "onnx".
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Candle { .. } => "candle",
+            #[cfg(feature = "onnx")]
+            Backend::Onnx(_) => "onnx",
+        }
+    }
+
+    /// The tokenizer's pieces for `text` without special tokens, with their
+    /// byte offsets (for chunking by tokens).
+    pub fn token_offsets(&self, text: &str) -> anyhow::Result<Vec<(usize, usize)>> {
+        Ok(self
+            .counting
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .get_offsets()
+            .to_vec())
     }
 
     /// Token ids of a text, with [CLS] and [SEP], truncated to `max_tokens`.
@@ -91,7 +156,7 @@ impl EmbeddingModel {
     }
 
     /// Normalised embeddings of tokenized inputs, in batches of padded rows.
-    pub fn embed(&self, inputs: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+    pub fn embed(&self, inputs: &[Vec<u32>]) -> anyhow::Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(inputs.len());
         for batch in inputs.chunks(BATCH) {
             let width = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -105,18 +170,42 @@ impl EmbeddingModel {
                 );
                 mask.extend((0..width).map(|i| u32::from(i < row.len())));
             }
-            let shape = (batch.len(), width);
-            let ids = Tensor::from_vec(ids, shape, &self.device)?;
-            let mask = Tensor::from_vec(mask, shape, &self.device)?;
-            let hidden = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
-            // Mean over the real tokens, then unit length.
-            let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-            let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-            let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-            let mean = summed.broadcast_div(&counts)?;
-            let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-            out.extend(mean.broadcast_div(&norms)?.to_vec2::<f32>()?);
+            let hidden = match &self.backend {
+                Backend::Candle { model, device } => {
+                    let shape = (batch.len(), width);
+                    let ids = Tensor::from_vec(ids, shape, device)?;
+                    let mask_t = Tensor::from_vec(mask.clone(), shape, device)?;
+                    let hidden = model.forward(&ids, &ids.zeros_like()?, Some(&mask_t))?;
+                    hidden.flatten_all()?.to_vec1::<f32>()?
+                }
+                #[cfg(feature = "onnx")]
+                Backend::Onnx(encoder) => encoder.forward(&ids, &mask, batch.len(), width)?,
+            };
+            out.extend(mean_pool(&hidden, &mask, width, self.dimensions));
         }
         Ok(out)
     }
+}
+
+/// Mean of the hidden states over the real tokens of each row, then unit length.
+fn mean_pool(hidden: &[f32], mask: &[u32], width: usize, dims: usize) -> Vec<Vec<f32>> {
+    hidden
+        .chunks(width * dims)
+        .zip(mask.chunks(width))
+        .map(|(states, mask)| {
+            let mut sum = vec![0f32; dims];
+            let mut count = 0f32;
+            for (state, &m) in states.chunks(dims).zip(mask) {
+                if m != 0 {
+                    count += 1.0;
+                    sum.iter_mut().zip(state).for_each(|(s, x)| *s += x);
+                }
+            }
+            let count = count.max(1e-9);
+            sum.iter_mut().for_each(|s| *s /= count);
+            let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            sum.iter_mut().for_each(|s| *s /= norm);
+            sum
+        })
+        .collect()
 }

@@ -8,6 +8,8 @@ pub mod gguf_tokenizer;
 pub mod llama;
 pub mod llama_gguf;
 pub mod loader;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod quant_matmul;
 pub mod quantized;
 pub mod qwen2;

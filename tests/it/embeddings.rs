@@ -2,13 +2,12 @@
 //! (tests/fixtures/embeddings_minilm.json, made by
 //! scripts/reference/make_embedding_fixtures.py), and `/v1/embeddings`.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use axum::http::StatusCode;
 use qpai::catalog::Catalog;
 use qpai::catalog::fetch::ModelStore;
-use qpai::catalog::resolve::resolve;
-use qpai::models::ModelSource;
+use qpai::catalog::resolve::load_embedding_model;
 use qpai::models::embedding::EmbeddingModel;
 use qpai::{AppState, EmbeddingSlot, HttpConfig};
 use serde_json::{Value, json};
@@ -19,19 +18,25 @@ const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 /// The bar for candle f32 against sentence-transformers.
 const MIN_COSINE: f32 = 0.9999;
 
-fn load() -> anyhow::Result<EmbeddingModel> {
+/// The int8 ONNX model run by ONNX Runtime.
+const ONNX_MODEL: &str = "all-minilm-l6-v2-int8";
+/// The bar for int8 against sentence-transformers' f32.
+const MIN_COSINE_INT8: f32 = 0.999;
+
+pub fn load_embedding(id: &str) -> anyhow::Result<EmbeddingModel> {
     let catalog = Catalog::load(None)?;
     let store = ModelStore::new(models_dir()).with_progress(false);
-    let resolved = resolve(EMBEDDING_MODEL, &catalog, &store)?;
-    let ModelSource::SafetensorsDir(dir) = resolved.source else {
-        anyhow::bail!("not a directory");
-    };
-    EmbeddingModel::load(&dir, EMBEDDING_MODEL, &candle_core::Device::Cpu)
+    load_embedding_model(id, &catalog, &store)
 }
 
-fn model() -> &'static EmbeddingModel {
-    static MODEL: OnceLock<EmbeddingModel> = OnceLock::new();
-    MODEL.get_or_init(|| load().unwrap())
+fn load() -> anyhow::Result<EmbeddingModel> {
+    load_embedding(EMBEDDING_MODEL)
+}
+
+/// all-MiniLM-L6-v2 on candle, loaded once for the whole test binary.
+pub fn model() -> &'static Arc<EmbeddingModel> {
+    static MODEL: OnceLock<Arc<EmbeddingModel>> = OnceLock::new();
+    MODEL.get_or_init(|| Arc::new(load().unwrap()))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -75,6 +80,30 @@ fn embeddings_match_sentence_transformers_batched_and_single() {
         "embeddings: worst cosine vs sentence-transformers = {worst:.7} over {} texts",
         cases.len()
     );
+}
+
+#[test]
+fn int8_onnx_embeddings_match_sentence_transformers() {
+    let fixture = fixture("embeddings_minilm.json");
+    let cases = fixture["cases"].as_array().unwrap();
+    let onnx = load_embedding(ONNX_MODEL).unwrap();
+    assert_eq!(onnx.backend(), "onnx");
+    assert_eq!(onnx.dimensions, 384);
+    let ids: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| onnx.tokenize(c["text"].as_str().unwrap()).unwrap())
+        .collect();
+    let batched = onnx.embed(&ids).unwrap();
+    let mut worst = 1f32;
+    for ((case, ids), vector) in cases.iter().zip(&ids).zip(&batched) {
+        let reference: Vec<f32> = serde_json::from_value(case["embedding"].clone()).unwrap();
+        let similarity = cosine(vector, &reference);
+        worst = worst.min(similarity);
+        assert!(similarity >= MIN_COSINE_INT8, "{:?}: cosine {similarity}", case["text"]);
+        let single = onnx.embed(std::slice::from_ref(ids)).unwrap();
+        assert!(cosine(&single[0], vector) > 0.99999, "batched != single for {:?}", case["text"]);
+    }
+    eprintln!("int8 ONNX embeddings: worst cosine vs sentence-transformers = {worst:.5}");
 }
 
 fn embedding_app() -> axum::Router {

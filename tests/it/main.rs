@@ -10,5 +10,8 @@ mod common;
 mod concurrency;
 mod embeddings;
 mod openai_client;
+mod rag;
+mod rag_api;
+mod rag_sources;
 mod reference;
 mod tokenizer;

@@ -47,6 +47,7 @@ fn official_python_client_against_qpai_serve() {
     );
     chat_model(); // makes sure the model is in the cache before the server starts
     let port = free_port();
+    let rag_dir = tempfile::tempdir().unwrap();
     let server = Server(
         Command::new(env!("CARGO_BIN_EXE_qpai"))
             .args([
@@ -57,6 +58,8 @@ fn official_python_client_against_qpai_serve() {
                 &port.to_string(),
                 "--model",
                 CHAT_MODEL,
+                "--rag-uri",
+                &rag_dir.path().display().to_string(),
             ])
             .env("QPAI_MODELS_DIR", models_dir())
             .stdout(Stdio::null())

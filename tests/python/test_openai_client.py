@@ -6,6 +6,7 @@ sets QPAI_BASE_URL and QPAI_MODEL).
 
 import os
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -115,3 +116,41 @@ def test_embeddings(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="all-minilm-l6-v2", input="hi", dimensions=64)
     assert err.value.param == "dimensions"
+
+
+def test_grounded_answer_with_citations(client):
+    docs = {"documents": [
+        {"url": "https://bakery.example/hours", "title": "Opening hours",
+         "text": "The bakery opens at 7 am from Tuesday to Sunday and is closed on Mondays."},
+        {"url": "https://bakery.example/bread", "title": "Our bread",
+         "text": "All loaves are sourdough, baked from organic rye and spelt flour."},
+    ]}
+    report = httpx.post(f"{BASE_URL}/sites/pytest/documents", json=docs, timeout=120).json()
+    assert report["added"] == 2, report
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "When is the bakery closed?"}],
+        max_tokens=30,
+        temperature=0,
+        extra_body={"rag": {"site": "pytest", "top_k": 2}},
+    )
+    citations = r.model_extra["citations"]
+    assert [c["index"] for c in citations] == [1, 2]
+    assert citations[0]["url"] == "https://bakery.example/hours"
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "When is the bakery closed?"}],
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        extra_body={"rag": {"site": "pytest", "top_k": 2}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].model_extra["citations"] == citations
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_body={"rag": {"site": "no-such-site"}}
+        )
+    assert err.value.code == "site_not_found"

@@ -1,0 +1,175 @@
+//! Sites and their search: `/v1/sites` (list, create), `/v1/sites/{site}`
+//! (stats, delete), `/v1/sites/{site}/documents` (ingest records) and
+//! `/v1/sites/{site}/search`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::extract::ApiJson;
+use crate::error::{ApiError, ApiResult};
+use crate::rag::ingest::{IngestOptions, from_documents, ingest};
+use crate::rag::sources::jsonl::Record;
+use crate::rag::sources::{ReadOptions, SourceItem};
+use crate::rag::{RagError, SearchFilter, SearchMode, SearchRequest, SiteName, search};
+
+/// Records per ingest request.
+const MAX_DOCUMENTS: usize = 1000;
+
+impl From<RagError> for ApiError {
+    fn from(error: RagError) -> Self {
+        match error {
+            RagError::InvalidSite(message) => ApiError::invalid_param("site", message),
+            RagError::SiteNotFound(site) => ApiError {
+                code: Some("site_not_found"),
+                param: Some("site".to_string()),
+                ..ApiError::not_found(format!("No site named '{site}'."))
+            },
+            RagError::SiteExists(site) => ApiError {
+                status: StatusCode::CONFLICT,
+                code: Some("site_exists"),
+                ..ApiError::invalid_param("name", format!("A site named '{site}' already exists."))
+            },
+            RagError::InvalidRequest { param, message } => ApiError::invalid_param(param, message),
+            error @ RagError::ModelMismatch { .. } => ApiError::invalid_param("site", error.to_string()),
+            RagError::Store(error) => ApiError::internal(format!("site store: {error}")),
+            RagError::Other(error) => ApiError::internal(format!("{error:#}")),
+        }
+    }
+}
+
+fn site_name(site: &str) -> ApiResult<SiteName> {
+    Ok(SiteName::parse(site)?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSite {
+    pub name: String,
+}
+
+pub async fn list_sites(State(state): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
+    let store = state.rag_store()?;
+    let data: Vec<_> = store
+        .sites()
+        .await?
+        .into_iter()
+        .map(|id| json!({ "id": id, "object": "site" }))
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+pub async fn create_site(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<CreateSite>,
+) -> ApiResult<Response> {
+    let site = SiteName::parse(&request.name).map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
+    let rag = state.rag().await?;
+    rag.store
+        .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
+        .await?;
+    let body = json!({ "id": site.as_str(), "object": "site", "embedding_model": rag.embedder.id });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub async fn site_stats(
+    State(state): State<Arc<AppState>>,
+    Path(site): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let stats = state.rag_store()?.stats(&site_name(&site)?).await?;
+    let mut body = serde_json::to_value(stats).map_err(ApiError::internal)?;
+    body["object"] = json!("site");
+    Ok(Json(body))
+}
+
+pub async fn delete_site(
+    State(state): State<Arc<AppState>>,
+    Path(site): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let site = site_name(&site)?;
+    state.rag_store()?.delete_site(&site).await?;
+    Ok(Json(json!({ "id": site.as_str(), "object": "site", "deleted": true })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchBody {
+    pub query: String,
+    pub top_k: Option<usize>,
+    pub mode: Option<SearchMode>,
+    pub filter: Option<SearchFilter>,
+}
+
+impl SearchBody {
+    pub fn into_request(self) -> SearchRequest {
+        SearchRequest {
+            query: self.query,
+            top_k: self.top_k.unwrap_or(5),
+            mode: self.mode.unwrap_or_default(),
+            filter: self.filter.unwrap_or_default(),
+        }
+    }
+}
+
+pub async fn search_site(
+    State(state): State<Arc<AppState>>,
+    Path(site): Path<String>,
+    ApiJson(body): ApiJson<SearchBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let site = site_name(&site)?;
+    let rag = state.rag().await?;
+    let hits = search::search(&rag, &site, &body.into_request()).await?;
+    Ok(Json(json!({ "object": "list", "results": hits })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestBody {
+    pub documents: Vec<serde_json::Value>,
+    /// Delete pages ingested through this API that are not in `documents`.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+pub async fn ingest_documents(
+    State(state): State<Arc<AppState>>,
+    Path(site): Path<String>,
+    ApiJson(body): ApiJson<IngestBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let site = site_name(&site)?;
+    if body.documents.is_empty() || body.documents.len() > MAX_DOCUMENTS {
+        return Err(ApiError::invalid_param(
+            "documents",
+            format!("'documents' must hold 1 to {MAX_DOCUMENTS} records."),
+        ));
+    }
+    let options = ReadOptions::default();
+    // Each record is checked on its own: one bad record is reported, the others ingested.
+    let items = body
+        .documents
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| SourceItem {
+            origin: format!("documents[{i}]"),
+            document: serde_json::from_value::<Record>(value)
+                .map_err(|e| format!("bad record: {e}"))
+                .and_then(|r| r.into_document(&options)),
+        })
+        .collect();
+    let rag = state.rag().await?;
+    let options = IngestOptions {
+        source_id: "api".to_string(),
+        prune: body.prune,
+        ann_min_rows: 20_000,
+    };
+    let report = ingest(&rag, &site, from_documents(items), &options, &indicatif::ProgressBar::hidden()).await?;
+    let mut body = serde_json::to_value(report).map_err(ApiError::internal)?;
+    body["object"] = json!("site.ingest");
+    Ok(Json(body))
+}

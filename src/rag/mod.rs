@@ -1,0 +1,86 @@
+//! Retrieval over site content: pages of each customer site are read from
+//! their sources, chunked by headings within a token budget, embedded, and
+//! stored in one LanceDB table per site; search is vector, full-text (BM25)
+//! or both fused; chat answers cite the chunks they were given.
+
+pub mod chunk;
+pub mod bench;
+pub mod cli;
+pub mod document;
+pub mod eval;
+pub mod ingest;
+pub mod prompt;
+pub mod search;
+pub mod site;
+pub mod sources;
+pub mod store;
+
+use std::sync::Arc;
+
+use crate::models::embedding::EmbeddingModel;
+
+pub use search::{SearchFilter, SearchHit, SearchMode, SearchRequest};
+pub use site::SiteName;
+pub use store::Store;
+
+/// What can go wrong in a RAG call, sorted by whose fault it is.
+#[derive(Debug, thiserror::Error)]
+pub enum RagError {
+    #[error("{0}")]
+    InvalidSite(String),
+    #[error("no site named '{0}'")]
+    SiteNotFound(String),
+    #[error("a site named '{0}' already exists")]
+    SiteExists(String),
+    #[error("{message}")]
+    InvalidRequest { param: &'static str, message: String },
+    #[error(
+        "site '{site}' was embedded with '{stored}', not with '{served}'; re-create it or serve '{stored}'"
+    )]
+    ModelMismatch {
+        site: String,
+        stored: String,
+        served: String,
+    },
+    #[error(transparent)]
+    Store(#[from] lancedb::Error),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub type RagResult<T> = Result<T, RagError>;
+
+/// The RAG side of qpai: the LanceDB store and the embedding model its
+/// vectors come from.
+#[derive(Clone)]
+pub struct Rag {
+    pub store: Store,
+    pub embedder: Arc<EmbeddingModel>,
+    pub chunking: chunk::ChunkConfig,
+}
+
+impl Rag {
+    pub fn new(store: Store, embedder: Arc<EmbeddingModel>) -> Self {
+        let chunking = chunk::ChunkConfig::for_model(&embedder);
+        Self {
+            store,
+            embedder,
+            chunking,
+        }
+    }
+
+    /// Embeds texts on a blocking thread (the model uses every core).
+    pub async fn embed(&self, texts: Vec<String>) -> RagResult<Vec<Vec<f32>>> {
+        let embedder = self.embedder.clone();
+        let vectors = tokio::task::spawn_blocking(move || {
+            let ids = texts
+                .iter()
+                .map(|t| embedder.tokenize(t))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            embedder.embed(&ids)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("embedding task: {e}"))??;
+        Ok(vectors)
+    }
+}

@@ -1,0 +1,526 @@
+//! The LanceDB store: one table per site, holding chunks with their vectors.
+//! This is the only module that talks to lancedb.
+//!
+//! Rows carry their page's URL, content hash, source and chunk count, which
+//! is what makes re-ingestion incremental and a killed ingest convergent: a
+//! page is current when all its rows have its present hash and there are as
+//! many as its chunk count.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow_array::types::Float32Type;
+use arrow_array::{
+    Array, FixedSizeListArray, Float32Array, Int32Array, RecordBatch, StringArray,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use futures::TryStreamExt;
+use lancedb::index::Index;
+use lancedb::index::scalar::{FtsIndexBuilder, FullTextSearchQuery};
+use lancedb::index::vector::IvfPqIndexBuilder;
+use lancedb::query::{ExecutableQuery, QueryBase, Select};
+use lancedb::table::OptimizeAction;
+use lancedb::{DistanceType, Table};
+use serde::Serialize;
+
+use super::{RagError, RagResult, SiteName};
+
+const MODEL_KEY: &str = "qpai.embedding_model";
+const VERSION_KEY: &str = "qpai.schema_version";
+const SCHEMA_VERSION: &str = "1";
+
+/// Columns returned by searches.
+const RESULT_COLUMNS: &[&str] = &["chunk_id", "url", "title", "heading", "text", "lang", "updated"];
+
+/// One chunk, ready to store.
+#[derive(Debug, Clone)]
+pub struct ChunkRow {
+    pub chunk_id: String,
+    pub url: String,
+    pub title: String,
+    pub heading: String,
+    pub text: String,
+    pub lang: Option<String>,
+    pub updated: Option<String>,
+    pub source: String,
+    /// The file or URL the page was read from.
+    pub origin: String,
+    pub page_hash: String,
+    pub chunk_index: i32,
+    pub chunk_count: i32,
+    pub vector: Vec<f32>,
+}
+
+/// What the table holds for one page.
+#[derive(Debug, Default, Clone)]
+pub struct PageState {
+    /// Rows per content hash.
+    pub rows_by_hash: HashMap<String, usize>,
+    /// Expected rows per content hash.
+    pub chunk_count: HashMap<String, usize>,
+    pub source: String,
+    pub origin: String,
+}
+
+impl PageState {
+    /// True when the page is stored whole with this hash and nothing else.
+    pub fn is_current(&self, hash: &str) -> bool {
+        self.rows_by_hash.len() == 1
+            && self.rows_by_hash.get(hash).copied() == self.chunk_count.get(hash).copied()
+    }
+}
+
+/// A stored chunk found by a search.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredHit {
+    pub chunk_id: String,
+    pub url: String,
+    pub title: String,
+    pub heading: String,
+    pub text: String,
+    pub lang: Option<String>,
+    pub updated: Option<String>,
+    /// Cosine similarity (vector) or BM25 score (full text).
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteStats {
+    pub site: String,
+    pub chunks: usize,
+    pub pages: usize,
+    pub embedding_model: String,
+    pub dimensions: usize,
+    pub indexes: Vec<String>,
+    pub version: u64,
+}
+
+/// SQL string literal.
+pub fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: lancedb::Connection,
+    pub uri: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `uri`: a local directory
+    /// or any URI lancedb accepts.
+    pub async fn open(uri: &str) -> RagResult<Self> {
+        if !uri.contains("://") {
+            std::fs::create_dir_all(uri)
+                .map_err(|e| anyhow::anyhow!("creating the RAG store {uri}: {e}"))?;
+        }
+        let db = lancedb::connect(uri).execute().await?;
+        Ok(Self {
+            db,
+            uri: uri.to_string(),
+        })
+    }
+
+    fn schema(dimensions: usize, model: &str) -> SchemaRef {
+        let text = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+        let fields = vec![
+            text("chunk_id", false),
+            text("url", false),
+            text("title", false),
+            text("heading", false),
+            text("text", false),
+            text("lang", true),
+            text("updated", true),
+            text("source", false),
+            text("origin", false),
+            text("page_hash", false),
+            Field::new("chunk_index", DataType::Int32, false),
+            Field::new("chunk_count", DataType::Int32, false),
+            Field::new(
+                "vector",
+                DataType::FixedSizeList(
+                    Arc::new(Field::new("item", DataType::Float32, true)),
+                    dimensions as i32,
+                ),
+                false,
+            ),
+        ];
+        let metadata = HashMap::from([
+            (MODEL_KEY.to_string(), model.to_string()),
+            (VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
+        ]);
+        Arc::new(Schema::new_with_metadata(fields, metadata))
+    }
+
+    pub async fn sites(&self) -> RagResult<Vec<String>> {
+        Ok(self.db.table_names().execute().await?)
+    }
+
+    pub async fn exists(&self, site: &SiteName) -> RagResult<bool> {
+        Ok(self.sites().await?.iter().any(|s| s == site.as_str()))
+    }
+
+    pub async fn create_site(&self, site: &SiteName, dimensions: usize, model: &str) -> RagResult<()> {
+        if self.exists(site).await? {
+            return Err(RagError::SiteExists(site.to_string()));
+        }
+        self.db
+            .create_empty_table(site.as_str(), Self::schema(dimensions, model))
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_site(&self, site: &SiteName) -> RagResult<()> {
+        if !self.exists(site).await? {
+            return Err(RagError::SiteNotFound(site.to_string()));
+        }
+        self.db.drop_table(site.as_str(), &[]).await?;
+        Ok(())
+    }
+
+    async fn table(&self, site: &SiteName) -> RagResult<Table> {
+        match self.db.open_table(site.as_str()).execute().await {
+            Ok(table) => Ok(table),
+            Err(lancedb::Error::TableNotFound { .. }) => Err(RagError::SiteNotFound(site.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The site's table, checked to hold vectors of `model`.
+    pub async fn site_table(&self, site: &SiteName, model: &str) -> RagResult<Table> {
+        let table = self.table(site).await?;
+        let stored = embedding_model(table.schema().await?.as_ref());
+        if stored != model {
+            return Err(RagError::ModelMismatch {
+                site: site.to_string(),
+                stored,
+                served: model.to_string(),
+            });
+        }
+        Ok(table)
+    }
+
+    pub async fn stats(&self, site: &SiteName) -> RagResult<SiteStats> {
+        let table = self.table(site).await?;
+        let schema = table.schema().await?;
+        let dimensions = match schema.field_with_name("vector").map(|f| f.data_type().clone()) {
+            Ok(DataType::FixedSizeList(_, n)) => n as usize,
+            _ => 0,
+        };
+        let pages = self.page_states(&table).await?.len();
+        Ok(SiteStats {
+            site: site.to_string(),
+            chunks: table.count_rows(None).await?,
+            pages,
+            embedding_model: embedding_model(&schema),
+            dimensions,
+            indexes: table
+                .list_indices()
+                .await?
+                .into_iter()
+                .map(|i| format!("{} ({})", i.columns.join(","), i.index_type))
+                .collect(),
+            version: table.version().await?,
+        })
+    }
+
+    /// Every chunk id of the site, sorted.
+    pub async fn chunk_ids(&self, site: &SiteName) -> RagResult<Vec<String>> {
+        let table = self.table(site).await?;
+        let mut stream = table.query().select(Select::columns(&["chunk_id"])).execute().await?;
+        let mut ids = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            let column = strings(&batch, "chunk_id")?;
+            ids.extend((0..batch.num_rows()).map(|i| column.value(i).to_string()));
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every row of the site (vectors included), in table order.
+    pub async fn rows(&self, site: &SiteName) -> RagResult<Vec<ChunkRow>> {
+        let table = self.table(site).await?;
+        let mut stream = table.query().execute().await?;
+        let mut rows = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            let column = |name| strings(&batch, name);
+            let (ids, urls, titles, headings, texts, langs, updated, sources, origins, hashes) = (
+                column("chunk_id")?,
+                column("url")?,
+                column("title")?,
+                column("heading")?,
+                column("text")?,
+                column("lang")?,
+                column("updated")?,
+                column("source")?,
+                column("origin")?,
+                column("page_hash")?,
+            );
+            let int = |name| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+                    .ok_or_else(|| anyhow::anyhow!("column {name} missing"))
+            };
+            let (index, count) = (int("chunk_index")?, int("chunk_count")?);
+            let vectors = batch
+                .column_by_name("vector")
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                .ok_or_else(|| anyhow::anyhow!("column vector missing"))?;
+            let optional = |a: &StringArray, i| (!a.is_null(i)).then(|| a.value(i).to_string());
+            for i in 0..batch.num_rows() {
+                let vector = vectors.value(i);
+                let vector = vector
+                    .as_any()
+                    .downcast_ref::<Float32Array>()
+                    .ok_or_else(|| anyhow::anyhow!("vector is not f32"))?;
+                rows.push(ChunkRow {
+                    chunk_id: ids.value(i).to_string(),
+                    url: urls.value(i).to_string(),
+                    title: titles.value(i).to_string(),
+                    heading: headings.value(i).to_string(),
+                    text: texts.value(i).to_string(),
+                    lang: optional(langs, i),
+                    updated: optional(updated, i),
+                    source: sources.value(i).to_string(),
+                    origin: origins.value(i).to_string(),
+                    page_hash: hashes.value(i).to_string(),
+                    chunk_index: index.value(i),
+                    chunk_count: count.value(i),
+                    vector: vector.values().to_vec(),
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    /// What is stored for each page URL.
+    pub async fn page_states(&self, table: &Table) -> RagResult<HashMap<String, PageState>> {
+        let mut stream = table
+            .query()
+            .select(Select::columns(&["url", "page_hash", "chunk_count", "source", "origin"]))
+            .execute()
+            .await?;
+        let mut pages: HashMap<String, PageState> = HashMap::new();
+        while let Some(batch) = stream.try_next().await? {
+            let url = strings(&batch, "url")?;
+            let hash = strings(&batch, "page_hash")?;
+            let source = strings(&batch, "source")?;
+            let origin = strings(&batch, "origin")?;
+            let count = batch
+                .column_by_name("chunk_count")
+                .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+                .ok_or_else(|| anyhow::anyhow!("chunk_count column missing"))?;
+            for row in 0..batch.num_rows() {
+                let page = pages.entry(url.value(row).to_string()).or_default();
+                *page.rows_by_hash.entry(hash.value(row).to_string()).or_default() += 1;
+                page.chunk_count
+                    .insert(hash.value(row).to_string(), count.value(row).max(0) as usize);
+                page.source = source.value(row).to_string();
+                page.origin = origin.value(row).to_string();
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Adds the rows of new or changed pages in one commit, then removes the
+    /// rows those pages had before (any other hash). A crash in between
+    /// leaves both, which the next ingest cleans up (`PageState::is_current`).
+    pub async fn write_pages(&self, table: &Table, rows: Vec<ChunkRow>, pages: &[(String, String)]) -> RagResult<()> {
+        if !rows.is_empty() {
+            let schema = table.schema().await?;
+            table.add(record_batch(&schema, rows)?).execute().await?;
+        }
+        if !pages.is_empty() {
+            let predicate = pages
+                .iter()
+                .map(|(url, hash)| format!("(url = {} AND page_hash != {})", quote(url), quote(hash)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            table.delete(predicate.as_str()).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every row of these pages.
+    pub async fn delete_pages(&self, table: &Table, urls: &[String]) -> RagResult<()> {
+        for batch in urls.chunks(256) {
+            let list = batch.iter().map(|u| quote(u)).collect::<Vec<_>>().join(", ");
+            table.delete(format!("url IN ({list})").as_str()).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the indexes: a BM25 index on `text` always, an IVF-PQ index on
+    /// `vector` once the table has `ann_min_rows` rows; then compacts the
+    /// table, folds new rows into the indexes and prunes old versions.
+    pub async fn maintain(
+        &self,
+        table: &Table,
+        ann_min_rows: usize,
+        changed: bool,
+    ) -> RagResult<Vec<String>> {
+        let rows = table.count_rows(None).await?;
+        let indexed: HashSet<String> = table
+            .list_indices()
+            .await?
+            .into_iter()
+            .flat_map(|i| i.columns)
+            .collect();
+        let mut built = Vec::new();
+        if rows > 0 && !indexed.contains("text") {
+            table
+                .create_index(&["text"], Index::FTS(FtsIndexBuilder::default()))
+                .execute()
+                .await?;
+            built.push("text (FTS)".to_string());
+        }
+        if rows >= ann_min_rows.max(256) && !indexed.contains("vector") {
+            let partitions = ((rows as f64).sqrt() as u32).clamp(1, 4096);
+            table
+                .create_index(
+                    &["vector"],
+                    Index::IvfPq(
+                        IvfPqIndexBuilder::default()
+                            .distance_type(DistanceType::Cosine)
+                            .num_partitions(partitions),
+                    ),
+                )
+                .execute()
+                .await?;
+            built.push(format!("vector (IVF_PQ, {partitions} partitions)"));
+        }
+        if rows > 0 && changed {
+            table.optimize(OptimizeAction::All).await?;
+        }
+        Ok(built)
+    }
+
+    /// The `limit` nearest chunks by cosine similarity.
+    pub async fn vector_search(
+        &self,
+        table: &Table,
+        vector: &[f32],
+        limit: usize,
+        filter: Option<&str>,
+    ) -> RagResult<Vec<StoredHit>> {
+        let mut query = table
+            .vector_search(vector)?
+            .column("vector")
+            .distance_type(DistanceType::Cosine)
+            .nprobes(32)?
+            .refine_factor(4)
+            .limit(limit)
+            .select(Select::columns(RESULT_COLUMNS));
+        if let Some(filter) = filter {
+            query = query.only_if(filter);
+        }
+        let batches: Vec<RecordBatch> = query.execute().await?.try_collect().await?;
+        hits(&batches, "_distance", |d| 1.0 - d)
+    }
+
+    /// The `limit` best chunks by BM25 over `text`.
+    pub async fn fulltext_search(
+        &self,
+        table: &Table,
+        text: &str,
+        limit: usize,
+        filter: Option<&str>,
+    ) -> RagResult<Vec<StoredHit>> {
+        if table.count_rows(None).await? == 0 {
+            return Ok(Vec::new());
+        }
+        let mut query = table
+            .query()
+            .full_text_search(FullTextSearchQuery::new(text.to_string()))
+            .limit(limit)
+            .select(Select::columns(RESULT_COLUMNS));
+        if let Some(filter) = filter {
+            query = query.only_if(filter);
+        }
+        let batches: Vec<RecordBatch> = query.execute().await?.try_collect().await?;
+        hits(&batches, "_score", |s| s)
+    }
+}
+
+fn embedding_model(schema: &Schema) -> String {
+    schema.metadata().get(MODEL_KEY).cloned().unwrap_or_default()
+}
+
+fn strings<'a>(batch: &'a RecordBatch, name: &str) -> RagResult<&'a StringArray> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| RagError::Other(anyhow::anyhow!("column {name} missing")))
+}
+
+fn hits(batches: &[RecordBatch], score_column: &str, score: impl Fn(f32) -> f32) -> RagResult<Vec<StoredHit>> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let column = |name| strings(batch, name);
+        let (ids, urls, titles, headings, texts, langs, updated) = (
+            column("chunk_id")?,
+            column("url")?,
+            column("title")?,
+            column("heading")?,
+            column("text")?,
+            column("lang")?,
+            column("updated")?,
+        );
+        let scores = batch
+            .column_by_name(score_column)
+            .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
+            .ok_or_else(|| anyhow::anyhow!("{score_column} missing from the results"))?;
+        let optional = |a: &StringArray, i| (!a.is_null(i)).then(|| a.value(i).to_string());
+        for i in 0..batch.num_rows() {
+            out.push(StoredHit {
+                chunk_id: ids.value(i).to_string(),
+                url: urls.value(i).to_string(),
+                title: titles.value(i).to_string(),
+                heading: headings.value(i).to_string(),
+                text: texts.value(i).to_string(),
+                lang: optional(langs, i),
+                updated: optional(updated, i),
+                score: score(scores.value(i)),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn record_batch(schema: &SchemaRef, rows: Vec<ChunkRow>) -> RagResult<RecordBatch> {
+    let dimensions = match schema.field_with_name("vector").map(|f| f.data_type().clone()) {
+        Ok(DataType::FixedSizeList(_, n)) => n,
+        _ => return Err(anyhow::anyhow!("the table has no vector column").into()),
+    };
+    if let Some(row) = rows.iter().find(|r| r.vector.len() != dimensions as usize) {
+        return Err(anyhow::anyhow!(
+            "a {}-dimensional vector for a table of {dimensions} dimensions",
+            row.vector.len()
+        )
+        .into());
+    }
+    let text = |f: fn(&ChunkRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f)));
+    let optional = |f: fn(&ChunkRow) -> Option<&str>| Arc::new(StringArray::from_iter(rows.iter().map(f)));
+    let columns: Vec<Arc<dyn Array>> = vec![
+        text(|r| &r.chunk_id),
+        text(|r| &r.url),
+        text(|r| &r.title),
+        text(|r| &r.heading),
+        text(|r| &r.text),
+        optional(|r| r.lang.as_deref()),
+        optional(|r| r.updated.as_deref()),
+        text(|r| &r.source),
+        text(|r| &r.origin),
+        text(|r| &r.page_hash),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.chunk_index))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.chunk_count))),
+        Arc::new(FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
+            rows.iter().map(|r| Some(r.vector.iter().copied().map(Some))),
+            dimensions,
+        )),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| RagError::Other(anyhow::anyhow!("building the rows: {e}")))
+}
