@@ -66,7 +66,7 @@ impl PageState {
     /// True when the page is stored whole with this hash and nothing else.
     pub fn is_current(&self, hash: &str) -> bool {
         self.rows_by_hash.len() == 1
-            && self.rows_by_hash.get(hash).copied() == self.chunk_count.get(hash).copied()
+            && self.rows_by_hash.get(hash).is_some_and(|&n| Some(&n) == self.chunk_count.get(hash))
     }
 }
 

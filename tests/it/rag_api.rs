@@ -136,7 +136,7 @@ async fn grounded_chat_cites_its_sources() {
     assert!(events.iter().filter(|e| e["citations"].is_array()).count() == 2);
 
     for (rag, status, param) in [
-        (json!({"site": "nope"}), 404, "site"),
+        (json!({"site": "nope"}), 404, "rag.site"),
         (json!({"site": "a/b"}), 400, "rag.site"),
         (json!({"site": "shop", "top_k": 0}), 400, "rag.top_k"),
         (json!({"site": "shop", "depth": 3}), 400, "rag.depth"),

@@ -96,9 +96,23 @@ fn read_page(root: &Path, path: &Path, format: PageFormat, options: &ReadOptions
     SourceItem { origin, document }
 }
 
+/// With a base URL, `a/index.html` is served as `a/` (as static hosts do);
+/// without one, pages are named by their path under the root.
+fn html_route<'a>(relative: &'a str, options: &ReadOptions) -> &'a str {
+    if options.base_url.is_none() {
+        return relative;
+    }
+    ["index.html", "index.htm"]
+        .iter()
+        .find_map(|index| relative.strip_suffix(index))
+        .filter(|dir| dir.is_empty() || dir.ends_with('/'))
+        .unwrap_or(relative)
+}
+
 fn html_document(text: &str, relative: &str, options: &ReadOptions) -> Result<Document, String> {
     let page = html::extract(text);
-    let url = page_url(page.canonical.as_deref(), relative, options.base_url.as_ref());
+    let route = html_route(relative, options);
+    let url = page_url(page.canonical.as_deref(), route, options.base_url.as_ref());
     let first_heading = page.sections.first().and_then(|s| s.headings.first().cloned());
     document(
         url,

@@ -92,6 +92,9 @@ pub fn read(
             continue;
         }
         records += 1;
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
         let document = std::str::from_utf8(&line)
             .map_err(|e| format!("not valid UTF-8: {e}"))
             .and_then(|t| serde_json::from_str::<Record>(t).map_err(|e| format!("bad record: {e}")))
