@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use super::extract::ApiJson;
 use super::streaming::{ChunkFormat, collect, sse};
 use super::wire::{
-    AssistantMessage, ChatChoice, Citation, RagOptions, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, ContentPart,
-    MessageContent, Role, TopLogprob, Usage,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Citation,
+    ContentPart, MessageContent, RagOptions, Role, TopLogprob, Usage,
 };
 use super::{AppState, submit_error, unix_now, validate};
 use crate::engine::{FinishReason, GenerationRequest, Logprobs, TokenLogprob};
@@ -169,15 +169,30 @@ async fn ground(
         filter: options.filter.clone().unwrap_or_default(),
     };
     let rag = state.rag().await?;
-    let hits = search::search(&rag, &site, &request)
-        .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError { param: Some(param), status, message, code } if status.is_client_error() => {
-                let param = if param == "query" { "messages".to_string() } else { format!("rag.{param}") };
-                ApiError { param: Some(param), status, message, code }
-            }
-            other => other,
-        })?;
+    let hits =
+        search::search(&rag, &site, &request)
+            .await
+            .map_err(|e| match ApiError::from(e) {
+                ApiError {
+                    param: Some(param),
+                    status,
+                    message,
+                    code,
+                } if status.is_client_error() => {
+                    let param = if param == "query" {
+                        "messages".to_string()
+                    } else {
+                        format!("rag.{param}")
+                    };
+                    ApiError {
+                        param: Some(param),
+                        status,
+                        message,
+                        code,
+                    }
+                }
+                other => other,
+            })?;
     question.content = prompt::render(&question.content, &hits).map_err(ApiError::internal)?;
     tracing::debug!(site = %site, sources = hits.len(), template = prompt::TEMPLATE_NAME, "grounded prompt");
     Ok(hits

@@ -37,7 +37,9 @@ impl From<RagError> for ApiError {
                 ..ApiError::invalid_param("name", format!("A site named '{site}' already exists."))
             },
             RagError::InvalidRequest { param, message } => ApiError::invalid_param(param, message),
-            error @ RagError::ModelMismatch { .. } => ApiError::invalid_param("site", error.to_string()),
+            error @ RagError::ModelMismatch { .. } => {
+                ApiError::invalid_param("site", error.to_string())
+            }
             RagError::Store(error) => ApiError::internal(format!("site store: {error}")),
             RagError::Other(error) => ApiError::internal(format!("{error:#}")),
         }
@@ -69,7 +71,8 @@ pub async fn create_site(
     State(state): State<Arc<AppState>>,
     ApiJson(request): ApiJson<CreateSite>,
 ) -> ApiResult<Response> {
-    let site = SiteName::parse(&request.name).map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
+    let site = SiteName::parse(&request.name)
+        .map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
     let rag = state.rag().await?;
     rag.store
         .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
@@ -94,7 +97,9 @@ pub async fn delete_site(
 ) -> ApiResult<Json<serde_json::Value>> {
     let site = site_name(&site)?;
     state.rag_store()?.delete_site(&site).await?;
-    Ok(Json(json!({ "id": site.as_str(), "object": "site", "deleted": true })))
+    Ok(Json(
+        json!({ "id": site.as_str(), "object": "site", "deleted": true }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,7 +173,14 @@ pub async fn ingest_documents(
         prune: body.prune,
         ann_min_rows: 20_000,
     };
-    let report = ingest(&rag, &site, from_documents(items), &options, &indicatif::ProgressBar::hidden()).await?;
+    let report = ingest(
+        &rag,
+        &site,
+        from_documents(items),
+        &options,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await?;
     let mut body = serde_json::to_value(report).map_err(ApiError::internal)?;
     body["object"] = json!("site.ingest");
     Ok(Json(body))

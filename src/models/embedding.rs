@@ -16,7 +16,10 @@ use tokenizers::Tokenizer;
 const BATCH: usize = 32;
 
 enum Backend {
-    Candle { model: BertModel, device: Device },
+    Candle {
+        model: Box<BertModel>,
+        device: Device,
+    },
     #[cfg(feature = "onnx")]
     Onnx(super::onnx::OnnxEncoder),
 }
@@ -47,7 +50,7 @@ impl EmbeddingModel {
         let vb = super::loader::checkpoint_vars(dir, DType::F32, device)?;
         let model = BertModel::load(vb, &config)?;
         let backend = Backend::Candle {
-            model,
+            model: Box::new(model),
             device: device.clone(),
         };
         Self::with_tokenizer(dir, id, backend, dimensions)

@@ -67,7 +67,10 @@ impl OnnxEncoder {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .commit_from_file(dir.join("model.onnx"))
             .with_context(|| format!("loading {}", dir.join("model.onnx").display()))?;
-        let wants_token_type_ids = session.inputs().iter().any(|i| i.name() == "token_type_ids");
+        let wants_token_type_ids = session
+            .inputs()
+            .iter()
+            .any(|i| i.name() == "token_type_ids");
         let dimensions = session
             .outputs()
             .first()

@@ -36,7 +36,11 @@ fn gaussian(rng: &mut StdRng) -> f32 {
 }
 
 fn jittered(row: &ChunkRow, copy: usize, rng: &mut StdRng) -> ChunkRow {
-    let mut vector: Vec<f32> = row.vector.iter().map(|x| x + JITTER * gaussian(rng)).collect();
+    let mut vector: Vec<f32> = row
+        .vector
+        .iter()
+        .map(|x| x + JITTER * gaussian(rng))
+        .collect();
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     vector.iter_mut().for_each(|x| *x /= norm);
     ChunkRow {
@@ -49,7 +53,12 @@ fn jittered(row: &ChunkRow, copy: usize, rng: &mut StdRng) -> ChunkRow {
 }
 
 /// Builds `target` (replacing it) with `rows` rows grown from `source`.
-pub async fn grow(rag: &Rag, source: &SiteName, target: &SiteName, rows: usize) -> anyhow::Result<()> {
+pub async fn grow(
+    rag: &Rag,
+    source: &SiteName,
+    target: &SiteName,
+    rows: usize,
+) -> anyhow::Result<()> {
     let seed_rows = rag.store.rows(source).await?;
     anyhow::ensure!(!seed_rows.is_empty(), "site {source} is empty");
     if rag.store.exists(target).await? {
@@ -77,7 +86,11 @@ pub async fn grow(rag: &Rag, source: &SiteName, target: &SiteName, rows: usize) 
     bar.finish_and_clear();
     let started = Instant::now();
     let built = rag.store.maintain(&table, 1, true).await?;
-    tracing::info!(?built, seconds = started.elapsed().as_secs_f64(), "indexes built");
+    tracing::info!(
+        ?built,
+        seconds = started.elapsed().as_secs_f64(),
+        "indexes built"
+    );
     Ok(())
 }
 

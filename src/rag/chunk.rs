@@ -77,10 +77,9 @@ pub fn chunk_document(
     for section in &document.sections {
         let mut path = vec![document.title.as_str()];
         // The page title often repeats as the first heading.
-        let headings = section
-            .headings
-            .iter()
-            .skip(usize::from(section.headings.first() == Some(&document.title)));
+        let headings = section.headings.iter().skip(usize::from(
+            section.headings.first() == Some(&document.title),
+        ));
         path.extend(headings.map(String::as_str));
         let heading = path.join(" > ");
         let heading_tokens = counter.offsets(&heading).len() + 1;
@@ -115,17 +114,29 @@ fn chunk_id(url: &str, index: usize, text: &str) -> String {
 /// Lines, then sentences of long lines, then token windows of long sentences.
 fn units<'a>(text: &'a str, budget: usize, counter: &dyn TokenCounter) -> Vec<Unit<'a>> {
     let mut units = Vec::new();
-    for line in text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()) {
+    for line in text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+    {
         let tokens = counter.offsets(line).len();
         if tokens <= budget {
-            units.push(Unit { text: line, tokens, joiner: "\n" });
+            units.push(Unit {
+                text: line,
+                tokens,
+                joiner: "\n",
+            });
             continue;
         }
         for (i, sentence) in sentences(line).into_iter().enumerate() {
             let joiner = if i == 0 { "\n" } else { " " };
             let offsets = counter.offsets(sentence);
             if offsets.len() <= budget {
-                units.push(Unit { text: sentence, tokens: offsets.len(), joiner });
+                units.push(Unit {
+                    text: sentence,
+                    tokens: offsets.len(),
+                    joiner,
+                });
                 continue;
             }
             for (j, window) in offsets.chunks(budget).enumerate() {
@@ -138,7 +149,11 @@ fn units<'a>(text: &'a str, budget: usize, counter: &dyn TokenCounter) -> Vec<Un
                 let piece = sentence[start..end].trim();
                 if !piece.is_empty() {
                     let joiner = if j == 0 { joiner } else { " " };
-                    units.push(Unit { text: piece, tokens: window.len(), joiner });
+                    units.push(Unit {
+                        text: piece,
+                        tokens: window.len(),
+                        joiner,
+                    });
                 }
             }
         }
@@ -248,8 +263,14 @@ mod tests {
             url: "u".into(),
             title: "T".into(),
             sections: vec![
-                Section { headings: vec!["T".into(), "A".into()], text: text.into() },
-                Section { headings: vec!["B".into()], text: "short".into() },
+                Section {
+                    headings: vec!["T".into(), "A".into()],
+                    text: text.into(),
+                },
+                Section {
+                    headings: vec!["B".into()],
+                    text: "short".into(),
+                },
             ],
             ..Default::default()
         }
@@ -257,7 +278,10 @@ mod tests {
 
     #[test]
     fn budget_overlap_headings_and_stable_ids() {
-        let config = ChunkConfig { max_tokens: 12, overlap_tokens: 3 };
+        let config = ChunkConfig {
+            max_tokens: 12,
+            overlap_tokens: 3,
+        };
         let text = "one two three four five. six seven eight nine ten.\neleven twelve\n\
                     w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20";
         let chunks = chunk_document(&doc(text), &config, &Words);
@@ -271,9 +295,15 @@ mod tests {
         let all: Vec<&str> = chunks.iter().flat_map(|c| c.text.lines().skip(1)).collect();
         assert!(all.join(" ").contains("w20"));
         // Sentences longer than the overlap are not repeated.
-        assert_eq!(chunks[1].text, "T > A\nsix seven eight nine ten.\neleven twelve");
+        assert_eq!(
+            chunks[1].text,
+            "T > A\nsix seven eight nine ten.\neleven twelve"
+        );
         // Short ones are: each chunk starts with the last sentence of the one before.
-        let short = (1..=10).map(|i| format!("a{i} b{i}.")).collect::<Vec<_>>().join(" ");
+        let short = (1..=10)
+            .map(|i| format!("a{i} b{i}."))
+            .collect::<Vec<_>>()
+            .join(" ");
         let overlapping = chunk_document(&doc(&short), &config, &Words);
         assert_eq!(overlapping[0].text, "T > A\na1 b1. a2 b2. a3 b3. a4 b4.");
         assert_eq!(overlapping[1].text, "T > A\na4 b4. a5 b5. a6 b6. a7 b7.");

@@ -121,13 +121,23 @@ pub async fn search(args: SearchArgs, global: &GlobalArgs) -> anyhow::Result<()>
     };
     let hits = search::search(&rag, &site, &request).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "results": hits }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "results": hits }))?
+        );
         return Ok(());
     }
     for (rank, hit) in hits.iter().enumerate() {
         let snippet: String = hit.text.lines().skip(1).collect::<Vec<_>>().join(" ");
         let snippet: String = snippet.chars().take(160).collect();
-        println!("{}. [{:.4}] {} — {}\n   {}", rank + 1, hit.score, hit.url, hit.heading, snippet);
+        println!(
+            "{}. [{:.4}] {} — {}\n   {}",
+            rank + 1,
+            hit.score,
+            hit.url,
+            hit.heading,
+            snippet
+        );
     }
     Ok(())
 }
@@ -161,12 +171,23 @@ pub async fn sites(command: SitesCommand, global: &GlobalArgs) -> anyhow::Result
     Ok(())
 }
 
-pub async fn eval_retrieval(args: crate::config::EvalRetrievalArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+pub async fn eval_retrieval(
+    args: crate::config::EvalRetrievalArgs,
+    global: &GlobalArgs,
+) -> anyhow::Result<()> {
     let site = SiteName::parse(&args.site)?;
     let rag = rag(global, &args.embedding).await?;
     let queries = super::eval::load_queries(&args.queries)?;
-    anyhow::ensure!(!queries.is_empty(), "{} holds no queries", args.queries.display());
-    let modes = [super::SearchMode::Vector, super::SearchMode::Fulltext, super::SearchMode::Hybrid];
+    anyhow::ensure!(
+        !queries.is_empty(),
+        "{} holds no queries",
+        args.queries.display()
+    );
+    let modes = [
+        super::SearchMode::Vector,
+        super::SearchMode::Fulltext,
+        super::SearchMode::Hybrid,
+    ];
     let results = super::eval::evaluate(&rag, &site, &queries, &modes).await?;
     println!("{}", super::eval::table(&results));
     if let Some(path) = &args.json {
@@ -175,14 +196,21 @@ pub async fn eval_retrieval(args: crate::config::EvalRetrievalArgs, global: &Glo
     Ok(())
 }
 
-pub async fn bench_search(args: crate::config::BenchSearchArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+pub async fn bench_search(
+    args: crate::config::BenchSearchArgs,
+    global: &GlobalArgs,
+) -> anyhow::Result<()> {
     let source = SiteName::parse(&args.site)?;
     let target = SiteName::parse(&format!("{}-bench", args.site))?;
     let rag = rag(global, &args.embedding).await?;
     if !args.reuse || !rag.store.exists(&target).await? {
         let started = std::time::Instant::now();
         super::bench::grow(&rag, &source, &target, args.rows).await?;
-        eprintln!("built {target} ({} rows) in {:.0} s", args.rows, started.elapsed().as_secs_f64());
+        eprintln!(
+            "built {target} ({} rows) in {:.0} s",
+            args.rows,
+            started.elapsed().as_secs_f64()
+        );
     }
     let stats = rag.store.stats(&target).await?;
     eprintln!("indexes: {}", stats.indexes.join(", "));

@@ -45,7 +45,8 @@ pub fn load_queries(path: &Path) -> anyhow::Result<Vec<EvalQuery>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+            serde_json::from_str(l)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
         })
         .collect()
 }
@@ -64,11 +65,18 @@ fn ranked_pages(urls: impl IntoIterator<Item = String>) -> Vec<String> {
 /// (recall@5, recall@10, reciprocal rank within 10) of one query.
 pub fn score(pages: &[String], targets: &[String]) -> (f64, f64, f64) {
     let recall = |k: usize| {
-        let found = targets.iter().filter(|t| pages.iter().take(k).any(|p| p == *t)).count();
+        let found = targets
+            .iter()
+            .filter(|t| pages.iter().take(k).any(|p| p == *t))
+            .count();
         found as f64 / targets.len().max(1) as f64
     };
     let rank = pages.iter().take(10).position(|p| targets.contains(p));
-    (recall(5), recall(10), rank.map_or(0.0, |r| 1.0 / (r as f64 + 1.0)))
+    (
+        recall(5),
+        recall(10),
+        rank.map_or(0.0, |r| 1.0 / (r as f64 + 1.0)),
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -127,7 +135,11 @@ pub async fn evaluate(
         results.push(ModeResult {
             mode,
             all,
-            by_kind: sums.into_iter().filter(|(k, _)| !k.is_empty()).map(|(k, v)| (k, scores(v))).collect(),
+            by_kind: sums
+                .into_iter()
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k, scores(v)))
+                .collect(),
             latency_ms_p50: percentile(&latencies, 0.5),
             latency_ms_p99: percentile(&latencies, 0.99),
         });
@@ -142,14 +154,20 @@ pub fn table(results: &[ModeResult]) -> String {
     );
     for result in results {
         let mut row = |label: String, s: &Scores, latency: Option<(f64, f64)>| {
-            let (p50, p99) = latency.map_or((String::new(), String::new()), |(a, b)| (format!("{a:.1}"), format!("{b:.1}")));
+            let (p50, p99) = latency.map_or((String::new(), String::new()), |(a, b)| {
+                (format!("{a:.1}"), format!("{b:.1}"))
+            });
             out.push_str(&format!(
                 "| {label} | {} | {:.3} | {:.3} | {:.3} | {p50} | {p99} |\n",
                 s.queries, s.recall_at_5, s.recall_at_10, s.mrr_at_10
             ));
         };
         let mode = format!("{:?}", result.mode).to_lowercase();
-        row(mode.clone(), &result.all, Some((result.latency_ms_p50, result.latency_ms_p99)));
+        row(
+            mode.clone(),
+            &result.all,
+            Some((result.latency_ms_p50, result.latency_ms_p99)),
+        );
         for (kind, scores) in &result.by_kind {
             row(format!("{mode} ({kind})"), scores, None);
         }
@@ -163,7 +181,10 @@ mod tests {
 
     #[test]
     fn recall_and_reciprocal_rank() {
-        let pages: Vec<String> = ["a", "b", "c", "d", "e", "f"].iter().map(|s| s.to_string()).collect();
+        let pages: Vec<String> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let (r5, r10, rr) = score(&pages, &["c".to_string(), "f".to_string()]);
         assert_eq!((r5, r10), (0.5, 1.0));
         assert!((rr - 1.0 / 3.0).abs() < 1e-12);

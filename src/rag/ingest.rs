@@ -61,10 +61,15 @@ pub struct IngestReport {
 pub type Reader = tokio::task::JoinHandle<anyhow::Result<ReadOutcome>>;
 
 /// Reads `location` on a blocking thread, handing pages over a bounded channel.
-pub fn spawn_reader(location: String, options: ReadOptions) -> (mpsc::Receiver<SourceItem>, Reader) {
+pub fn spawn_reader(
+    location: String,
+    options: ReadOptions,
+) -> (mpsc::Receiver<SourceItem>, Reader) {
     let (tx, rx) = mpsc::channel(256);
     let reader = tokio::task::spawn_blocking(move || {
-        sources::read(&location, &options, &mut |item| tx.blocking_send(item).is_ok())
+        sources::read(&location, &options, &mut |item| {
+            tx.blocking_send(item).is_ok()
+        })
     });
     (rx, reader)
 }
@@ -117,7 +122,10 @@ pub async fn ingest(
             Err(error) => {
                 tracing::debug!(origin = %item.origin, %error, "page skipped");
                 report.failed += 1;
-                report.errors.push(DocumentError { origin: item.origin, error });
+                report.errors.push(DocumentError {
+                    origin: item.origin,
+                    error,
+                });
                 continue;
             }
         };
@@ -143,7 +151,9 @@ pub async fn ingest(
             _ => {
                 if state.is_some_and(|s| s.rows_by_hash.contains_key(&hash)) {
                     // Rows of this very hash but not all of them: start over.
-                    rag.store.delete_pages(&table, std::slice::from_ref(&document.url)).await?;
+                    rag.store
+                        .delete_pages(&table, std::slice::from_ref(&document.url))
+                        .await?;
                 }
                 if state.is_some() {
                     report.updated += 1;
@@ -151,7 +161,11 @@ pub async fn ingest(
                     report.added += 1;
                 }
                 pending_chunks += document.sections.len();
-                pending.push(Pending { document, origin: item.origin, hash });
+                pending.push(Pending {
+                    document,
+                    origin: item.origin,
+                    hash,
+                });
             }
         }
         progress.set_message(format!(
@@ -159,12 +173,17 @@ pub async fn ingest(
             report.added, report.updated, report.unchanged, report.failed
         ));
         if pending.len() >= PAGES_PER_BATCH || pending_chunks >= CHUNKS_PER_BATCH {
-            report.chunks_written += write(rag, &table, &options.source_id, &mut pending, &mut cleanups).await?;
+            report.chunks_written +=
+                write(rag, &table, &options.source_id, &mut pending, &mut cleanups).await?;
             pending_chunks = 0;
         }
     }
-    report.chunks_written += write(rag, &table, &options.source_id, &mut pending, &mut cleanups).await?;
-    match reader.await.map_err(|e| anyhow::anyhow!("source reader: {e}"))? {
+    report.chunks_written +=
+        write(rag, &table, &options.source_id, &mut pending, &mut cleanups).await?;
+    match reader
+        .await
+        .map_err(|e| anyhow::anyhow!("source reader: {e}"))?
+    {
         Ok(outcome) => report.interrupted = outcome.interrupted,
         Err(error) if report.pages + report.failed == 0 => {
             return Err(RagError::InvalidRequest {
@@ -190,7 +209,10 @@ pub async fn ingest(
         report.deleted = gone.len();
     }
     let changed = report.added + report.updated + report.deleted > 0;
-    report.indexes_built = rag.store.maintain(&table, options.ann_min_rows, changed).await?;
+    report.indexes_built = rag
+        .store
+        .maintain(&table, options.ann_min_rows, changed)
+        .await?;
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         site = %site,
@@ -208,7 +230,10 @@ pub async fn ingest(
 }
 
 fn complete(state: &PageState, hash: &str) -> bool {
-    state.rows_by_hash.get(hash).is_some_and(|&n| Some(&n) == state.chunk_count.get(hash))
+    state
+        .rows_by_hash
+        .get(hash)
+        .is_some_and(|&n| Some(&n) == state.chunk_count.get(hash))
 }
 
 /// Embeds the pending pages' chunks and writes them in one commit.

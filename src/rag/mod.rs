@@ -3,8 +3,8 @@
 //! stored in one LanceDB table per site; search is vector, full-text (BM25)
 //! or both fused; chat answers cite the chunks they were given.
 
-pub mod chunk;
 pub mod bench;
+pub mod chunk;
 pub mod cli;
 pub mod document;
 pub mod eval;
@@ -33,7 +33,10 @@ pub enum RagError {
     #[error("a site named '{0}' already exists")]
     SiteExists(String),
     #[error("{message}")]
-    InvalidRequest { param: &'static str, message: String },
+    InvalidRequest {
+        param: &'static str,
+        message: String,
+    },
     #[error(
         "site '{site}' was embedded with '{stored}', not with '{served}'; re-create it or serve '{stored}'"
     )]

@@ -31,7 +31,10 @@ pub fn render(question: &str, sources: &[SearchHit]) -> Result<String, minijinja
         .map(|s| PromptSource {
             title: &s.title,
             url: &s.url,
-            text: s.text.split_once('\n').map_or(s.text.as_str(), |(_, body)| body),
+            text: s
+                .text
+                .split_once('\n')
+                .map_or(s.text.as_str(), |(_, body)| body),
         })
         .collect();
     env.get_template(TEMPLATE_NAME)?

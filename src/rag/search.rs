@@ -99,7 +99,11 @@ impl SearchRequest {
     }
 }
 
-pub async fn search(rag: &Rag, site: &SiteName, request: &SearchRequest) -> RagResult<Vec<SearchHit>> {
+pub async fn search(
+    rag: &Rag,
+    site: &SiteName,
+    request: &SearchRequest,
+) -> RagResult<Vec<SearchHit>> {
     request.validate()?;
     let table = rag.store.site_table(site, &rag.embedder.id).await?;
     let filter = request.filter.predicate();
@@ -111,14 +115,23 @@ pub async fn search(rag: &Rag, site: &SiteName, request: &SearchRequest) -> RagR
     let table = &table;
     let vector = |limit| async move {
         let query = rag.embed(vec![request.query.clone()]).await?;
-        rag.store.vector_search(table, &query[0], limit, filter).await
+        rag.store
+            .vector_search(table, &query[0], limit, filter)
+            .await
     };
     let hits = match request.mode {
         SearchMode::Vector => vector(k).await?,
-        SearchMode::Fulltext => rag.store.fulltext_search(table, &request.query, k, filter).await?,
+        SearchMode::Fulltext => {
+            rag.store
+                .fulltext_search(table, &request.query, k, filter)
+                .await?
+        }
         SearchMode::Hybrid => {
             let by_vector = vector(depth).await?;
-            let by_text = rag.store.fulltext_search(table, &request.query, depth, filter).await?;
+            let by_text = rag
+                .store
+                .fulltext_search(table, &request.query, depth, filter)
+                .await?;
             let mut fused = reciprocal_rank_fusion(&[by_vector, by_text]);
             fused.truncate(k);
             fused
@@ -144,7 +157,11 @@ pub fn reciprocal_rank_fusion(rankings: &[Vec<StoredHit>]) -> Vec<StoredHit> {
         }
     }
     let mut hits: Vec<StoredHit> = fused.into_values().collect();
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.chunk_id.cmp(&b.chunk_id)));
+    hits.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.chunk_id.cmp(&b.chunk_id))
+    });
     hits
 }
 

@@ -15,7 +15,10 @@ impl SiteName {
     pub fn parse(name: &str) -> Result<Self, RagError> {
         let valid = !name.is_empty()
             && name.len() <= MAX_SITE_NAME
-            && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
@@ -45,7 +48,17 @@ mod tests {
 
     #[test]
     fn unsafe_names_are_refused() {
-        for bad in ["", "../etc", "a/b", "a b", ".hidden", "-x", "a.b", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "../etc",
+            "a/b",
+            "a b",
+            ".hidden",
+            "-x",
+            "a.b",
+            "é",
+            &"x".repeat(65),
+        ] {
             assert!(SiteName::parse(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["docs", "Shop-2", "a_b", "9"] {

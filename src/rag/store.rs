@@ -10,9 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow_array::types::Float32Type;
-use arrow_array::{
-    Array, FixedSizeListArray, Float32Array, Int32Array, RecordBatch, StringArray,
-};
+use arrow_array::{Array, FixedSizeListArray, Float32Array, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use futures::TryStreamExt;
 use lancedb::index::Index;
@@ -30,7 +28,9 @@ const VERSION_KEY: &str = "qpai.schema_version";
 const SCHEMA_VERSION: &str = "1";
 
 /// Columns returned by searches.
-const RESULT_COLUMNS: &[&str] = &["chunk_id", "url", "title", "heading", "text", "lang", "updated"];
+const RESULT_COLUMNS: &[&str] = &[
+    "chunk_id", "url", "title", "heading", "text", "lang", "updated",
+];
 
 /// One chunk, ready to store.
 #[derive(Debug, Clone)]
@@ -66,7 +66,10 @@ impl PageState {
     /// True when the page is stored whole with this hash and nothing else.
     pub fn is_current(&self, hash: &str) -> bool {
         self.rows_by_hash.len() == 1
-            && self.rows_by_hash.get(hash).is_some_and(|&n| Some(&n) == self.chunk_count.get(hash))
+            && self
+                .rows_by_hash
+                .get(hash)
+                .is_some_and(|&n| Some(&n) == self.chunk_count.get(hash))
     }
 }
 
@@ -160,7 +163,12 @@ impl Store {
         Ok(self.sites().await?.iter().any(|s| s == site.as_str()))
     }
 
-    pub async fn create_site(&self, site: &SiteName, dimensions: usize, model: &str) -> RagResult<()> {
+    pub async fn create_site(
+        &self,
+        site: &SiteName,
+        dimensions: usize,
+        model: &str,
+    ) -> RagResult<()> {
         if self.exists(site).await? {
             return Err(RagError::SiteExists(site.to_string()));
         }
@@ -182,7 +190,9 @@ impl Store {
     async fn table(&self, site: &SiteName) -> RagResult<Table> {
         match self.db.open_table(site.as_str()).execute().await {
             Ok(table) => Ok(table),
-            Err(lancedb::Error::TableNotFound { .. }) => Err(RagError::SiteNotFound(site.to_string())),
+            Err(lancedb::Error::TableNotFound { .. }) => {
+                Err(RagError::SiteNotFound(site.to_string()))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -204,7 +214,10 @@ impl Store {
     pub async fn stats(&self, site: &SiteName) -> RagResult<SiteStats> {
         let table = self.table(site).await?;
         let schema = table.schema().await?;
-        let dimensions = match schema.field_with_name("vector").map(|f| f.data_type().clone()) {
+        let dimensions = match schema
+            .field_with_name("vector")
+            .map(|f| f.data_type().clone())
+        {
             Ok(DataType::FixedSizeList(_, n)) => n as usize,
             _ => 0,
         };
@@ -228,7 +241,11 @@ impl Store {
     /// Every chunk id of the site, sorted.
     pub async fn chunk_ids(&self, site: &SiteName) -> RagResult<Vec<String>> {
         let table = self.table(site).await?;
-        let mut stream = table.query().select(Select::columns(&["chunk_id"])).execute().await?;
+        let mut stream = table
+            .query()
+            .select(Select::columns(&["chunk_id"]))
+            .execute()
+            .await?;
         let mut ids = Vec::new();
         while let Some(batch) = stream.try_next().await? {
             let column = strings(&batch, "chunk_id")?;
@@ -299,7 +316,13 @@ impl Store {
     pub async fn page_states(&self, table: &Table) -> RagResult<HashMap<String, PageState>> {
         let mut stream = table
             .query()
-            .select(Select::columns(&["url", "page_hash", "chunk_count", "source", "origin"]))
+            .select(Select::columns(&[
+                "url",
+                "page_hash",
+                "chunk_count",
+                "source",
+                "origin",
+            ]))
             .execute()
             .await?;
         let mut pages: HashMap<String, PageState> = HashMap::new();
@@ -314,9 +337,14 @@ impl Store {
                 .ok_or_else(|| anyhow::anyhow!("chunk_count column missing"))?;
             for row in 0..batch.num_rows() {
                 let page = pages.entry(url.value(row).to_string()).or_default();
-                *page.rows_by_hash.entry(hash.value(row).to_string()).or_default() += 1;
-                page.chunk_count
-                    .insert(hash.value(row).to_string(), count.value(row).max(0) as usize);
+                *page
+                    .rows_by_hash
+                    .entry(hash.value(row).to_string())
+                    .or_default() += 1;
+                page.chunk_count.insert(
+                    hash.value(row).to_string(),
+                    count.value(row).max(0) as usize,
+                );
                 page.source = source.value(row).to_string();
                 page.origin = origin.value(row).to_string();
             }
@@ -327,7 +355,12 @@ impl Store {
     /// Adds the rows of new or changed pages in one commit, then removes the
     /// rows those pages had before (any other hash). A crash in between
     /// leaves both, which the next ingest cleans up (`PageState::is_current`).
-    pub async fn write_pages(&self, table: &Table, rows: Vec<ChunkRow>, pages: &[(String, String)]) -> RagResult<()> {
+    pub async fn write_pages(
+        &self,
+        table: &Table,
+        rows: Vec<ChunkRow>,
+        pages: &[(String, String)],
+    ) -> RagResult<()> {
         if !rows.is_empty() {
             let schema = table.schema().await?;
             table.add(record_batch(&schema, rows)?).execute().await?;
@@ -335,7 +368,9 @@ impl Store {
         if !pages.is_empty() {
             let predicate = pages
                 .iter()
-                .map(|(url, hash)| format!("(url = {} AND page_hash != {})", quote(url), quote(hash)))
+                .map(|(url, hash)| {
+                    format!("(url = {} AND page_hash != {})", quote(url), quote(hash))
+                })
                 .collect::<Vec<_>>()
                 .join(" OR ");
             table.delete(predicate.as_str()).await?;
@@ -346,7 +381,11 @@ impl Store {
     /// Deletes every row of these pages.
     pub async fn delete_pages(&self, table: &Table, urls: &[String]) -> RagResult<()> {
         for batch in urls.chunks(256) {
-            let list = batch.iter().map(|u| quote(u)).collect::<Vec<_>>().join(", ");
+            let list = batch
+                .iter()
+                .map(|u| quote(u))
+                .collect::<Vec<_>>()
+                .join(", ");
             table.delete(format!("url IN ({list})").as_str()).await?;
         }
         Ok(())
@@ -445,7 +484,11 @@ impl Store {
 }
 
 fn embedding_model(schema: &Schema) -> String {
-    schema.metadata().get(MODEL_KEY).cloned().unwrap_or_default()
+    schema
+        .metadata()
+        .get(MODEL_KEY)
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn strings<'a>(batch: &'a RecordBatch, name: &str) -> RagResult<&'a StringArray> {
@@ -455,7 +498,11 @@ fn strings<'a>(batch: &'a RecordBatch, name: &str) -> RagResult<&'a StringArray>
         .ok_or_else(|| RagError::Other(anyhow::anyhow!("column {name} missing")))
 }
 
-fn hits(batches: &[RecordBatch], score_column: &str, score: impl Fn(f32) -> f32) -> RagResult<Vec<StoredHit>> {
+fn hits(
+    batches: &[RecordBatch],
+    score_column: &str,
+    score: impl Fn(f32) -> f32,
+) -> RagResult<Vec<StoredHit>> {
     let mut out = Vec::new();
     for batch in batches {
         let column = |name| strings(batch, name);
@@ -490,7 +537,10 @@ fn hits(batches: &[RecordBatch], score_column: &str, score: impl Fn(f32) -> f32)
 }
 
 fn record_batch(schema: &SchemaRef, rows: Vec<ChunkRow>) -> RagResult<RecordBatch> {
-    let dimensions = match schema.field_with_name("vector").map(|f| f.data_type().clone()) {
+    let dimensions = match schema
+        .field_with_name("vector")
+        .map(|f| f.data_type().clone())
+    {
         Ok(DataType::FixedSizeList(_, n)) => n,
         _ => return Err(anyhow::anyhow!("the table has no vector column").into()),
     };
@@ -501,8 +551,10 @@ fn record_batch(schema: &SchemaRef, rows: Vec<ChunkRow>) -> RagResult<RecordBatc
         )
         .into());
     }
-    let text = |f: fn(&ChunkRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f)));
-    let optional = |f: fn(&ChunkRow) -> Option<&str>| Arc::new(StringArray::from_iter(rows.iter().map(f)));
+    let text =
+        |f: fn(&ChunkRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f)));
+    let optional =
+        |f: fn(&ChunkRow) -> Option<&str>| Arc::new(StringArray::from_iter(rows.iter().map(f)));
     let columns: Vec<Arc<dyn Array>> = vec![
         text(|r| &r.chunk_id),
         text(|r| &r.url),
@@ -514,12 +566,19 @@ fn record_batch(schema: &SchemaRef, rows: Vec<ChunkRow>) -> RagResult<RecordBatc
         text(|r| &r.source),
         text(|r| &r.origin),
         text(|r| &r.page_hash),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.chunk_index))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.chunk_count))),
-        Arc::new(FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
-            rows.iter().map(|r| Some(r.vector.iter().copied().map(Some))),
-            dimensions,
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.chunk_index),
         )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.chunk_count),
+        )),
+        Arc::new(
+            FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
+                rows.iter()
+                    .map(|r| Some(r.vector.iter().copied().map(Some))),
+                dimensions,
+            ),
+        ),
     ];
     RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| RagError::Other(anyhow::anyhow!("building the rows: {e}")))

@@ -108,15 +108,29 @@ fn int8_onnx_embeddings_match_python_onnxruntime_and_sentence_transformers() {
         let reference: Vec<f32> = serde_json::from_value(case["embedding"].clone()).unwrap();
         let python: Vec<f32> = serde_json::from_value(ort_case["embedding"].clone()).unwrap();
         let similarity = cosine(vector, &reference);
-        let python_similarity = ort_case["cosine_to_sentence_transformers"].as_f64().unwrap() as f32;
+        let python_similarity = ort_case["cosine_to_sentence_transformers"]
+            .as_f64()
+            .unwrap() as f32;
         let vs_ort = cosine(vector, &python);
         worst = worst.min(similarity);
         worst_vs_ort = worst_vs_ort.min(vs_ort);
         sum += similarity;
-        assert!(vs_ort >= 0.99999, "{:?}: cosine to Python ORT {vs_ort}", case["text"]);
-        assert!(similarity >= python_similarity - 1e-4, "{:?}: {similarity} < Python's {python_similarity}", case["text"]);
+        assert!(
+            vs_ort >= 0.99999,
+            "{:?}: cosine to Python ORT {vs_ort}",
+            case["text"]
+        );
+        assert!(
+            similarity >= python_similarity - 1e-4,
+            "{:?}: {similarity} < Python's {python_similarity}",
+            case["text"]
+        );
         let single = onnx.embed(std::slice::from_ref(ids)).unwrap();
-        assert!(cosine(&single[0], vector) > 0.99999, "batched != single for {:?}", case["text"]);
+        assert!(
+            cosine(&single[0], vector) > 0.99999,
+            "batched != single for {:?}",
+            case["text"]
+        );
     }
     let mean = sum / cases.len() as f32;
     assert!(mean >= MIN_COSINE_INT8, "mean cosine {mean}");

@@ -80,11 +80,18 @@ pub fn write_site(dir: &Path) {
 }
 
 pub async fn rag(dir: &Path) -> Rag {
-    let store = Store::open(&dir.join("rag").display().to_string()).await.unwrap();
+    let store = Store::open(&dir.join("rag").display().to_string())
+        .await
+        .unwrap();
     Rag::new(store, Arc::clone(model()))
 }
 
-pub async fn ingest_source(rag: &Rag, site: &str, source: &Path, options: ReadOptions) -> IngestReport {
+pub async fn ingest_source(
+    rag: &Rag,
+    site: &str,
+    source: &Path,
+    options: ReadOptions,
+) -> IngestReport {
     let site = SiteName::parse(site).unwrap();
     let reader = spawn_reader(source.display().to_string(), options);
     let options = IngestOptions {
@@ -92,11 +99,24 @@ pub async fn ingest_source(rag: &Rag, site: &str, source: &Path, options: ReadOp
         prune: true,
         ann_min_rows: 20_000,
     };
-    ingest(rag, &site, reader, &options, &ProgressBar::hidden()).await.unwrap()
+    ingest(rag, &site, reader, &options, &ProgressBar::hidden())
+        .await
+        .unwrap()
 }
 
-async fn top(rag: &Rag, site: &str, query: &str, mode: SearchMode, filter: SearchFilter) -> Vec<String> {
-    let request = SearchRequest { query: query.to_string(), top_k: 3, mode, filter };
+async fn top(
+    rag: &Rag,
+    site: &str,
+    query: &str,
+    mode: SearchMode,
+    filter: SearchFilter,
+) -> Vec<String> {
+    let request = SearchRequest {
+        query: query.to_string(),
+        top_k: 3,
+        mode,
+        filter,
+    };
     search::search(rag, &SiteName::parse(site).unwrap(), &request)
         .await
         .unwrap()
@@ -106,7 +126,10 @@ async fn top(rag: &Rag, site: &str, query: &str, mode: SearchMode, filter: Searc
 }
 
 async fn chunk_ids(rag: &Rag, site: &str) -> Vec<String> {
-    rag.store.chunk_ids(&SiteName::parse(site).unwrap()).await.unwrap()
+    rag.store
+        .chunk_ids(&SiteName::parse(site).unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +143,11 @@ async fn ingest_search_and_incremental_reingest() {
         ..Default::default()
     };
     let report = ingest_source(&rag, "acme", &site_dir, options.clone()).await;
-    assert_eq!((report.pages, report.added, report.failed), (6, 6, 0), "{report:#?}");
+    assert_eq!(
+        (report.pages, report.added, report.failed),
+        (6, 6, 0),
+        "{report:#?}"
+    );
     assert!(report.chunks_written >= 6);
     assert_eq!(report.indexes_built, vec!["text (FTS)".to_string()]);
 
@@ -134,43 +161,97 @@ async fn ingest_search_and_incremental_reingest() {
         let hits = search::search(
             &rag,
             &site,
-            &SearchRequest { query: chrome.into(), top_k: 10, mode: SearchMode::Fulltext, filter: SearchFilter::default() },
+            &SearchRequest {
+                query: chrome.into(),
+                top_k: 10,
+                mode: SearchMode::Fulltext,
+                filter: SearchFilter::default(),
+            },
         )
         .await
         .unwrap();
-        assert!(hits.iter().all(|h| !h.text.contains(chrome)), "{chrome} indexed");
+        assert!(
+            hits.iter().all(|h| !h.text.contains(chrome)),
+            "{chrome} indexed"
+        );
     }
 
     let none = SearchFilter::default;
     let returns = "https://acme.example/returns/";
     for mode in [SearchMode::Vector, SearchMode::Fulltext, SearchMode::Hybrid] {
-        let urls = top(&rag, "acme", "how long do I have to send back an item for a refund", mode, none()).await;
+        let urls = top(
+            &rag,
+            "acme",
+            "how long do I have to send back an item for a refund",
+            mode,
+            none(),
+        )
+        .await;
         if mode != SearchMode::Fulltext {
             assert_eq!(urls[0], returns, "{mode:?}: {urls:?}");
         }
         let urls = top(&rag, "acme", "tomato blight watering", mode, none()).await;
-        assert_eq!(urls[0], "https://acme.example/guides/tomatoes", "{mode:?}: {urls:?}");
+        assert_eq!(
+            urls[0], "https://acme.example/guides/tomatoes",
+            "{mode:?}: {urls:?}"
+        );
     }
     // Filters.
-    let german = SearchFilter { lang: Some("de".into()), url_prefix: None };
-    let urls = top(&rag, "acme", "shipping same day", SearchMode::Hybrid, german).await;
+    let german = SearchFilter {
+        lang: Some("de".into()),
+        url_prefix: None,
+    };
+    let urls = top(
+        &rag,
+        "acme",
+        "shipping same day",
+        SearchMode::Hybrid,
+        german,
+    )
+    .await;
     assert_eq!(urls, vec!["https://acme.example/de/versand/"]);
-    let guides = SearchFilter { url_prefix: Some("https://acme.example/guides/".into()), lang: None };
+    let guides = SearchFilter {
+        url_prefix: Some("https://acme.example/guides/".into()),
+        lang: None,
+    };
     let urls = top(&rag, "acme", "shipping costs", SearchMode::Vector, guides).await;
-    assert!(!urls.is_empty() && urls.iter().all(|u| u.starts_with("https://acme.example/guides/")), "{urls:?}");
+    assert!(
+        !urls.is_empty()
+            && urls
+                .iter()
+                .all(|u| u.starts_with("https://acme.example/guides/")),
+        "{urls:?}"
+    );
 
     // Same input, same table: nothing rewritten.
     let before = chunk_ids(&rag, "acme").await;
     let version = rag.store.stats(&site).await.unwrap().version;
     let again = ingest_source(&rag, "acme", &site_dir, options.clone()).await;
-    assert_eq!((again.unchanged, again.added, again.updated, again.deleted, again.chunks_written), (6, 0, 0, 0, 0));
+    assert_eq!(
+        (
+            again.unchanged,
+            again.added,
+            again.updated,
+            again.deleted,
+            again.chunks_written
+        ),
+        (6, 0, 0, 0, 0)
+    );
     assert_eq!(chunk_ids(&rag, "acme").await, before);
-    assert_eq!(rag.store.stats(&site).await.unwrap().version, version, "an unchanged ingest committed");
+    assert_eq!(
+        rag.store.stats(&site).await.unwrap().version,
+        version,
+        "an unchanged ingest committed"
+    );
 
     // One page changed, one removed, one added.
     std::fs::write(
         site_dir.join("returns/index.html"),
-        page("Returns policy", "en", "<p>You may return unused items within 60 days of delivery for a full refund.</p>"),
+        page(
+            "Returns policy",
+            "en",
+            "<p>You may return unused items within 60 days of delivery for a full refund.</p>",
+        ),
     )
     .unwrap();
     std::fs::remove_dir_all(site_dir.join("de")).unwrap();
@@ -180,21 +261,48 @@ async fn ingest_search_and_incremental_reingest() {
     )
     .unwrap();
     let third = ingest_source(&rag, "acme", &site_dir, options).await;
-    assert_eq!((third.added, third.updated, third.deleted, third.unchanged), (1, 1, 1, 4), "{third:#?}");
+    assert_eq!(
+        (third.added, third.updated, third.deleted, third.unchanged),
+        (1, 1, 1, 4),
+        "{third:#?}"
+    );
     let stats = rag.store.stats(&site).await.unwrap();
     assert_eq!(stats.pages, 6);
     let hits = search::search(
         &rag,
         &site,
-        &SearchRequest { query: "return items refund days".into(), top_k: 10, mode: SearchMode::Fulltext, filter: none() },
+        &SearchRequest {
+            query: "return items refund days".into(),
+            top_k: 10,
+            mode: SearchMode::Fulltext,
+            filter: none(),
+        },
     )
     .await
     .unwrap();
-    let returns_text: Vec<&str> = hits.iter().filter(|h| h.url == returns).map(|h| h.text.as_str()).collect();
-    assert_eq!(returns_text.len(), 1, "old and new version both stored: {returns_text:?}");
+    let returns_text: Vec<&str> = hits
+        .iter()
+        .filter(|h| h.url == returns)
+        .map(|h| h.text.as_str())
+        .collect();
+    assert_eq!(
+        returns_text.len(),
+        1,
+        "old and new version both stored: {returns_text:?}"
+    );
     assert!(returns_text[0].contains("60 days"));
-    let urls = top(&rag, "acme", "Bestellungen verschickt", SearchMode::Fulltext, none()).await;
-    assert!(!urls.iter().any(|u| u.contains("/de/")), "removed page still found: {urls:?}");
+    let urls = top(
+        &rag,
+        "acme",
+        "Bestellungen verschickt",
+        SearchMode::Fulltext,
+        none(),
+    )
+    .await;
+    assert!(
+        !urls.iter().any(|u| u.contains("/de/")),
+        "removed page still found: {urls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +332,10 @@ async fn an_ingest_cut_between_write_and_cleanup_converges() {
         chunk_count: 1,
         vector: vec![0.05; 384],
     };
-    rag.store.write_pages(&table, vec![stale], &[]).await.unwrap();
+    rag.store
+        .write_pages(&table, vec![stale], &[])
+        .await
+        .unwrap();
     assert_ne!(chunk_ids(&rag, "shop").await, clean);
     let report = ingest_source(&rag, "shop", &site_dir, ReadOptions::default()).await;
     assert_eq!(report.updated, 1, "{report:#?}");

@@ -19,8 +19,14 @@ const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 async fn rag_app(dir: &std::path::Path) -> axum::Router {
     let state = AppState::new(HttpConfig::default());
     state.add_engine(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
-    state.set_embedding_model(EmbeddingSlot::new(EMBEDDING_MODEL, 256, || load_embedding(EMBEDDING_MODEL)));
-    state.set_rag_store(Store::open(&dir.join("rag").display().to_string()).await.unwrap());
+    state.set_embedding_model(EmbeddingSlot::new(EMBEDDING_MODEL, 256, || {
+        load_embedding(EMBEDDING_MODEL)
+    }));
+    state.set_rag_store(
+        Store::open(&dir.join("rag").display().to_string())
+            .await
+            .unwrap(),
+    );
     qpai::app(state)
 }
 
@@ -52,9 +58,14 @@ async fn sites_api_admin_ingest_and_search() {
     assert_eq!(status, StatusCode::CONFLICT, "{again}");
     assert_eq!(again["error"]["code"], "site_exists");
 
-    let (status, report) = send_json(&app, post_json("/v1/sites/shop/documents", &documents())).await;
+    let (status, report) =
+        send_json(&app, post_json("/v1/sites/shop/documents", &documents())).await;
     assert_eq!(status, StatusCode::OK, "{report}");
-    assert_eq!((report["added"].as_u64(), report["failed"].as_u64()), (Some(3), Some(1)), "{report}");
+    assert_eq!(
+        (report["added"].as_u64(), report["failed"].as_u64()),
+        (Some(3), Some(1)),
+        "{report}"
+    );
     assert_eq!(report["errors"][0]["origin"], "documents[3]");
 
     let (status, list) = send_json(&app, get("/v1/sites")).await;
@@ -69,25 +80,70 @@ async fn sites_api_admin_ingest_and_search() {
         let (status, found) = send_json(&app, post_json("/v1/sites/shop/search", &body)).await;
         assert_eq!(status, StatusCode::OK, "{found}");
         let first = &found["results"][0];
-        assert_eq!(first["url"], "https://shop.example/hours", "{mode}: {found}");
+        assert_eq!(
+            first["url"], "https://shop.example/hours",
+            "{mode}: {found}"
+        );
         for key in ["title", "text", "score", "chunk_id"] {
             assert!(!first[key].is_null(), "{key} missing: {first}");
         }
     }
     let body = json!({"query": "refund", "filter": {"url_prefix": "https://shop.example/care"}});
     let (_, filtered) = send_json(&app, post_json("/v1/sites/shop/search", &body)).await;
-    assert!(filtered["results"].as_array().unwrap().iter().all(|r| r["url"] == "https://shop.example/care"), "{filtered}");
+    assert!(
+        filtered["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["url"] == "https://shop.example/care"),
+        "{filtered}"
+    );
 
     for (path, body, status, param) in [
         ("/v1/sites/shop/search", json!({"query": " "}), 400, "query"),
-        ("/v1/sites/shop/search", json!({"query": "x", "top_k": 0}), 400, "top_k"),
-        ("/v1/sites/shop/search", json!({"query": "x", "top_k": 1000}), 400, "top_k"),
-        ("/v1/sites/shop/search", json!({"query": "x", "mode": "fuzzy"}), 400, "mode"),
-        ("/v1/sites/shop/search", json!({"query": "x", "filter": {"path": "/"}}), 400, "filter.path"),
-        ("/v1/sites/shop/search", json!({"query": "x", "colour": 1}), 400, "colour"),
+        (
+            "/v1/sites/shop/search",
+            json!({"query": "x", "top_k": 0}),
+            400,
+            "top_k",
+        ),
+        (
+            "/v1/sites/shop/search",
+            json!({"query": "x", "top_k": 1000}),
+            400,
+            "top_k",
+        ),
+        (
+            "/v1/sites/shop/search",
+            json!({"query": "x", "mode": "fuzzy"}),
+            400,
+            "mode",
+        ),
+        (
+            "/v1/sites/shop/search",
+            json!({"query": "x", "filter": {"path": "/"}}),
+            400,
+            "filter.path",
+        ),
+        (
+            "/v1/sites/shop/search",
+            json!({"query": "x", "colour": 1}),
+            400,
+            "colour",
+        ),
         ("/v1/sites/nope/search", json!({"query": "x"}), 404, "site"),
-        ("/v1/sites/..%2Fetc/search", json!({"query": "x"}), 400, "site"),
-        ("/v1/sites/shop/documents", json!({"documents": []}), 400, "documents"),
+        (
+            "/v1/sites/..%2Fetc/search",
+            json!({"query": "x"}),
+            400,
+            "site",
+        ),
+        (
+            "/v1/sites/shop/documents",
+            json!({"documents": []}),
+            400,
+            "documents",
+        ),
         ("/v1/sites", json!({"name": "../x"}), 400, "name"),
     ] {
         let (got, value) = send_json(&app, post_json(path, &body)).await;
@@ -114,12 +170,25 @@ async fn grounded_chat_cites_its_sources() {
     let citations = answer["citations"].as_array().unwrap();
     assert_eq!(citations.len(), 2, "{answer}");
     assert_eq!(citations[0]["index"], 1);
-    assert_eq!(citations[0]["url"], "https://shop.example/returns", "{answer}");
+    assert_eq!(
+        citations[0]["url"], "https://shop.example/returns",
+        "{answer}"
+    );
     assert!(citations[0]["chunk_id"].as_str().unwrap().len() == 32);
-    let (_, plain) = send_json(&app, post_json("/v1/chat/completions", &chat_body("How long do I have to return an item?", 40))).await;
+    let (_, plain) = send_json(
+        &app,
+        post_json(
+            "/v1/chat/completions",
+            &chat_body("How long do I have to return an item?", 40),
+        ),
+    )
+    .await;
     assert!(plain.get("citations").is_none());
     // The sources are in the prompt.
-    assert!(answer["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64().map(|n| n + 30));
+    assert!(
+        answer["usage"]["prompt_tokens"].as_u64()
+            > plain["usage"]["prompt_tokens"].as_u64().map(|n| n + 30)
+    );
 
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -130,8 +199,14 @@ async fn grounded_chat_cites_its_sources() {
         .filter(|e| e.as_str() != "[DONE]")
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
-    let finish = events.iter().find(|e| !e["choices"][0]["finish_reason"].is_null()).unwrap();
-    assert_eq!(finish["citations"][0]["url"], "https://shop.example/returns", "{finish}");
+    let finish = events
+        .iter()
+        .find(|e| !e["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(
+        finish["citations"][0]["url"], "https://shop.example/returns",
+        "{finish}"
+    );
     assert!(events.last().unwrap()["citations"].is_array());
     assert!(events.iter().filter(|e| e["citations"].is_array()).count() == 2);
 
@@ -175,11 +250,17 @@ async fn a_killed_ingest_rerun_converges() {
             i % 9 + 1,
             i % 4 + 2
         );
-        std::fs::write(site_dir.join(format!("p{i:03}.html")), crate::rag::page(&format!("Planter {i}"), "en", &body)).unwrap();
+        std::fs::write(
+            site_dir.join(format!("p{i:03}.html")),
+            crate::rag::page(&format!("Planter {i}"), "en", &body),
+        )
+        .unwrap();
     }
     let killed_uri = tmp.path().join("killed");
     let site = site_dir.display().to_string();
-    let mut child = qpai(&killed_uri, &["ingest", "--site", "planters", &site]).spawn().unwrap();
+    let mut child = qpai(&killed_uri, &["ingest", "--site", "planters", &site])
+        .spawn()
+        .unwrap();
     let name = SiteName::parse("planters").unwrap();
     let started = Instant::now();
     let mut rows_at_kill = 0;
@@ -198,28 +279,72 @@ async fn a_killed_ingest_rerun_converges() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(rows_at_kill > 0 && rows_at_kill < 320, "killed at {rows_at_kill} rows");
+    assert!(
+        rows_at_kill > 0 && rows_at_kill < 320,
+        "killed at {rows_at_kill} rows"
+    );
 
-    let rerun = qpai(&killed_uri, &["ingest", "--json", "--site", "planters", &site]).output().unwrap();
-    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
+    let rerun = qpai(
+        &killed_uri,
+        &["ingest", "--json", "--site", "planters", &site],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
     let report: Value = serde_json::from_slice(&rerun.stdout).unwrap();
     assert_eq!(report["pages"], 320, "{report}");
     assert!(report["unchanged"].as_u64().unwrap() > 0, "{report}");
 
     let clean_uri = tmp.path().join("clean");
-    let clean = qpai(&clean_uri, &["ingest", "--site", "planters", &site]).output().unwrap();
-    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
+    let clean = qpai(&clean_uri, &["ingest", "--site", "planters", &site])
+        .output()
+        .unwrap();
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
     let ids = |uri: std::path::PathBuf| {
         let name = name.clone();
-        async move { Store::open(&uri.display().to_string()).await.unwrap().chunk_ids(&name).await.unwrap() }
+        async move {
+            Store::open(&uri.display().to_string())
+                .await
+                .unwrap()
+                .chunk_ids(&name)
+                .await
+                .unwrap()
+        }
     };
     let (killed, clean) = (ids(killed_uri.clone()).await, ids(clean_uri).await);
     assert_eq!(killed.len(), 320);
     assert_eq!(killed, clean);
 
     // The CLI searches what it ingested.
-    let found = qpai(&killed_uri, &["search", "--json", "--site", "planters", "--top-k", "1", "--mode", "fulltext", "Product 17 handmade planter"]).output().unwrap();
-    assert!(found.status.success(), "{}", String::from_utf8_lossy(&found.stderr));
+    let found = qpai(
+        &killed_uri,
+        &[
+            "search",
+            "--json",
+            "--site",
+            "planters",
+            "--top-k",
+            "1",
+            "--mode",
+            "fulltext",
+            "Product 17 handmade planter",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
     let found: Value = serde_json::from_slice(&found.stdout).unwrap();
     assert_eq!(found["results"][0]["url"], "p017.html", "{found}");
 }

@@ -35,25 +35,56 @@ fn errors_of(report: &qpai::rag::ingest::IngestReport) -> Vec<(String, String)> 
 async fn bad_pages_fail_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("site");
-    write(&dir, "good.html", page("Good page", "en", "<p>Lavender likes full sun and dry soil.</p>"));
+    write(
+        &dir,
+        "good.html",
+        page(
+            "Good page",
+            "en",
+            "<p>Lavender likes full sun and dry soil.</p>",
+        ),
+    );
     write(
         &dir,
         "broken.html",
         "<html><head><title>Broken &bogus; markup</title><body><div><p>Unclosed tags &amp; a stray &nbsp entity<p>still readable text about hedges",
     );
     write(&dir, "binary.html", [0u8, 159, 146, 150, 0, 1, 2, 3]);
-    write(&dir, "latin1.html", b"<html><body><p>Gr\xfc\xdfe aus K\xf6ln</p></body></html>".to_vec());
+    write(
+        &dir,
+        "latin1.html",
+        b"<html><body><p>Gr\xfc\xdfe aus K\xf6ln</p></body></html>",
+    );
     write(&dir, "empty.html", "");
-    write(&dir, "nothing.html", "<html><body><nav>only navigation</nav><script>x()</script></body></html>");
-    write(&dir, "huge.html", page("Huge", "en", &"<p>filler words here</p>".repeat(20_000)));
-    write(&dir, "draft.md", "---\ntitle: Draft\ndraft: true\n---\nNot yet.\n");
+    write(
+        &dir,
+        "nothing.html",
+        "<html><body><nav>only navigation</nav><script>x()</script></body></html>",
+    );
+    write(
+        &dir,
+        "huge.html",
+        page("Huge", "en", &"<p>filler words here</p>".repeat(20_000)),
+    );
+    write(
+        &dir,
+        "draft.md",
+        "---\ntitle: Draft\ndraft: true\n---\nNot yet.\n",
+    );
     write(&dir, "bad-front.md", "---\ntitle: [unclosed\n---\nBody.\n");
     // Two pages claiming one canonical URL: the second is refused.
-    let canonical = |t: &str| format!(r#"<html><head><link rel="canonical" href="https://x.example/same"></head><body><p>{t}</p></body></html>"#);
+    let canonical = |t: &str| {
+        format!(
+            r#"<html><head><link rel="canonical" href="https://x.example/same"></head><body><p>{t}</p></body></html>"#
+        )
+    };
     write(&dir, "dup-a.html", canonical("first copy of the page"));
     write(&dir, "dup-b.html", canonical("second copy of the page"));
     let rag = rag(tmp.path()).await;
-    let options = ReadOptions { max_page_bytes: 200_000, ..Default::default() };
+    let options = ReadOptions {
+        max_page_bytes: 200_000,
+        ..Default::default()
+    };
     let report = ingest_source(&rag, "bad", &dir, options.clone()).await;
     let errors = errors_of(&report);
     let reason = |name: &str| {
@@ -69,25 +100,41 @@ async fn bad_pages_fail_alone() {
     assert!(reason("nothing.html").contains("no text"), "{errors:?}");
     assert!(reason("huge.html").contains("limit"), "{errors:?}");
     assert!(reason("draft.md").contains("draft"), "{errors:?}");
-    assert!(reason("bad-front.md").contains("front matter"), "{errors:?}");
+    assert!(
+        reason("bad-front.md").contains("front matter"),
+        "{errors:?}"
+    );
     assert!(reason("dup-b.html").contains("duplicate URL"), "{errors:?}");
     assert_eq!(report.failed, 8, "{errors:?}");
     assert_eq!((report.pages, report.added), (3, 3), "{report:#?}");
     let hits = search::search(
         &rag,
         &SiteName::parse("bad").unwrap(),
-        &SearchRequest { query: "hedges".into(), top_k: 3, mode: SearchMode::Fulltext, filter: SearchFilter::default() },
+        &SearchRequest {
+            query: "hedges".into(),
+            top_k: 3,
+            mode: SearchMode::Fulltext,
+            filter: SearchFilter::default(),
+        },
     )
     .await
     .unwrap();
     assert_eq!(hits[0].url, "broken.html");
-    assert!(hits[0].text.contains("Unclosed tags & a stray"), "{}", hits[0].text);
+    assert!(
+        hits[0].text.contains("Unclosed tags & a stray"),
+        "{}",
+        hits[0].text
+    );
 
     // A page that turns bad keeps its stored version (it is not "removed").
     write(&dir, "good.html", [0u8, 1, 2]);
     let again = ingest_source(&rag, "bad", &dir, options).await;
     assert_eq!(again.deleted, 0, "{again:#?}");
-    let stats = rag.store.stats(&SiteName::parse("bad").unwrap()).await.unwrap();
+    let stats = rag
+        .store
+        .stats(&SiteName::parse("bad").unwrap())
+        .await
+        .unwrap();
     assert_eq!(stats.pages, 3);
 }
 
@@ -97,11 +144,17 @@ async fn empty_and_unknown_sources_and_unsafe_site_names_are_refused() {
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     write(&empty, "style.css", "body {}");
-    let error = qpai::rag::sources::read(&empty.display().to_string(), &ReadOptions::default(), &mut |_| true)
+    let error = qpai::rag::sources::read(
+        &empty.display().to_string(),
+        &ReadOptions::default(),
+        &mut |_| true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("holds no pages"), "{error}");
+    let error = qpai::rag::sources::detect("/no/such/dir")
         .unwrap_err()
         .to_string();
-    assert!(error.contains("holds no pages"), "{error}");
-    let error = qpai::rag::sources::detect("/no/such/dir").unwrap_err().to_string();
     assert!(error.contains("does not exist"), "{error}");
     write(tmp.path(), "data.csv", "a,b");
     let error = qpai::rag::sources::detect(&tmp.path().join("data.csv").display().to_string())
@@ -144,7 +197,15 @@ async fn wordpress_exports_and_broken_xml() {
     let hits = search::search(
         &rag,
         &SiteName::parse("bakery").unwrap(),
-        &SearchRequest { query: "when are you closed".into(), top_k: 1, mode: SearchMode::Hybrid, filter: SearchFilter { lang: Some("en-us".into()), url_prefix: None } },
+        &SearchRequest {
+            query: "when are you closed".into(),
+            top_k: 1,
+            mode: SearchMode::Hybrid,
+            filter: SearchFilter {
+                lang: Some("en-us".into()),
+                url_prefix: None,
+            },
+        },
     )
     .await
     .unwrap();
@@ -154,12 +215,29 @@ async fn wordpress_exports_and_broken_xml() {
 
     // The export is cut short by broken XML after the first item: what was
     // read is kept, and nothing is pruned for lack of the rest.
-    let cut = WXR.replacen("<item><title>Opening hours", "<item><title>Opening </wrong> hours", 1);
+    let cut = WXR.replacen(
+        "<item><title>Opening hours",
+        "<item><title>Opening </wrong> hours",
+        1,
+    );
     write(tmp.path(), "export.xml", cut);
     let report = ingest_source(&rag, "bakery", &file, ReadOptions::default()).await;
-    assert!(report.interrupted.as_deref().is_some_and(|w| w.contains("XML error")), "{report:#?}");
+    assert!(
+        report
+            .interrupted
+            .as_deref()
+            .is_some_and(|w| w.contains("XML error")),
+        "{report:#?}"
+    );
     assert_eq!((report.unchanged, report.deleted), (1, 0), "{report:#?}");
-    assert_eq!(rag.store.stats(&SiteName::parse("bakery").unwrap()).await.unwrap().pages, 2);
+    assert_eq!(
+        rag.store
+            .stats(&SiteName::parse("bakery").unwrap())
+            .await
+            .unwrap()
+            .pages,
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,14 +255,24 @@ async fn jsonl_records_each_stand_alone() {
         r#"{"url": "https://faq.example/a", "text": "duplicate"}"#,
     ];
     write(tmp.path(), "faq.jsonl", lines.join("\n"));
-    let report = ingest_source(&rag, "faq", &tmp.path().join("faq.jsonl"), ReadOptions::default()).await;
+    let report = ingest_source(
+        &rag,
+        "faq",
+        &tmp.path().join("faq.jsonl"),
+        ReadOptions::default(),
+    )
+    .await;
     assert_eq!((report.pages, report.failed), (3, 4), "{report:#?}");
     let errors: Vec<&str> = report.errors.iter().map(|e| e.error.as_str()).collect();
     assert!(errors[0].contains("exactly one of"), "{errors:?}");
     assert!(errors[1].contains("missing field `url`"), "{errors:?}");
     assert!(errors[2].contains("EOF"), "{errors:?}");
     assert!(errors[3].contains("duplicate URL"), "{errors:?}");
-    assert!(report.errors[3].origin.ends_with(":8"), "{:?}", report.errors[3]);
+    assert!(
+        report.errors[3].origin.ends_with(":8"),
+        "{:?}",
+        report.errors[3]
+    );
 }
 
 /// A site served on loopback: a sitemap index, pages, a 404, and a
@@ -197,14 +285,39 @@ async fn serve_site() -> String {
 <url><loc>{base}/a</loc><lastmod>2024-02-01</lastmod></url><url><loc>{base}/b</loc></url>
 <url><loc>{base}/private/c</loc></url><url><loc>{base}/missing</loc></url></urlset>"#
     );
-    let index = format!(r#"<sitemapindex><sitemap><loc>{base}/pages.xml</loc></sitemap></sitemapindex>"#);
+    let index =
+        format!(r#"<sitemapindex><sitemap><loc>{base}/pages.xml</loc></sitemap></sitemapindex>"#);
     let app = Router::new()
         .route("/sitemap.xml", get(move || async move { index }))
         .route("/pages.xml", get(move || async move { sitemap }))
-        .route("/robots.txt", get(|| async { "User-agent: *\nDisallow: /private/\n" }))
-        .route("/a", get(|| async { axum::response::Html(page("Bike repair", "en", "<p>We fix flat tyres while you wait.</p>")) }))
-        .route("/b", get(|| async { axum::response::Html(page("Bike rental", "en", "<p>Rent a city bike for 12 euros a day.</p>")) }))
-        .route("/private/c", get(|| async { axum::response::Html(page("Private", "en", "<p>secret</p>")) }))
+        .route(
+            "/robots.txt",
+            get(|| async { "User-agent: *\nDisallow: /private/\n" }),
+        )
+        .route(
+            "/a",
+            get(|| async {
+                axum::response::Html(page(
+                    "Bike repair",
+                    "en",
+                    "<p>We fix flat tyres while you wait.</p>",
+                ))
+            }),
+        )
+        .route(
+            "/b",
+            get(|| async {
+                axum::response::Html(page(
+                    "Bike rental",
+                    "en",
+                    "<p>Rent a city bike for 12 euros a day.</p>",
+                ))
+            }),
+        )
+        .route(
+            "/private/c",
+            get(|| async { axum::response::Html(page("Private", "en", "<p>secret</p>")) }),
+        )
         .fallback(|| async { (StatusCode::NOT_FOUND, "gone") });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     base
@@ -216,23 +329,54 @@ async fn sitemaps_are_fetched_politely_over_http() {
     let tmp = tempfile::tempdir().unwrap();
     let rag = rag(tmp.path()).await;
     let options = ReadOptions {
-        fetch: FetchLimits { delay: std::time::Duration::from_millis(5), ..Default::default() },
+        fetch: FetchLimits {
+            delay: std::time::Duration::from_millis(5),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let site = SiteName::parse("bikes").unwrap();
     let reader = qpai::rag::ingest::spawn_reader(format!("{base}/sitemap.xml"), options);
-    let ingest_options = qpai::rag::ingest::IngestOptions { source_id: base.clone(), prune: true, ann_min_rows: 20_000 };
-    let report = qpai::rag::ingest::ingest(&rag, &site, reader, &ingest_options, &indicatif::ProgressBar::hidden())
-        .await
-        .unwrap();
+    let ingest_options = qpai::rag::ingest::IngestOptions {
+        source_id: base.clone(),
+        prune: true,
+        ann_min_rows: 20_000,
+    };
+    let report = qpai::rag::ingest::ingest(
+        &rag,
+        &site,
+        reader,
+        &ingest_options,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await
+    .unwrap();
     assert_eq!((report.pages, report.failed), (2, 2), "{report:#?}");
-    let errors: Vec<(&str, &str)> = report.errors.iter().map(|e| (e.origin.as_str(), e.error.as_str())).collect();
-    assert!(errors.contains(&(&format!("{base}/private/c"), "disallowed by the site's robots.txt")), "{errors:?}");
-    assert!(errors.contains(&(&format!("{base}/missing"), "HTTP 404")), "{errors:?}");
+    let errors: Vec<(&str, &str)> = report
+        .errors
+        .iter()
+        .map(|e| (e.origin.as_str(), e.error.as_str()))
+        .collect();
+    assert!(
+        errors.contains(&(
+            &format!("{base}/private/c"),
+            "disallowed by the site's robots.txt"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors.contains(&(&format!("{base}/missing"), "HTTP 404")),
+        "{errors:?}"
+    );
     let hits = search::search(
         &rag,
         &site,
-        &SearchRequest { query: "flat tyre".into(), top_k: 1, mode: SearchMode::Hybrid, filter: SearchFilter::default() },
+        &SearchRequest {
+            query: "flat tyre".into(),
+            top_k: 1,
+            mode: SearchMode::Hybrid,
+            filter: SearchFilter::default(),
+        },
     )
     .await
     .unwrap();

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use super::{ReadOptions, ReadOutcome, SourceItem, decode_page, document, html, markdown, page_url};
+use super::{
+    ReadOptions, ReadOutcome, SourceItem, decode_page, document, html, markdown, page_url,
+};
 use crate::rag::document::Document;
 
 #[derive(Clone, Copy)]
@@ -113,7 +115,10 @@ fn html_document(text: &str, relative: &str, options: &ReadOptions) -> Result<Do
     let page = html::extract(text);
     let route = html_route(relative, options);
     let url = page_url(page.canonical.as_deref(), route, options.base_url.as_ref());
-    let first_heading = page.sections.first().and_then(|s| s.headings.first().cloned());
+    let first_heading = page
+        .sections
+        .first()
+        .and_then(|s| s.headings.first().cloned());
     document(
         url,
         page.title.or(first_heading),
@@ -130,7 +135,11 @@ fn markdown_route(relative: &str, slug: Option<&str>) -> String {
     let (dir, file) = relative.rsplit_once('/').unwrap_or(("", relative));
     let stem = file.rsplit_once('.').map_or(file, |(s, _)| s);
     let name = slug.unwrap_or(stem);
-    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
     if slug.is_none() && matches!(stem, "index" | "_index" | "README" | "readme") {
         prefix
     } else {
@@ -169,6 +178,9 @@ mod tests {
         assert_eq!(markdown_route("docs/guide.md", None), "docs/guide");
         assert_eq!(markdown_route("docs/index.mdx", None), "docs/");
         assert_eq!(markdown_route("index.md", None), "");
-        assert_eq!(markdown_route("blog/2024/post.md", Some("hello")), "blog/2024/hello");
+        assert_eq!(
+            markdown_route("blog/2024/post.md", Some("hello")),
+            "blog/2024/hello"
+        );
     }
 }

@@ -25,21 +25,64 @@ const DROPPED: &[&str] = &[
 ];
 
 /// Roles and classes that mark site chrome rather than the page's content.
-const CHROME_ROLES: &[&str] = &["navigation", "banner", "contentinfo", "search", "complementary"];
+const CHROME_ROLES: &[&str] = &[
+    "navigation",
+    "banner",
+    "contentinfo",
+    "search",
+    "complementary",
+];
 const CHROME_CLASSES: &[&str] = &[
-    "navheader", "navfooter", "navbar", "breadcrumb", "breadcrumbs", "sidebar", "skip-link",
-    "site-header", "site-footer", "cookie-banner",
+    "navheader",
+    "navfooter",
+    "navbar",
+    "breadcrumb",
+    "breadcrumbs",
+    "sidebar",
+    "skip-link",
+    "site-header",
+    "site-footer",
+    "cookie-banner",
 ];
 
 /// Elements that end a line of text.
 const BLOCKS: &[&str] = &[
-    "p", "div", "section", "article", "main", "ul", "ol", "li", "dl", "dt", "dd", "table",
-    "tr", "th", "td", "caption", "blockquote", "figure", "figcaption", "br", "hr", "pre",
-    "address", "details", "summary", "body",
+    "p",
+    "div",
+    "section",
+    "article",
+    "main",
+    "ul",
+    "ol",
+    "li",
+    "dl",
+    "dt",
+    "dd",
+    "table",
+    "tr",
+    "th",
+    "td",
+    "caption",
+    "blockquote",
+    "figure",
+    "figcaption",
+    "br",
+    "hr",
+    "pre",
+    "address",
+    "details",
+    "summary",
+    "body",
 ];
 
 /// Where the content is, in order of preference.
-const CONTENT_ROOTS: &[&str] = &["main", "article", "[role=main]", "#content", "#main-content"];
+const CONTENT_ROOTS: &[&str] = &[
+    "main",
+    "article",
+    "[role=main]",
+    "#content",
+    "#main-content",
+];
 
 fn select_first<'a>(html: &'a Html, selector: &str) -> Option<ElementRef<'a>> {
     let selector = Selector::parse(selector).ok()?;
@@ -299,7 +342,11 @@ mod tests {
         let page = extract("<html><body><div><p>one &bogus; two<p>three<div><h2>H</h2>four");
         let text: Vec<&str> = page.sections.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(text, vec!["one &bogus; two\nthree", "four"]);
-        let deep = format!("{}deep text{}", "<div>".repeat(50_000), "</div>".repeat(50_000));
+        let deep = format!(
+            "{}deep text{}",
+            "<div>".repeat(50_000),
+            "</div>".repeat(50_000)
+        );
         let page = extract(&deep);
         assert_eq!(page.sections[0].text, "deep text");
     }

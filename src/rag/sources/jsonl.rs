@@ -40,7 +40,10 @@ impl Record {
             }
             (None, None, Some(source)) => {
                 let page = markdown::parse(&source, false)?;
-                (self.title.or(page.front.title).or(page.first_h1), page.sections)
+                (
+                    self.title.or(page.front.title).or(page.first_h1),
+                    page.sections,
+                )
             }
             _ => return Err("give exactly one of `text`, `html` or `markdown`".to_string()),
         };

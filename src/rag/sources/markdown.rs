@@ -29,7 +29,11 @@ pub struct MarkdownPage {
 pub fn parse(source: &str, mdx: bool) -> Result<MarkdownPage, String> {
     let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     let (front, body) = split_front_matter(source)?;
-    let body = if mdx { strip_mdx_statements(body) } else { body.to_string() };
+    let body = if mdx {
+        strip_mdx_statements(body)
+    } else {
+        body.to_string()
+    };
     let (first_h1, sections) = sections(&body);
     Ok(MarkdownPage {
         front,
@@ -47,13 +51,20 @@ fn split_front_matter(source: &str) -> Result<(FrontMatter, &str), String> {
             continue;
         };
         let close = format!("\n{fence}");
-        let Some(end) = rest.find(&close).or_else(|| rest.starts_with(fence).then_some(0)) else {
+        let Some(end) = rest
+            .find(&close)
+            .or_else(|| rest.starts_with(fence).then_some(0))
+        else {
             return Err(format!("front matter opened with {fence} is never closed"));
         };
         let text = &rest[..end];
         let after = &rest[(end + close.len()).min(rest.len())..];
         let body = after.split_once('\n').map_or("", |(_, b)| b);
-        let front = if yaml { yaml_front(text)? } else { toml_front(text)? };
+        let front = if yaml {
+            yaml_front(text)?
+        } else {
+            toml_front(text)?
+        };
         return Ok((front, body));
     }
     Ok((FrontMatter::default(), source))

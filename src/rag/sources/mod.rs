@@ -88,7 +88,9 @@ pub fn detect(location: &str) -> anyhow::Result<SourceKind> {
             } else if head.contains("<rss") {
                 Ok(SourceKind::Wxr)
             } else {
-                bail!("{location}: an XML file that is neither a sitemap nor a WordPress (WXR) export")
+                bail!(
+                    "{location}: an XML file that is neither a sitemap nor a WordPress (WXR) export"
+                )
             }
         }
         _ => bail!(
@@ -174,13 +176,19 @@ pub fn document(
 pub fn normalise_date(date: &str) -> String {
     let date = date.trim();
     if let Ok(d) = chrono::DateTime::parse_from_rfc3339(date) {
-        return d.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        return d
+            .to_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     }
     if let Ok(d) = chrono::DateTime::parse_from_rfc2822(date) {
-        return d.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        return d
+            .to_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     }
     if let Ok(d) = chrono::NaiveDateTime::parse_from_str(date, "%Y-%m-%d %H:%M:%S") {
-        return d.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        return d
+            .and_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") {
         return d.to_string();
@@ -195,14 +203,37 @@ mod tests {
     #[test]
     fn urls_and_dates() {
         let base = url::Url::parse("https://ex.com/docs/").unwrap();
-        assert_eq!(page_url(None, "a/b.html", Some(&base)), "https://ex.com/docs/a/b.html");
-        assert_eq!(page_url(Some("https://c.com/x"), "a", Some(&base)), "https://c.com/x");
+        assert_eq!(
+            page_url(None, "a/b.html", Some(&base)),
+            "https://ex.com/docs/a/b.html"
+        );
+        assert_eq!(
+            page_url(Some("https://c.com/x"), "a", Some(&base)),
+            "https://c.com/x"
+        );
         assert_eq!(page_url(None, "a/b.html", None), "a/b.html");
-        assert_eq!(normalise_date("Tue, 05 Mar 2024 10:00:00 +0100"), "2024-03-05T09:00:00Z");
+        assert_eq!(
+            normalise_date("Tue, 05 Mar 2024 10:00:00 +0100"),
+            "2024-03-05T09:00:00Z"
+        );
         assert_eq!(normalise_date("2024-03-05"), "2024-03-05");
-        assert_eq!(normalise_date("2024-03-05 10:11:12"), "2024-03-05T10:11:12Z");
-        assert_eq!(decode_page(vec![0, 1, 2], 10).unwrap_err(), "binary content (NUL bytes), not a text page");
-        assert!(decode_page(vec![0xff, b'a'], 10).unwrap_err().contains("UTF-8"));
-        assert!(decode_page(vec![b'a'; 11], 10).unwrap_err().contains("limit"));
+        assert_eq!(
+            normalise_date("2024-03-05 10:11:12"),
+            "2024-03-05T10:11:12Z"
+        );
+        assert_eq!(
+            decode_page(vec![0, 1, 2], 10).unwrap_err(),
+            "binary content (NUL bytes), not a text page"
+        );
+        assert!(
+            decode_page(vec![0xff, b'a'], 10)
+                .unwrap_err()
+                .contains("UTF-8")
+        );
+        assert!(
+            decode_page(vec![b'a'; 11], 10)
+                .unwrap_err()
+                .contains("limit")
+        );
     }
 }

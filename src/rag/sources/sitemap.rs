@@ -2,7 +2,6 @@
 //! file or an http(s) URL; its pages are fetched over HTTP with `fetch`'s
 //! limits (or read from disk when they are `file://` URLs or paths).
 
-
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
@@ -25,7 +24,12 @@ fn parse(text: &str) -> Result<Sitemap, String> {
     let (mut loc, mut lastmod) = (String::new(), String::new());
     loop {
         match reader.read_event() {
-            Err(e) => return Err(format!("XML error at byte {}: {e}", reader.error_position())),
+            Err(e) => {
+                return Err(format!(
+                    "XML error at byte {}: {e}",
+                    reader.error_position()
+                ));
+            }
             Ok(Event::Eof) => break,
             Ok(Event::Start(start)) => {
                 let name = start.local_name().as_ref().to_vec();
@@ -94,14 +98,15 @@ pub fn read(
     let mut outcome = ReadOutcome::default();
     let mut pages = 0usize;
     while let Some((sitemap_location, depth)) = queue.pop() {
-        let sitemap = match load(&sitemap_location, &mut fetcher, sitemap_limit).and_then(|t| parse(&t)) {
-            Ok(sitemap) => sitemap,
-            Err(error) if depth == 0 => anyhow::bail!("sitemap {sitemap_location}: {error}"),
-            Err(error) => {
-                outcome.interrupted = Some(format!("sitemap {sitemap_location}: {error}"));
-                continue;
-            }
-        };
+        let sitemap =
+            match load(&sitemap_location, &mut fetcher, sitemap_limit).and_then(|t| parse(&t)) {
+                Ok(sitemap) => sitemap,
+                Err(error) if depth == 0 => anyhow::bail!("sitemap {sitemap_location}: {error}"),
+                Err(error) => {
+                    outcome.interrupted = Some(format!("sitemap {sitemap_location}: {error}"));
+                    continue;
+                }
+            };
         if depth < MAX_DEPTH {
             queue.extend(sitemap.sitemaps.into_iter().rev().map(|s| (s, depth + 1)));
         }
@@ -156,11 +161,17 @@ mod tests {
         assert_eq!(
             set.pages,
             vec![
-                ("https://ex.com/a?x=1&y=2".to_string(), Some("2024-01-02".to_string())),
+                (
+                    "https://ex.com/a?x=1&y=2".to_string(),
+                    Some("2024-01-02".to_string())
+                ),
                 ("https://ex.com/b".to_string(), None)
             ]
         );
-        let index = parse("<sitemapindex><sitemap><loc>https://ex.com/s1.xml</loc></sitemap></sitemapindex>").unwrap();
+        let index = parse(
+            "<sitemapindex><sitemap><loc>https://ex.com/s1.xml</loc></sitemap></sitemapindex>",
+        )
+        .unwrap();
         assert_eq!(index.sitemaps, vec!["https://ex.com/s1.xml"]);
         assert!(parse("<urlset><url><loc>x</url></urlset>").is_err());
     }
