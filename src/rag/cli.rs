@@ -219,7 +219,9 @@ pub async fn bench_search(
     for r in &results {
         println!(
             "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
-            format!("{:?}", r.mode).to_lowercase(),
+            r.mode
+                .map_or("query embedding only".to_string(), |m| format!("{m:?}")
+                    .to_lowercase()),
             r.rows,
             r.queries,
             r.p50_ms,

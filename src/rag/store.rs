@@ -27,9 +27,19 @@ const MODEL_KEY: &str = "qpai.embedding_model";
 const VERSION_KEY: &str = "qpai.schema_version";
 const SCHEMA_VERSION: &str = "1";
 
-/// Columns returned by searches.
-const RESULT_COLUMNS: &[&str] = &[
-    "chunk_id", "url", "title", "heading", "text", "lang", "updated",
+/// Columns returned by searches, with the score column of each kind.
+const VECTOR_COLUMNS: &[&str] = &[
+    "chunk_id",
+    "url",
+    "title",
+    "heading",
+    "text",
+    "lang",
+    "updated",
+    "_distance",
+];
+const FULLTEXT_COLUMNS: &[&str] = &[
+    "chunk_id", "url", "title", "heading", "text", "lang", "updated", "_score",
 ];
 
 /// One chunk, ready to store.
@@ -451,7 +461,7 @@ impl Store {
             .nprobes(32)?
             .refine_factor(4)
             .limit(limit)
-            .select(Select::columns(RESULT_COLUMNS));
+            .select(Select::columns(VECTOR_COLUMNS));
         if let Some(filter) = filter {
             query = query.only_if(filter);
         }
@@ -474,7 +484,7 @@ impl Store {
             .query()
             .full_text_search(FullTextSearchQuery::new(text.to_string()))
             .limit(limit)
-            .select(Select::columns(RESULT_COLUMNS));
+            .select(Select::columns(FULLTEXT_COLUMNS));
         if let Some(filter) = filter {
             query = query.only_if(filter);
         }
