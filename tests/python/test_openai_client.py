@@ -6,7 +6,9 @@ sets QPAI_BASE_URL and QPAI_MODEL).
 
 import os
 
-import httpx
+import json
+import urllib.request
+
 import openai
 import pytest
 from openai import OpenAI
@@ -125,7 +127,13 @@ def test_grounded_answer_with_citations(client):
         {"url": "https://bakery.example/bread", "title": "Our bread",
          "text": "All loaves are sourdough, baked from organic rye and spelt flour."},
     ]}
-    report = httpx.post(f"{BASE_URL}/sites/pytest/documents", json=docs, timeout=120).json()
+    request = urllib.request.Request(
+        f"{BASE_URL}/sites/pytest/documents",
+        data=json.dumps(docs).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        report = json.load(response)
     assert report["added"] == 2, report
     r = client.chat.completions.create(
         model=MODEL,
