@@ -19,6 +19,20 @@ pub struct FrontMatter {
     pub draft: bool,
 }
 
+impl FrontMatter {
+    /// The fields from `get`, which returns the first of the given keys set.
+    fn read(get: impl Fn(&[&str]) -> Option<String>, draft: bool) -> Self {
+        Self {
+            title: get(&["title"]),
+            lang: get(&["lang", "language", "locale"]),
+            updated: get(&["lastmod", "last_modified", "updated", "modified", "date"]),
+            url: get(&["permalink", "url", "canonical"]),
+            slug: get(&["slug"]),
+            draft,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct MarkdownPage {
     pub front: FrontMatter,
@@ -83,14 +97,7 @@ fn yaml_front(text: &str) -> Result<FrontMatter, String> {
             _ => None,
         })
     };
-    Ok(FrontMatter {
-        title: get(&["title"]),
-        lang: get(&["lang", "language", "locale"]),
-        updated: get(&["lastmod", "last_modified", "updated", "modified", "date"]),
-        url: get(&["permalink", "url", "canonical"]),
-        slug: get(&["slug"]),
-        draft: matches!(doc["draft"], Yaml::Boolean(true)),
-    })
+    Ok(FrontMatter::read(get, matches!(doc["draft"], Yaml::Boolean(true))))
 }
 
 fn toml_front(text: &str) -> Result<FrontMatter, String> {
@@ -102,14 +109,8 @@ fn toml_front(text: &str) -> Result<FrontMatter, String> {
             _ => None,
         })
     };
-    Ok(FrontMatter {
-        title: get(&["title"]),
-        lang: get(&["lang", "language", "locale"]),
-        updated: get(&["lastmod", "last_modified", "updated", "modified", "date"]),
-        url: get(&["permalink", "url", "canonical"]),
-        slug: get(&["slug"]),
-        draft: table.get("draft").and_then(toml::Value::as_bool) == Some(true),
-    })
+    let draft = table.get("draft").and_then(toml::Value::as_bool) == Some(true);
+    Ok(FrontMatter::read(get, draft))
 }
 
 /// Drops MDX `import`/`export` statements outside code fences.
