@@ -164,6 +164,13 @@ async fn empty_and_unknown_sources_and_unsafe_site_names_are_refused() {
     for name in ["../etc", "a/b", "", "x y", ".hidden"] {
         assert!(SiteName::parse(name).is_err(), "{name:?}");
     }
+    // Object storage is a build feature; without it the URI is refused by name.
+    if !cfg!(feature = "s3") {
+        let Err(error) = qpai::rag::Store::open("s3://bucket/rag").await else {
+            panic!("s3:// opened without the s3 feature");
+        };
+        assert!(error.to_string().contains("`s3`"), "{error}");
+    }
 }
 
 const WXR: &str = r#"<?xml version="1.0" encoding="UTF-8"?>

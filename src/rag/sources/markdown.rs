@@ -97,7 +97,10 @@ fn yaml_front(text: &str) -> Result<FrontMatter, String> {
             _ => None,
         })
     };
-    Ok(FrontMatter::read(get, matches!(doc["draft"], Yaml::Boolean(true))))
+    Ok(FrontMatter::read(
+        get,
+        matches!(doc["draft"], Yaml::Boolean(true)),
+    ))
 }
 
 fn toml_front(text: &str) -> Result<FrontMatter, String> {

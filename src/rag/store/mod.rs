@@ -63,6 +63,16 @@ pub fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// The cargo feature an object-storage scheme needs, when this build lacks it.
+fn missing_feature(scheme: &str) -> Option<&'static str> {
+    match scheme {
+        "s3" | "s3+ddb" if !cfg!(feature = "s3") => Some("s3"),
+        "gs" if !cfg!(feature = "gcs") => Some("gcs"),
+        "az" | "abfs" if !cfg!(feature = "azure") => Some("azure"),
+        _ => None,
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: lancedb::Connection,
@@ -73,7 +83,16 @@ impl Store {
     /// Opens (creating if needed) the database at `uri`: a local directory
     /// or any URI lancedb accepts.
     pub async fn open(uri: &str) -> RagResult<Self> {
-        if !uri.contains("://") {
+        let scheme = uri.split_once("://").map(|(s, _)| s);
+        if let Some(feature) = scheme.and_then(missing_feature) {
+            return Err(RagError::InvalidRequest {
+                param: "rag_uri",
+                message: format!(
+                    "{uri}: this qpai was built without object storage for this scheme; build it with the `{feature}` feature"
+                ),
+            });
+        }
+        if scheme.is_none() {
             std::fs::create_dir_all(uri)
                 .map_err(|e| anyhow::anyhow!("creating the RAG store {uri}: {e}"))?;
         }
