@@ -10,11 +10,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::mpsc;
 
 use super::AppState;
 use super::extract::ApiJson;
 use crate::error::{ApiError, ApiResult};
-use crate::rag::ingest::{IngestOptions, from_documents, ingest};
+use crate::rag::ingest::{IngestOptions, Reader, from_documents, ingest, spawn_reader};
 use crate::rag::sources::jsonl::Record;
 use crate::rag::sources::{ReadOptions, SourceItem};
 use crate::rag::{RagError, SearchFilter, SearchMode, SearchRequest, SiteName, search};
@@ -136,28 +137,25 @@ pub async fn search_site(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestBody {
-    pub documents: Vec<serde_json::Value>,
-    /// Delete pages ingested through this API that are not in `documents`.
+    /// Records (`url` and one of `text`, `html`, `markdown`, ...).
+    pub documents: Option<Vec<serde_json::Value>>,
+    /// Or an http(s) sitemap, fetched by the server with the CLI's limits.
+    pub sitemap_url: Option<String>,
+    /// Delete pages of this source (the API's records, or this sitemap) that it no longer has.
     #[serde(default)]
     pub prune: bool,
 }
 
-pub async fn ingest_documents(
-    State(state): State<Arc<AppState>>,
-    Path(site): Path<String>,
-    ApiJson(body): ApiJson<IngestBody>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let site = site_name(&site)?;
-    if body.documents.is_empty() || body.documents.len() > MAX_DOCUMENTS {
+/// Records checked one by one: a bad record is reported, the others ingested.
+fn records(documents: Vec<serde_json::Value>) -> ApiResult<(mpsc::Receiver<SourceItem>, Reader)> {
+    if documents.is_empty() || documents.len() > MAX_DOCUMENTS {
         return Err(ApiError::invalid_param(
             "documents",
             format!("'documents' must hold 1 to {MAX_DOCUMENTS} records."),
         ));
     }
     let options = ReadOptions::default();
-    // Each record is checked on its own: one bad record is reported, the others ingested.
-    let items = body
-        .documents
+    let items = documents
         .into_iter()
         .enumerate()
         .map(|(i, value)| SourceItem {
@@ -167,16 +165,44 @@ pub async fn ingest_documents(
                 .and_then(|r| r.into_document(&options)),
         })
         .collect();
+    Ok(from_documents(items))
+}
+
+pub async fn ingest_documents(
+    State(state): State<Arc<AppState>>,
+    Path(site): Path<String>,
+    ApiJson(body): ApiJson<IngestBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let site = site_name(&site)?;
+    let (reader, source_id) = match (body.documents, body.sitemap_url) {
+        (Some(documents), None) => (records(documents)?, "api".to_string()),
+        (None, Some(url)) => {
+            // The server reads no local files for its clients: URLs only.
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ApiError::invalid_param(
+                    "sitemap_url",
+                    "'sitemap_url' must be an http(s) URL.",
+                ));
+            }
+            (spawn_reader(url.clone(), ReadOptions::default()), url)
+        }
+        _ => {
+            return Err(ApiError::invalid_param(
+                "documents",
+                "Give exactly one of 'documents' and 'sitemap_url'.",
+            ));
+        }
+    };
     let rag = state.rag().await?;
     let options = IngestOptions {
-        source_id: "api".to_string(),
+        source_id,
         prune: body.prune,
         ann_min_rows: 20_000,
     };
     let report = ingest(
         &rag,
         &site,
-        from_documents(items),
+        reader,
         &options,
         &indicatif::ProgressBar::hidden(),
     )

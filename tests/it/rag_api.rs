@@ -151,6 +151,17 @@ async fn sites_api_admin_ingest_and_search() {
         assert_eq!(value["error"]["param"], param, "{path} {body}: {value}");
     }
 
+    // A sitemap, fetched by the server.
+    let base = crate::rag_sources::serve_site().await;
+    let body = json!({"sitemap_url": format!("{base}/sitemap.xml")});
+    let (status, report) = send_json(&app, post_json("/v1/sites/bikes/documents", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["added"].as_u64(), report["failed"].as_u64()),
+        (Some(2), Some(2)),
+        "{report}"
+    );
+
     let (status, deleted) = send_json(&app, delete("/v1/sites/shop")).await;
     assert_eq!(status, StatusCode::OK, "{deleted}");
     let (status, _) = send_json(&app, get("/v1/sites/shop")).await;

@@ -284,7 +284,7 @@ async fn jsonl_records_each_stand_alone() {
 
 /// A site served on loopback: a sitemap index, pages, a 404, and a
 /// robots.txt that disallows one page.
-async fn serve_site() -> String {
+pub async fn serve_site() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let sitemap = format!(
