@@ -12,6 +12,8 @@ mod embeddings;
 mod openai_client;
 mod rag;
 mod rag_api;
+#[cfg(feature = "s3")]
+mod rag_s3;
 mod rag_sources;
 mod reference;
 mod tokenizer;
