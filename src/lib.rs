@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod lora;
 pub mod models;
 pub mod rag;
 pub mod server;
