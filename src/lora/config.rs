@@ -49,6 +49,15 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     ("trainable_token_indices", "trainable token embeddings"),
     ("lora_bias", "LoRA biases (lora_bias)"),
+    ("layer_replication", "layer replication"),
+    (
+        "target_parameters",
+        "adapters on raw parameters (target_parameters)",
+    ),
+    (
+        "alora_invocation_tokens",
+        "activated LoRA (alora_invocation_tokens)",
+    ),
 ];
 
 fn is_set(value: &Value) -> bool {

@@ -9,6 +9,7 @@ mod catalog;
 mod common;
 mod concurrency;
 mod embeddings;
+mod lora;
 mod openai_client;
 mod rag;
 mod rag_api;
