@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::store::{StoredHit, quote};
+pub use super::store::SearchHit;
+use super::store::quote;
 use super::{Rag, RagError, RagResult, SiteName};
 
 pub const MAX_TOP_K: usize = 100;
@@ -50,35 +51,6 @@ pub struct SearchRequest {
     pub top_k: usize,
     pub mode: SearchMode,
     pub filter: SearchFilter,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SearchHit {
-    pub url: String,
-    pub title: String,
-    pub heading: String,
-    pub text: String,
-    pub score: f32,
-    pub chunk_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lang: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub updated: Option<String>,
-}
-
-impl From<StoredHit> for SearchHit {
-    fn from(hit: StoredHit) -> Self {
-        Self {
-            url: hit.url,
-            title: hit.title,
-            heading: hit.heading,
-            text: hit.text,
-            score: hit.score,
-            chunk_id: hit.chunk_id,
-            lang: hit.lang,
-            updated: hit.updated,
-        }
-    }
 }
 
 impl SearchRequest {
@@ -137,26 +109,26 @@ pub async fn search(
             fused
         }
     };
-    Ok(hits.into_iter().map(SearchHit::from).collect())
+    Ok(hits)
 }
 
 /// Fuses rankings: each hit scores the sum of 1 / (60 + rank) over the
 /// rankings it appears in (rank from 1).
-pub fn reciprocal_rank_fusion(rankings: &[Vec<StoredHit>]) -> Vec<StoredHit> {
-    let mut fused: HashMap<String, StoredHit> = HashMap::new();
+pub fn reciprocal_rank_fusion(rankings: &[Vec<SearchHit>]) -> Vec<SearchHit> {
+    let mut fused: HashMap<String, SearchHit> = HashMap::new();
     for ranking in rankings {
         for (rank, hit) in ranking.iter().enumerate() {
             let contribution = 1.0 / (RRF_K + rank as f32 + 1.0);
             fused
                 .entry(hit.chunk_id.clone())
                 .and_modify(|h| h.score += contribution)
-                .or_insert_with(|| StoredHit {
+                .or_insert_with(|| SearchHit {
                     score: contribution,
                     ..hit.clone()
                 });
         }
     }
-    let mut hits: Vec<StoredHit> = fused.into_values().collect();
+    let mut hits: Vec<SearchHit> = fused.into_values().collect();
     hits.sort_by(|a, b| {
         b.score
             .total_cmp(&a.score)
@@ -169,8 +141,8 @@ pub fn reciprocal_rank_fusion(rankings: &[Vec<StoredHit>]) -> Vec<StoredHit> {
 mod tests {
     use super::*;
 
-    fn hit(id: &str) -> StoredHit {
-        StoredHit {
+    fn hit(id: &str) -> SearchHit {
+        SearchHit {
             chunk_id: id.into(),
             url: String::new(),
             title: String::new(),

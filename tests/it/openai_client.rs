@@ -2,30 +2,12 @@
 //! (tests/python/test_openai_client.py). The test setup (scripts/test.sh)
 //! installs the package into a cached venv and sets QPAI_TEST_PYTHON.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 
 /// Kills the server when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -48,7 +30,7 @@ fn official_python_client_against_qpai_serve() {
     chat_model(); // makes sure the model is in the cache before the server starts
     let port = free_port();
     let rag_dir = tempfile::tempdir().unwrap();
-    let server = Server(
+    let server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_qpai"))
             .args([
                 "serve",

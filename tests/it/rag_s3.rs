@@ -1,31 +1,14 @@
 //! A site store on object storage: `qpai ingest` and `qpai search` against a
 //! real S3-speaking server on loopback (moto's server, from the test venv).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::models_dir;
+use crate::common::{KillOnDrop, free_port, models_dir};
 
-struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_moto() -> (Moto, String) {
+fn start_moto() -> (KillOnDrop, String) {
     let python = std::env::var("QPAI_TEST_PYTHON")
         .expect("QPAI_TEST_PYTHON is not set: run the tests with scripts/test.sh");
     let port = free_port();
@@ -42,7 +25,7 @@ fn start_moto() -> (Moto, String) {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting moto's S3 server");
-    let moto = Moto(child);
+    let moto = KillOnDrop(child);
     let endpoint = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     while ureq::get(&endpoint).call().is_err() {

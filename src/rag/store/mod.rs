@@ -21,7 +21,7 @@ use serde::Serialize;
 
 mod rows;
 
-pub use rows::{ChunkRow, StoredHit};
+pub use rows::{ChunkRow, SearchHit};
 
 use super::{RagError, RagResult, SiteName};
 
@@ -348,7 +348,7 @@ impl Store {
         vector: &[f32],
         limit: usize,
         filter: Option<&str>,
-    ) -> RagResult<Vec<StoredHit>> {
+    ) -> RagResult<Vec<SearchHit>> {
         let mut query = table
             .vector_search(vector)?
             .column("vector")
@@ -371,7 +371,7 @@ impl Store {
         text: &str,
         limit: usize,
         filter: Option<&str>,
-    ) -> RagResult<Vec<StoredHit>> {
+    ) -> RagResult<Vec<SearchHit>> {
         if table.count_rows(None).await? == 0 {
             return Ok(Vec::new());
         }

@@ -49,18 +49,20 @@ pub struct ChunkRow {
     pub vector: Vec<f32>,
 }
 
-/// A stored chunk found by a search.
+/// A stored chunk found by a search, as the API answers it.
 #[derive(Debug, Clone, Serialize)]
-pub struct StoredHit {
-    pub chunk_id: String,
+pub struct SearchHit {
     pub url: String,
     pub title: String,
     pub heading: String,
     pub text: String,
-    pub lang: Option<String>,
-    pub updated: Option<String>,
-    /// Cosine similarity (vector) or BM25 score (full text).
+    /// Cosine similarity (vector), BM25 score (full text) or fused rank score (hybrid).
     pub score: f32,
+    pub chunk_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated: Option<String>,
 }
 
 /// The table of a site embedded with `model`.
@@ -167,7 +169,7 @@ pub fn hits(
     batches: &[RecordBatch],
     score_column: &str,
     score: impl Fn(f32) -> f32,
-) -> RagResult<Vec<StoredHit>> {
+) -> RagResult<Vec<SearchHit>> {
     let mut out = Vec::new();
     for batch in batches {
         let column = |name| strings(batch, name);
@@ -186,7 +188,7 @@ pub fn hits(
             .ok_or_else(|| anyhow::anyhow!("{score_column} missing from the results"))?;
         let optional = |a: &StringArray, i| (!a.is_null(i)).then(|| a.value(i).to_string());
         for i in 0..batch.num_rows() {
-            out.push(StoredHit {
+            out.push(SearchHit {
                 chunk_id: ids.value(i).to_string(),
                 url: urls.value(i).to_string(),
                 title: titles.value(i).to_string(),
