@@ -19,12 +19,18 @@ pub struct LlamaWeights {
 
 impl LlamaWeights {
     /// Loads `config.json` and every `*.safetensors` file of `dir`.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    /// `merge`: an adapter merged into the weights as they are read.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        merge: Option<&Arc<crate::lora::Adapter>>,
+    ) -> anyhow::Result<Self> {
         let config_text = std::fs::read_to_string(dir.join("config.json"))?;
         let file_config: LlamaConfig = serde_json::from_str(&config_text)
             .map_err(|e| anyhow::anyhow!("config.json is not a llama config: {e}"))?;
         let config = file_config.into_config(false);
-        let vb = super::loader::checkpoint_vars(dir, dtype, device)?;
+        let vb = super::loader::checkpoint_vars(dir, dtype, device, merge)?;
         // candle's loader unwraps a missing tensor inside; turn that into an error.
         let model =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Llama::load(vb, &config)))

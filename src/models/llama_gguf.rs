@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::SequenceModel;
 use super::quant_matmul::QuantMatrix;
+use crate::lora::{Adapter, HeadLayout, Projection, UnmergedAdapter};
 
 /// Query-key pairs per head below which attention runs on the calling thread.
 const PARALLEL_ATTENTION_MIN_SCORES: usize = 64;
@@ -48,7 +49,7 @@ fn split_columns(x: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
 }
 
 /// Dot product in 16 independent lanes, so that it vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = a_chunks
@@ -63,6 +64,56 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// The GGUF tensor name of a projection within a block.
+fn gguf_name(projection: Projection) -> &'static str {
+    match projection {
+        Projection::Q => "attn_q",
+        Projection::K => "attn_k",
+        Projection::V => "attn_v",
+        Projection::O => "attn_output",
+        Projection::Gate => "ffn_gate",
+        Projection::Up => "ffn_up",
+        Projection::Down => "ffn_down",
+    }
+}
+
+/// (inputs, outputs) of a projection.
+fn projection_shape(
+    projection: Projection,
+    hidden: usize,
+    q_width: usize,
+    kv_width: usize,
+    ffn: usize,
+) -> (usize, usize) {
+    match projection {
+        Projection::Q => (hidden, q_width),
+        Projection::K | Projection::V => (hidden, kv_width),
+        Projection::O => (q_width, hidden),
+        Projection::Gate | Projection::Up => (hidden, ffn),
+        Projection::Down => (ffn, hidden),
+    }
+}
+
+/// Checks an adapter to merge against the file's shapes before any tensor is read.
+fn check_adapter(
+    ct: &gguf_file::Content,
+    adapter: &Adapter,
+    layers: usize,
+    heads: HeadLayout,
+) -> candle_core::Result<()> {
+    let hidden = heads.n_head * heads.head_dim;
+    let ffn = ct
+        .tensor_infos
+        .get("blk.0.ffn_down.weight")
+        .map_or(0, |info| info.shape.dims()[info.shape.rank() - 1]);
+    let kv_width = heads.n_kv_head * heads.head_dim;
+    adapter
+        .check_base(layers, |p| {
+            projection_shape(p, hidden, hidden, kv_width, ffn)
+        })
+        .map_err(candle_core::Error::Msg)
 }
 
 pub struct LlamaGgufWeights {
@@ -87,11 +138,13 @@ fn vector(t: &candle_core::quantized::QTensor) -> candle_core::Result<Vec<f32>> 
 }
 
 impl LlamaGgufWeights {
-    /// Loads the weights; rotary tables cover `positions` positions.
+    /// Loads the weights, with `merge`'s adapter merged into them when
+    /// given; rotary tables cover `positions` positions.
     pub fn from_gguf<R: Read + Seek>(
         ct: &gguf_file::Content,
         reader: &mut R,
         positions: usize,
+        merge: Option<&Adapter>,
     ) -> candle_core::Result<Self> {
         let n_head = super::gguf_metadata(ct, "llama", "attention.head_count")?.to_u32()? as usize;
         let n_kv_head =
@@ -115,6 +168,11 @@ impl LlamaGgufWeights {
             );
         }
         let device = Device::Cpu;
+        let heads = HeadLayout {
+            n_head,
+            n_kv_head,
+            head_dim,
+        };
         let mut tensor = |name: &str| ct.tensor(reader, name, &device);
         let embedding_q = tensor("token_embd.weight")?;
         let embedding = vector(&embedding_q)?;
@@ -124,19 +182,36 @@ impl LlamaGgufWeights {
         };
         let norm = vector(&tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(block_count);
+        if let Some(adapter) = merge {
+            check_adapter(ct, adapter, block_count, heads)?;
+        }
         for i in 0..block_count {
             let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
+            let mut projection = |p: Projection| {
+                let tensor = t(&format!("{}.weight", gguf_name(p)))?;
+                match merge {
+                    Some(adapter) => match crate::lora::merge::delta(adapter, i, p, Some(heads))? {
+                        Some(delta) => crate::lora::merge::merge_qtensor(tensor, &delta),
+                        None => Ok(tensor),
+                    },
+                    None => Ok(tensor),
+                }
+            };
+            let (q, k, v) = (
+                projection(Projection::Q)?,
+                projection(Projection::K)?,
+                projection(Projection::V)?,
+            );
+            let o = projection(Projection::O)?;
+            let (gate, up) = (projection(Projection::Gate)?, projection(Projection::Up)?);
+            let down = projection(Projection::Down)?;
             layers.push(Layer {
                 attention_norm: vector(&t("attn_norm.weight")?)?,
-                qkv: QuantMatrix::stack(vec![
-                    t("attn_q.weight")?,
-                    t("attn_k.weight")?,
-                    t("attn_v.weight")?,
-                ])?,
-                o: QuantMatrix::new(t("attn_output.weight")?)?,
+                qkv: QuantMatrix::stack(vec![q, k, v])?,
+                o: QuantMatrix::new(o)?,
                 ffn_norm: vector(&t("ffn_norm.weight")?)?,
-                gate_up: QuantMatrix::stack(vec![t("ffn_gate.weight")?, t("ffn_up.weight")?])?,
-                down: QuantMatrix::new(t("ffn_down.weight")?)?,
+                gate_up: QuantMatrix::stack(vec![gate, up])?,
+                down: QuantMatrix::new(down)?,
             });
         }
         let half = head_dim / 2;
@@ -170,6 +245,25 @@ impl LlamaGgufWeights {
 
     pub fn max_positions(&self) -> usize {
         self.positions
+    }
+
+    /// Checks `adapter` fits this base and lays it out for unmerged use.
+    pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<UnmergedAdapter, String> {
+        let (q_width, kv_width) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+        let ffn = self.layers.first().map_or(0, |l| l.down.cols());
+        let hidden = self.hidden;
+        adapter.check_base(self.layers.len(), |p| {
+            projection_shape(p, hidden, q_width, kv_width, ffn)
+        })?;
+        UnmergedAdapter::for_gguf(adapter, self.layers.len(), self.heads())
+    }
+
+    fn heads(&self) -> HeadLayout {
+        HeadLayout {
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        }
     }
 
     fn rms_norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
@@ -268,9 +362,25 @@ impl LlamaGgufWeights {
             x.extend_from_slice(&self.embedding[token * self.hidden..(token + 1) * self.hidden]);
         }
         let (q_width, kv_width) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+        let adapters = adapter_groups(sequences, rows);
+        let lora = |layer: usize, parts: &[(Projection, usize)], x: &[f32], y: &mut [f32]| {
+            for (adapter, rows) in &adapters {
+                adapter.add(layer, parts, x, x.len() / n, y, y.len() / n, rows);
+            }
+        };
         for (index, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attention_norm);
-            let qkv = layer.qkv.matmul(&h, n)?;
+            let mut qkv = layer.qkv.matmul(&h, n)?;
+            lora(
+                index,
+                &[
+                    (Projection::Q, 0),
+                    (Projection::K, q_width),
+                    (Projection::V, q_width + kv_width),
+                ],
+                &h,
+                &mut qkv,
+            );
             let mut parts = split_columns(&qkv, n, &[q_width, kv_width, kv_width]).into_iter();
             let (mut q, mut k, v) = match (parts.next(), parts.next(), parts.next()) {
                 (Some(q), Some(k), Some(v)) => (q, k, v),
@@ -292,11 +402,18 @@ impl LlamaGgufWeights {
                 .map(|s| (s.keys[index].as_slice(), s.values[index].as_slice()))
                 .collect();
             let attended = self.attention(&caches, &q, rows);
-            let o = layer.o.matmul(&attended, n)?;
+            let mut o = layer.o.matmul(&attended, n)?;
+            lora(index, &[(Projection::O, 0)], &attended, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = self.rms_norm(&x, &layer.ffn_norm);
-            let gate_up = layer.gate_up.matmul(&h, n)?;
+            let mut gate_up = layer.gate_up.matmul(&h, n)?;
             let width = gate_up.len() / n / 2;
+            lora(
+                index,
+                &[(Projection::Gate, 0), (Projection::Up, width)],
+                &h,
+                &mut gate_up,
+            );
             let mut parts = split_columns(&gate_up, n, &[width, width]).into_iter();
             let (mut gate, up) = match (parts.next(), parts.next()) {
                 (Some(gate), Some(up)) => (gate, up),
@@ -305,7 +422,8 @@ impl LlamaGgufWeights {
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            let down = layer.down.matmul(&gate, n)?;
+            let mut down = layer.down.matmul(&gate, n)?;
+            lora(index, &[(Projection::Down, 0)], &gate, &mut down);
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         let mut last = Vec::with_capacity(logits_of.len() * self.hidden);
@@ -350,20 +468,42 @@ struct Row {
     position: usize,
 }
 
-/// One sequence: per-layer keys and values, `[position][kv_head][head_dim]`.
+/// The rows of a pass grouped by the adapter their sequence runs with
+/// (by identity; rows without an adapter are left out).
+fn adapter_groups(
+    sequences: &[&mut LlamaGgufSequence],
+    rows: &[Row],
+) -> Vec<(Arc<UnmergedAdapter>, Vec<usize>)> {
+    let mut groups: Vec<(Arc<UnmergedAdapter>, Vec<usize>)> = Vec::new();
+    for (index, row) in rows.iter().enumerate() {
+        let Some(adapter) = &sequences[row.seq].adapter else {
+            continue;
+        };
+        match groups.iter_mut().find(|(a, _)| Arc::ptr_eq(a, adapter)) {
+            Some((_, rows)) => rows.push(index),
+            None => groups.push((adapter.clone(), vec![index])),
+        }
+    }
+    groups
+}
+
+/// One sequence: per-layer keys and values, `[position][kv_head][head_dim]`,
+/// and the adapter it runs with, if any.
 #[derive(Clone)]
 pub struct LlamaGgufSequence {
     weights: Arc<LlamaGgufWeights>,
+    adapter: Option<Arc<UnmergedAdapter>>,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     position: usize,
 }
 
 impl LlamaGgufSequence {
-    pub fn new(weights: Arc<LlamaGgufWeights>) -> Self {
+    pub fn new(weights: Arc<LlamaGgufWeights>, adapter: Option<Arc<UnmergedAdapter>>) -> Self {
         let layers = weights.layers.len();
         Self {
             weights,
+            adapter,
             keys: vec![Vec::new(); layers],
             values: vec![Vec::new(); layers],
             position: 0,

@@ -20,6 +20,8 @@ use super::llama::LlamaWeights;
 use super::llama_gguf::LlamaGgufWeights;
 use super::qwen2::Qwen2Weights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
+use crate::lora::Adapter;
+use crate::lora::merge::MergingBackend;
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +57,8 @@ pub struct LoadOptions {
     /// Weight dtype for safetensors checkpoints (default: the checkpoint's, f32 for f16/bf16 on CPU).
     pub dtype: Option<DType>,
     pub device: Device,
+    /// A LoRA adapter merged into the weights at load.
+    pub merge: Option<Arc<Adapter>>,
 }
 
 impl LoadOptions {
@@ -65,6 +69,7 @@ impl LoadOptions {
             max_context: None,
             dtype: None,
             device: super::default_device(),
+            merge: None,
         }
     }
 }
@@ -151,6 +156,10 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         .get(&format!("{architecture}.context_length"))
         .and_then(|v| v.to_u32().ok())
         .map(|n| n as usize);
+    let merges = architecture == "llama" && options.device.is_cpu();
+    if options.merge.is_some() && !merges {
+        bail!("merging an adapter into a GGUF base needs a llama model on the CPU");
+    }
     let (weights, implementation_limit) = match architecture.as_str() {
         "llama" if options.device.is_cpu() => {
             let positions = [file_context, options.max_context]
@@ -158,7 +167,12 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
                 .flatten()
                 .min()
                 .unwrap_or(4096);
-            let weights = LlamaGgufWeights::from_gguf(&content, &mut file, positions)?;
+            let weights = LlamaGgufWeights::from_gguf(
+                &content,
+                &mut file,
+                positions,
+                options.merge.as_deref(),
+            )?;
             let positions = weights.max_positions();
             (Weights::LlamaGguf(Arc::new(weights)), positions)
         }
@@ -219,11 +233,13 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
     })
 }
 
-/// Memory-maps every `*.safetensors` file of a checkpoint directory.
+/// Memory-maps every `*.safetensors` file of a checkpoint directory, with
+/// `merge`'s adapter merged into the projections it targets.
 pub(super) fn checkpoint_vars(
     dir: &Path,
     dtype: DType,
     device: &Device,
+    merge: Option<&Arc<Adapter>>,
 ) -> anyhow::Result<VarBuilder<'static>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -238,7 +254,15 @@ pub(super) fn checkpoint_vars(
     // SAFETY: the files are memory-mapped read-only; qpai never writes them
     // while serving, and a model directory changed underneath a running
     // server is outside what any mmap-based loader can defend against.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
+    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+    Ok(match merge {
+        Some(adapter) => VarBuilder::from_backend(
+            Box::new(MergingBackend::new(tensors, adapter.clone()).map_err(anyhow::Error::msg)?),
+            dtype,
+            device.clone(),
+        ),
+        None => VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()),
+    })
 }
 
 /// The fields of config.json qpai reads before choosing an implementation.
@@ -338,11 +362,11 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         .map(Arc::new);
     let dtype = checkpoint_dtype(&config, options);
     let (weights, max_positions) = if architecture == "Qwen2ForCausalLM" {
-        let weights = Qwen2Weights::load(dir, dtype, &options.device)?;
+        let weights = Qwen2Weights::load(dir, dtype, &options.device, options.merge.as_ref())?;
         let positions = weights.max_position_embeddings();
         (Weights::Qwen2(Arc::new(weights)), positions)
     } else {
-        let weights = LlamaWeights::load(dir, dtype, &options.device)?;
+        let weights = LlamaWeights::load(dir, dtype, &options.device, options.merge.as_ref())?;
         let positions = weights.max_position_embeddings();
         (Weights::Llama(Arc::new(weights)), positions)
     };

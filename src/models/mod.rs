@@ -19,6 +19,8 @@ use std::sync::Arc;
 use candle_core::Device;
 use tokenizers::Tokenizer;
 
+use crate::lora::{Adapter, UnmergedAdapter};
+
 pub use chat_template::{ChatTemplate, TemplateMessage};
 pub use loader::{ModelSource, load_model};
 
@@ -89,8 +91,23 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// A fresh sequence (empty KV cache) sharing this model's weights.
     pub fn new_sequence(&self) -> candle_core::Result<Box<dyn SequenceModel>> {
+        self.new_sequence_with(None)
+    }
+
+    /// A fresh sequence that runs with `adapter` unmerged (one prepared by
+    /// [`LoadedModel::prepare_adapter`] of this model).
+    pub fn new_sequence_with(
+        &self,
+        adapter: Option<&Arc<UnmergedAdapter>>,
+    ) -> candle_core::Result<Box<dyn SequenceModel>> {
+        if adapter.is_some() && !matches!(self.weights, Weights::LlamaGguf(_)) {
+            candle_core::bail!("{} does not run unmerged adapters", self.id);
+        }
         Ok(match &self.weights {
-            Weights::LlamaGguf(w) => Box::new(llama_gguf::LlamaGgufSequence::new(w.clone())),
+            Weights::LlamaGguf(w) => Box::new(llama_gguf::LlamaGgufSequence::new(
+                w.clone(),
+                adapter.cloned(),
+            )),
             Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(
                 (**w).clone(),
                 self.device.clone(),
@@ -99,6 +116,19 @@ impl LoadedModel {
             Weights::Llama(w) => Box::new(llama::LlamaSequence::new(w.clone())?),
             Weights::Qwen2(w) => Box::new(qwen2::Qwen2Sequence::new(w)),
         })
+    }
+
+    /// Checks a LoRA adapter against this base and lays it out for use per
+    /// sequence. Unmerged adapters run on the CPU llama engine (GGUF bases);
+    /// other bases take adapters merged at load only.
+    pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<Arc<UnmergedAdapter>, String> {
+        match &self.weights {
+            Weights::LlamaGguf(w) => w.prepare_adapter(adapter).map(Arc::new),
+            _ => Err(format!(
+                "{} ({}) takes adapters merged at load only (--merge); per-request adapters need a llama GGUF base on the CPU",
+                self.id, self.architecture
+            )),
+        }
     }
 
     /// One decode step for several sequences of this model: `tokens[i]` is

@@ -95,6 +95,11 @@ impl QuantMatrix {
         })
     }
 
+    /// Width of the input.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Stacks matrices of the same type and width by rows (one product
     /// instead of several); falls back to candle for other types.
     pub fn stack(parts: Vec<QTensor>) -> candle_core::Result<Self> {

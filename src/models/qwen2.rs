@@ -17,12 +17,18 @@ pub struct Qwen2Weights {
 }
 
 impl Qwen2Weights {
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    /// `merge`: an adapter merged into the weights as they are read.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        merge: Option<&std::sync::Arc<crate::lora::Adapter>>,
+    ) -> anyhow::Result<Self> {
         let raw: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
         let config: Config = serde_json::from_value(normalize_config(raw))
             .map_err(|e| anyhow::anyhow!("config.json is not a Qwen2 config: {e}"))?;
-        let vb = super::loader::checkpoint_vars(dir, dtype, device)?;
+        let vb = super::loader::checkpoint_vars(dir, dtype, device, merge)?;
         let model = ModelForCausalLM::new(&config, vb)?;
         Ok(Self {
             model,

@@ -1,0 +1,188 @@
+//! An adapter laid out for the CPU llama engine, applied unmerged:
+//! `y = W x + B' (A x)` with `B' = scale * B`. Every factor lives in one
+//! contiguous buffer, so dropping the last reference returns the whole
+//! adapter's memory at once.
+
+use rayon::prelude::*;
+
+use super::adapter::{Adapter, Projection};
+
+/// Rows (tokens) below which the delta is computed on the calling thread.
+const PARALLEL_MIN_ROWS: usize = 8;
+
+/// Where one projection's factors sit in the buffer.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// `A`, `[rank, inputs]` row-major.
+    a: usize,
+    /// `scale * B` transposed, `[rank, outputs]` row-major.
+    b: usize,
+    inputs: usize,
+    outputs: usize,
+}
+
+/// The head layout of the base, for the GGUF row order of q and k.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLayout {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+/// For each row of a GGUF q/k projection, the row of the Hugging Face layout
+/// it holds. llama.cpp's converter reorders each head's rows from
+/// `[first halves..., second halves...]` to interleaved pairs so that rope
+/// rotates adjacent values: GGUF row `2i + s` of a head is HF row `s * half + i`.
+pub fn gguf_row_source(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    (0..heads * head_dim)
+        .map(|row| {
+            let (head, within) = (row / head_dim, row % head_dim);
+            head * head_dim + (within % 2) * half + within / 2
+        })
+        .collect()
+}
+
+pub struct UnmergedAdapter {
+    rank: usize,
+    data: Vec<f32>,
+    /// `slots[layer][projection]`.
+    slots: Vec<[Option<Slot>; 7]>,
+}
+
+impl std::fmt::Debug for UnmergedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnmergedAdapter")
+            .field("rank", &self.rank)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+impl UnmergedAdapter {
+    /// Lays `adapter` out for a GGUF base with `layers` layers and `heads`'
+    /// layout (q/k factors reordered to the GGUF rows). The adapter must have
+    /// been checked against the base's shapes.
+    pub fn for_gguf(adapter: &Adapter, layers: usize, heads: HeadLayout) -> Result<Self, String> {
+        let rank = adapter.config.r;
+        let total: usize = adapter
+            .factors
+            .values()
+            .map(|f| f.a.elem_count() + f.b.elem_count())
+            .sum();
+        let mut data = Vec::with_capacity(total);
+        let mut slots = vec![[None; 7]; layers];
+        let fail = |e: candle_core::Error| e.to_string();
+        for (&(layer, projection), factors) in &adapter.factors {
+            let (outputs, inputs) = (factors.b.dims()[0], factors.a.dims()[1]);
+            let a = factors.a.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            let b = factors.b.t().and_then(|t| t.flatten_all()?.to_vec1::<f32>());
+            let (a, b_t) = (a.map_err(fail)?, b.map_err(fail)?);
+            let order = match projection {
+                Projection::Q => Some(gguf_row_source(heads.n_head, heads.head_dim)),
+                Projection::K => Some(gguf_row_source(heads.n_kv_head, heads.head_dim)),
+                _ => None,
+            };
+            let slot = Slot {
+                a: data.len(),
+                b: data.len() + a.len(),
+                inputs,
+                outputs,
+            };
+            data.extend_from_slice(&a);
+            let scale = adapter.scale as f32;
+            for row in b_t.chunks_exact(outputs) {
+                match &order {
+                    Some(order) => data.extend(order.iter().map(|&source| row[source] * scale)),
+                    None => data.extend(row.iter().map(|v| v * scale)),
+                }
+            }
+            let entry = slots
+                .get_mut(layer)
+                .ok_or_else(|| format!("the adapter has layer {layer}; the base has {layers}"))?;
+            entry[projection as usize] = Some(slot);
+        }
+        Ok(Self { rank, data, slots })
+    }
+
+    /// Bytes of factors held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<f32>()
+    }
+
+    /// Whether the adapter changes `projection` of `layer`.
+    pub fn targets(&self, layer: usize, projection: Projection) -> bool {
+        self.slots
+            .get(layer)
+            .is_some_and(|s| s[projection as usize].is_some())
+    }
+
+    /// Adds the delta of `projection` for one token: `x` is the projection's
+    /// input, `y` its output (this projection's columns only).
+    fn add_row(&self, slot: &Slot, x: &[f32], y: &mut [f32]) {
+        let mut t = [0f32; 64];
+        let mut wide = Vec::new();
+        let t: &mut [f32] = if self.rank <= t.len() {
+            &mut t[..self.rank]
+        } else {
+            wide.resize(self.rank, 0.0);
+            &mut wide
+        };
+        let a = &self.data[slot.a..slot.a + self.rank * slot.inputs];
+        for (t, a_row) in t.iter_mut().zip(a.chunks_exact(slot.inputs)) {
+            *t = crate::models::llama_gguf::dot(a_row, x);
+        }
+        let b = &self.data[slot.b..slot.b + self.rank * slot.outputs];
+        for (&t, b_row) in t.iter().zip(b.chunks_exact(slot.outputs)) {
+            y.iter_mut().zip(b_row).for_each(|(y, b)| *y += t * b);
+        }
+    }
+
+    /// Adds this adapter's deltas to `y` (`[rows, y_width]`, the stacked
+    /// outputs of `parts`: each projection and its first column) for the
+    /// rows listed in `rows`; `x` is `[all rows, x_width]`.
+    pub fn add(
+        &self,
+        layer: usize,
+        parts: &[(Projection, usize)],
+        x: &[f32],
+        x_width: usize,
+        y: &mut [f32],
+        y_width: usize,
+        rows: &[usize],
+    ) {
+        let Some(slots) = self.slots.get(layer) else {
+            return;
+        };
+        let work = |row: usize, y_row: &mut [f32]| {
+            let x_row = &x[row * x_width..(row + 1) * x_width];
+            for &(projection, column) in parts {
+                if let Some(slot) = &slots[projection as usize] {
+                    self.add_row(slot, x_row, &mut y_row[column..column + slot.outputs]);
+                }
+            }
+        };
+        if rows.len() < PARALLEL_MIN_ROWS {
+            for &row in rows {
+                work(row, &mut y[row * y_width..(row + 1) * y_width]);
+            }
+        } else {
+            y.par_chunks_exact_mut(y_width)
+                .enumerate()
+                .filter(|(row, _)| rows.binary_search(row).is_ok())
+                .for_each(|(row, y_row)| work(row, y_row));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_rows_interleave_each_heads_halves() {
+        // One head of 4: HF rows [a0 a1 b0 b1] are stored as [a0 b0 a1 b1].
+        assert_eq!(gguf_row_source(1, 4), vec![0, 2, 1, 3]);
+        assert_eq!(gguf_row_source(2, 4), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+}
