@@ -308,6 +308,56 @@ pub struct ServeArgs {
     /// CPU threads for the model kernels (default: all cores).
     #[arg(long, env = "QPAI_THREADS")]
     pub threads: Option<usize>,
+    /// LoRA adapters to serve, as `[BASE:]NAME=PATH` (a PEFT directory; BASE
+    /// defaults to the first --model). Served per request as `BASE:NAME` and
+    /// `NAME`, or merged into a copy of the base with --merge.
+    #[arg(long = "lora", env = "QPAI_LORA", value_delimiter = ',')]
+    pub loras: Vec<String>,
+    /// Merge the --lora adapters into their base at load (one model per
+    /// adapter, no per-token cost) instead of applying them per request.
+    #[arg(long, env = "QPAI_MERGE")]
+    pub merge: bool,
+    /// Directories of PEFT adapters: an adapter there is served by its
+    /// directory name on first use, and the admin API loads only from them
+    /// (default: <data-dir>/adapters).
+    #[arg(long = "adapter-dir", env = "QPAI_ADAPTER_DIR", value_delimiter = ',')]
+    pub adapter_dirs: Vec<PathBuf>,
+    /// Adapters resident in memory at once; past it the least recently used
+    /// idle one is dropped (and reloaded when asked for again).
+    #[arg(long, env = "QPAI_MAX_ADAPTERS", default_value_t = 16)]
+    pub max_adapters: usize,
+    /// Memory for resident adapters, in MiB (same eviction).
+    #[arg(long, env = "QPAI_MAX_ADAPTER_MEMORY_MB", default_value_t = 1024)]
+    pub max_adapter_memory_mb: usize,
+}
+
+/// `[BASE:]NAME=PATH` of --lora.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraArg {
+    pub base: Option<String>,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for LoraArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (target, path) = text
+            .split_once('=')
+            .filter(|(t, p)| !t.is_empty() && !p.is_empty())
+            .ok_or_else(|| format!("--lora {text:?}: expected [BASE:]NAME=PATH"))?;
+        let (base, name) = match target.rsplit_once(':') {
+            Some((base, name)) => (Some(base.to_string()), name.to_string()),
+            None => (None, target.to_string()),
+        };
+        crate::lora::registry::check_name(&name).map_err(|e| format!("--lora {text:?}: {e}"))?;
+        Ok(Self {
+            base,
+            name,
+            path: PathBuf::from(path),
+        })
+    }
 }
 
 /// The serve settings a `--config` file may hold.
@@ -324,6 +374,11 @@ pub struct ServeFile {
     pub max_body_bytes: Option<usize>,
     pub max_context: Option<usize>,
     pub threads: Option<usize>,
+    pub loras: Option<Vec<String>>,
+    pub merge: Option<bool>,
+    pub adapter_dirs: Option<Vec<PathBuf>>,
+    pub max_adapters: Option<usize>,
+    pub max_adapter_memory_mb: Option<usize>,
 }
 
 fn is_default(matches: &ArgMatches, id: &str) -> bool {
@@ -363,6 +418,11 @@ impl ServeArgs {
         layer!(max_body_bytes, "max_body_bytes");
         layer!(max_context, "max_context");
         layer!(threads, "threads");
+        layer!(loras, "loras");
+        layer!(merge, "merge");
+        layer!(adapter_dirs, "adapter_dirs");
+        layer!(max_adapters, "max_adapters");
+        layer!(max_adapter_memory_mb, "max_adapter_memory_mb");
         Ok(())
     }
 }
@@ -415,6 +475,19 @@ mod tests {
         assert_eq!(serve.port, 8080);
         assert_eq!(serve.models, vec![DEFAULT_MODEL.to_string()]);
         assert!(serve.max_running >= 1 && serve.max_in_flight >= serve.max_running);
+        assert!(serve.loras.is_empty() && !serve.merge);
+    }
+
+    #[test]
+    fn lora_arguments_name_base_adapter_and_path() {
+        let arg: LoraArg = "house=/a/b".parse().unwrap();
+        assert_eq!((arg.base, arg.name.as_str()), (None, "house"));
+        let arg: LoraArg = "smollm2:house=rel/dir".parse().unwrap();
+        assert_eq!(arg.base.as_deref(), Some("smollm2"));
+        assert_eq!(arg.path, PathBuf::from("rel/dir"));
+        for bad in ["house", "=x", "a/b=x", "house="] {
+            assert!(bad.parse::<LoraArg>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -11,22 +11,45 @@ use tokio::sync::Notify;
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::{load_embedding_model, resolve};
-use crate::config::{GlobalArgs, ServeArgs};
+use crate::config::{GlobalArgs, LoraArg, ServeArgs};
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{AppState, EmbeddingSlot, HttpConfig};
+use crate::lora::Adapter;
+use crate::lora::registry::{AdapterLimits, AdapterRegistry, AdapterSpec, Origin};
 use crate::models::load_model;
 
 pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
     let store = ModelStore::new(global.models_dir());
-    let state = AppState::new(HttpConfig {
-        max_body_bytes: args.max_body_bytes,
-    });
+    let loras: Vec<LoraArg> = args
+        .loras
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let adapter_dirs = if args.adapter_dirs.is_empty() {
+        vec![global.data_dir().join("adapters")]
+    } else {
+        args.adapter_dirs.clone()
+    };
+    let limits = AdapterLimits {
+        max_resident: args.max_adapters.max(1),
+        max_bytes: args.max_adapter_memory_mb.saturating_mul(1 << 20),
+    };
+    let state = AppState::with_adapters(
+        HttpConfig {
+            max_body_bytes: args.max_body_bytes,
+        },
+        AdapterRegistry::new(&adapter_dirs, limits),
+    );
     state.expect_models(
         args.models
             .iter()
             .filter_map(|m| catalog.get(m).map(|e| e.id.clone())),
     );
+    if args.merge {
+        state.expect_models(loras.iter().map(|l| l.name.clone()));
+    }
     if !args.embedding_model.is_empty() {
         state.set_embedding_model(embedding_slot(&args.embedding_model, &catalog, &store));
     }
@@ -47,7 +70,7 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             max_in_flight: args.max_in_flight,
             prefill_chunk: args.prefill_chunk,
         };
-        move || load_all(&args, &catalog, &store, &state, engine_config)
+        move || load_all(&args, &loras, &catalog, &store, &state, engine_config)
     });
     // A model that fails to load stops the server with that error.
     let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
@@ -97,27 +120,76 @@ fn embedding_slot(spec: &str, catalog: &Catalog, store: &ModelStore) -> Embeddin
 
 fn load_all(
     args: &ServeArgs,
+    loras: &[LoraArg],
     catalog: &Catalog,
     store: &ModelStore,
     state: &Arc<AppState>,
     engine_config: EngineConfig,
 ) -> anyhow::Result<()> {
+    let mut bases = Vec::new();
     for spec in &args.models {
         let loaded = resolve(spec, catalog, store).and_then(|mut resolved| {
             if let Some(cap) = args.max_context {
                 resolved.options.max_context =
                     Some(resolved.options.max_context.map_or(cap, |c| c.min(cap)));
             }
-            load_model(&resolved.source, &resolved.options)
+            let model = load_model(&resolved.source, &resolved.options)?;
+            Ok((model, resolved))
         });
-        let model = match loaded {
-            Ok(model) => model,
+        let (model, resolved) = match loaded {
+            Ok(loaded) => loaded,
             Err(error) => {
                 state.forget_model(spec);
                 return Err(error.context(format!("loading model `{spec}`")));
             }
         };
+        bases.push((model.id.clone(), resolved));
         state.add_engine(Engine::start(model, engine_config)?);
+    }
+    for entry in catalog.adapters() {
+        if bases.iter().any(|(id, _)| *id == entry.base) {
+            state.adapters.register(AdapterSpec {
+                name: entry.id.clone(),
+                base: entry.base.clone(),
+                path: catalog.adapter_path(entry),
+                origin: Origin::Catalog,
+            })?;
+        }
+    }
+    for lora in loras {
+        let base = lora
+            .base
+            .as_deref()
+            .or(bases.first().map(|(id, _)| id.as_str()));
+        let Some((base, resolved)) = bases.iter().find(|(id, _)| Some(id.as_str()) == base) else {
+            anyhow::bail!(
+                "--lora {}: no served model {:?}",
+                lora.name,
+                base.unwrap_or_default()
+            );
+        };
+        if args.merge {
+            let adapter = Adapter::load(&lora.path)
+                .map_err(|e| anyhow::anyhow!("--lora {}: {e}", lora.name))?;
+            let mut options = resolved.options.clone();
+            options.id = lora.name.clone();
+            options.merge = Some(Arc::new(adapter));
+            let mut model = load_model(&resolved.source, &options)
+                .map_err(|e| e.context(format!("merging --lora {} into {base}", lora.name)))?;
+            model.parent = Some(base.clone());
+            state.add_engine(Engine::start(model, engine_config)?);
+            tracing::info!(adapter = %lora.name, %base, "adapter merged");
+        } else {
+            let spec = AdapterSpec {
+                name: lora.name.clone(),
+                base: base.clone(),
+                path: lora.path.clone(),
+                origin: Origin::CommandLine,
+            };
+            state.adapters.register(spec.clone())?;
+            let engine = state.engine(base).map_err(|e| anyhow::anyhow!(e.message))?;
+            state.adapters.acquire(&spec, engine.model())?;
+        }
     }
     Ok(())
 }

@@ -102,21 +102,54 @@ pub struct CatalogEntry {
     pub source: Source,
 }
 
+/// A LoRA adapter shipped with the catalog, served on its base by name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterEntry {
+    pub id: String,
+    /// Catalog id of the model it was trained on.
+    pub base: String,
+    /// The PEFT directory, relative to the catalog file's directory.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub license: String,
+    #[serde(default)]
+    pub description: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CatalogFile {
     model: Vec<CatalogEntry>,
+    #[serde(default)]
+    adapter: Vec<AdapterEntry>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Catalog {
     entries: Vec<CatalogEntry>,
+    adapters: Vec<AdapterEntry>,
+    /// Relative adapter paths start here.
+    dir: PathBuf,
 }
 
+/// Where the built-in catalog's files are (the repository's `models/`).
+const BUILTIN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+
 impl Catalog {
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
+    /// Parses a catalog whose relative paths start at `dir`.
+    pub fn parse_in(text: &str, dir: &Path) -> anyhow::Result<Self> {
         let file: CatalogFile = toml::from_str(text)?;
         let mut seen = std::collections::HashSet::new();
+        for adapter in &file.adapter {
+            crate::lora::registry::check_name(&adapter.id)?;
+            anyhow::ensure!(
+                file.model.iter().any(|m| m.id == adapter.base),
+                "catalog adapter `{}`: no model `{}`",
+                adapter.id,
+                adapter.base
+            );
+        }
         for entry in &file.model {
             anyhow::ensure!(
                 seen.insert(&entry.id),
@@ -133,7 +166,21 @@ impl Catalog {
         }
         Ok(Self {
             entries: file.model,
+            adapters: file.adapter,
+            dir: dir.to_path_buf(),
         })
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Self::parse_in(text, Path::new(BUILTIN_DIR))
+    }
+
+    pub fn adapters(&self) -> &[AdapterEntry] {
+        &self.adapters
+    }
+
+    pub fn adapter_path(&self, entry: &AdapterEntry) -> PathBuf {
+        self.dir.join(&entry.path)
     }
 
     /// The catalog at `path`, or the built-in one.
@@ -142,7 +189,7 @@ impl Catalog {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("reading catalog {}: {e}", path.display()))?;
-                Self::parse(&text)
+                Self::parse_in(&text, path.parent().unwrap_or(Path::new(".")))
             }
             None => Self::parse(BUILTIN_CATALOG),
         }

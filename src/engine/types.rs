@@ -41,6 +41,8 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// When set, each token comes with its log-probability and this many alternatives.
     pub top_logprobs: Option<usize>,
+    /// A LoRA adapter applied unmerged to this request only.
+    pub adapter: Option<std::sync::Arc<crate::lora::UnmergedAdapter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -129,7 +129,7 @@ impl Worker {
             .record(job.enqueued_at.elapsed().as_secs_f64());
         metrics::counter!("qpai_prompt_tokens_total", "model" => self.model.id.clone())
             .increment(job.request.prompt_ids.len() as u64);
-        let mut request = match self.model.new_sequence() {
+        let mut request = match self.model.new_sequence_with(job.request.adapter.as_ref()) {
             Ok(sequence) => Running {
                 job,
                 prefill: Some(sequence),

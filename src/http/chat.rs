@@ -27,7 +27,7 @@ pub async fn chat_completions(
     ApiJson(request): ApiJson<ChatCompletionRequest>,
 ) -> ApiResult<Response> {
     validate::reject_unknown_fields(&request.other, "")?;
-    let engine = state.engine(&request.model)?;
+    let (engine, adapter) = state.target(&request.model).await?;
     let model = engine.model();
     let template = match (&model.chat_template, model.kind) {
         (Some(template), ModelKind::Chat | ModelKind::Completion) => template,
@@ -97,6 +97,7 @@ pub async fn chat_completions(
         n,
         sampling,
         top_logprobs: logprobs.then_some(top_logprobs),
+        adapter,
     };
     validate::log_caller(&fields);
     let prompt_tokens = generation.prompt_ids.len();
@@ -112,7 +113,7 @@ pub async fn chat_completions(
         let format = ChatChunks {
             id,
             created,
-            model: model.id.clone(),
+            model: request.model.clone(),
             include_usage,
             citations,
         };
@@ -138,7 +139,7 @@ pub async fn chat_completions(
         id,
         object: "chat.completion",
         created,
-        model: model.id.clone(),
+        model: request.model.clone(),
         system_fingerprint: None,
         choices,
         usage: Usage::new(prompt_tokens, completion_tokens),

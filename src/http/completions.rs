@@ -27,7 +27,7 @@ pub async fn completions(
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     validate::reject_unknown_fields(&request.other, "")?;
-    let engine = state.engine(&request.model)?;
+    let (engine, adapter) = state.target(&request.model).await?;
     let model = engine.model();
     if model.kind == ModelKind::Embedding {
         return Err(ApiError::invalid_param(
@@ -69,6 +69,7 @@ pub async fn completions(
         n,
         sampling,
         top_logprobs,
+        adapter,
     };
     validate::log_caller(fields);
     let prompt_tokens = generation.prompt_ids.len();
@@ -85,7 +86,7 @@ pub async fn completions(
         let format = CompletionChunks {
             id,
             created,
-            model: model.id.clone(),
+            model: request.model.clone(),
             include_usage,
             echo: echoed,
             offsets: vec![0; n],
@@ -108,7 +109,7 @@ pub async fn completions(
         id,
         object: "text_completion",
         created,
-        model: model.id.clone(),
+        model: request.model.clone(),
         system_fingerprint: None,
         choices,
         usage: Some(Some(Usage::new(prompt_tokens, completion_tokens))),

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API: one file per endpoint family.
 
+mod adapters;
 mod chat;
 mod completions;
 mod embeddings;
@@ -25,6 +26,8 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use crate::engine::{Engine, SubmitError};
 use crate::error::{ApiError, ApiResult};
+use crate::lora::UnmergedAdapter;
+use crate::lora::registry::{AdapterRegistry, Origin, RegistryError};
 use crate::models::embedding::EmbeddingModel;
 use extract::BodyLimit;
 
@@ -80,13 +83,20 @@ pub struct AppState {
     loading: RwLock<Vec<String>>,
     /// The sites' LanceDB store (RAG), when configured.
     rag_store: std::sync::OnceLock<crate::rag::Store>,
+    /// LoRA adapters served per request on top of the engines' models.
+    pub adapters: Arc<AdapterRegistry>,
     pub config: HttpConfig,
     pub started_at: Instant,
 }
 
 impl AppState {
     pub fn new(config: HttpConfig) -> Arc<Self> {
+        Self::with_adapters(config, AdapterRegistry::new(&[], Default::default()))
+    }
+
+    pub fn with_adapters(config: HttpConfig, adapters: AdapterRegistry) -> Arc<Self> {
         Arc::new(Self {
+            adapters: Arc::new(adapters),
             engines: RwLock::new(Vec::new()),
             embedding: std::sync::OnceLock::new(),
             embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
@@ -190,6 +200,75 @@ impl AppState {
         Ok(crate::rag::Rag::new(store, model))
     }
 
+    /// The engine that serves `id` and the adapter to run with: a model
+    /// id, a merged adapter's name or `BASE:NAME`, or an adapter as
+    /// `BASE:ADAPTER` or by its own name (loaded on first use).
+    pub async fn target(&self, id: &str) -> ApiResult<(Engine, Option<Arc<UnmergedAdapter>>)> {
+        let engines = self.engines();
+        if let Some(engine) = engines.iter().find(|e| e.model().id == id) {
+            return Ok((engine.clone(), None));
+        }
+        let (base, name) = match id.rsplit_once(':') {
+            Some((base, name)) => (Some(base), name),
+            None => (None, id),
+        };
+        let merged = engines.iter().find(|e| {
+            let model = e.model();
+            base.is_some() && model.id == name && model.parent.as_deref() == base
+        });
+        if let Some(engine) = merged {
+            return Ok((engine.clone(), None));
+        }
+        // A bare adapter name found in an adapter directory runs on the
+        // first served model.
+        let served_base = match base {
+            Some(base) => engines.iter().find(|e| e.model().id == base),
+            None => engines.first(),
+        }
+        .map(|e| e.model().id.clone());
+        let served_base = served_base.as_deref();
+        let Some(spec) = self.adapters.find(name, served_base) else {
+            return Err(match base {
+                Some(base) if served_base.is_some() => ApiError::invalid_param(
+                    "model",
+                    format!("The model '{base}' has no adapter '{name}'."),
+                ),
+                _ => self
+                    .engine(id)
+                    .err()
+                    .unwrap_or_else(|| ApiError::model_not_found(id)),
+            });
+        };
+        if let Some(base) = base
+            && base != spec.base
+        {
+            return Err(ApiError::invalid_param(
+                "model",
+                format!(
+                    "The adapter '{name}' runs on the model '{}', not '{base}'.",
+                    spec.base
+                ),
+            ));
+        }
+        let engine = self.engine(&spec.base)?;
+        let (registry, model) = (self.adapters.clone(), engine.clone());
+        let discovered = spec.origin == Origin::Directory;
+        let name = spec.name.clone();
+        let acquired = tokio::task::spawn_blocking(move || registry.acquire(&spec, model.model()))
+            .await
+            .map_err(ApiError::internal)?;
+        match acquired {
+            Ok(weights) => Ok((engine, Some(weights))),
+            Err(error) => {
+                // A directory found by name is declared only once it loads.
+                if discovered && matches!(error, RegistryError::Invalid { .. }) {
+                    self.adapters.unload(&name);
+                }
+                Err(adapter_error(error, "model"))
+            }
+        }
+    }
+
     pub fn engine(&self, id: &str) -> ApiResult<Engine> {
         if let Some(engine) = self.engines().into_iter().find(|e| e.model().id == id) {
             return Ok(engine);
@@ -200,6 +279,25 @@ impl AppState {
             )));
         }
         Err(ApiError::model_not_found(id))
+    }
+}
+
+/// An adapter registry error as the API answers it; `param` names the
+/// request field that chose the adapter.
+pub fn adapter_error(error: RegistryError, param: &str) -> ApiError {
+    let message = error.to_string();
+    match error {
+        RegistryError::Exists(_) => ApiError {
+            status: StatusCode::CONFLICT,
+            code: Some("adapter_exists"),
+            ..ApiError::invalid_param("name", message)
+        },
+        RegistryError::InvalidName(_) => ApiError::invalid_param(param, message),
+        RegistryError::OutsideRoots(_) => ApiError::invalid_param("path", message),
+        RegistryError::Invalid { .. } => ApiError::invalid_param(param, message),
+        RegistryError::Full { .. } | RegistryError::TooLarge { .. } => {
+            ApiError::unavailable(message)
+        }
     }
 }
 
@@ -230,6 +328,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sites/{site}/search", post(sites::search_site))
         .route("/v1/sites/{site}/documents", post(sites::ingest_documents))
         .route("/v1/models/{*id}", get(models::get_model))
+        .route(
+            "/v1/adapters",
+            get(adapters::list_adapters).post(adapters::load_adapter),
+        )
+        .route(
+            "/v1/adapters/{name}",
+            get(adapters::get_adapter).delete(adapters::unload_adapter),
+        )
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))

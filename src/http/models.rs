@@ -20,7 +20,25 @@ fn card(engine: &Engine, created: u64) -> ModelCard {
         kind: model.kind,
         architecture: model.architecture.clone(),
         context_length: model.context_length,
+        parent: model.parent.clone(),
     }
+}
+
+/// Cards of the adapters served per request: `BASE:NAME` on their base.
+fn adapter_cards(state: &AppState, created: u64) -> Vec<ModelCard> {
+    let engines = state.engines();
+    state
+        .adapters
+        .list()
+        .into_iter()
+        .filter_map(|adapter| {
+            let base = engines.iter().find(|e| e.model().id == adapter.spec.base)?;
+            let mut card = card(base, created);
+            card.id = format!("{}:{}", adapter.spec.base, adapter.spec.name);
+            card.parent = Some(adapter.spec.base);
+            Some(card)
+        })
+        .collect()
 }
 
 fn embedding_card(slot: &EmbeddingSlot, created: u64) -> ModelCard {
@@ -32,6 +50,7 @@ fn embedding_card(slot: &EmbeddingSlot, created: u64) -> ModelCard {
         kind: crate::models::ModelKind::Embedding,
         architecture: "BertModel".to_string(),
         context_length: slot.context_length,
+        parent: None,
     }
 }
 
@@ -42,6 +61,7 @@ fn started(state: &AppState) -> u64 {
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let created = started(&state);
     let mut data: Vec<ModelCard> = state.engines().iter().map(|e| card(e, created)).collect();
+    data.extend(adapter_cards(&state, created));
     data.extend(
         state
             .embedding_slot()
@@ -60,6 +80,13 @@ pub async fn get_model(
     if let Some(slot) = state.embedding_slot().filter(|s| s.id == id) {
         return Ok(Json(embedding_card(slot, started(&state))));
     }
+    let created = started(&state);
+    if let Some(card) = adapter_cards(&state, created)
+        .into_iter()
+        .find(|c| c.id == id || c.id.rsplit_once(':').is_some_and(|(_, name)| name == id))
+    {
+        return Ok(Json(card));
+    }
     let engine = state.engine(&id)?;
-    Ok(Json(card(&engine, started(&state))))
+    Ok(Json(card(&engine, created)))
 }

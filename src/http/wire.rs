@@ -325,6 +325,9 @@ pub struct ModelCard {
     pub kind: crate::models::ModelKind,
     pub architecture: String,
     pub context_length: usize,
+    /// For an adapter (per request or merged): the model it runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod config;
 pub mod merge;
+pub mod registry;
 pub mod unmerged;
 
 pub use adapter::{Adapter, LoraFactors, Projection};

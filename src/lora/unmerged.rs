@@ -76,7 +76,10 @@ impl UnmergedAdapter {
         for (&(layer, projection), factors) in &adapter.factors {
             let (outputs, inputs) = (factors.b.dims()[0], factors.a.dims()[1]);
             let a = factors.a.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            let b = factors.b.t().and_then(|t| t.flatten_all()?.to_vec1::<f32>());
+            let b = factors
+                .b
+                .t()
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>());
             let (a, b_t) = (a.map_err(fail)?, b.map_err(fail)?);
             let order = match projection {
                 Projection::Q => Some(gguf_row_source(heads.n_head, heads.head_dim)),
@@ -138,19 +141,19 @@ impl UnmergedAdapter {
         }
     }
 
-    /// Adds this adapter's deltas to `y` (`[rows, y_width]`, the stacked
+    /// Adds this adapter's deltas to `y` (`[n, y_width]`, the stacked
     /// outputs of `parts`: each projection and its first column) for the
-    /// rows listed in `rows`; `x` is `[all rows, x_width]`.
+    /// rows listed in `rows` (ascending); `x` is the input, `[n, x_width]`.
     pub fn add(
         &self,
         layer: usize,
         parts: &[(Projection, usize)],
         x: &[f32],
-        x_width: usize,
         y: &mut [f32],
-        y_width: usize,
         rows: &[usize],
+        n: usize,
     ) {
+        let (x_width, y_width) = (x.len() / n.max(1), y.len() / n.max(1));
         let Some(slots) = self.slots.get(layer) else {
             return;
         };

@@ -365,7 +365,7 @@ impl LlamaGgufWeights {
         let adapters = adapter_groups(sequences, rows);
         let lora = |layer: usize, parts: &[(Projection, usize)], x: &[f32], y: &mut [f32]| {
             for (adapter, rows) in &adapters {
-                adapter.add(layer, parts, x, x.len() / n, y, y.len() / n, rows);
+                adapter.add(layer, parts, x, y, rows, n);
             }
         };
         for (index, layer) in self.layers.iter().enumerate() {

@@ -220,6 +220,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
     .unwrap_or(implementation_limit);
     Ok(LoadedModel {
         id: options.id.clone(),
+        parent: None,
         kind: choose_kind(options, &chat_template),
         architecture,
         eos_token_ids: eos_ids(&tokenizer, &[eos, eot]),
@@ -377,6 +378,7 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         .unwrap_or(max_positions);
     Ok(LoadedModel {
         id: options.id.clone(),
+        parent: None,
         kind: choose_kind(options, &chat_template),
         architecture,
         eos_token_ids: eos_ids(&tokenizer, &[eos]),

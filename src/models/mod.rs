@@ -73,6 +73,8 @@ pub enum Weights {
 #[derive(Clone)]
 pub struct LoadedModel {
     pub id: String,
+    /// For a base with an adapter merged at load: the base's id.
+    pub parent: Option<String>,
     pub kind: ModelKind,
     pub architecture: String,
     pub tokenizer: Arc<Tokenizer>,

@@ -216,8 +216,8 @@ fn mixed_adapters_in_one_batch_each_get_their_own_output() {
     let prompt = [0u32, 213, 287, 262, 424];
     let adapters: Vec<Option<std::sync::Arc<qpai::lora::UnmergedAdapter>>> = vec![
         None,
-        Some(model.prepare_adapter(&adapter("r4-all")).unwrap().into()),
-        Some(model.prepare_adapter(&adapter("r8-rslora")).unwrap().into()),
+        Some(model.prepare_adapter(&adapter("r4-all")).unwrap()),
+        Some(model.prepare_adapter(&adapter("r8-rslora")).unwrap()),
         None,
     ];
     // Each alone: prompt, then three decode steps feeding token 7.
@@ -246,10 +246,10 @@ fn mixed_adapters_in_one_batch_each_get_their_own_output() {
     for step in 1..4 {
         let mut refs: Vec<_> = sequences.iter_mut().collect();
         let batch = model.decode_batch(&mut refs, &[7; 4]).unwrap();
-        for (index, logits) in batch.iter().enumerate() {
+        for (index, (logits, expected)) in batch.iter().zip(&alone).enumerate() {
             let gap = logits
                 .iter()
-                .zip(&alone[index][step])
+                .zip(&expected[step])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(gap < 1e-4, "sequence {index} step {step}: off by {gap}");

@@ -10,6 +10,7 @@ mod common;
 mod concurrency;
 mod embeddings;
 mod lora;
+mod lora_api;
 mod openai_client;
 mod rag;
 mod rag_api;

@@ -1,0 +1,336 @@
+//! Adapters served per request over HTTP, on the tiny Llama GGUF base with
+//! the PEFT fixture adapters: `BASE:ADAPTER` and alias routing, the admin
+//! API (load, list, unload), the LRU caps, isolation of concurrent requests
+//! on different adapters, and bad adapters refused whole while the server
+//! keeps serving.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use candle_core::{DType, Device, Tensor};
+use qpai::engine::{Engine, EngineConfig};
+use qpai::lora::registry::{AdapterLimits, AdapterRegistry};
+use qpai::models::loader::LoadOptions;
+use qpai::models::{ModelSource, load_model};
+use qpai::{AppState, HttpConfig};
+use serde_json::{Value, json};
+
+use crate::common::{fixtures_dir, post_json, send_json};
+
+const BASE: &str = "tiny";
+
+/// An app serving the tiny base with `root` as its adapter directory.
+fn app(root: &Path, limits: AdapterLimits) -> axum::Router {
+    let path = fixtures_dir().join("tiny/llama-f32.gguf");
+    let mut options = LoadOptions::new(BASE);
+    options.device = Device::Cpu;
+    let model = load_model(&ModelSource::from_path(&path).unwrap(), &options).unwrap();
+    let state = AppState::with_adapters(
+        HttpConfig::default(),
+        AdapterRegistry::new(&[root.to_path_buf()], limits),
+    );
+    state.add_engine(Engine::start(model, EngineConfig::default()).unwrap());
+    qpai::app(state)
+}
+
+/// A temporary adapter directory holding copies of the fixture adapters.
+fn adapter_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for name in ["r4-all", "r8-rslora"] {
+        copy_adapter(
+            &fixtures_dir().join("lora").join(name),
+            &root.path().join(name),
+        );
+    }
+    root
+}
+
+fn copy_adapter(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+async fn complete(app: &axum::Router, model: &str) -> (StatusCode, Value) {
+    let body = json!({
+        "model": model,
+        "prompt": "the cat sat on",
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    send_json(app, post_json("/v1/completions", &body)).await
+}
+
+fn text(body: &Value) -> String {
+    body["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+async fn load(app: &axum::Router, name: &str, path: &Path) -> (StatusCode, Value) {
+    let body = json!({"name": name, "path": path, "base": BASE});
+    send_json(app, post_json("/v1/adapters", &body)).await
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+fn delete(path: &str) -> Request<Body> {
+    Request::delete(path).body(Body::empty()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_on_different_adapters_each_get_their_own_output() {
+    let root = adapter_root();
+    let app = app(root.path(), AdapterLimits::default());
+    // Adapters found by directory name on first use, under both names.
+    let models = ["tiny", "tiny:r4-all", "r8-rslora", "tiny:r8-rslora"];
+    let mut alone = Vec::new();
+    for model in models {
+        let (status, body) = complete(&app, model).await;
+        assert_eq!(status, StatusCode::OK, "{model}: {body}");
+        assert_eq!(body["model"], model);
+        alone.push(text(&body));
+    }
+    assert_ne!(alone[0], alone[1], "r4-all changes the output");
+    assert_ne!(alone[0], alone[2], "r8-rslora changes the output");
+    assert_ne!(alone[1], alone[2]);
+    assert_eq!(alone[2], alone[3], "alias and BASE:ADAPTER are one adapter");
+    // 16 requests at once, mixed: decoded in shared batches.
+    let requests = (0..16).map(|i| {
+        let app = app.clone();
+        let model = models[i % models.len()];
+        async move { (i, complete(&app, model).await) }
+    });
+    for (i, (status, body)) in futures::future::join_all(requests).await {
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            text(&body),
+            alone[i % models.len()],
+            "request {i} ({})",
+            models[i % 4]
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_loads_lists_and_unloads_adapters() {
+    let root = adapter_root();
+    let app = app(root.path(), AdapterLimits::default());
+    let (status, body) = load(&app, "house", &root.path().join("r4-all")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["resident"], true);
+    assert_eq!(body["base"], BASE);
+    assert_eq!(body["origin"], "admin_api");
+    let bytes = body["bytes"].as_u64().unwrap();
+    assert!(bytes > 0);
+    // A relative path is taken inside the adapter directory.
+    let (status, body) = load(&app, "other", Path::new("r8-rslora")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = load(&app, "house", &root.path().join("r4-all")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["param"], "name");
+
+    let (_, list) = send_json(&app, get("/v1/adapters")).await;
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["house", "other"]);
+    let (_, models) = send_json(&app, get("/v1/models")).await;
+    let card = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "tiny:house")
+        .cloned()
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(card["parent"], BASE);
+
+    let (status, house) = complete(&app, "house").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, same) = complete(&app, "tiny:r4-all").await;
+    assert_eq!(
+        text(&house),
+        text(&same),
+        "the same files give the same output"
+    );
+
+    let (status, body) = send_json(&app, delete("/v1/adapters/house")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["bytes"].as_u64(), Some(bytes));
+    let (status, body) = complete(&app, "house").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["param"], "model");
+    let (status, _) = send_json(&app, delete("/v1/adapters/house")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = complete(&app, "tiny:house").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn idle_adapters_are_evicted_least_recently_used_first() {
+    let root = adapter_root();
+    let limits = AdapterLimits {
+        max_resident: 1,
+        max_bytes: 1 << 30,
+    };
+    let app = app(root.path(), limits);
+    let (_, first) = complete(&app, "tiny:r4-all").await;
+    let (status, _) = complete(&app, "tiny:r8-rslora").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, status) = send_json(&app, get("/v1/adapters/r4-all")).await;
+    assert_eq!(status["resident"], false, "{status}");
+    let (_, status) = send_json(&app, get("/v1/adapters/r8-rslora")).await;
+    assert_eq!(status["resident"], true, "{status}");
+    // Evicted adapters reload on demand, with the same output.
+    let (_, again) = complete(&app, "tiny:r4-all").await;
+    assert_eq!(text(&first), text(&again));
+    // A byte cap below one adapter's size refuses it clearly.
+    let limits = AdapterLimits {
+        max_resident: 8,
+        max_bytes: 1000,
+    };
+    let app = self::app(root.path(), limits);
+    let (status, body) = complete(&app, "tiny:r4-all").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than the 1000 bytes allowed")
+    );
+}
+
+/// Writes a PEFT adapter directory with the given config and tensors.
+fn write_adapter(dir: &Path, config: &Value, tensors: &[(&str, Tensor)]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+fn q_proj(half: &str) -> String {
+    format!("base_model.model.model.layers.0.self_attn.q_proj.lora_{half}.weight")
+}
+
+#[tokio::test]
+async fn bad_adapters_are_refused_whole_and_the_server_keeps_serving() {
+    let root = adapter_root();
+    let outside = tempfile::tempdir().unwrap();
+    let app = app(root.path(), AdapterLimits::default());
+    let (_, before) = complete(&app, BASE).await;
+    let config =
+        json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]});
+    let ones = |rows, cols| Tensor::ones((rows, cols), DType::F32, &Device::Cpu).unwrap();
+    let nan = (ones(2, 64) * f64::NAN).unwrap();
+    let dir = root.path();
+    let cases: Vec<(&str, PathBuf, &str, &str)> = vec![
+        (
+            "outside",
+            copy_to(
+                &fixtures_dir().join("lora/r4-all"),
+                &outside.path().join("a"),
+            ),
+            "path",
+            "not inside an adapter directory",
+        ),
+        (
+            "missing",
+            dir.join("no-such-adapter"),
+            "path",
+            "does not exist",
+        ),
+        (
+            "nan",
+            write_adapter(
+                &dir.join("nan"),
+                &config,
+                &[(&q_proj("A"), nan), (&q_proj("B"), ones(64, 2))],
+            ),
+            "path",
+            "NaN",
+        ),
+        (
+            "shapes",
+            write_adapter(
+                &dir.join("shapes"),
+                &config,
+                &[(&q_proj("A"), ones(2, 32)), (&q_proj("B"), ones(64, 2))],
+            ),
+            "path",
+            "another base",
+        ),
+        (
+            "embedding",
+            write_adapter(
+                &dir.join("embedding"),
+                &json!({"r": 2, "lora_alpha": 4, "target_modules": ["embed_tokens"]}),
+                &[(&q_proj("A"), ones(2, 64)), (&q_proj("B"), ones(64, 2))],
+            ),
+            "path",
+            "embed_tokens",
+        ),
+        (
+            "dora",
+            write_adapter(
+                &dir.join("dora"),
+                &json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": true}),
+                &[(&q_proj("A"), ones(2, 64)), (&q_proj("B"), ones(64, 2))],
+            ),
+            "path",
+            "DoRA",
+        ),
+        (
+            "truncated",
+            truncated(&dir.join("truncated")),
+            "path",
+            "safetensors",
+        ),
+        (
+            "../escape",
+            dir.join("r4-all"),
+            "name",
+            "invalid adapter name",
+        ),
+    ];
+    for (name, path, param, message) in cases {
+        let (status, body) = load(&app, name, &path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+        assert_eq!(body["error"]["param"], param, "{name}: {body}");
+        let text = body["error"]["message"].as_str().unwrap();
+        assert!(text.contains(message), "{name}: {text}");
+        // Nothing was kept.
+        let (status, _) = send_json(&app, get(&format!("/v1/adapters/{name}"))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{name}");
+    }
+    // Found by name on first use, a broken adapter fails that request only.
+    let (status, body) = complete(&app, "tiny:nan").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "model");
+    let (status, after) = complete(&app, BASE).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text(&before), text(&after));
+    let (status, _) = complete(&app, "tiny:r4-all").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+fn copy_to(from: &Path, to: &Path) -> PathBuf {
+    copy_adapter(from, to);
+    to.to_path_buf()
+}
+
+fn truncated(dir: &Path) -> PathBuf {
+    copy_adapter(&fixtures_dir().join("lora/r4-all"), dir);
+    let file = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 3]).unwrap();
+    dir.to_path_buf()
+}
