@@ -91,6 +91,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Measure embeddings/s of an embedding model.
     BenchEmbeddings(BenchEmbeddingsArgs),
+    /// Measure decode speed with LoRA adapters: none, merged, unmerged, several at once.
+    BenchLora(BenchLoraArgs),
     /// Measure search latency on a site grown to a large table.
     BenchSearch(BenchSearchArgs),
     /// Read a site's pages from a source into its search table.
@@ -113,6 +115,67 @@ pub enum Command {
 pub enum EvalCommand {
     /// recall@5, recall@10 and MRR@10 of every search mode on a query set.
     Retrieval(EvalRetrievalArgs),
+    /// Format adherence and exact match of a model with and without a LoRA
+    /// adapter on held-out prompts.
+    Adapter(EvalAdapterArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalAdapterArgs {
+    /// Base model (catalog id or path).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// The adapter: a catalog adapter id or a PEFT directory.
+    #[arg(long, default_value = "house-style")]
+    pub adapter: String,
+    /// JSONL of {"id", "prompt", "completion"} records.
+    #[arg(long, default_value = "data/house-style/heldout.jsonl")]
+    pub data: PathBuf,
+    /// JSON file whose "format_regex" a reply must match whole (default:
+    /// manifest.json beside --data).
+    #[arg(long)]
+    pub format: Option<PathBuf>,
+    /// Records evaluated (the first ones of the file).
+    #[arg(long, default_value_t = 200)]
+    pub limit: usize,
+    /// Tokens generated per reply (greedy).
+    #[arg(long, default_value_t = 160)]
+    pub max_tokens: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Write the scores and every reply as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchLoraArgs {
+    /// Base model (catalog id or path).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// The adapter: a catalog adapter id or a PEFT directory.
+    #[arg(long, default_value = "house-style")]
+    pub adapter: String,
+    /// Different adapters decoded together in the last measurement (copies
+    /// of --adapter with other scales: the same work as distinct adapters).
+    #[arg(long, default_value_t = 4)]
+    pub adapters_in_flight: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded per measurement.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Repetitions, interleaved across the modes (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,6 +19,10 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => args.threads,
         Command::Bench(args) => args.threads,
         Command::BenchEmbeddings(args) => args.threads,
+        Command::BenchLora(args) => args.threads,
+        Command::Eval {
+            command: EvalCommand::Adapter(args),
+        } => args.threads,
         Command::Ingest(args) => args.embedding.threads,
         Command::BenchSearch(args) => args.embedding.threads,
         Command::Search(args) => args.embedding.threads,
@@ -39,6 +43,10 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => qpai::commands::models(command, &cli.global),
         Command::Bench(args) => qpai::bench::run(args, &cli.global).map(|_| ()),
         Command::BenchEmbeddings(args) => qpai::bench::embeddings(args, &cli.global),
+        Command::BenchLora(args) => qpai::lora::bench::run(args, &cli.global),
+        Command::Eval {
+            command: EvalCommand::Adapter(args),
+        } => runtime()?.block_on(qpai::lora::eval::run(args, &cli.global)),
         Command::Ingest(args) => runtime()?.block_on(qpai::rag::cli::ingest(args, &cli.global)),
         Command::BenchSearch(args) => {
             runtime()?.block_on(qpai::rag::cli::bench_search(args, &cli.global))

@@ -183,6 +183,14 @@ impl Catalog {
         self.dir.join(&entry.path)
     }
 
+    /// A catalog adapter's directory, or `spec` itself as a path.
+    pub fn resolve_adapter(&self, spec: &str) -> PathBuf {
+        match self.adapters.iter().find(|a| a.id == spec) {
+            Some(entry) => self.adapter_path(entry),
+            None => PathBuf::from(spec),
+        }
+    }
+
     /// The catalog at `path`, or the built-in one.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
         match path {

@@ -5,7 +5,9 @@
 //! sequence on the CPU llama engine.
 
 pub mod adapter;
+pub mod bench;
 pub mod config;
+pub mod eval;
 pub mod merge;
 pub mod registry;
 pub mod unmerged;

@@ -334,3 +334,115 @@ fn truncated(dir: &Path) -> PathBuf {
     std::fs::write(&file, &bytes[..bytes.len() / 3]).unwrap();
     dir.to_path_buf()
 }
+
+/// Resident memory of a process, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// A rank-`rank` adapter on every projection of the tiny base (random factors).
+fn large_adapter(dir: &Path, rank: usize) {
+    let config = json!({"r": rank, "lora_alpha": 8, "target_modules": "all-linear"});
+    let shapes = [
+        ("self_attn", "q_proj", 64, 64),
+        ("self_attn", "k_proj", 64, 32),
+        ("self_attn", "v_proj", 64, 32),
+        ("self_attn", "o_proj", 64, 64),
+        ("mlp", "gate_proj", 64, 128),
+        ("mlp", "up_proj", 64, 128),
+        ("mlp", "down_proj", 128, 64),
+    ];
+    let mut tensors = Vec::new();
+    for layer in 0..2 {
+        for (block, projection, inputs, outputs) in shapes {
+            let key = |half: &str| {
+                format!(
+                    "base_model.model.model.layers.{layer}.{block}.{projection}.lora_{half}.weight"
+                )
+            };
+            let a = Tensor::randn(0f32, 0.01, (rank, inputs), &Device::Cpu).unwrap();
+            let b = Tensor::randn(0f32, 0.01, (outputs, rank), &Device::Cpu).unwrap();
+            tensors.push((key("A"), a));
+            tensors.push((key("B"), b));
+        }
+    }
+    let refs: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
+    write_adapter(dir, &config, &refs);
+}
+
+#[test]
+fn unloading_an_adapter_returns_its_memory() {
+    use std::process::{Command, Stdio};
+    let root = tempfile::tempdir().unwrap();
+    let rag = tempfile::tempdir().unwrap();
+    large_adapter(&root.path().join("large"), 8192);
+    let port = crate::common::free_port();
+    let model = fixtures_dir().join("tiny/llama-f32.gguf");
+    let server = crate::common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_qpai"))
+            .args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--embedding-model",
+                "",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--adapter-dir")
+            .arg(root.path())
+            .arg("--rag-uri")
+            .arg(rag.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base_url = format!("http://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    while ureq::get(&format!("{base_url}/ready")).call().is_err() {
+        assert!(started.elapsed().as_secs() < 60, "server not ready");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = server.0.id();
+    let before = resident_bytes(pid);
+    let loaded: Value = ureq::post(&format!("{base_url}/v1/adapters"))
+        .send_json(json!({"name": "large", "path": "large"}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let bytes = loaded["bytes"].as_u64().unwrap();
+    assert!(bytes > 50 << 20, "{loaded}");
+    let with_adapter = resident_bytes(pid);
+    ureq::delete(&format!("{base_url}/v1/adapters/large"))
+        .call()
+        .unwrap();
+    let after = resident_bytes(pid);
+    eprintln!(
+        "adapter {} MiB; server RSS {} -> {} -> {} MiB",
+        bytes >> 20,
+        before >> 20,
+        with_adapter >> 20,
+        after >> 20
+    );
+    assert!(
+        with_adapter >= before + bytes * 9 / 10,
+        "loading took memory"
+    );
+    assert!(
+        after + bytes * 9 / 10 <= with_adapter,
+        "unloading returned {} of {} MiB",
+        (with_adapter.saturating_sub(after)) >> 20,
+        bytes >> 20
+    );
+    // The base still serves.
+    let reply = ureq::post(&format!("{base_url}/v1/completions"))
+        .send_json(json!({"model": loaded["base"], "prompt": "hi", "max_tokens": 2}));
+    assert!(reply.is_ok());
+}
