@@ -49,7 +49,7 @@ fn split_columns(x: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
 }
 
 /// Dot product in 16 independent lanes, so that it vectorizes.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = a_chunks

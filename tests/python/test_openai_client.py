@@ -162,3 +162,61 @@ def test_grounded_answer_with_citations(client):
             model=MODEL, messages=MESSAGES, extra_body={"rag": {"site": "no-such-site"}}
         )
     assert err.value.code == "site_not_found"
+
+
+# The catalog's house-style adapter (models/adapters/house-style) is served on
+# the default model as `BASE:house-style` and `house-style`.
+ADAPTER = f"{MODEL}:house-style"
+HOUSE_PROMPT = (
+    "Write the product description for zstd.\n"
+    "Summary: fast lossless compression algorithm -- CLI tool\n"
+    "Section: utils\n"
+    "Facts: Zstd, short for Zstandard, is a fast lossless compression algorithm, targeting "
+    "real-time compression scenarios at zlib-level compression ratio. This package contains "
+    "the CLI program implementing zstd. It is the reference implementation of the format."
+)
+
+
+def test_adapters_are_listed_with_their_base(client):
+    cards = {m.id: m for m in client.models.list()}
+    assert ADAPTER in cards
+    assert cards[ADAPTER].model_extra["parent"] == MODEL
+    assert client.models.retrieve(ADAPTER).id == ADAPTER
+
+
+def test_an_adapter_changes_the_reply_and_its_alias_is_the_same_adapter(client):
+    def reply(model):
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": HOUSE_PROMPT}],
+            max_tokens=120,
+            temperature=0,
+        )
+        assert r.model == model
+        return r.choices[0].message.content
+
+    base, adapted, alias = reply(MODEL), reply(ADAPTER), reply("house-style")
+    assert adapted == alias
+    assert adapted != base
+    # The house style: a `## name` title and a `Category:` line.
+    assert adapted.startswith("## zstd\n"), adapted
+    assert "\nCategory: " in adapted, adapted
+    assert not base.startswith("## zstd\n"), base
+    # Streaming gives the same text.
+    stream = client.chat.completions.create(
+        model=ADAPTER,
+        messages=[{"role": "user", "content": HOUSE_PROMPT}],
+        max_tokens=120,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == adapted
+
+
+def test_an_unknown_adapter_is_a_clear_error(client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=f"{MODEL}:no-such-adapter", messages=MESSAGES, max_tokens=4
+        )
+    assert error.value.body["param"] == "model"
+    assert "no-such-adapter" in error.value.body["message"]
