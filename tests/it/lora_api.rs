@@ -446,3 +446,110 @@ fn unloading_an_adapter_returns_its_memory() {
         .send_json(json!({"model": loaded["base"], "prompt": "hi", "max_tokens": 2}));
     assert!(reply.is_ok());
 }
+
+/// Starts `qpai serve` on the tiny base with `extra` flags; waits for /ready.
+fn serve_tiny(extra: &[&str]) -> (crate::common::KillOnDrop, String, tempfile::TempDir) {
+    use std::process::{Command, Stdio};
+    let rag = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qpai"))
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--embedding-model",
+            "",
+        ])
+        .arg("--model")
+        .arg(fixtures_dir().join("tiny/llama-f32.gguf"))
+        .arg("--rag-uri")
+        .arg(rag.path())
+        .arg("--adapter-dir")
+        .arg(rag.path())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base_url = format!("http://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    while ureq::get(&format!("{base_url}/ready")).call().is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut error = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut error)
+                .unwrap();
+            panic!("qpai serve exited ({status}): {error}");
+        }
+        assert!(started.elapsed().as_secs() < 60, "server not ready");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (crate::common::KillOnDrop(child), base_url, rag)
+}
+
+fn http_complete(base_url: &str, model: &str) -> String {
+    let body: Value = ureq::post(&format!("{base_url}/v1/completions"))
+        .send_json(
+            json!({"model": model, "prompt": "the cat sat on", "max_tokens": 12, "temperature": 0}),
+        )
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(body["model"], model);
+    text(&body)
+}
+
+#[test]
+fn lora_flags_serve_an_adapter_merged_or_per_request_with_the_same_output() {
+    let adapter = fixtures_dir().join("lora/r4-all");
+    let flag = format!("r4={}", adapter.display());
+    let (_unmerged_server, unmerged, _dir) = serve_tiny(&["--lora", &flag]);
+    let (_merged_server, merged, _dir2) = serve_tiny(&["--lora", &flag, "--merge"]);
+    let models: Value = ureq::get(&format!("{merged}/v1/models"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let base = models["data"][0]["id"].as_str().unwrap().to_string();
+    let card = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "r4")
+        .cloned()
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(card["parent"], base.as_str());
+    let per_request = http_complete(&unmerged, "r4");
+    assert_eq!(per_request, http_complete(&unmerged, &format!("{base}:r4")));
+    assert_eq!(per_request, http_complete(&merged, "r4"));
+    assert_eq!(per_request, http_complete(&merged, &format!("{base}:r4")));
+    assert_eq!(
+        http_complete(&unmerged, &base),
+        http_complete(&merged, &base)
+    );
+    assert_ne!(per_request, http_complete(&merged, &base));
+}
+
+#[test]
+fn a_bad_lora_flag_stops_the_start_with_its_reason() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_qpai"))
+        .args(["serve", "--port", "0", "--embedding-model", ""])
+        .arg("--model")
+        .arg(fixtures_dir().join("tiny/llama-f32.gguf"))
+        .arg("--rag-uri")
+        .arg(tempfile::tempdir().unwrap().path())
+        .arg("--lora")
+        .arg(format!(
+            "bad={}",
+            fixtures_dir().join("tiny/llama-bf16").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("adapter_config.json"), "{stderr}");
+}
