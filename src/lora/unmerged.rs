@@ -201,13 +201,6 @@ impl UnmergedAdapter {
         }
     }
 
-    /// Whether the adapter changes `projection` of `layer`.
-    pub fn targets(&self, layer: usize, projection: Projection) -> bool {
-        self.slots
-            .get(layer)
-            .is_some_and(|s| s[projection as usize].is_some())
-    }
-
     /// Adds the delta of `projection` for one token: `x` is the projection's
     /// input, `y` its output (this projection's columns only).
     fn add_row(&self, slot: &Slot, x: &[f32], y: &mut [f32]) {
