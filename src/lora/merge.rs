@@ -1,9 +1,9 @@
 //! Merging an adapter into its base at load: `W' = W + scale * B A`, so the
 //! merged model runs at the base's speed. Safetensors checkpoints merge in
 //! f32 through a `VarBuilder` backend; GGUF matrices are de-quantized, merged
-//! and quantized again to their own type.
+//! and quantized again (to Q8_0 when their own type is coarser).
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -38,11 +38,37 @@ pub fn delta(
     Ok(Some((b.matmul(&factors.a)? * adapter.scale)?))
 }
 
-/// A GGUF matrix with `delta` merged, quantized back to its own type.
+/// The type a merged GGUF matrix is stored in: its own when that has 8 bits
+/// or more per weight; Q8_0 otherwise, because a LoRA update is mostly
+/// smaller than a 4- to 6-bit type's rounding step and would be lost in it.
+pub fn merged_dtype(dtype: GgmlDType) -> GgmlDType {
+    match dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_0 => dtype,
+        _ => GgmlDType::Q8_0,
+    }
+}
+
+/// A GGUF matrix with `delta` merged, quantized to [`merged_dtype`].
 pub fn merge_qtensor(tensor: QTensor, delta: &Tensor) -> candle_core::Result<QTensor> {
-    let dtype = tensor.dtype();
+    let dtype = merged_dtype(tensor.dtype());
     let merged = (tensor.dequantize(&Device::Cpu)? + delta)?;
     QTensor::quantize(&merged, dtype)
+}
+
+/// Matrices stacked into one product must share a type: when merging left
+/// them mixed, the others are stored as Q8_0 too.
+pub fn same_type(parts: Vec<QTensor>) -> candle_core::Result<Vec<QTensor>> {
+    let first = parts[0].dtype();
+    if parts.iter().all(|p| p.dtype() == first) {
+        return Ok(parts);
+    }
+    parts
+        .into_iter()
+        .map(|p| match p.dtype() {
+            GgmlDType::Q8_0 => Ok(p),
+            _ => QTensor::quantize(&p.dequantize(&Device::Cpu)?, GgmlDType::Q8_0),
+        })
+        .collect()
 }
 
 /// `model.layers.{i}.{self_attn|mlp}.{proj}.weight` -> (i, proj).

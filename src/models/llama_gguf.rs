@@ -205,12 +205,13 @@ impl LlamaGgufWeights {
             let o = projection(Projection::O)?;
             let (gate, up) = (projection(Projection::Gate)?, projection(Projection::Up)?);
             let down = projection(Projection::Down)?;
+            let same_type = crate::lora::merge::same_type;
             layers.push(Layer {
                 attention_norm: vector(&t("attn_norm.weight")?)?,
-                qkv: QuantMatrix::stack(vec![q, k, v])?,
+                qkv: QuantMatrix::stack(same_type(vec![q, k, v])?)?,
                 o: QuantMatrix::new(o)?,
                 ffn_norm: vector(&t("ffn_norm.weight")?)?,
-                gate_up: QuantMatrix::stack(vec![gate, up])?,
+                gate_up: QuantMatrix::stack(same_type(vec![gate, up])?)?,
                 down: QuantMatrix::new(down)?,
             });
         }

@@ -285,3 +285,59 @@ fn adapters_for_another_base_are_refused_whole() {
         .unwrap();
     assert!(format!("{error:#}").contains("another base"), "{error:#}");
 }
+
+/// The shipped house-style adapter on the real SmolLM2 Q4_1 base, against
+/// PEFT on the same GGUF de-quantized to f32
+/// (scripts/lora/make_house_style_fixture.py): the reference's top-10
+/// logits within the tolerance tests/it/reference.rs states for this base's
+/// Q4 kernels (merged: the merged matrices are rounded a second time, to
+/// Q8_0), and the same best token.
+#[test]
+fn the_house_style_adapter_on_smollm2_matches_peft() {
+    const TOLERANCE: f32 = 1.25;
+    const MERGED_TOLERANCE: f32 = 2.0;
+    let reference = fixture("lora/logits_smollm2_house_style.json");
+    let model = chat_model();
+    let dir = fixtures_dir().join("../../models/adapters/house-style");
+    let adapter = Adapter::load(&dir).unwrap();
+    let prepared = model.prepare_adapter(&adapter).unwrap();
+    let mut options = LoadOptions::new("merged");
+    options.merge = Some(std::sync::Arc::new(adapter));
+    let catalog = qpai::catalog::Catalog::load(None).unwrap();
+    let store = qpai::catalog::fetch::ModelStore::new(crate::common::models_dir());
+    let resolved =
+        qpai::catalog::resolve::resolve(crate::common::CHAT_MODEL, &catalog, &store).unwrap();
+    let merged = load_model(&resolved.source, &options).unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let runs = [
+            ("base", model.new_sequence().unwrap(), &case["base"]),
+            (
+                "unmerged",
+                model.new_sequence_with(Some(&prepared)).unwrap(),
+                &case["adapter"],
+            ),
+            ("merged", merged.new_sequence().unwrap(), &case["adapter"]),
+        ];
+        for (what, mut sequence, expected) in runs {
+            let logits = sequence.forward(&ids).unwrap();
+            let top: Vec<usize> = serde_json::from_value(expected["top_ids"].clone()).unwrap();
+            let want: Vec<f32> = serde_json::from_value(expected["top_logits"].clone()).unwrap();
+            let worst = top
+                .iter()
+                .zip(&want)
+                .take(10)
+                .map(|(&id, &w)| (logits[id] - w).abs())
+                .fold(0f32, f32::max);
+            eprintln!("{} {what}: worst top-10 logit error {worst:.3}", case["id"]);
+            let tolerance = if what == "merged" {
+                MERGED_TOLERANCE
+            } else {
+                TOLERANCE
+            };
+            assert!(worst <= tolerance, "{} {what}: {worst}", case["id"]);
+            let best = qpai::engine::sampling::top_k_indices(&logits, 1)[0];
+            assert_eq!(best, top[0], "{} {what}: best token", case["id"]);
+        }
+    }
+}
