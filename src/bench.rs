@@ -2,6 +2,7 @@
 //! the engine's own forward pass (no HTTP). `scripts/bench.py` runs it beside
 //! llama.cpp on the same GGUF file and token ids.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -11,6 +12,7 @@ use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{BenchArgs, GlobalArgs};
 use crate::engine::sampling::argmax;
+use crate::lora::UnmergedAdapter;
 use crate::models::{LoadedModel, load_model};
 
 /// A fixed English passage, repeated to the wanted prompt length.
@@ -77,7 +79,14 @@ pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> 
         }
     }
     let batched_decode_tokens_per_s = (args.concurrency > 1)
-        .then(|| batched_decode(&model, &ids, args.concurrency, args.decode_tokens))
+        .then(|| {
+            batched_decode(
+                &model,
+                &ids,
+                &vec![None; args.concurrency],
+                args.decode_tokens,
+            )
+        })
         .transpose()?;
     let result = BenchResult {
         model: model.id.clone(),
@@ -116,18 +125,18 @@ pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> 
     Ok(result)
 }
 
-/// Aggregate decode speed of `concurrency` sequences stepped together, as the
-/// engine steps its running requests.
-fn batched_decode(
+/// Aggregate decode speed of sequences stepped together, as the engine
+/// steps its running requests: sequence `i` runs with `adapters[i]`.
+pub fn batched_decode(
     model: &LoadedModel,
     ids: &[u32],
-    concurrency: usize,
+    adapters: &[Option<Arc<UnmergedAdapter>>],
     steps: usize,
 ) -> anyhow::Result<f64> {
-    let mut sequences = Vec::with_capacity(concurrency);
-    let mut tokens = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let mut sequence = model.new_sequence()?;
+    let mut sequences = Vec::with_capacity(adapters.len());
+    let mut tokens = Vec::with_capacity(adapters.len());
+    for adapter in adapters {
+        let mut sequence = model.new_sequence_with(adapter.as_ref())?;
         tokens.push(argmax(&sequence.forward(ids)?) as u32);
         sequences.push(sequence);
     }
@@ -137,7 +146,7 @@ fn batched_decode(
         let logits = model.decode_batch(&mut refs, &tokens)?;
         tokens = logits.iter().map(|l| argmax(l) as u32).collect();
     }
-    Ok((concurrency * steps) as f64 / started.elapsed().as_secs_f64())
+    Ok((adapters.len() * steps) as f64 / started.elapsed().as_secs_f64())
 }
 
 #[derive(Debug, Serialize)]

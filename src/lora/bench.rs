@@ -5,17 +5,15 @@
 //! speed hits them alike.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::Serialize;
 
 use super::{Adapter, UnmergedAdapter};
-use crate::bench::prompt_ids;
+use crate::bench::{batched_decode, prompt_ids};
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{BenchLoraArgs, GlobalArgs};
-use crate::engine::sampling::argmax;
 use crate::models::{LoadedModel, load_model};
 
 #[derive(Debug, Serialize)]
@@ -39,30 +37,6 @@ pub struct LoraBenchResult {
     pub decode_tokens: usize,
     pub runs: usize,
     pub modes: Vec<ModeResult>,
-}
-
-/// Decode tokens/s of `adapters.len()` sequences stepped together, sequence
-/// `i` with `adapters[i]`.
-fn decode_rate(
-    model: &LoadedModel,
-    ids: &[u32],
-    adapters: &[Option<Arc<UnmergedAdapter>>],
-    steps: usize,
-) -> anyhow::Result<f64> {
-    let mut sequences = Vec::with_capacity(adapters.len());
-    let mut tokens = Vec::with_capacity(adapters.len());
-    for adapter in adapters {
-        let mut sequence = model.new_sequence_with(adapter.as_ref())?;
-        tokens.push(argmax(&sequence.forward(ids)?) as u32);
-        sequences.push(sequence);
-    }
-    let started = Instant::now();
-    for _ in 0..steps {
-        let mut refs: Vec<_> = sequences.iter_mut().collect();
-        let logits = model.decode_batch(&mut refs, &tokens)?;
-        tokens = logits.iter().map(|l| argmax(l) as u32).collect();
-    }
-    Ok((adapters.len() * steps) as f64 / started.elapsed().as_secs_f64())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -105,7 +79,7 @@ pub fn run(args: BenchLoraArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     // One warm-up round, then the measured ones.
     for run in 0..=args.runs.max(1) {
         for (index, (name, model, adapters)) in modes.iter().enumerate() {
-            let rate = decode_rate(model, &ids, adapters, steps)?;
+            let rate = batched_decode(model, &ids, adapters, steps)?;
             if run > 0 {
                 tracing::info!(mode = name, run, tokens_per_s = rate, "measured");
                 rates[index].push(rate);

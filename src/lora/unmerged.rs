@@ -47,7 +47,7 @@ pub fn gguf_row_source(heads: usize, head_dim: usize) -> Vec<usize> {
 }
 
 /// A factor element, widened to f32 where it is used.
-trait Element: Copy + Send + Sync {
+pub(crate) trait Element: Copy + Send + Sync {
     fn value(self) -> f32;
 }
 
@@ -71,7 +71,7 @@ enum Factors {
 }
 
 /// `a . x` in 16 independent lanes, so that it vectorizes.
-fn dot<E: Element>(a: &[E], x: &[f32]) -> f32 {
+pub(crate) fn dot<E: Element>(a: &[E], x: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let (a_chunks, x_chunks) = (a.chunks_exact(16), x.chunks_exact(16));
     let tail: f32 = a_chunks
