@@ -11,7 +11,7 @@ Each record is {"id", "prompt", "completion"}:
     prompt      Write the product description for <Package>.
                 Summary: <Debian short description, verbatim>
                 Section: <Debian section>
-                Facts: <long description, one line, whole sentences, at most 70 words>
+                Facts: <long description, one line, whole sentences, at most 60 words>
 
     completion  ## <Package>
                                                               (blank)
@@ -31,9 +31,10 @@ documented in data/house-style/README.md; qpai re-implements it in Rust.
 
 Selection (deterministic, no randomness): packages whose long description is ASCII, has at
 least three sentences, has no verbatim/bullet/list lines, and yields three bullets inside the
-Facts budget; -dev/-doc/-dbg/-data/-common style packages are skipped (boilerplate text), and
-a long description (or first bullet) shared by several packages is kept once (the package
-whose name sorts first). Split by package name: heldout when
+Facts budget and a completion of at most MAX_COMPLETION_CHARS characters;
+-dev/-doc/-dbg/-data/-common style packages are skipped (boilerplate text), and a long
+description (or first bullet) shared by several packages is kept once (the package whose name
+sorts first). Split by package name: heldout when
 int(sha256("house-style/" + name)[:8], 16) % 1000 < 120, else train; within each split the
 packages are ordered by that hash, at most MAX_PER_SECTION_SHARE of a split comes from one
 section, and the first N_TRAIN / N_HELDOUT are written.
@@ -71,8 +72,10 @@ OUT = os.path.join(ROOT, "data", "house-style")
 N_TRAIN = 1500
 N_HELDOUT = 200
 HELDOUT_PER_MILLE = 120
-MAX_PER_SECTION_SHARE = 0.10
-FACTS_MAX_WORDS = 70
+MAX_PER_SECTION_SHARE = 0.05
+FACTS_MAX_WORDS = 60
+# Keeps a reply (+ <|im_end|>) under ~110 SmolLM2 tokens, inside a 120-token generation budget.
+MAX_COMPLETION_CHARS = 400
 BULLET_MIN_WORDS = 4
 BULLET_MAX_WORDS = 25
 
@@ -303,6 +306,8 @@ def make_record(name: str, section: str, short: str, long_paragraphs: list[str])
     completion = "\n".join(
         [f"## {name}", "", f"> {summary}", ""] + [f"- {b}" for b in bullets] + ["", f"Category: {category}"]
     )
+    if len(completion) > MAX_COMPLETION_CHARS:
+        return None
     assert adheres(completion), completion
     return {"id": name, "prompt": prompt, "completion": completion}
 
@@ -333,10 +338,12 @@ def main() -> None:
 
     stats: Counter = Counter()
     candidates: dict[str, dict] = {}
+    seen_names: set[str] = set()
     for st in stanzas(packages_text):
         name = st.get("Package")
-        if not name or name in candidates:
+        if not name or name in seen_names:
             continue
+        seen_names.add(name)
         stats["packages"] += 1
         section = st.get("Section", "")
         if section not in SECTION_NAMES:

@@ -10,10 +10,11 @@ message, so the template's default one is used) and the loss is on the assistant
 LoRA: r=8, lora_alpha=16, dropout 0, bias "none", on q/k/v/o/gate/up/down_proj of all 30 layers.
 AdamW (no weight decay), linear warm-up then cosine decay, batch 8, fixed seeds, 2 threads.
 
-Writes models/adapters/house-style/{adapter_config.json, adapter_model.safetensors (bf16),
-README.md} and train_log.json beside them (loss per step, timings).
+Writes models/adapters/house-style/{adapter_config.json, adapter_model.safetensors (bf16)} and
+train_log.json beside them (loss per step, timings); the README.md there is written by hand and
+kept as it is (update its numbers from train_log.json and check_house_style.py).
 
-    /tmp/qpai-ref/venv-torch/bin/python scripts/lora/train_house_style.py --steps 72
+    /tmp/qpai-ref/venv-torch/bin/python scripts/lora/train_house_style.py --steps 40
     /tmp/qpai-ref/venv-torch/bin/python scripts/lora/train_house_style.py --measure 3   # time 3 steps only
 """
 
@@ -79,7 +80,7 @@ def collate(examples, idx, pad_id):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=72)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=6)
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-minutes", type=float, default=30.0,
+                        help="stop early (and save) once training has run this long")
     parser.add_argument("--measure", type=int, default=0, help="only time this many steps; save nothing")
     parser.add_argument("--out", default=ADAPTER)
     args = parser.parse_args()
@@ -159,7 +162,12 @@ def main() -> None:
         eta = elapsed / (step + 1) * (steps - step - 1)
         print(f"[step {step + 1}/{steps}] loss {float(out.loss):.4f} lr {lr_at(step):.2e} "
               f"gnorm {grad_norm:.3f} tokens {int(mask.sum())} {dt:.1f}s (eta {eta / 60:.1f} min)", flush=True)
+        if elapsed > args.max_minutes * 60 and step + 1 < steps:
+            print(f"[stop] {elapsed / 60:.1f} min > --max-minutes {args.max_minutes}: stopping after step {step + 1}",
+                  flush=True)
+            break
     train_s = time.time() - t_train
+    planned, steps = steps, len(log)
     if args.measure:
         print(f"[measure] {train_s / steps:.1f}s per step")
         return
@@ -167,19 +175,26 @@ def main() -> None:
     # Save: PEFT's files, the factors as bf16, and no generic model card.
     model.eval()
     os.makedirs(args.out, exist_ok=True)
+    # save_pretrained writes (or edits) README.md as a generic model card: keep the hand-written one.
+    card = os.path.join(args.out, "README.md")
+    kept_card = open(card, encoding="utf-8").read() if os.path.exists(card) else None
     model.save_pretrained(args.out)
-    generic_card = os.path.join(args.out, "README.md")
-    if os.path.exists(generic_card):
-        os.remove(generic_card)
+    if os.path.exists(card):
+        os.remove(card)
+    if kept_card is not None:
+        with open(card, "w", encoding="utf-8") as f:
+            f.write(kept_card)
     from safetensors.torch import load_file, save_file
 
     weights = os.path.join(args.out, "adapter_model.safetensors")
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in sorted(load_file(weights).items())}
     save_file(tensors, weights, metadata={"format": "pt"})
+    os.chmod(weights, 0o644)
     config_path = os.path.join(args.out, "adapter_config.json")
     with open(config_path) as f:
         saved = json.load(f)
     saved["base_model_name_or_path"] = "smollm2-135m-instruct"
+    saved["target_modules"] = sorted(saved["target_modules"])  # PEFT writes a set, in any order
     assert saved["modules_to_save"] is None and saved["use_dora"] is False and saved["bias"] == "none"
     with open(config_path, "w") as f:
         json.dump(saved, f, indent=2, sort_keys=True)
@@ -200,7 +215,7 @@ def main() -> None:
         "hyperparameters": {"r": args.r, "lora_alpha": args.alpha, "lora_dropout": 0.0, "bias": "none",
                             "target_modules": TARGETS, "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0)",
                             "lr": args.lr, "schedule": f"linear warm-up {args.warmup} steps, cosine to 0",
-                            "steps": steps, "batch": args.batch, "examples_seen": steps * args.batch,
+                            "steps": steps, "planned_steps": planned, "batch": args.batch, "examples_seen": steps * args.batch,
                             "max_len": args.max_len, "grad_clip": 1.0, "seed": args.seed,
                             "loss": "mean token cross-entropy on the assistant tokens (completion + <|im_end|>)",
                             "saved_dtype": "bfloat16 (trained in float32)"},
