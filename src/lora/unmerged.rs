@@ -10,8 +10,9 @@ use rayon::prelude::*;
 
 use super::adapter::{Adapter, Projection};
 
-/// Rows (tokens) below which the delta is computed on the calling thread.
-const PARALLEL_MIN_ROWS: usize = 8;
+/// Rows (tokens) with an adapter below which the deltas are computed on
+/// the calling thread.
+const PARALLEL_MIN_ROWS: usize = 2;
 
 /// Where one projection's factors sit in the buffer.
 #[derive(Debug, Clone, Copy)]
@@ -210,40 +211,51 @@ impl UnmergedAdapter {
         }
     }
 
-    /// Adds this adapter's deltas to `y` (`[n, y_width]`, the stacked
-    /// outputs of `parts`: each projection and its first column) for the
-    /// rows listed in `rows` (ascending); `x` is the input, `[n, x_width]`.
-    pub fn add(
+    /// Adds this adapter's deltas for one token to `y`, the stacked outputs
+    /// of `parts` (each projection and its first column); `x` is their input.
+    pub fn add_to_row(
         &self,
         layer: usize,
         parts: &[(Projection, usize)],
         x: &[f32],
         y: &mut [f32],
-        rows: &[usize],
-        n: usize,
     ) {
-        let (x_width, y_width) = (x.len() / n.max(1), y.len() / n.max(1));
         let Some(slots) = self.slots.get(layer) else {
             return;
         };
-        let work = |row: usize, y_row: &mut [f32]| {
-            let x_row = &x[row * x_width..(row + 1) * x_width];
-            for &(projection, column) in parts {
-                if let Some(slot) = &slots[projection as usize] {
-                    self.add_row(slot, x_row, &mut y_row[column..column + slot.outputs]);
-                }
+        for &(projection, column) in parts {
+            if let Some(slot) = &slots[projection as usize] {
+                self.add_row(slot, x, &mut y[column..column + slot.outputs]);
             }
-        };
-        if rows.len() < PARALLEL_MIN_ROWS {
-            for &row in rows {
-                work(row, &mut y[row * y_width..(row + 1) * y_width]);
-            }
-        } else {
-            y.par_chunks_exact_mut(y_width)
-                .enumerate()
-                .filter(|(row, _)| rows.binary_search(row).is_ok())
-                .for_each(|(row, y_row)| work(row, y_row));
         }
+    }
+}
+
+/// Adds each row's adapter deltas: row `r` of `x` (`[n, x_width]`) and `y`
+/// (`[n, y_width]`) runs with `adapters[r]`. Rows are shared between the
+/// threads once two or more carry an adapter.
+pub fn add_deltas(
+    adapters: &[Option<&UnmergedAdapter>],
+    layer: usize,
+    parts: &[(Projection, usize)],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let with_adapter = adapters.iter().filter(|a| a.is_some()).count();
+    if with_adapter == 0 {
+        return;
+    }
+    let n = adapters.len();
+    let (x_width, y_width) = (x.len() / n, y.len() / n);
+    let work = |(row, y_row): (usize, &mut [f32])| {
+        if let Some(adapter) = adapters[row] {
+            adapter.add_to_row(layer, parts, &x[row * x_width..(row + 1) * x_width], y_row);
+        }
+    };
+    if with_adapter < PARALLEL_MIN_ROWS {
+        y.chunks_exact_mut(y_width).enumerate().for_each(work);
+    } else {
+        y.par_chunks_exact_mut(y_width).enumerate().for_each(work);
     }
 }
 

@@ -347,11 +347,13 @@ impl LlamaGgufWeights {
             x.extend_from_slice(&self.embedding[token * self.hidden..(token + 1) * self.hidden]);
         }
         let (q_width, kv_width) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
-        let adapters = adapter_groups(sequences, rows);
+        let held: Vec<Option<Arc<UnmergedAdapter>>> = rows
+            .iter()
+            .map(|r| sequences[r.seq].adapter.clone())
+            .collect();
+        let adapters: Vec<Option<&UnmergedAdapter>> = held.iter().map(|a| a.as_deref()).collect();
         let lora = |layer: usize, parts: &[(Projection, usize)], x: &[f32], y: &mut [f32]| {
-            for (adapter, rows) in &adapters {
-                adapter.add(layer, parts, x, y, rows, n);
-            }
+            crate::lora::unmerged::add_deltas(&adapters, layer, parts, x, y);
         };
         for (index, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attention_norm);
@@ -451,25 +453,6 @@ impl LlamaGgufWeights {
 struct Row {
     seq: usize,
     position: usize,
-}
-
-/// The rows of a pass grouped by the adapter their sequence runs with
-/// (by identity; rows without an adapter are left out).
-fn adapter_groups(
-    sequences: &[&mut LlamaGgufSequence],
-    rows: &[Row],
-) -> Vec<(Arc<UnmergedAdapter>, Vec<usize>)> {
-    let mut groups: Vec<(Arc<UnmergedAdapter>, Vec<usize>)> = Vec::new();
-    for (index, row) in rows.iter().enumerate() {
-        let Some(adapter) = &sequences[row.seq].adapter else {
-            continue;
-        };
-        match groups.iter_mut().find(|(a, _)| Arc::ptr_eq(a, adapter)) {
-            Some((_, rows)) => rows.push(index),
-            None => groups.push((adapter.clone(), vec![index])),
-        }
-    }
-    groups
 }
 
 /// One sequence: per-layer keys and values, `[position][kv_head][head_dim]`,
