@@ -11,6 +11,7 @@ pub mod http;
 pub mod lora;
 pub mod models;
 pub mod rag;
+pub mod router;
 pub mod server;
 pub mod telemetry;
 

@@ -1,0 +1,339 @@
+//! The routing catalog (TOML): deployments (a provider, its model, price,
+//! context window, capabilities and quality per task tag) and logical
+//! model names that list candidate deployments. Checked whole when read.
+//!
+//! ```toml
+//! [[deployment]]
+//! name = "gpt-4o-mini"
+//! provider = "openai"                    # local | openai | azure | openai_compatible
+//! model = "gpt-4o-mini"                  # the upstream's model (priced name)
+//! base_url = "https://api.openai.com/v1"
+//! api_key_env = "OPENAI_API_KEY"
+//! input_usd_per_1m = 0.15
+//! output_usd_per_1m = 0.60
+//! context_window = 128000
+//! capabilities = ["streaming", "json", "tools"]
+//! quality = { general = 0.80, product_copy = 0.85 }
+//!
+//! [[deployment]]
+//! name = "smollm2-local"
+//! provider = "local"
+//! model = "smollm2-135m-instruct"
+//! host_usd_per_hour = 0.05               # priced from the host and its measured speed
+//! tokens_per_s = 100
+//! context_window = 8192
+//! capabilities = ["streaming"]
+//! quality = { general = 0.30, product_copy = 0.60 }
+//!
+//! [[model]]
+//! name = "writer"
+//! deployments = ["smollm2-local", "gpt-4o-mini"]
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+use super::cost::{Prices, Usd};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// qpai's own engine.
+    Local,
+    Openai,
+    /// Azure OpenAI: deployment URLs, `api-version`, `api-key` header.
+    Azure,
+    /// Any server speaking OpenAI's wire format (TGI, vLLM, Ollama, qpai).
+    OpenaiCompatible,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Streaming,
+    Json,
+    Tools,
+    Embeddings,
+}
+
+/// A deployment as the file writes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentFile {
+    name: String,
+    provider: ProviderKind,
+    model: String,
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    /// Azure: the deployment name in the URL and the `api-version` query.
+    azure_deployment: Option<String>,
+    api_version: Option<String>,
+    input_usd_per_1m: Option<Usd>,
+    output_usd_per_1m: Option<Usd>,
+    host_usd_per_hour: Option<Usd>,
+    tokens_per_s: Option<f64>,
+    /// How much faster prefill is than decode on the host (local pricing).
+    #[serde(default = "default_prefill_speedup")]
+    prefill_speedup: f64,
+    context_window: usize,
+    #[serde(default)]
+    capabilities: BTreeSet<Capability>,
+    #[serde(default)]
+    quality: BTreeMap<String, f64>,
+}
+
+fn default_prefill_speedup() -> f64 {
+    4.0
+}
+
+/// A checked deployment.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub name: String,
+    pub provider: ProviderKind,
+    pub model: String,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub azure_deployment: Option<String>,
+    pub api_version: Option<String>,
+    pub prices: Prices,
+    pub context_window: usize,
+    pub capabilities: BTreeSet<Capability>,
+    /// Quality per task tag, 0 to 1; `general` applies to untagged requests.
+    pub quality: BTreeMap<String, f64>,
+}
+
+impl Deployment {
+    /// Quality for `task` (its own score, else `general`, else 0).
+    pub fn quality_for(&self, task: Option<&str>) -> f64 {
+        task.and_then(|t| self.quality.get(t))
+            .or_else(|| self.quality.get("general"))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogicalModelFile {
+    name: String,
+    deployments: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouterFile {
+    #[serde(default)]
+    deployment: Vec<DeploymentFile>,
+    #[serde(default)]
+    model: Vec<LogicalModelFile>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouterCatalog {
+    pub deployments: Vec<Deployment>,
+    /// Logical name -> candidate deployments (indexes into `deployments`).
+    pub models: BTreeMap<String, Vec<usize>>,
+}
+
+fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
+    let name = &file.name;
+    let needs = |field: &str, value: &Option<String>| match value {
+        Some(v) if !v.is_empty() => Ok(()),
+        _ => Err(format!(
+            "deployment {name:?}: {field} is required for this provider"
+        )),
+    };
+    match file.provider {
+        ProviderKind::Local => {}
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => needs("base_url", &file.base_url)?,
+        ProviderKind::Azure => {
+            needs("base_url", &file.base_url)?;
+            needs("azure_deployment", &file.azure_deployment)?;
+            needs("api_version", &file.api_version)?;
+        }
+    }
+    let prices = match (
+        file.input_usd_per_1m,
+        file.output_usd_per_1m,
+        file.host_usd_per_hour,
+        file.tokens_per_s,
+    ) {
+        (Some(input), Some(output), None, None) => Prices {
+            input_per_1m: input,
+            output_per_1m: output,
+        },
+        (None, None, Some(host), Some(speed)) if speed > 0.0 => {
+            Prices::from_host(host, speed, file.prefill_speedup)
+        }
+        _ => {
+            return Err(format!(
+                "deployment {name:?}: give input_usd_per_1m and output_usd_per_1m, or host_usd_per_hour and tokens_per_s (> 0)"
+            ));
+        }
+    };
+    if file.context_window == 0 {
+        return Err(format!("deployment {name:?}: context_window must be > 0"));
+    }
+    if let Some((tag, q)) = file.quality.iter().find(|(_, q)| !(0.0..=1.0).contains(*q)) {
+        return Err(format!(
+            "deployment {name:?}: quality {tag} = {q} is outside 0..1"
+        ));
+    }
+    Ok(Deployment {
+        name: file.name,
+        provider: file.provider,
+        model: file.model,
+        base_url: file.base_url,
+        api_key_env: file.api_key_env,
+        azure_deployment: file.azure_deployment,
+        api_version: file.api_version,
+        prices,
+        context_window: file.context_window,
+        capabilities: file.capabilities,
+        quality: file.quality,
+    })
+}
+
+impl RouterCatalog {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: RouterFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut deployments = Vec::with_capacity(file.deployment.len());
+        for raw in file.deployment {
+            if deployments.iter().any(|d: &Deployment| d.name == raw.name) {
+                return Err(format!("deployment {:?} is defined twice", raw.name));
+            }
+            deployments.push(check_deployment(raw)?);
+        }
+        let mut models = BTreeMap::new();
+        for model in file.model {
+            if model.deployments.is_empty() {
+                return Err(format!("model {:?} lists no deployment", model.name));
+            }
+            let indexes = model
+                .deployments
+                .iter()
+                .map(|name| {
+                    deployments
+                        .iter()
+                        .position(|d| d.name == *name)
+                        .ok_or_else(|| format!("model {:?}: no deployment {name:?}", model.name))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if models.insert(model.name.clone(), indexes).is_some() {
+                return Err(format!("model {:?} is defined twice", model.name));
+            }
+        }
+        Ok(Self {
+            deployments,
+            models,
+        })
+    }
+
+    pub fn deployment(&self, name: &str) -> Option<&Deployment> {
+        self.deployments.iter().find(|d| d.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[[deployment]]
+name = "gpt-4o-mini"
+provider = "openai"
+model = "gpt-4o-mini"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+input_usd_per_1m = 0.15
+output_usd_per_1m = 0.60
+context_window = 128000
+capabilities = ["streaming", "json", "tools"]
+quality = { general = 0.80, product_copy = 0.85 }
+
+[[deployment]]
+name = "gpt-4o-eu"
+provider = "azure"
+model = "gpt-4o"
+base_url = "https://example.openai.azure.com"
+azure_deployment = "prod-4o"
+api_version = "2024-10-21"
+input_usd_per_1m = "2.50"
+output_usd_per_1m = "10"
+context_window = 128000
+
+[[deployment]]
+name = "smollm2-local"
+provider = "local"
+model = "smollm2-135m-instruct"
+host_usd_per_hour = 0.36
+tokens_per_s = 100
+context_window = 8192
+quality = { general = 0.3 }
+
+[[model]]
+name = "writer"
+deployments = ["smollm2-local", "gpt-4o-mini"]
+"#;
+
+    #[test]
+    fn the_example_catalog_parses() {
+        let catalog = RouterCatalog::parse(EXAMPLE).unwrap();
+        assert_eq!(catalog.deployments.len(), 3);
+        let azure = catalog.deployment("gpt-4o-eu").unwrap();
+        assert_eq!(
+            azure.model, "gpt-4o",
+            "priced under the model, not the deployment name"
+        );
+        assert_eq!(azure.prices.output_per_1m.to_string(), "10");
+        let local = catalog.deployment("smollm2-local").unwrap();
+        assert_eq!(local.prices.output_per_1m.to_string(), "1");
+        assert_eq!(catalog.models["writer"], vec![2, 0]);
+        let mini = catalog.deployment("gpt-4o-mini").unwrap();
+        assert_eq!(mini.quality_for(Some("product_copy")), 0.85);
+        assert_eq!(mini.quality_for(Some("unknown-task")), 0.80);
+        assert!(mini.capabilities.contains(&Capability::Tools));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (
+                EXAMPLE.replace("azure_deployment = \"prod-4o\"\n", ""),
+                "azure_deployment",
+            ),
+            (
+                EXAMPLE.replace("\"smollm2-local\", ", "\"nope\", "),
+                "no deployment \"nope\"",
+            ),
+            (
+                EXAMPLE.replace("tokens_per_s = 100\n", ""),
+                "host_usd_per_hour",
+            ),
+            (
+                EXAMPLE.replace("general = 0.3", "general = 3"),
+                "outside 0..1",
+            ),
+            (
+                EXAMPLE.replace("context_window = 8192", "context_window = 0"),
+                "context_window",
+            ),
+            (
+                EXAMPLE.replace("provider = \"local\"", "provider = \"bedrock\""),
+                "bedrock",
+            ),
+            (
+                format!(
+                    "{EXAMPLE}\n[[model]]\nname = \"writer\"\ndeployments = [\"gpt-4o-mini\"]\n"
+                ),
+                "twice",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = RouterCatalog::parse(&text).unwrap_err();
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
+    }
+}
