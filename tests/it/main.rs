@@ -18,4 +18,5 @@ mod rag_api;
 mod rag_s3;
 mod rag_sources;
 mod reference;
+mod router_upstream;
 mod tokenizer;
