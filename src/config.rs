@@ -120,14 +120,21 @@ pub enum EvalCommand {
     Adapter(EvalAdapterArgs),
 }
 
+/// A base model and a LoRA adapter on it.
 #[derive(Debug, Clone, Args)]
-pub struct EvalAdapterArgs {
+pub struct AdapterTarget {
     /// Base model (catalog id or path).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// The adapter: a catalog adapter id or a PEFT directory.
     #[arg(long, default_value = "house-style")]
     pub adapter: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalAdapterArgs {
+    #[command(flatten)]
+    pub target: AdapterTarget,
     /// JSONL of {"id", "prompt", "completion"} records.
     #[arg(long, default_value = "data/house-style/heldout.jsonl")]
     pub data: PathBuf,
@@ -151,12 +158,8 @@ pub struct EvalAdapterArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchLoraArgs {
-    /// Base model (catalog id or path).
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: String,
-    /// The adapter: a catalog adapter id or a PEFT directory.
-    #[arg(long, default_value = "house-style")]
-    pub adapter: String,
+    #[command(flatten)]
+    pub target: AdapterTarget,
     /// Different adapters decoded together in the last measurement (copies
     /// of --adapter with other scales: the same work as distinct adapters).
     #[arg(long, default_value_t = 4)]

@@ -47,9 +47,9 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub fn run(args: BenchLoraArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
     let store = ModelStore::new(global.models_dir());
-    let adapter_dir = catalog.resolve_adapter(&args.adapter);
+    let adapter_dir = catalog.resolve_adapter(&args.target.adapter);
     let adapter = Arc::new(Adapter::load(&adapter_dir).map_err(anyhow::Error::msg)?);
-    let resolved = resolve(&args.model, &catalog, &store)?;
+    let resolved = resolve(&args.target.model, &catalog, &store)?;
     let base = load_model(&resolved.source, &resolved.options)?;
     let mut options = resolved.options.clone();
     options.merge = Some(adapter.clone());

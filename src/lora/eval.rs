@@ -118,7 +118,7 @@ async fn generate(
 pub async fn run(args: EvalAdapterArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
     let store = ModelStore::new(global.models_dir());
-    let adapter_dir = catalog.resolve_adapter(&args.adapter);
+    let adapter_dir = catalog.resolve_adapter(&args.target.adapter);
     let format_path = match &args.format {
         Some(path) => path.clone(),
         None => args.data.with_file_name("manifest.json"),
@@ -132,7 +132,7 @@ pub async fn run(args: EvalAdapterArgs, global: &GlobalArgs) -> anyhow::Result<(
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .context("a record is not {\"id\", \"prompt\", \"completion\"}")?;
-    let model_spec = args.model.clone();
+    let model_spec = args.target.model.clone();
     let (model, adapter) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let resolved = resolve(&model_spec, &catalog, &store)?;
         let model = load_model(&resolved.source, &resolved.options)?;
@@ -226,8 +226,8 @@ pub async fn run(args: EvalAdapterArgs, global: &GlobalArgs) -> anyhow::Result<(
     if let Some(path) = &args.json {
         let replies: Vec<&Reply> = replies.iter().map(|(_, r)| r).collect();
         let report = serde_json::json!({
-            "model": args.model,
-            "adapter": args.adapter,
+            "model": args.target.model,
+            "adapter": args.target.adapter,
             "data": args.data,
             "scores": scores,
             "replies": replies,
