@@ -186,9 +186,8 @@ fn load_all(
                 path: lora.path.clone(),
                 origin: Origin::CommandLine,
             };
-            state.adapters.register(spec.clone())?;
             let engine = state.engine(base).map_err(|e| anyhow::anyhow!(e.message))?;
-            state.adapters.acquire(&spec, engine.model())?;
+            state.adapters.register_and_load(spec, engine.model())?;
         }
     }
     Ok(())

@@ -85,18 +85,11 @@ pub async fn load_adapter(
         path,
         origin: Origin::AdminApi,
     };
-    state
-        .adapters
-        .register(spec.clone())
-        .map_err(|e| adapter_error(e, "name"))?;
     let registry = state.adapters.clone();
-    let loaded = tokio::task::spawn_blocking(move || registry.acquire(&spec, engine.model()))
+    tokio::task::spawn_blocking(move || registry.register_and_load(spec, engine.model()))
         .await
-        .map_err(ApiError::internal)?;
-    if let Err(error) = loaded {
-        state.adapters.unload(&body.name);
-        return Err(adapter_error(error, "path"));
-    }
+        .map_err(ApiError::internal)?
+        .map_err(|e| adapter_error(e, "path"))?;
     let status = state
         .adapters
         .status(&body.name)

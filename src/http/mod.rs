@@ -27,7 +27,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use crate::engine::{Engine, SubmitError};
 use crate::error::{ApiError, ApiResult};
 use crate::lora::UnmergedAdapter;
-use crate::lora::registry::{AdapterRegistry, Origin, RegistryError};
+use crate::lora::registry::{AdapterRegistry, RegistryError};
 use crate::models::embedding::EmbeddingModel;
 use extract::BodyLimit;
 
@@ -252,21 +252,11 @@ impl AppState {
         }
         let engine = self.engine(&spec.base)?;
         let (registry, model) = (self.adapters.clone(), engine.clone());
-        let discovered = spec.origin == Origin::Directory;
-        let name = spec.name.clone();
-        let acquired = tokio::task::spawn_blocking(move || registry.acquire(&spec, model.model()))
+        let weights = tokio::task::spawn_blocking(move || registry.acquire(&spec, model.model()))
             .await
-            .map_err(ApiError::internal)?;
-        match acquired {
-            Ok(weights) => Ok((engine, Some(weights))),
-            Err(error) => {
-                // A directory found by name is declared only once it loads.
-                if discovered && matches!(error, RegistryError::Invalid { .. }) {
-                    self.adapters.unload(&name);
-                }
-                Err(adapter_error(error, "model"))
-            }
-        }
+            .map_err(ApiError::internal)?
+            .map_err(|e| adapter_error(e, "model"))?;
+        Ok((engine, Some(weights)))
     }
 
     pub fn engine(&self, id: &str) -> ApiResult<Engine> {

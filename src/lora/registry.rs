@@ -215,9 +215,37 @@ impl AdapterRegistry {
         Some(state.known.entry(name.to_string()).or_insert(spec).clone())
     }
 
+    /// Declares an adapter and loads it at once; when it does not load,
+    /// nothing of it is kept. Blocking.
+    pub fn register_and_load(
+        &self,
+        spec: AdapterSpec,
+        model: &LoadedModel,
+    ) -> Result<Arc<UnmergedAdapter>, RegistryError> {
+        self.register(spec.clone())?;
+        self.acquire(&spec, model).inspect_err(|_| {
+            self.unload(&spec.name);
+        })
+    }
+
     /// The adapter's weights laid out for `model`, loaded if not resident.
-    /// Blocking: run it off the async threads.
+    /// An adapter found in a directory by name stays declared only once it
+    /// loads. Blocking: run it off the async threads.
     pub fn acquire(
+        &self,
+        spec: &AdapterSpec,
+        model: &LoadedModel,
+    ) -> Result<Arc<UnmergedAdapter>, RegistryError> {
+        let acquired = self.load(spec, model);
+        if let Err(RegistryError::Invalid { .. }) = &acquired
+            && spec.origin == Origin::Directory
+        {
+            self.unload(&spec.name);
+        }
+        acquired
+    }
+
+    fn load(
         &self,
         spec: &AdapterSpec,
         model: &LoadedModel,
