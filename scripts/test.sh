@@ -5,7 +5,8 @@
 #     reference tools (scripts/reference/requirements-light.txt);
 #   - the catalog models, pulled and sha256-verified by `qpai models pull`;
 #   - a float32 safetensors copy of SmolLM2, exported from its GGUF by
-#     scripts/reference/export_safetensors.py (the safetensors loader's test input).
+#     scripts/reference/export_safetensors.py (the safetensors loader's test input);
+#   - a private PostgreSQL (scripts/postgres.sh) for the ledger's PostgreSQL tests.
 # Then `cargo test` (unit tests + the single integration-test binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,9 @@ if [ ! -f "$copy/model.safetensors" ]; then
   rm -rf "$copy" && mv "$copy.partial" "$copy"
 fi
 export QPAI_TEST_SAFETENSORS_DIR="$copy"
+
+echo "== PostgreSQL"
+export QPAI_TEST_DATABASE_URL="${QPAI_TEST_DATABASE_URL:-$(scripts/postgres.sh)}"
 
 echo "== tests"
 RUST_BACKTRACE="${RUST_BACKTRACE:-0}" cargo test "$@"

@@ -39,6 +39,10 @@ pub struct GlobalArgs {
     /// s3://bucket/path). Default: <data-dir>/rag.
     #[arg(long, env = "QPAI_RAG_URI", global = true)]
     pub rag_uri: Option<String>,
+    /// The database of keys, tenants and the usage ledger: `postgres://...`
+    /// or `sqlite://PATH`. Default: SQLite at <data-dir>/qpai.db.
+    #[arg(long, env = "QPAI_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
     /// Model catalog (TOML). Default: the catalog built into qpai (models/models.toml).
     #[arg(long, env = "QPAI_CATALOG", global = true)]
     pub catalog: Option<PathBuf>,
@@ -63,6 +67,12 @@ impl GlobalArgs {
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
             .unwrap_or_else(|| PathBuf::from("."));
         base.join("qpai")
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| crate::ledger::Ledger::default_url(&self.data_dir()))
     }
 
     pub fn rag_uri(&self) -> String {
@@ -109,6 +119,104 @@ pub enum Command {
         #[command(subcommand)]
         command: SitesCommand,
     },
+    /// Manage API keys and tenants (budgets, rate limits).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Show usage and cost from the ledger.
+    Usage(UsageArgs),
+    /// An OpenAI-compatible chat endpoint that answers at once (for router benchmarks).
+    BenchUpstream(BenchUpstreamArgs),
+    /// Load a chat endpoint with many connections: requests/s and latency percentiles.
+    BenchRouter(BenchRouterArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchUpstreamArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 9100)]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchRouterArgs {
+    /// The API base URL (`http://HOST:PORT/v1`).
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, default_value = "bench")]
+    pub model: String,
+    /// Bearer key to send.
+    #[arg(long, env = "QPAI_BENCH_KEY")]
+    pub key: Option<String>,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 200)]
+    pub connections: usize,
+    /// Measured requests.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: usize,
+    /// Requests sent first and not measured.
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key (and its tenant). The key is printed once.
+    Create(KeyCreateArgs),
+    /// List keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key by its id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeyCreateArgs {
+    #[arg(long)]
+    pub tenant: String,
+    /// The tenant's monthly budget in dollars (set or changed for the tenant).
+    #[arg(long)]
+    pub monthly_budget_usd: Option<String>,
+    /// Percentage of the budget after which answers carry x-qpai-budget-warning.
+    #[arg(long)]
+    pub soft_limit_percent: Option<u8>,
+    /// Requests per minute for this key.
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute for this key (prompt plus max_tokens).
+    #[arg(long)]
+    pub tpm: Option<u32>,
+    /// An admin key: admin endpoints, every tenant's data.
+    #[arg(long)]
+    pub admin: bool,
+    /// What `"model": "auto"` means for the tenant.
+    #[arg(long)]
+    pub default_model: Option<String>,
+    /// The tenant's quality floor for routed requests (0 to 1).
+    #[arg(long)]
+    pub min_quality: Option<f64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UsageArgs {
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Comma-separated: model, provider, key, day, tenant, deployment.
+    #[arg(long, default_value = "tenant,model")]
+    pub group_by: String,
+    /// First day, YYYY-MM-DD.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Last day, YYYY-MM-DD.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -395,6 +503,32 @@ pub struct ServeArgs {
     /// Memory for resident adapters, in MiB (same eviction).
     #[arg(long, env = "QPAI_MAX_ADAPTER_MEMORY_MB", default_value_t = 1024)]
     pub max_adapter_memory_mb: usize,
+    /// Routing catalog (TOML): remote deployments (OpenAI, Azure OpenAI,
+    /// OpenAI-compatible), local ones with their price, logical models.
+    #[arg(long, env = "QPAI_ROUTER_CONFIG")]
+    pub router_config: Option<PathBuf>,
+    /// Upstream connect timeout, milliseconds.
+    #[arg(long, env = "QPAI_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
+    pub upstream_connect_timeout_ms: u64,
+    /// Upstream time to first byte (a stream's first chunk), milliseconds.
+    #[arg(
+        long,
+        env = "QPAI_UPSTREAM_FIRST_BYTE_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub upstream_first_byte_timeout_ms: u64,
+    /// Upstream time for a whole answer, seconds.
+    #[arg(long, env = "QPAI_UPSTREAM_TIMEOUT_S", default_value_t = 600)]
+    pub upstream_timeout_s: u64,
+    /// Retries on one deployment before falling back to the next.
+    #[arg(long, env = "QPAI_ROUTER_RETRIES", default_value_t = 1)]
+    pub router_retries: u32,
+    /// Failures in a row that open a deployment's circuit.
+    #[arg(long, env = "QPAI_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+    /// Seconds an open circuit waits before a probe.
+    #[arg(long, env = "QPAI_BREAKER_COOLDOWN_S", default_value_t = 30.0)]
+    pub breaker_cooldown_s: f64,
 }
 
 /// `[BASE:]NAME=PATH` of --lora.
@@ -445,6 +579,7 @@ pub struct ServeFile {
     pub adapter_dirs: Option<Vec<PathBuf>>,
     pub max_adapters: Option<usize>,
     pub max_adapter_memory_mb: Option<usize>,
+    pub router_config: Option<PathBuf>,
 }
 
 fn is_default(matches: &ArgMatches, id: &str) -> bool {
@@ -489,6 +624,11 @@ impl ServeArgs {
         layer!(adapter_dirs, "adapter_dirs");
         layer!(max_adapters, "max_adapters");
         layer!(max_adapter_memory_mb, "max_adapter_memory_mb");
+        if let Some(path) = file.router_config
+            && is_default(matches, "router_config")
+        {
+            self.router_config = Some(path);
+        }
         Ok(())
     }
 }

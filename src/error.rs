@@ -14,6 +14,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -38,6 +40,7 @@ impl ApiError {
             message: message.into(),
             param: Some(param.into()),
             code: Some("invalid_value"),
+            retry_after: None,
         }
     }
 
@@ -48,6 +51,7 @@ impl ApiError {
             message: format!("The parameter '{param}' is not supported by this server."),
             param: Some(param.to_string()),
             code: Some("unsupported_parameter"),
+            retry_after: None,
         }
     }
 
@@ -58,6 +62,7 @@ impl ApiError {
             message: message.into(),
             param,
             code: Some("invalid_request_body"),
+            retry_after: None,
         }
     }
 
@@ -67,6 +72,7 @@ impl ApiError {
             message: format!("The model '{model}' does not exist or is not served here."),
             param: Some("model".to_string()),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
@@ -76,6 +82,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("not_found"),
+            retry_after: None,
         }
     }
 
@@ -85,6 +92,7 @@ impl ApiError {
             message: format!("The request body exceeds the limit of {limit} bytes."),
             param: None,
             code: Some("payload_too_large"),
+            retry_after: None,
         }
     }
 
@@ -95,6 +103,7 @@ impl ApiError {
                 .to_string(),
             param: None,
             code: Some("overloaded"),
+            retry_after: None,
         }
     }
 
@@ -104,6 +113,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("unavailable"),
+            retry_after: None,
         }
     }
 
@@ -115,12 +125,58 @@ impl ApiError {
             message: "The server had an internal error while processing the request.".to_string(),
             param: None,
             code: Some("internal_error"),
+            retry_after: None,
+        }
+    }
+
+    /// 401: no key, or not a live key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            param: None,
+            code: Some("invalid_api_key"),
+            retry_after: None,
+        }
+    }
+
+    /// 403: a key that may not do this (an admin endpoint, another tenant's data).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            message: message.into(),
+            param: None,
+            code: Some("permission_denied"),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After`: a key's requests or tokens per minute.
+    pub fn rate_limited(message: impl Into<String>, retry_after_s: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after_s.max(1)),
+        }
+    }
+
+    /// 402: the tenant's monthly budget cannot pay for this request.
+    pub fn budget_exceeded(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::PAYMENT_REQUIRED,
+            message: message.into(),
+            param: None,
+            code: Some("budget_exceeded"),
+            retry_after: None,
         }
     }
 
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
             401 => "authentication_error",
+            402 => "insufficient_quota",
             403 => "permission_error",
             429 => "rate_limit_error",
             500..=599 => "server_error",
@@ -150,7 +206,13 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.to_json())).into_response()
+        let mut response = (self.status, Json(self.to_json())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -8,12 +8,14 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod ledger;
 pub mod lora;
 pub mod models;
 pub mod rag;
 pub mod router;
 pub mod server;
 pub mod telemetry;
+pub mod tenancy;
 
 use std::sync::Arc;
 

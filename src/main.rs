@@ -29,7 +29,12 @@ fn main() -> anyhow::Result<()> {
         Command::Eval {
             command: EvalCommand::Retrieval(args),
         } => args.embedding.threads,
-        Command::Models { .. } | Command::Sites { .. } => None,
+        Command::Models { .. }
+        | Command::Sites { .. }
+        | Command::Keys { .. }
+        | Command::Usage(_)
+        | Command::BenchUpstream(_)
+        | Command::BenchRouter(_) => None,
     };
     if let Some(threads) = threads {
         // SAFETY: still single-threaded here; candle reads this when its
@@ -58,5 +63,11 @@ fn main() -> anyhow::Result<()> {
         Command::Sites { command } => {
             runtime()?.block_on(qpai::rag::cli::sites(command, &cli.global))
         }
+        Command::Keys { command } => {
+            runtime()?.block_on(qpai::tenancy::cli::keys(command, &cli.global))
+        }
+        Command::Usage(args) => runtime()?.block_on(qpai::tenancy::cli::usage(args, &cli.global)),
+        Command::BenchUpstream(args) => runtime()?.block_on(qpai::router::bench::upstream(args)),
+        Command::BenchRouter(args) => runtime()?.block_on(qpai::router::bench::load(args)),
     }
 }

@@ -3,6 +3,7 @@
 //! until SIGINT/SIGTERM.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -17,6 +18,9 @@ use crate::http::{AppState, EmbeddingSlot, HttpConfig};
 use crate::lora::Adapter;
 use crate::lora::registry::{AdapterLimits, AdapterRegistry, AdapterSpec, Origin};
 use crate::models::load_model;
+use crate::router::{
+    BreakerConfig, ModelRouter, ProviderKind, RetryPolicy, RouterCatalog, Timeouts,
+};
 
 pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
@@ -58,6 +62,18 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the site store {rag_uri}"))?;
     state.set_rag_store(rag_store);
+    let database = global.database_url();
+    let ledger = crate::ledger::Ledger::open(&database)
+        .await
+        .with_context(|| format!("opening the ledger database {}", redact(&database)))?;
+    let tenancy = crate::tenancy::Tenancy::new(ledger.clone()).await?;
+    tracing::info!(
+        database = ledger.db().backend(),
+        keys_required = tenancy.auth_required(),
+        "ledger open"
+    );
+    state.set_tenancy(tenancy);
+    state.set_model_router(model_router(&args)?);
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
@@ -103,10 +119,57 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         })
         .await
         .context("serving")?;
+    ledger.flush().await;
     match failure.lock().ok().and_then(|mut slot| slot.take()) {
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// A database URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The router from `--router-config` (or one that routes to local models only).
+fn model_router(args: &ServeArgs) -> anyhow::Result<ModelRouter> {
+    let catalog = match &args.router_config {
+        Some(path) => ModelRouter::load_catalog(path)?,
+        None => RouterCatalog::default(),
+    };
+    if catalog
+        .deployments
+        .iter()
+        .any(|d| d.provider != ProviderKind::Local)
+    {
+        // OpenAI's BPE tables load once, here rather than in a request.
+        tokio::task::spawn_blocking(crate::router::tokens::warm_up);
+    }
+    tracing::info!(
+        deployments = catalog.deployments.len(),
+        models = catalog.models.len(),
+        "routing catalog"
+    );
+    let timeouts = Timeouts {
+        connect: Duration::from_millis(args.upstream_connect_timeout_ms),
+        first_byte: Duration::from_millis(args.upstream_first_byte_timeout_ms),
+        total: Duration::from_secs(args.upstream_timeout_s),
+    };
+    let breaker = BreakerConfig {
+        threshold: args.breaker_threshold.max(1),
+        cooldown: Duration::from_secs_f64(args.breaker_cooldown_s.max(0.0)),
+    };
+    let retry = RetryPolicy {
+        retries: args.router_retries,
+        ..RetryPolicy::default()
+    };
+    ModelRouter::new(catalog, timeouts, breaker, retry).map_err(anyhow::Error::msg)
 }
 
 /// The embedding model, resolved (pulled if needed) and loaded on first use.
@@ -153,6 +216,7 @@ fn load_all(
                 base: entry.base.clone(),
                 path: catalog.adapter_path(entry),
                 origin: Origin::Catalog,
+                owner: None,
             })?;
         }
     }
@@ -185,6 +249,7 @@ fn load_all(
                 base: base.clone(),
                 path: lora.path.clone(),
                 origin: Origin::CommandLine,
+                owner: None,
             };
             let engine = state.engine(base).map_err(|e| anyhow::anyhow!(e.message))?;
             state.adapters.register_and_load(spec, engine.model())?;

@@ -1,13 +1,15 @@
-//! The adapter admin API: `GET /v1/adapters` (list), `POST /v1/adapters`
-//! (load from an adapter directory), `GET` and `DELETE /v1/adapters/{name}`.
-//! A loaded adapter serves as `BASE:NAME` and as `NAME`.
+//! The adapter API: `GET /v1/adapters` (list), `POST /v1/adapters` (load
+//! from an adapter directory), `GET` and `DELETE /v1/adapters/{name}`.
+//! A loaded adapter serves as `BASE:NAME` and as `NAME`. An admin's
+//! adapters are shared; a tenant's are seen and used by that tenant only,
+//! and load from `<adapter dir>/<tenant>/` only.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -15,6 +17,17 @@ use super::extract::ApiJson;
 use super::{AppState, adapter_error};
 use crate::error::{ApiError, ApiResult};
 use crate::lora::registry::{AdapterSpec, AdapterStatus, Origin, check_name};
+use crate::tenancy::Principal;
+
+type Caller = Extension<Arc<Principal>>;
+
+fn visible(principal: &Principal, status: &AdapterStatus) -> bool {
+    status
+        .spec
+        .owner
+        .as_ref()
+        .is_none_or(|o| principal.may_see(o))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,17 +48,28 @@ fn unknown(name: &str) -> ApiError {
     }
 }
 
-pub async fn list_adapters(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": state.adapters.list()}))
+pub async fn list_adapters(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
+) -> Json<serde_json::Value> {
+    let data: Vec<_> = state
+        .adapters
+        .list()
+        .into_iter()
+        .filter(|a| visible(&principal, a))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn get_adapter(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<AdapterStatus>> {
     state
         .adapters
         .status(&name)
+        .filter(|a| visible(&principal, a))
         .map(Json)
         .ok_or_else(|| unknown(&name))
 }
@@ -53,6 +77,7 @@ pub async fn get_adapter(
 /// Declares and loads an adapter: nothing is kept when any check fails.
 pub async fn load_adapter(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     ApiJson(body): ApiJson<LoadAdapter>,
 ) -> ApiResult<(StatusCode, Json<AdapterStatus>)> {
     check_name(&body.name).map_err(|e| adapter_error(e, "name"))?;
@@ -79,11 +104,21 @@ pub async fn load_adapter(
         .adapters
         .inside_roots(&body.path)
         .map_err(|e| adapter_error(e, "path"))?;
+    let owner = (!principal.admin).then(|| principal.tenant.clone());
+    if let Some(tenant) = &owner
+        && !state.adapters.inside_tenant_dir(&path, tenant)
+    {
+        return Err(ApiError::invalid_param(
+            "path",
+            format!("A tenant's adapters load from the '{tenant}' folder of an adapter directory."),
+        ));
+    }
     let spec = AdapterSpec {
         name: body.name.clone(),
         base: engine.model().id.clone(),
         path,
         origin: Origin::AdminApi,
+        owner,
     };
     let registry = state.adapters.clone();
     tokio::task::spawn_blocking(move || registry.register_and_load(spec, engine.model()))
@@ -105,8 +140,14 @@ fn engines_named(state: &AppState, name: &str) -> bool {
 /// memory is returned when the last one ends.
 pub async fn unload_adapter(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    match state.adapters.status(&name) {
+        Some(status) if status.spec.owner.is_some() && visible(&principal, &status) => {}
+        Some(status) if visible(&principal, &status) => principal.require_admin()?,
+        _ => return Err(unknown(&name)),
+    }
     let status = state.adapters.unload(&name).ok_or_else(|| unknown(&name))?;
     Ok(Json(json!({
         "name": name,

@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
 
-use super::extract::ApiJson;
+use super::extract::{BodyLimit, parse_json};
 use super::streaming::{ChunkFormat, collect, sse};
 use super::wire::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
@@ -18,44 +20,84 @@ use super::{AppState, submit_error, unix_now, validate};
 use crate::engine::{FinishReason, GenerationRequest, Logprobs, TokenLogprob};
 use crate::error::{ApiError, ApiResult};
 use crate::models::chat_template::TemplateError;
-use crate::models::{ModelKind, TemplateMessage};
+use crate::models::{LoadedModel, ModelKind, TemplateMessage};
 use crate::rag::{SearchRequest, SiteName, prompt, search};
+use crate::tenancy::Principal;
 
-#[tracing::instrument(skip_all, fields(model = %request.model))]
+/// `POST /v1/chat/completions`: routed (a local model, or a deployment of
+/// the routing catalog), metered and billed.
+#[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    ApiJson(request): ApiJson<ChatCompletionRequest>,
+    Extension(principal): Extension<Arc<Principal>>,
+    Extension(limit): Extension<BodyLimit>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> ApiResult<Response> {
-    validate::reject_unknown_fields(&request.other, "")?;
-    let (engine, adapter) = state.target(&request.model).await?;
-    let model = engine.model();
-    let template = match (&model.chat_template, model.kind) {
-        (Some(template), ModelKind::Chat | ModelKind::Completion) => template,
-        _ => {
-            return Err(ApiError::invalid_param(
-                "model",
-                format!(
-                    "The model '{}' has no chat template; use /v1/completions.",
-                    model.id
-                ),
-            ));
-        }
-    };
-    let mut messages = template_messages(&request.messages)?;
-    let citations = match &request.rag {
-        Some(options) => Some(ground(&state, options, &mut messages).await?),
-        None => None,
-    };
-    let prompt = template.render(&messages, true).map_err(|e| match e {
-        TemplateError::Rejected(message) => ApiError::invalid_param("messages", message),
-        TemplateError::Broken(message) => ApiError::internal(message),
-    })?;
-    let prompt_ids = model
+    if body.len() > limit.0 {
+        return Err(ApiError::payload_too_large(limit.0));
+    }
+    let request: ChatCompletionRequest = parse_json(&body)?;
+    let raw: serde_json::Value = parse_json(&body)?;
+    tracing::Span::current().record("model", request.model.as_str());
+    super::routing::route_chat(state, principal, &headers, raw, request).await
+}
+
+/// The chat template of a model that has one.
+fn chat_template(model: &LoadedModel) -> ApiResult<&crate::models::chat_template::ChatTemplate> {
+    match (&model.chat_template, model.kind) {
+        (Some(template), ModelKind::Chat | ModelKind::Completion) => Ok(template),
+        _ => Err(ApiError::invalid_param(
+            "model",
+            format!(
+                "The model '{}' has no chat template; use /v1/completions.",
+                model.id
+            ),
+        )),
+    }
+}
+
+/// The prompt's token ids: the messages rendered with the model's template.
+fn prompt_ids(model: &LoadedModel, messages: &[TemplateMessage]) -> ApiResult<Vec<u32>> {
+    let prompt = chat_template(model)?
+        .render(messages, true)
+        .map_err(|e| match e {
+            TemplateError::Rejected(message) => ApiError::invalid_param("messages", message),
+            TemplateError::Broken(message) => ApiError::internal(message),
+        })?;
+    Ok(model
         .tokenizer
         .encode_fast(prompt.as_str(), false)
         .map_err(ApiError::internal)?
         .get_ids()
-        .to_vec();
+        .to_vec())
+}
+
+/// The request's prompt tokens on a local model, before any grounding.
+pub fn local_prompt_tokens(
+    model: &LoadedModel,
+    request: &ChatCompletionRequest,
+) -> ApiResult<usize> {
+    validate::reject_unknown_fields(&request.other, "")?;
+    prompt_ids(model, &template_messages(&request.messages)?).map(|ids| ids.len())
+}
+
+/// A chat completion on one of qpai's own models.
+pub async fn local_chat(
+    state: Arc<AppState>,
+    principal: Arc<Principal>,
+    request: ChatCompletionRequest,
+) -> ApiResult<Response> {
+    validate::reject_unknown_fields(&request.other, "")?;
+    let (engine, adapter) = state.target(&principal, &request.model).await?;
+    let model = engine.model();
+    chat_template(model)?;
+    let mut messages = template_messages(&request.messages)?;
+    let citations = match &request.rag {
+        Some(options) => Some(ground(&state, &principal, options, &mut messages).await?),
+        None => None,
+    };
+    let prompt_ids = prompt_ids(model, &messages)?;
     let fields = request.sampling();
     let sampling = validate::sampling_params(&fields)?;
     let (length_param, requested) = match request.max_completion_tokens {
@@ -152,11 +194,19 @@ pub async fn chat_completions(
 /// message with the grounded prompt (sources, instructions, question).
 async fn ground(
     state: &AppState,
+    principal: &Principal,
     options: &RagOptions,
     messages: &mut [TemplateMessage],
 ) -> ApiResult<Vec<Citation>> {
     let site = SiteName::parse(&options.site)
         .map_err(|e| ApiError::invalid_param("rag.site", e.to_string()))?;
+    state
+        .check_site_access(principal, site.as_str())
+        .await
+        .map_err(|mut e| {
+            e.param = Some("rag.site".into());
+            e
+        })?;
     let Some(question) = messages.iter_mut().rev().find(|m| m.role == "user") else {
         return Err(ApiError::invalid_param(
             "messages",
@@ -179,6 +229,7 @@ async fn ground(
                     status,
                     message,
                     code,
+                    retry_after,
                 } if status.is_client_error() => {
                     let param = if param == "query" {
                         "messages".to_string()
@@ -190,6 +241,7 @@ async fn ground(
                         status,
                         message,
                         code,
+                        retry_after,
                     }
                 }
                 other => other,

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 
 use super::extract::ApiJson;
 use super::streaming::{ChunkFormat, collect, sse};
@@ -24,10 +24,11 @@ const MAX_LOGPROBS: i64 = 5;
 #[tracing::instrument(skip_all, fields(model = %request.model))]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<crate::tenancy::Principal>>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     validate::reject_unknown_fields(&request.other, "")?;
-    let (engine, adapter) = state.target(&request.model).await?;
+    let (engine, adapter) = state.target(&principal, &request.model).await?;
     let model = engine.model();
     if model.kind == ModelKind::Embedding {
         return Err(ApiError::invalid_param(

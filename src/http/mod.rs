@@ -7,7 +7,11 @@ mod embeddings;
 pub mod extract;
 mod health;
 mod models;
+mod routing;
 mod sites;
+mod usage;
+
+pub use usage::group_keys as usage_group_keys;
 mod streaming;
 pub mod validate;
 pub mod wire;
@@ -29,6 +33,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::lora::UnmergedAdapter;
 use crate::lora::registry::{AdapterRegistry, RegistryError};
 use crate::models::embedding::EmbeddingModel;
+use crate::router::ModelRouter;
+use crate::tenancy::{Principal, Tenancy};
 use extract::BodyLimit;
 
 /// Embedding requests computed at once; more get 429 (each already batches
@@ -85,6 +91,11 @@ pub struct AppState {
     rag_store: std::sync::OnceLock<crate::rag::Store>,
     /// LoRA adapters served per request on top of the engines' models.
     pub adapters: Arc<AdapterRegistry>,
+    /// Routes to remote deployments; without a catalog, only local models.
+    router: std::sync::OnceLock<Arc<ModelRouter>>,
+    /// Keys, budgets and the usage ledger; without it the server is open
+    /// and records no usage.
+    tenancy: std::sync::OnceLock<Arc<Tenancy>>,
     pub config: HttpConfig,
     pub started_at: Instant,
 }
@@ -102,6 +113,8 @@ impl AppState {
             embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
             loading: RwLock::new(Vec::new()),
             rag_store: std::sync::OnceLock::new(),
+            router: std::sync::OnceLock::new(),
+            tenancy: std::sync::OnceLock::new(),
             config,
             started_at: Instant::now(),
         })
@@ -179,6 +192,63 @@ impl AppState {
         Ok(model.clone())
     }
 
+    /// Routes with this router (its catalog, upstreams and breakers).
+    pub fn set_model_router(&self, router: ModelRouter) {
+        let _ = self.router.set(Arc::new(router));
+    }
+
+    /// The router: the configured one, or one with an empty catalog.
+    pub fn model_router(&self) -> Arc<ModelRouter> {
+        self.router
+            .get_or_init(|| {
+                Arc::new(
+                    ModelRouter::new(
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                    )
+                    .expect("an HTTP client with default settings"),
+                )
+            })
+            .clone()
+    }
+
+    /// Authenticates, limits and bills with `tenancy`.
+    pub fn set_tenancy(&self, tenancy: Arc<Tenancy>) {
+        let _ = self.tenancy.set(tenancy);
+    }
+
+    pub fn tenancy(&self) -> Option<Arc<Tenancy>> {
+        self.tenancy.get().cloned()
+    }
+
+    /// Refuses `site` to a caller who does not own it: as "not found", so
+    /// other tenants' site names do not leak. Sites with no owner belong to
+    /// the admins.
+    pub async fn check_site_access(&self, principal: &Principal, site: &str) -> ApiResult<()> {
+        if principal.admin {
+            return Ok(());
+        }
+        let owner = match self.tenancy() {
+            Some(tenancy) => tenancy
+                .ledger
+                .site_owner(site)
+                .await
+                .map_err(ApiError::internal)?,
+            None => return Ok(()),
+        };
+        if owner.as_deref() == Some(principal.tenant.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError {
+                code: Some("site_not_found"),
+                param: Some("site".into()),
+                ..ApiError::not_found(format!("No site named '{site}'."))
+            })
+        }
+    }
+
     /// Serves sites (search, grounded answers) from this store.
     pub fn set_rag_store(&self, store: crate::rag::Store) {
         let _ = self.rag_store.set(store);
@@ -203,7 +273,12 @@ impl AppState {
     /// The engine that serves `id` and the adapter to run with: a model
     /// id, a merged adapter's name or `BASE:NAME`, or an adapter as
     /// `BASE:ADAPTER` or by its own name (loaded on first use).
-    pub async fn target(&self, id: &str) -> ApiResult<(Engine, Option<Arc<UnmergedAdapter>>)> {
+    /// A tenant's adapters are found for that tenant only.
+    pub async fn target(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> ApiResult<(Engine, Option<Arc<UnmergedAdapter>>)> {
         let engines = self.engines();
         if let Some(engine) = engines.iter().find(|e| e.model().id == id) {
             return Ok((engine.clone(), None));
@@ -227,7 +302,11 @@ impl AppState {
         }
         .map(|e| e.model().id.clone());
         let served_base = served_base.as_deref();
-        let Some(spec) = self.adapters.find(name, served_base) else {
+        let spec = self
+            .adapters
+            .find(name, served_base)
+            .filter(|spec| spec.owner.as_ref().is_none_or(|o| principal.may_see(o)));
+        let Some(spec) = spec else {
             return Err(match base {
                 Some(base) if served_base.is_some() => ApiError::invalid_param(
                     "model",
@@ -308,13 +387,16 @@ pub fn unix_now() -> u64 {
 pub fn router(state: Arc<AppState>) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models::list_models))
         .route("/v1/sites", get(sites::list_sites).post(sites::create_site))
-        .route("/v1/sites/{site}", get(sites::site_stats).delete(sites::delete_site))
+        .route(
+            "/v1/sites/{site}",
+            get(sites::site_stats).delete(sites::delete_site),
+        )
         .route("/v1/sites/{site}/search", post(sites::search_site))
         .route("/v1/sites/{site}/documents", post(sites::ingest_documents))
         .route("/v1/models/{*id}", get(models::get_model))
@@ -326,6 +408,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/adapters/{name}",
             get(adapters::get_adapter).delete(adapters::unload_adapter),
         )
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/router/health", get(usage::router_health))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(api)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
@@ -351,6 +438,40 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// Resolves the caller (an API key, or everyone on an open server) and
+/// counts the request against the key's requests per minute.
+async fn authenticate(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let principal = match state.tenancy() {
+        None => Arc::new(Principal::open()),
+        Some(tenancy) => {
+            let headers = req.headers();
+            let secret = headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
+                .map(str::trim);
+            let checked = match tenancy.authenticate(secret).await {
+                Ok(principal) => tenancy.admit_request(&principal).map(|()| principal),
+                Err(error) => Err(error),
+            };
+            match checked {
+                Ok(principal) => principal,
+                Err(error) => return error.into_response(),
+            }
+        }
+    };
+    req.extensions_mut().insert(principal);
+    next.run(req).await
 }
 
 async fn not_found() -> ApiError {

@@ -2,13 +2,15 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{Path, State};
+use axum::{Extension, Json};
 
 use super::wire::{ModelCard, ModelList};
 use super::{AppState, EmbeddingSlot};
 use crate::engine::Engine;
 use crate::error::ApiResult;
+use crate::router::ProviderKind;
+use crate::tenancy::Principal;
 
 fn card(engine: &Engine, created: u64) -> ModelCard {
     let model = engine.model();
@@ -24,13 +26,15 @@ fn card(engine: &Engine, created: u64) -> ModelCard {
     }
 }
 
-/// Cards of the adapters served per request: `BASE:NAME` on their base.
-fn adapter_cards(state: &AppState, created: u64) -> Vec<ModelCard> {
+/// Cards of the adapters served per request: `BASE:NAME` on their base
+/// (a tenant's own adapters only to that tenant).
+fn adapter_cards(state: &AppState, principal: &Principal, created: u64) -> Vec<ModelCard> {
     let engines = state.engines();
     state
         .adapters
         .list()
         .into_iter()
+        .filter(|a| a.spec.owner.as_ref().is_none_or(|o| principal.may_see(o)))
         .filter_map(|adapter| {
             let base = engines.iter().find(|e| e.model().id == adapter.spec.base)?;
             let mut card = card(base, created);
@@ -58,10 +62,59 @@ fn started(state: &AppState) -> u64 {
     super::unix_now().saturating_sub(state.started_at.elapsed().as_secs())
 }
 
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+/// Cards of the router's names: its deployments and logical models (and
+/// `auto`), which chat completions accept like any model.
+fn routed_cards(state: &AppState, created: u64) -> Vec<ModelCard> {
+    let router = state.model_router();
+    let catalog = &router.catalog;
+    if catalog.deployments.is_empty() {
+        return Vec::new();
+    }
+    let routed = |id: String, context_length: usize, owned_by: &'static str| ModelCard {
+        id,
+        object: "model",
+        created,
+        owned_by,
+        kind: crate::models::ModelKind::Chat,
+        architecture: "routed".to_string(),
+        context_length,
+        parent: None,
+    };
+    let widest = |indexes: &mut dyn Iterator<Item = usize>| {
+        indexes
+            .map(|i| catalog.deployments[i].context_window)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut cards: Vec<ModelCard> = catalog
+        .deployments
+        .iter()
+        .filter(|d| d.provider != ProviderKind::Local || d.name != d.model)
+        .map(|d| routed(d.name.clone(), d.context_window, d.provider.as_str()))
+        .collect();
+    cards.extend(catalog.models.iter().map(|(name, indexes)| {
+        routed(
+            name.clone(),
+            widest(&mut indexes.iter().copied()),
+            "qpai-router",
+        )
+    }));
+    cards.push(routed(
+        crate::router::policy::AUTO.to_string(),
+        widest(&mut (0..catalog.deployments.len())),
+        "qpai-router",
+    ));
+    cards
+}
+
+pub async fn list_models(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
+) -> Json<ModelList> {
     let created = started(&state);
     let mut data: Vec<ModelCard> = state.engines().iter().map(|e| card(e, created)).collect();
-    data.extend(adapter_cards(&state, created));
+    data.extend(adapter_cards(&state, &principal, created));
+    data.extend(routed_cards(&state, created));
     data.extend(
         state
             .embedding_slot()
@@ -75,13 +128,20 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> 
 
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelCard>> {
     if let Some(slot) = state.embedding_slot().filter(|s| s.id == id) {
         return Ok(Json(embedding_card(slot, started(&state))));
     }
     let created = started(&state);
-    if let Some(card) = adapter_cards(&state, created)
+    if let Some(card) = routed_cards(&state, created)
+        .into_iter()
+        .find(|c| c.id == id)
+    {
+        return Ok(Json(card));
+    }
+    if let Some(card) = adapter_cards(&state, &principal, created)
         .into_iter()
         .find(|c| c.id == id || c.id.rsplit_once(':').is_some_and(|(_, name)| name == id))
     {

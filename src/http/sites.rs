@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -19,6 +19,7 @@ use crate::rag::ingest::{IngestOptions, Reader, from_documents, ingest, spawn_re
 use crate::rag::sources::jsonl::Record;
 use crate::rag::sources::{ReadOptions, SourceItem};
 use crate::rag::{RagError, SearchFilter, SearchMode, SearchRequest, SiteName, search};
+use crate::tenancy::Principal;
 
 /// Records per ingest request.
 const MAX_DOCUMENTS: usize = 1000;
@@ -47,9 +48,14 @@ impl From<RagError> for ApiError {
     }
 }
 
-fn site_name(site: &str) -> ApiResult<SiteName> {
-    Ok(SiteName::parse(site)?)
+/// The site named in the path, if the caller may use it.
+async fn site_name(state: &AppState, principal: &Principal, site: &str) -> ApiResult<SiteName> {
+    let site = SiteName::parse(site)?;
+    state.check_site_access(principal, site.as_str()).await?;
+    Ok(site)
 }
+
+type Caller = Extension<Arc<Principal>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,24 +63,59 @@ pub struct CreateSite {
     pub name: String,
 }
 
-pub async fn list_sites(State(state): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
+/// Sites the caller may see: a tenant's own, or all for an admin.
+pub async fn list_sites(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
+) -> ApiResult<Json<serde_json::Value>> {
     let store = state.rag_store()?;
+    let owners: std::collections::HashMap<String, String> = match state.tenancy() {
+        Some(tenancy) => tenancy
+            .ledger
+            .site_owners()
+            .await
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .collect(),
+        None => Default::default(),
+    };
     let data: Vec<_> = store
         .sites()
         .await?
         .into_iter()
-        .map(|id| json!({ "id": id, "object": "site" }))
+        .filter(|id| principal.admin || owners.get(id) == Some(&principal.tenant))
+        .map(|id| json!({ "id": id, "object": "site", "owner": owners.get(&id) }))
         .collect();
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
+/// Creates a site owned by the caller's tenant (an admin's sites have no owner).
 pub async fn create_site(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     ApiJson(request): ApiJson<CreateSite>,
 ) -> ApiResult<Response> {
     let site = SiteName::parse(&request.name)
         .map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
     let rag = state.rag().await?;
+    let tenancy = state.tenancy().filter(|_| !principal.admin);
+    if let Some(tenancy) = &tenancy {
+        // Claimed first, so two tenants cannot race for one name.
+        if let Some(owner) = tenancy
+            .ledger
+            .site_owner(site.as_str())
+            .await
+            .map_err(ApiError::internal)?
+            && owner != principal.tenant
+        {
+            return Err(RagError::SiteExists(site.as_str().to_string()).into());
+        }
+        tenancy
+            .ledger
+            .claim_site(site.as_str(), &principal.tenant)
+            .await
+            .map_err(ApiError::internal)?;
+    }
     rag.store
         .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
         .await?;
@@ -84,9 +125,11 @@ pub async fn create_site(
 
 pub async fn site_stats(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     Path(site): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let stats = state.rag_store()?.stats(&site_name(&site)?).await?;
+    let site = site_name(&state, &principal, &site).await?;
+    let stats = state.rag_store()?.stats(&site).await?;
     let mut body = serde_json::to_value(stats).map_err(ApiError::internal)?;
     body["object"] = json!("site");
     Ok(Json(body))
@@ -94,10 +137,18 @@ pub async fn site_stats(
 
 pub async fn delete_site(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     Path(site): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let site = site_name(&site)?;
+    let site = site_name(&state, &principal, &site).await?;
     state.rag_store()?.delete_site(&site).await?;
+    if let Some(tenancy) = state.tenancy() {
+        tenancy
+            .ledger
+            .release_site(site.as_str())
+            .await
+            .map_err(ApiError::internal)?;
+    }
     Ok(Json(
         json!({ "id": site.as_str(), "object": "site", "deleted": true }),
     ))
@@ -125,10 +176,11 @@ impl SearchBody {
 
 pub async fn search_site(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     Path(site): Path<String>,
     ApiJson(body): ApiJson<SearchBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let site = site_name(&site)?;
+    let site = site_name(&state, &principal, &site).await?;
     let rag = state.rag().await?;
     let hits = search::search(&rag, &site, &body.into_request()).await?;
     Ok(Json(json!({ "object": "list", "results": hits })))
@@ -170,10 +222,11 @@ fn records(documents: Vec<serde_json::Value>) -> ApiResult<(mpsc::Receiver<Sourc
 
 pub async fn ingest_documents(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Caller,
     Path(site): Path<String>,
     ApiJson(body): ApiJson<IngestBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let site = site_name(&site)?;
+    let site = site_name(&state, &principal, &site).await?;
     let (reader, source_id) = match (body.documents, body.sitemap_url) {
         (Some(documents), None) => (records(documents)?, "api".to_string()),
         (None, Some(url)) => {

@@ -37,6 +37,9 @@ pub struct AdapterSpec {
     pub base: String,
     pub path: PathBuf,
     pub origin: Origin,
+    /// The tenant that loaded it; shared adapters (catalog, command line,
+    /// adapter directories, admins) have none.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +184,13 @@ impl AdapterRegistry {
         }
     }
 
+    /// Whether a resolved `path` lies in `<root>/<tenant>/` of an adapter directory.
+    pub fn inside_tenant_dir(&self, path: &Path, tenant: &str) -> bool {
+        self.roots
+            .iter()
+            .any(|root| path.starts_with(root.join(tenant)))
+    }
+
     /// Declares an adapter (loaded on first use). Names are unique.
     pub fn register(&self, spec: AdapterSpec) -> Result<(), RegistryError> {
         check_name(&spec.name)?;
@@ -210,6 +220,7 @@ impl AdapterRegistry {
             base: base.to_string(),
             path,
             origin: Origin::Directory,
+            owner: None,
         };
         let mut state = self.state();
         Some(state.known.entry(name.to_string()).or_insert(spec).clone())

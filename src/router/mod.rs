@@ -1,11 +1,104 @@
 //! Cost-aware routing between qpai's own models and OpenAI, Azure OpenAI and
-//! OpenAI-compatible servers (issue 5, in progress): so far the routing
-//! catalog (deployments, prices, capabilities, quality per task), exact
-//! money arithmetic and the upstream client. Not yet wired into the server.
+//! OpenAI-compatible servers: the routing catalog (deployments, prices,
+//! capabilities, quality per task), exact money, the upstream client, the
+//! choice of route (policy), circuit breakers (health), token counting and
+//! usage metering. The HTTP layer (http/chat.rs, http/routing.rs) drives it.
 
+pub mod bench;
 pub mod catalog;
 pub mod cost;
+pub mod health;
+pub mod metering;
+pub mod policy;
+pub mod tokens;
 pub mod upstream;
+
+use std::time::Duration;
 
 pub use catalog::{Capability, Deployment, ProviderKind, RouterCatalog};
 pub use cost::{Prices, Usd};
+pub use health::{Admission, BreakerConfig, Breakers};
+pub use upstream::{Timeouts, UpstreamError, UpstreamResponse, Upstreams};
+
+/// How failed attempts are retried on the same deployment.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries on one deployment before falling back to the next.
+    pub retries: u32,
+    /// The first backoff; doubled each retry, with full jitter.
+    pub backoff: Duration,
+    /// A Retry-After longer than this moves on to the next deployment
+    /// instead of waiting.
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retries: 1,
+            backoff: Duration::from_millis(100),
+            max_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (0-based): uniform in
+    /// [0, backoff * 2^retry] ("full jitter").
+    pub fn backoff_for(&self, retry: u32) -> Duration {
+        let ceiling = self.backoff.saturating_mul(1 << retry.min(10));
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// The router: its catalog, the upstream client and the breakers.
+pub struct ModelRouter {
+    pub catalog: RouterCatalog,
+    pub upstreams: Upstreams,
+    pub breakers: Breakers,
+    pub retry: RetryPolicy,
+}
+
+impl ModelRouter {
+    pub fn new(
+        catalog: RouterCatalog,
+        timeouts: Timeouts,
+        breaker: BreakerConfig,
+        retry: RetryPolicy,
+    ) -> Result<ModelRouter, String> {
+        Ok(ModelRouter {
+            catalog,
+            upstreams: Upstreams::new(timeouts)?,
+            breakers: Breakers::new(breaker),
+            retry,
+        })
+    }
+
+    /// Reads a routing catalog file.
+    pub fn load_catalog(path: &std::path::Path) -> anyhow::Result<RouterCatalog> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        RouterCatalog::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The price of local model `id` (a `local` deployment serving it), if
+    /// the catalog gives one.
+    pub fn local_prices(&self, id: &str) -> Option<Prices> {
+        self.catalog
+            .deployments
+            .iter()
+            .find(|d| d.provider == ProviderKind::Local && d.model == id)
+            .map(|d| d.prices)
+    }
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Openai => "openai",
+            ProviderKind::Azure => "azure",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! A scripted OpenAI-compatible upstream on loopback for router tests: each
+//! deployment has its own path prefix, a behaviour and a request counter. Behaviours: answer (JSON or a stream
+//! with a usage chunk), 500, 429 with Retry-After, a slow first byte, a
+//! connection closed without an answer, and a stream cut after some chunks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Behaviour {
+    /// Answers with this many completion tokens ("w0 w1 ..."), usage reported.
+    Answer {
+        completion_tokens: u64,
+    },
+    /// A stream of `chunks` content chunks, cut before the usage chunk.
+    CutAfter {
+        chunks: u64,
+    },
+    /// A stream with no usage chunk at all.
+    NoUsage,
+    Error500,
+    TooMany {
+        retry_after_s: u64,
+    },
+    SlowFirstByte {
+        seconds: f64,
+    },
+    /// Closes the connection without answering.
+    Reset,
+}
+
+#[derive(Default)]
+struct Script {
+    default: Option<Behaviour>,
+    requests: u64,
+    last_body: Option<Value>,
+}
+
+/// The upstream: script per deployment, counters.
+#[derive(Clone, Default)]
+pub struct FakeUpstream {
+    scripts: Arc<Mutex<HashMap<String, Script>>>,
+    pub base: String,
+}
+
+/// Prompt tokens every answer reports.
+pub const PROMPT_TOKENS: u64 = 11;
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let mut upstream = FakeUpstream::default();
+        let app = axum::Router::new()
+            .route("/{name}/v1/chat/completions", post(chat))
+            .with_state(upstream.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        upstream.base = format!("http://{address}");
+        upstream
+    }
+
+    pub fn set(&self, name: &str, default: Behaviour) {
+        self.scripts
+            .lock()
+            .unwrap()
+            .entry(name.into())
+            .or_default()
+            .default = Some(default);
+    }
+
+    pub fn requests(&self, name: &str) -> u64 {
+        self.scripts
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |s| s.requests)
+    }
+
+    pub fn last_body(&self, name: &str) -> Option<Value> {
+        self.scripts
+            .lock()
+            .unwrap()
+            .get(name)
+            .and_then(|s| s.last_body.clone())
+    }
+}
+
+fn words(n: u64) -> Vec<String> {
+    (0..n).map(|i| format!("w{i} ")).collect()
+}
+
+async fn chat(
+    State(upstream): State<FakeUpstream>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    let behaviour = {
+        let mut scripts = upstream.scripts.lock().unwrap();
+        let script = scripts.entry(name).or_default();
+        script.requests += 1;
+        script.last_body = Some(body.clone());
+        script.default.unwrap_or(Behaviour::Answer {
+            completion_tokens: 3,
+        })
+    };
+    let stream = body["stream"] == true;
+    let model = body["model"].clone();
+    let error = |status: StatusCode, message: &str| {
+        (
+            status,
+            axum::Json(json!({"error": {"message": message, "type": "server_error"}})),
+        )
+            .into_response()
+    };
+    match behaviour {
+        Behaviour::Error500 => error(StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded"),
+        Behaviour::TooMany { retry_after_s } => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "slow down");
+            response
+                .headers_mut()
+                .insert("retry-after", retry_after_s.to_string().parse().unwrap());
+            response
+        }
+        Behaviour::SlowFirstByte { seconds } => {
+            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+            error(StatusCode::INTERNAL_SERVER_ERROR, "too late")
+        }
+        Behaviour::Reset => {
+            // A body that fails at once: hyper closes the connection
+            // without a complete answer.
+            Response::builder()
+                .header("content-length", "100")
+                .body(Body::from_stream(futures::stream::once(async {
+                    Err::<bytes::Bytes, _>(std::io::Error::other("reset"))
+                })))
+                .unwrap()
+        }
+        Behaviour::Answer { completion_tokens } if !stream => axum::Json(json!({
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": words(completion_tokens).concat()}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens, "total_tokens": PROMPT_TOKENS + completion_tokens},
+        }))
+        .into_response(),
+        Behaviour::Answer { completion_tokens } => sse(model, completion_tokens, true, true),
+        Behaviour::NoUsage => sse(model, 3, false, true),
+        Behaviour::CutAfter { chunks } => sse(model, chunks, false, false),
+    }
+}
+
+/// A chat stream of `n` word chunks, then (maybe) usage, then (maybe) an end.
+fn sse(model: Value, n: u64, usage: bool, complete: bool) -> Response {
+    let mut events: Vec<Result<bytes::Bytes, std::io::Error>> = words(n)
+        .into_iter()
+        .map(|w| {
+            let chunk = json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
+            Ok(format!("data: {chunk}\n\n").into())
+        })
+        .collect();
+    if complete {
+        let end = json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+        events.push(Ok(format!("data: {end}\n\n").into()));
+    }
+    if usage {
+        let chunk = json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}});
+        events.push(Ok(format!("data: {chunk}\n\n").into()));
+    }
+    if complete {
+        events.push(Ok("data: [DONE]\n\n".into()));
+    } else {
+        events.push(Err(std::io::Error::other("cut")));
+    }
+    let stream = futures::stream::iter(events).then(|e| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        e
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
