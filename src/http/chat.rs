@@ -7,9 +7,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use bytes::Bytes;
 
-use super::extract::{BodyLimit, parse_json};
+use super::extract::{ApiBody, parse_json};
 use super::streaming::{ChunkFormat, collect, sse};
 use super::wire::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
@@ -30,13 +29,9 @@ use crate::tenancy::Principal;
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
-    Extension(limit): Extension<BodyLimit>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> ApiResult<Response> {
-    if body.len() > limit.0 {
-        return Err(ApiError::payload_too_large(limit.0));
-    }
     let request: ChatCompletionRequest = parse_json(&body)?;
     let raw: serde_json::Value = parse_json(&body)?;
     tracing::Span::current().record("model", request.model.as_str());
@@ -82,11 +77,14 @@ pub fn local_prompt_tokens(
     prompt_ids(model, &template_messages(&request.messages)?).map(|ids| ids.len())
 }
 
-/// A chat completion on one of qpai's own models.
+/// A chat completion on one of qpai's own models. A stream ends with a
+/// usage chunk when the client asked for one or `report_usage` is set (the
+/// router reads it to bill, and removes it again).
 pub async fn local_chat(
     state: Arc<AppState>,
     principal: Arc<Principal>,
     request: ChatCompletionRequest,
+    report_usage: bool,
 ) -> ApiResult<Response> {
     validate::reject_unknown_fields(&request.other, "")?;
     let (engine, adapter) = state.target(&principal, &request.model).await?;
@@ -159,7 +157,8 @@ pub async fn local_chat(
             include_usage,
             citations,
         };
-        return Ok(sse(format, events, n, prompt_tokens, include_usage).into_response());
+        let usage_chunk = include_usage || report_usage;
+        return Ok(sse(format, events, n, prompt_tokens, usage_chunk).into_response());
     }
     let outputs = collect(events, n).await?;
     let completion_tokens = outputs.iter().map(|o| o.completion_tokens).sum();

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use super::extract::ApiJson;
+use super::routing::Bill;
 use super::streaming::{ChunkFormat, collect, sse};
 use super::wire::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
@@ -16,6 +17,7 @@ use super::{AppState, submit_error, unix_now, validate};
 use crate::engine::{FinishReason, GenerationRequest, Logprobs};
 use crate::error::{ApiError, ApiResult};
 use crate::models::{LoadedModel, ModelKind};
+use crate::router::tokens::TokenCounter;
 
 /// OpenAI's default `max_tokens` for text completions.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -74,6 +76,16 @@ pub async fn completions(
     };
     validate::log_caller(fields);
     let prompt_tokens = generation.prompt_ids.len();
+    let bill = Bill::local(
+        &state,
+        &principal,
+        "completions",
+        &model.id,
+        prompt_tokens as u64,
+        (max_new_tokens * n) as u64,
+        Some(TokenCounter::Local(model.tokenizer.clone())),
+    )
+    .await?;
     let events = engine.submit(generation).map_err(submit_error)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
@@ -92,10 +104,19 @@ pub async fn completions(
             echo: echoed,
             offsets: vec![0; n],
         };
-        return Ok(sse(format, events, n, prompt_tokens, include_usage).into_response());
+        // With a ledger the stream always ends with usage (for the bill).
+        let usage_chunk = include_usage || bill.is_some();
+        let response = sse(format, events, n, prompt_tokens, usage_chunk).into_response();
+        return Ok(match bill {
+            Some(bill) => bill.meter_stream(response, include_usage),
+            None => response,
+        });
     }
     let outputs = collect(events, n).await?;
     let completion_tokens = outputs.iter().map(|o| o.completion_tokens).sum();
+    if let Some(bill) = bill {
+        bill.settle_usage(prompt_tokens as u64, completion_tokens as u64);
+    }
     let choices = outputs
         .into_iter()
         .enumerate()

@@ -147,6 +147,7 @@ fn tokenized(model: &EmbeddingModel, input: &EmbeddingInput) -> ApiResult<Vec<Ve
 #[tracing::instrument(skip_all, fields(model = %request.model))]
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
+    axum::Extension(principal): axum::Extension<Arc<crate::tenancy::Principal>>,
     ApiJson(request): ApiJson<EmbeddingRequest>,
 ) -> ApiResult<Json<EmbeddingResponse>> {
     validate::reject_unknown_fields(&request.other, "")?;
@@ -167,6 +168,16 @@ pub async fn embeddings(
     }
     let inputs = tokenized(&model, &request.input)?;
     let prompt_tokens = inputs.iter().map(Vec::len).sum();
+    let bill = super::routing::Bill::local(
+        &state,
+        &principal,
+        "embeddings",
+        &model.id,
+        prompt_tokens as u64,
+        0,
+        None,
+    )
+    .await?;
     let permit = state
         .embedding_permits
         .clone()
@@ -200,6 +211,9 @@ pub async fn embeddings(
         })
         .collect();
     let usage = Usage::new(prompt_tokens, 0);
+    if let Some(bill) = bill {
+        bill.settle_usage(prompt_tokens as u64, 0);
+    }
     Ok(Json(EmbeddingResponse {
         object: "list",
         data,

@@ -19,6 +19,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// The raw body, with the same errors as `ApiJson` for one that is too
+/// large or cannot be read (for handlers that parse it more than one way).
+pub struct ApiBody(pub Bytes);
+
+impl<S> FromRequest<S> for ApiBody
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
@@ -33,7 +49,7 @@ where
                 )
             }
         })?;
-        parse_json(&bytes).map(ApiJson)
+        Ok(ApiBody(bytes))
     }
 }
 

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::chat::{local_chat, local_prompt_tokens};
-use super::wire::{ChatCompletionRequest, StreamOptions};
+use super::wire::ChatCompletionRequest;
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::{Outcome, UsageRecord, UsageSource, now_ms};
 use crate::router::metering::{SseMeter, TokenUsage, usage_of};
@@ -52,6 +52,9 @@ enum AttemptError {
         retry_after: Option<f64>,
         /// Retrying on the same deployment is pointless (its configuration).
         move_on: bool,
+        /// qpai's own answer (a full queue, a model still loading): what the
+        /// client gets when no other route exists.
+        local: Option<ApiError>,
     },
 }
 
@@ -64,15 +67,97 @@ struct Plan {
 }
 
 /// Everything needed to bill a request once its usage is known.
-struct Bill {
+pub struct Bill {
     tenancy: Option<Arc<Tenancy>>,
     reservation: Option<Reservation>,
     record: UsageRecord,
     prices: Prices,
-    counter: TokenCounter,
+    /// Counts produced text when no usage comes (None: nothing to count).
+    counter: Option<TokenCounter>,
 }
 
 impl Bill {
+    /// Holds budget for a request answered by one of qpai's own models
+    /// outside the router (text completions, embeddings), priced by the
+    /// routing catalog's `local` deployment of `model` (else free). None
+    /// when the server keeps no ledger.
+    pub async fn local(
+        state: &AppState,
+        principal: &Principal,
+        endpoint: &str,
+        model: &str,
+        prompt_tokens: u64,
+        max_completion_tokens: u64,
+        counter: Option<TokenCounter>,
+    ) -> ApiResult<Option<Bill>> {
+        let Some(tenancy) = state.tenancy() else {
+            return Ok(None);
+        };
+        let prices = state.model_router().local_prices(model).unwrap_or(Prices {
+            input_per_1m: Usd::ZERO,
+            output_per_1m: Usd::ZERO,
+        });
+        tenancy
+            .budgets
+            .standing(&principal.tenant)
+            .await
+            .map_err(ApiError::internal)?;
+        let reservation = tenancy
+            .budgets
+            .reserve(
+                &principal.tenant,
+                prices.cost(prompt_tokens, max_completion_tokens),
+            )
+            .map_err(|e| ApiError::budget_exceeded(e.to_string()))?;
+        Ok(Some(Bill {
+            tenancy: Some(tenancy),
+            reservation: Some(reservation),
+            record: UsageRecord {
+                request_id: format!("req_{}", uuid::Uuid::new_v4().simple()),
+                ts_ms: now_ms(),
+                tenant: principal.tenant.clone(),
+                key_id: principal.key_id.clone(),
+                endpoint: endpoint.into(),
+                requested_model: model.into(),
+                deployment: model.into(),
+                provider: ProviderKind::Local.as_str().into(),
+                model: model.into(),
+                prompt_tokens,
+                completion_tokens: 0,
+                cost: Usd::ZERO,
+                outcome: Outcome::Error,
+                attempts: 1,
+                stream: false,
+                usage_source: UsageSource::Counted,
+            },
+            prices,
+            counter,
+        }))
+    }
+
+    /// Bills a whole answer whose usage qpai produced itself.
+    pub fn settle_usage(self, prompt_tokens: u64, completion_tokens: u64) -> Usd {
+        self.settle(Some((prompt_tokens, completion_tokens)), "", Outcome::Ok)
+    }
+
+    /// Bills a local stream as it passes: its response must end with a
+    /// usage chunk, removed unless the client asked for it.
+    pub fn meter_stream(mut self, response: Response, client_wants_usage: bool) -> Response {
+        self.record.stream = true;
+        let (parts, body) = response.into_parts();
+        let stream: ByteStream = Box::pin(
+            body.into_data_stream()
+                .map(|chunk| chunk.map_err(|e| e.to_string())),
+        );
+        let metered = MeteredStream {
+            inner: stream,
+            meter: SseMeter::new(!client_wants_usage, None),
+            bill: Some(self),
+            ended: false,
+        };
+        Response::from_parts(parts, Body::from_stream(metered))
+    }
+
     /// Writes the request's one usage row and settles its budget hold.
     fn settle(mut self, usage: Option<TokenUsage>, produced: &str, outcome: Outcome) -> Usd {
         let (prompt, completion, source) = match usage {
@@ -80,7 +165,7 @@ impl Bill {
             None if outcome == Outcome::Error => (0, 0, UsageSource::Counted),
             None => (
                 self.record.prompt_tokens,
-                self.counter.count(produced),
+                self.counter.as_ref().map_or(0, |c| c.count(produced)),
                 UsageSource::Counted,
             ),
         };
@@ -166,6 +251,7 @@ pub async fn route_chat(
     let mut over_budget: Option<OverBudget> = None;
     let mut failures: Vec<String> = Vec::new();
     let mut soonest_retry: Option<f64> = None;
+    let mut local_refusal: Option<ApiError> = None;
     for candidate in &plan.candidates {
         let name = candidate.deployment.name.as_str();
         match router.breakers.admit(name) {
@@ -217,7 +303,7 @@ pub async fn route_chat(
                         reservation,
                         record,
                         prices: candidate.deployment.prices,
-                        counter: counter_for(&state, &candidate.deployment),
+                        counter: Some(counter_for(&state, &candidate.deployment)),
                     };
                     let mut response = match answer {
                         Answer::Json(value) => json_answer(value, bill),
@@ -245,11 +331,18 @@ pub async fn route_chat(
                     message,
                     retry_after,
                     move_on,
+                    local,
                 }) => {
                     tracing::warn!(deployment = name, attempt = attempts, %message, "route failed");
                     metrics::counter!("qpai_router_failures_total", "deployment" => name.to_string())
                         .increment(1);
-                    router.breakers.failure(name, &message);
+                    if local.is_some() {
+                        // A busy local model is not a broken one.
+                        router.breakers.abandon_probe(name);
+                        local_refusal = local;
+                    } else {
+                        router.breakers.failure(name, &message);
+                    }
                     failures.push(format!("{name}: {message}"));
                     let wait = match retry_after {
                         Some(seconds) => {
@@ -278,6 +371,9 @@ pub async fn route_chat(
         && attempts == 0
     {
         return Err(ApiError::budget_exceeded(refusal.to_string()));
+    }
+    if let Some(error) = local_refusal.filter(|_| plan.candidates.len() == 1) {
+        return Err(error);
     }
     let mut error =
         ApiError::unavailable(format!("No route could answer: {}.", failures.join("; ")));
@@ -489,12 +585,7 @@ async fn attempt(
     if deployment.provider == ProviderKind::Local {
         let mut local = request.clone();
         local.model = deployment.model.clone();
-        if stream {
-            local.stream_options = Some(StreamOptions {
-                include_usage: Some(true),
-            });
-        }
-        return match local_chat(state.clone(), principal.clone(), local).await {
+        return match local_chat(state.clone(), principal.clone(), local, stream).await {
             Ok(response) if stream => Ok(Answer::Stream(Box::pin(
                 response
                     .into_body()
@@ -515,9 +606,10 @@ async fn attempt(
                     || error.status == StatusCode::SERVICE_UNAVAILABLE =>
             {
                 Err(AttemptError::Retryable {
-                    message: error.message,
-                    retry_after: None,
+                    message: error.message.clone(),
+                    retry_after: error.retry_after.map(|s| s as f64),
                     move_on: true,
+                    local: Some(error),
                 })
             }
             Err(error) => Err(AttemptError::Final(error)),
@@ -542,6 +634,7 @@ fn upstream_failure(error: UpstreamError) -> AttemptError {
             message: error.to_string(),
             retry_after,
             move_on: false,
+            local: None,
         };
     }
     match error {
@@ -562,6 +655,7 @@ fn upstream_failure(error: UpstreamError) -> AttemptError {
             message: other.to_string(),
             retry_after: None,
             move_on: true,
+            local: None,
         },
     }
 }

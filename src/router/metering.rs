@@ -112,7 +112,11 @@ impl SseMeter {
         };
         if let Some(choices) = chunk.get("choices").and_then(Value::as_array) {
             for choice in choices {
-                if let Some(content) = choice.pointer("/delta/content").and_then(Value::as_str) {
+                // Chat chunks carry `delta.content`; text completions `text`.
+                let content = choice
+                    .pointer("/delta/content")
+                    .or_else(|| choice.get("text"));
+                if let Some(content) = content.and_then(Value::as_str) {
                     self.text.push_str(content);
                 }
             }
