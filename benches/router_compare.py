@@ -9,7 +9,9 @@ once), then measures with `qpai bench-router` (one load generator for all,
      the SQLite usage ledger on (every request authenticated, counted,
      held against the budget and written to the ledger),
   3. LiteLLM's proxy (`litellm --config`) with the same upstream as an
-     `openai/` model.
+     `openai/` model and a master key (LiteLLM refuses to start without
+     one); it has no database here, so it keeps no spend per key: it does
+     less per request than qpai does.
 Prints a Markdown table: requests/s, p50 / p99 latency, the latency each
 router adds over the direct call, and qpai's requests/s over LiteLLM's.
 
@@ -42,9 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, timeout: float = 180) -> None:
+def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
     started = time.time()
     while time.time() - started < timeout:
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args[0]} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -101,10 +105,11 @@ context_window = 128000
 capabilities = ["streaming"]
 """)
         qpai_port = free_port()
-        processes.append(subprocess.Popen(
+        qpai = subprocess.Popen(
             [QPAI, "serve", "--port", str(qpai_port), "--router-config", catalog,
              "--embedding-model", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        processes.append(qpai)
 
         litellm_port = free_port()
         litellm_config = os.path.join(work, "litellm.yaml")
@@ -118,20 +123,22 @@ model_list:
       api_key: unused
 """)
         litellm = os.path.join(os.path.dirname(sys.executable), "litellm")
-        processes.append(subprocess.Popen(
+        master_key = "sk-qpai-bench-" + os.urandom(16).hex()
+        lite_process = subprocess.Popen(
             [litellm, "--config", litellm_config, "--port", str(litellm_port),
              "--num_workers", str(args.litellm_workers)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=dict(os.environ, LITELLM_LOG="ERROR")))
+            env=dict(os.environ, LITELLM_LOG="ERROR", LITELLM_MASTER_KEY=master_key))
+        processes.append(lite_process)
 
-        wait_for(f"http://127.0.0.1:{qpai_port}/ready")
-        wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness")
+        wait_for(f"http://127.0.0.1:{qpai_port}/ready", qpai)
+        wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness", lite_process)
 
         direct = load(upstream, "bench", args)
         routed = load(f"http://127.0.0.1:{qpai_port}/v1", "bench", args, key)
         lite_args = argparse.Namespace(**{**vars(args), "requests": args.litellm_requests,
                                           "warmup": min(args.warmup, args.litellm_requests // 5)})
-        lite = load(f"http://127.0.0.1:{litellm_port}/v1", "bench", lite_args)
+        lite = load(f"http://127.0.0.1:{litellm_port}/v1", "bench", lite_args, master_key)
     finally:
         for p in processes:
             p.terminate()

@@ -159,6 +159,11 @@ pub struct BenchRouterArgs {
     /// Requests sent first and not measured.
     #[arg(long, default_value_t = 2_000)]
     pub warmup: usize,
+    /// Offered load in requests/s (open loop: latency counts from each
+    /// request's scheduled time, so waiting for a free connection counts).
+    /// Default: as fast as the connections go (closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -204,14 +204,10 @@ pub async fn route_chat(
         ),
         None => None,
     };
-    let tenant_settings = match &tenancy {
-        Some(t) if principal.key_id != "-" => t
-            .ledger
-            .tenant(&principal.tenant)
-            .await
-            .map_err(ApiError::internal)?,
-        _ => None,
-    };
+    // Read with the standing above, at most a few seconds old.
+    let tenant_settings = tenancy
+        .as_ref()
+        .and_then(|t| t.budgets.settings(&principal.tenant));
     let plan = plan(
         &state,
         &principal,

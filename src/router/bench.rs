@@ -65,6 +65,7 @@ pub async fn load(args: BenchRouterArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let rate = args.rate.filter(|r| *r > 0.0);
     let run = |total: usize| {
         let send = send.clone();
         let connections = args.connections;
@@ -77,8 +78,19 @@ pub async fn load(args: BenchRouterArgs) -> anyhow::Result<()> {
                     tokio::spawn(async move {
                         let mut latencies = Vec::new();
                         let mut errors = 0usize;
-                        while next.fetch_add(1, Ordering::Relaxed) < total {
-                            let sent = Instant::now();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= total {
+                                break;
+                            }
+                            let sent = match rate {
+                                Some(rate) => {
+                                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                                    tokio::time::sleep_until(due.into()).await;
+                                    due
+                                }
+                                None => Instant::now(),
+                            };
                             match send().await {
                                 Some(()) => latencies.push(sent.elapsed().as_secs_f64()),
                                 None => errors += 1,
@@ -111,6 +123,7 @@ pub async fn load(args: BenchRouterArgs) -> anyhow::Result<()> {
         json!({
             "url": url,
             "connections": args.connections,
+            "offered_rate": rate,
             "requests": latencies.len(),
             "errors": errors,
             "seconds": seconds,

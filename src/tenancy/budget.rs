@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{Datelike, TimeZone, Utc};
 
-use crate::ledger::{DbError, Ledger};
+use crate::ledger::{DbError, Ledger, TenantRecord};
 use crate::router::Usd;
 
 /// How often a tenant's budget settings are re-read.
@@ -24,6 +24,8 @@ struct Account {
     reserved: Usd,
     budget: Option<Usd>,
     soft_limit_percent: u8,
+    /// The tenant's row as last read (routing defaults too).
+    settings: Option<TenantRecord>,
     read_at: Instant,
 }
 
@@ -126,6 +128,7 @@ impl Budgets {
             reserved: Usd::ZERO,
             budget: None,
             soft_limit_percent: crate::ledger::keys::DEFAULT_SOFT_LIMIT_PERCENT,
+            settings: None,
             read_at: Instant::now(),
         });
         if let Some(spent) = spent {
@@ -133,9 +136,10 @@ impl Budgets {
             account.spent = spent;
         }
         account.budget = settings.as_ref().and_then(|s| s.monthly_budget);
-        if let Some(settings) = settings {
+        if let Some(settings) = &settings {
             account.soft_limit_percent = settings.soft_limit_percent;
         }
+        account.settings = settings;
         account.read_at = Instant::now();
         Ok(account.standing())
     }
@@ -178,9 +182,10 @@ impl Budgets {
         self.release(tenant, Usd::ZERO, spent);
     }
 
-    /// The standing as known now, without reading the database.
-    pub fn cached(&self, tenant: &str) -> Option<Standing> {
-        self.accounts().get(tenant).map(Account::standing)
+    /// The tenant's settings as last read by `standing` (at most a few
+    /// seconds old).
+    pub fn settings(&self, tenant: &str) -> Option<TenantRecord> {
+        self.accounts().get(tenant).and_then(|a| a.settings.clone())
     }
 }
 

@@ -22,6 +22,10 @@ const BASE: &str = "tiny";
 
 /// An app serving the tiny base with `root` as its adapter directory.
 fn app(root: &Path, limits: AdapterLimits) -> axum::Router {
+    qpai::app(app_state(root, limits))
+}
+
+fn app_state(root: &Path, limits: AdapterLimits) -> std::sync::Arc<AppState> {
     let path = fixtures_dir().join("tiny/llama-f32.gguf");
     let mut options = LoadOptions::new(BASE);
     options.device = Device::Cpu;
@@ -31,7 +35,7 @@ fn app(root: &Path, limits: AdapterLimits) -> axum::Router {
         AdapterRegistry::new(&[root.to_path_buf()], limits),
     );
     state.add_engine(Engine::start(model, EngineConfig::default()).unwrap());
-    qpai::app(state)
+    state
 }
 
 /// A temporary adapter directory holding copies of the fixture adapters.
@@ -552,4 +556,121 @@ fn a_bad_lora_flag_stops_the_start_with_its_reason() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("adapter_config.json"), "{stderr}");
+}
+
+/// `request` sent with `key`.
+fn send_as(
+    app: &axum::Router,
+    key: &str,
+    mut request: Request<Body>,
+) -> impl Future<Output = (StatusCode, Value)> + use<> {
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let app = app.clone();
+    async move { send_json(&app, request).await }
+}
+
+#[tokio::test]
+async fn a_tenants_adapters_are_its_own() {
+    use qpai::ledger::{Ledger, NewKey};
+    let root = adapter_root();
+    copy_adapter(
+        &fixtures_dir().join("lora/r4-all"),
+        &root.path().join("acme/house"),
+    );
+    let state = app_state(root.path(), AdapterLimits::default());
+    let db = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(db.path().join("qpai.db").to_str().unwrap())
+        .await
+        .unwrap();
+    state.set_tenancy(qpai::tenancy::Tenancy::new(ledger.clone()).await.unwrap());
+    let key = |tenant: &str, admin: bool| {
+        let ledger = ledger.clone();
+        let new = NewKey {
+            tenant: tenant.into(),
+            admin,
+            ..NewKey::default()
+        };
+        async move { ledger.create_key(&new).await.unwrap().0 }
+    };
+    let (acme, globex, admin) = (
+        key("acme", false).await,
+        key("globex", false).await,
+        key("ops", true).await,
+    );
+    state.tenancy().unwrap().refresh().await;
+    let app = qpai::app(state);
+    let load_as = |key: &str, name: &str, path: PathBuf| {
+        let body = json!({"name": name, "path": path, "base": BASE});
+        send_as(&app, key, post_json("/v1/adapters", &body))
+    };
+    let complete_as = |key: &str, model: &str| {
+        let body =
+            json!({"model": model, "prompt": "the cat sat on", "max_tokens": 4, "temperature": 0});
+        send_as(&app, key, post_json("/v1/completions", &body))
+    };
+    let names = |body: Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let (status, body) = load_as(&acme, "acme-house", root.path().join("acme/house")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["owner"], "acme");
+    let (status, body) = load_as(&acme, "stolen", root.path().join("r4-all")).await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("path")),
+        "{body}"
+    );
+    let (status, _) = load_as(&admin, "shared", root.path().join("r8-rslora")).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // globex sees the shared adapter, not acme's, and cannot run or drop it.
+    assert_eq!(
+        names(send_as(&app, &globex, get("/v1/adapters")).await.1),
+        ["shared"]
+    );
+    assert_eq!(
+        send_as(&app, &globex, get("/v1/adapters/acme-house"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    for model in ["acme-house", "tiny:acme-house"] {
+        let (status, body) = complete_as(&globex, model).await;
+        assert!(status.is_client_error(), "{model}: {status} {body}");
+    }
+    let models = send_as(&app, &globex, get("/v1/models")).await.1;
+    assert!(!models.to_string().contains("acme-house"), "{models}");
+    assert_eq!(
+        send_as(&app, &globex, delete("/v1/adapters/acme-house"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send_as(&app, &globex, delete("/v1/adapters/shared"))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(complete_as(&globex, "shared").await.0, StatusCode::OK);
+
+    // acme runs its own; the admin sees everything.
+    assert_eq!(complete_as(&acme, "acme-house").await.0, StatusCode::OK);
+    let mut all = names(send_as(&app, &admin, get("/v1/adapters")).await.1);
+    all.sort();
+    assert_eq!(all, ["acme-house", "shared"]);
+    assert_eq!(
+        send_as(&app, &acme, delete("/v1/adapters/acme-house"))
+            .await
+            .0,
+        StatusCode::OK
+    );
 }

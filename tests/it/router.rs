@@ -899,3 +899,43 @@ async fn auto_takes_the_cheapest_route_that_qualifies() {
     // refused before routing cost nothing and are not rows.
     assert_eq!(rows.iter().map(|r| r.requests).sum::<u64>(), 4);
 }
+
+#[tokio::test]
+async fn text_completions_are_billed_whole_or_streamed() {
+    let r = router_app().await;
+    let body =
+        json!({"model": CHAT_MODEL, "prompt": "Bread is", "max_tokens": 5, "temperature": 0});
+    let whole = call(&r.app, "POST", "/v1/completions", None, Some(body.clone())).await;
+    assert_eq!(whole.status, StatusCode::OK);
+    let usage = whole.json()["usage"].clone();
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let stream = call(&r.app, "POST", "/v1/completions", None, Some(streamed)).await;
+    let text = String::from_utf8_lossy(&stream.body).to_string();
+    assert!(
+        !text.contains("\"usage\""),
+        "the usage chunk was not asked for: {text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    r.ledger.flush().await;
+    let rows = r
+        .ledger
+        .usage(&UsageQuery {
+            tenant: Some("default".into()),
+            ..UsageQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows[0].requests, 2);
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        (rows[0].prompt_tokens, rows[0].completion_tokens),
+        (2 * prompt, 2 * completion)
+    );
+    // Priced by the catalog's local deployment of the model.
+    assert_eq!(
+        rows[0].cost,
+        Usd(2 * (prompt * 25_000 + completion * 100_000))
+    );
+}
