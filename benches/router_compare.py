@@ -12,8 +12,13 @@ once), then measures with `qpai bench-router` (one load generator for all,
      `openai/` model and a master key (LiteLLM refuses to start without
      one); it has no database here, so it keeps no spend per key: it does
      less per request than qpai does.
-Prints a Markdown table: requests/s, p50 / p99 latency, the latency each
-router adds over the direct call, and qpai's requests/s over LiteLLM's.
+Two measurements, each a Markdown table:
+  - throughput: each target as fast as `--connections` connections go
+    (closed loop); requests/s, and qpai's over LiteLLM's;
+  - added latency: the same connections at a fixed offered rate (open loop,
+    latency counted from each request's scheduled time), the direct call
+    at the same rate as the baseline: p50 / p99 and what each router adds.
+    LiteLLM gets a lower rate, one it can sustain.
 
 Usage (see docs/router.md):
     ~/.cache/qpai-bench-venv/bin/pip install -r benches/requirements.txt
@@ -57,10 +62,14 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
     raise SystemExit(f"{url} did not answer in {timeout} s")
 
 
-def load(url: str, model: str, args, key: str | None = None) -> dict:
+def load(url: str, model: str, args, key: str | None = None, rate: float | None = None,
+         requests: int | None = None) -> dict:
+    requests = requests or args.requests
     command = [QPAI, "bench-router", "--url", url, "--model", model,
-               "--connections", str(args.connections), "--requests", str(args.requests),
-               "--warmup", str(args.warmup)]
+               "--connections", str(args.connections), "--requests", str(requests),
+               "--warmup", str(min(args.warmup, requests // 5))]
+    if rate:
+        command += ["--rate", str(rate)]
     env = dict(os.environ)
     if key:
         env["QPAI_BENCH_KEY"] = key
@@ -76,6 +85,10 @@ def main() -> None:
     parser.add_argument("--litellm-requests", type=int, default=3000,
                         help="LiteLLM is slower: fewer requests keep the run short")
     parser.add_argument("--litellm-workers", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=1000,
+                        help="offered requests/s for the latency table (qpai)")
+    parser.add_argument("--litellm-rate", type=float, default=100,
+                        help="offered requests/s for the latency table (LiteLLM)")
     args = parser.parse_args()
 
     processes = []
@@ -134,11 +147,20 @@ model_list:
         wait_for(f"http://127.0.0.1:{qpai_port}/ready", qpai)
         wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness", lite_process)
 
+        qpai_url = f"http://127.0.0.1:{qpai_port}/v1"
+        lite_url = f"http://127.0.0.1:{litellm_port}/v1"
         direct = load(upstream, "bench", args)
-        routed = load(f"http://127.0.0.1:{qpai_port}/v1", "bench", args, key)
-        lite_args = argparse.Namespace(**{**vars(args), "requests": args.litellm_requests,
-                                          "warmup": min(args.warmup, args.litellm_requests // 5)})
-        lite = load(f"http://127.0.0.1:{litellm_port}/v1", "bench", lite_args, master_key)
+        routed = load(qpai_url, "bench", args, key)
+        lite = load(lite_url, "bench", args, master_key, requests=args.litellm_requests)
+        # Open loop: 10 s at the qpai rate, 20 s at LiteLLM's.
+        at_rate = int(args.rate * 10)
+        lite_at_rate = int(args.litellm_rate * 20)
+        direct_fast = load(upstream, "bench", args, rate=args.rate, requests=at_rate)
+        routed_fast = load(qpai_url, "bench", args, key, rate=args.rate, requests=at_rate)
+        direct_slow = load(upstream, "bench", args, rate=args.litellm_rate, requests=lite_at_rate)
+        routed_slow = load(qpai_url, "bench", args, key, rate=args.litellm_rate, requests=lite_at_rate)
+        lite_slow = load(lite_url, "bench", args, master_key, rate=args.litellm_rate,
+                         requests=lite_at_rate)
     finally:
         for p in processes:
             p.terminate()
@@ -148,16 +170,26 @@ model_list:
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    qpai_name = "qpai router (key, budget, ledger)"
     print(f"{args.connections} connections, {os.cpu_count()} cores, everything on this machine\n")
-    print("| target | requests | errors | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in (("upstream, direct", direct), ("qpai router (key, budget, ledger)", routed),
-                    ("LiteLLM proxy", lite)):
-        added = ("", "") if r is direct else (f"{r['p50_ms'] - direct['p50_ms']:.2f}",
-                                               f"{r['p99_ms'] - direct['p99_ms']:.2f}")
+    print("Throughput (closed loop)\n")
+    print("| target | requests | errors | requests/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("upstream, direct", direct), (qpai_name, routed), ("LiteLLM proxy", lite)):
         print(f"| {name} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.0f} | "
+              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+    print(f"\nqpai / LiteLLM requests/s: {routed['requests_per_s'] / lite['requests_per_s']:.1f}x\n")
+    print("Added latency (open loop, fixed offered rate)\n")
+    print("| target | offered req/s | requests | errors | p50 ms | p99 ms | added p50 ms | added p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = ((f"upstream, direct", direct_fast, None), (qpai_name, routed_fast, direct_fast),
+            ("upstream, direct", direct_slow, None), (qpai_name, routed_slow, direct_slow),
+            ("LiteLLM proxy", lite_slow, direct_slow))
+    for name, r, base in rows:
+        added = ("", "") if base is None else (f"{r['p50_ms'] - base['p50_ms']:.2f}",
+                                                f"{r['p99_ms'] - base['p99_ms']:.2f}")
+        print(f"| {name} | {r['offered_rate']:.0f} | {r['requests']} | {r['errors']} | "
               f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added[0]} | {added[1]} |")
-    print(f"\nqpai / LiteLLM requests/s: {routed['requests_per_s'] / lite['requests_per_s']:.1f}x")
 
 
 if __name__ == "__main__":
