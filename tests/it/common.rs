@@ -171,3 +171,19 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Waits (up to 120 s) until the server on loopback `port` answers
+/// `/ready` with 200.
+pub fn wait_ready(port: u16) {
+    let started = std::time::Instant::now();
+    while ureq::get(&format!("http://127.0.0.1:{port}/ready"))
+        .call()
+        .is_err()
+    {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the server on port {port} was not ready in 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

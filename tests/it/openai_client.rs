@@ -3,24 +3,8 @@
 //! installs the package into a cached venv and sets QPAI_TEST_PYTHON.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::common::*;
-
-/// Kills the server when the test ends, however it ends.
-fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
 
 #[test]
 fn official_python_client_against_qpai_serve() {
@@ -49,14 +33,7 @@ fn official_python_client_against_qpai_serve() {
             .spawn()
             .expect("starting qpai serve"),
     );
-    let started = Instant::now();
-    while http_get_status(port, "/ready") != Some(200) {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "qpai serve not ready in 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_ready(port);
     let output = Command::new(&python)
         .args([
             "-m",

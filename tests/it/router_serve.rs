@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -54,30 +53,6 @@ fn serve(data_dir: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Ki
         command.env(name, value);
     }
     KillOnDrop(command.spawn().expect("starting qpai serve"))
-}
-
-fn wait_ready(port: u16) {
-    let started = Instant::now();
-    loop {
-        let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
-            use std::io::{Read, Write};
-            let _ = write!(
-                s,
-                "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            let mut answer = String::new();
-            let _ = s.read_to_string(&mut answer);
-            answer.starts_with("HTTP/1.1 200")
-        });
-        if ready {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "port {port} not ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
