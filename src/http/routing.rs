@@ -471,7 +471,13 @@ async fn plan(
             .get("messages")
             .and_then(Value::as_array)
             .map_or(&[][..], |m| m);
-        Ok(TokenCounter::for_remote_model(&deployment.model).count_messages(messages))
+        let counter = TokenCounter::for_remote_model(&deployment.model);
+        // Tool definitions take prompt tokens too (an estimate: OpenAI
+        // renders them in a format of its own).
+        let tools = raw
+            .get("tools")
+            .map_or(0, |t| counter.count(&t.to_string()));
+        Ok(counter.count_messages(messages) + tools)
     });
     if candidates.is_empty() {
         if let Some(error) = local_errors

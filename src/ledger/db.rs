@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use rustls_platform_verifier::BuilderVerifierExt;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 /// A parameter or a column value.
@@ -94,8 +95,18 @@ pub enum Db {
     },
 }
 
+/// A PostgreSQL connection. TLS follows the URL's `sslmode` (`prefer` by
+/// default: TLS when the server offers it; `require`; `disable`), with the
+/// server's certificate checked against the system's trust store.
 async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_platform_verifier())
+        .map_err(|e| DbError::Other(format!("TLS for PostgreSQL: {e}")))?
+        .with_no_client_auth();
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+    let (client, connection) = tokio_postgres::connect(url, tls).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::error!(%error, "a PostgreSQL connection ended");

@@ -2,8 +2,10 @@
 //! reserves its largest possible cost (prompt plus max_tokens at the
 //! route's prices) and settles to its real cost when done. Concurrent
 //! requests see each other's reservations, so a budget is never overspent
-//! by requests in flight. Spend is loaded from the ledger once a month and
-//! kept in memory after that; budget settings are re-read every few seconds.
+//! by requests in flight. Every few seconds the tenant's settings and spend
+//! are re-read from the ledger, so spend recorded by other qpai processes
+//! sharing the database counts too (their requests in flight do not: see
+//! docs/router.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,9 @@ const SETTINGS_TTL: Duration = Duration::from_secs(5);
 struct Account {
     month_start_ms: i64,
     spent: Usd,
+    /// Spend settled here since the last read began (its rows may not be
+    /// in the database yet).
+    settled_since_read: Usd,
     reserved: Usd,
     budget: Option<Usd>,
     soft_limit_percent: u8,
@@ -101,8 +106,8 @@ impl Budgets {
         self.accounts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The tenant's standing, loading or refreshing it from the database
-    /// when needed (a new month re-reads the spend).
+    /// The tenant's standing, re-read from the database when it is older
+    /// than a few seconds (or the month changed).
     pub async fn standing(&self, tenant: &str) -> Result<Standing, DbError> {
         let month = month_start_ms();
         let fresh = self.accounts().get(tenant).and_then(|a| {
@@ -111,30 +116,28 @@ impl Budgets {
         if let Some(standing) = fresh {
             return Ok(standing);
         }
+        // Spend settled before this mark is written by the flush and read
+        // back below; spend settled after it is added on top (counted
+        // twice at worst until the next read: never under).
+        if let Some(account) = self.accounts().get_mut(tenant) {
+            account.settled_since_read = Usd::ZERO;
+        }
+        self.ledger.flush().await;
         let settings = self.ledger.tenant(tenant).await?;
-        let known_month = self
-            .accounts()
-            .get(tenant)
-            .is_some_and(|a| a.month_start_ms == month);
-        let spent = if known_month {
-            None
-        } else {
-            Some(self.ledger.spent_since(tenant, month).await?)
-        };
+        let recorded = self.ledger.spent_since(tenant, month).await?;
         let mut accounts = self.accounts();
         let account = accounts.entry(tenant.to_string()).or_insert(Account {
             month_start_ms: month,
             spent: Usd::ZERO,
+            settled_since_read: Usd::ZERO,
             reserved: Usd::ZERO,
             budget: None,
             soft_limit_percent: crate::ledger::keys::DEFAULT_SOFT_LIMIT_PERCENT,
             settings: None,
             read_at: Instant::now(),
         });
-        if let Some(spent) = spent {
-            account.month_start_ms = month;
-            account.spent = spent;
-        }
+        account.month_start_ms = month;
+        account.spent = recorded.saturating_add(account.settled_since_read);
         account.budget = settings.as_ref().and_then(|s| s.monthly_budget);
         if let Some(settings) = &settings {
             account.soft_limit_percent = settings.soft_limit_percent;
@@ -174,12 +177,8 @@ impl Budgets {
         if let Some(account) = self.accounts().get_mut(tenant) {
             account.reserved = Usd(account.reserved.0.saturating_sub(held.0));
             account.spent = account.spent.saturating_add(spent);
+            account.settled_since_read = account.settled_since_read.saturating_add(spent);
         }
-    }
-
-    /// Spend recorded without a reservation (already paid elsewhere).
-    pub fn add_spend(&self, tenant: &str, spent: Usd) {
-        self.release(tenant, Usd::ZERO, spent);
     }
 
     /// The tenant's settings as last read by `standing` (at most a few

@@ -210,3 +210,18 @@ async fn the_budget_holds_under_concurrency_on_postgres() {
     };
     crate::router::budget_holds_under_concurrency(Some(url)).await;
 }
+
+#[tokio::test]
+async fn sslmode_require_never_falls_back_to_plain_text() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    // The test server speaks no TLS: `prefer` (the default) connects in
+    // plain text, `require` must refuse rather than fall back.
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let error = Ledger::open(&format!("{url}{separator}sslmode=require"))
+        .await
+        .err()
+        .expect("require without a TLS server must fail");
+    assert!(format!("{error:#}").contains("TLS"), "{error:#}");
+}

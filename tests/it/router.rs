@@ -939,3 +939,44 @@ async fn text_completions_are_billed_whole_or_streamed() {
         Usd(2 * (prompt * 25_000 + completion * 100_000))
     );
 }
+
+#[tokio::test]
+async fn spend_recorded_by_another_process_counts_within_seconds() {
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", shared.path().join("qpai.db").display());
+    let a = router_app_on(Some(url.clone()), BreakerConfig::default()).await;
+    let b = router_app_on(Some(url), BreakerConfig::default()).await;
+    // $0.0001: each request holds about $0.000054 and is billed $0.000017.
+    let (key, _) = a
+        .ledger
+        .create_key(&NewKey {
+            tenant: "acme".into(),
+            monthly_budget: Some(Usd::parse("0.0001").unwrap()),
+            ..NewKey::default()
+        })
+        .await
+        .unwrap();
+    a.tenancy.refresh().await;
+    b.tenancy.refresh().await;
+    let ask = |r: &RouterApp| {
+        let (app, key) = (r.app.clone(), key.clone());
+        async move {
+            call(
+                &app,
+                "POST",
+                "/v1/chat/completions",
+                Some(&key),
+                Some(chat("steady", false)),
+            )
+            .await
+        }
+    };
+    assert_eq!(ask(&b).await.status, StatusCode::OK);
+    assert_eq!(ask(&a).await.status, StatusCode::OK);
+    assert_eq!(ask(&a).await.status, StatusCode::OK);
+    // 3 x 0.000017 spent in all: B knows of its own 0.000017 only until it
+    // re-reads the ledger (every 5 s); then it refuses like A does.
+    assert_eq!(ask(&a).await.status, StatusCode::PAYMENT_REQUIRED);
+    tokio::time::sleep(Duration::from_millis(5100)).await;
+    assert_eq!(ask(&b).await.status, StatusCode::PAYMENT_REQUIRED);
+}
