@@ -187,3 +187,9 @@ pub fn wait_ready(port: u16) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `--database-url` for a server or command a test starts: a ledger of its
+/// own in `dir`, never the user's database.
+pub fn test_database(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("qpai.db").display())
+}

@@ -403,6 +403,8 @@ fn unloading_an_adapter_returns_its_memory() {
             .arg(root.path())
             .arg("--rag-uri")
             .arg(rag.path())
+            .arg("--database-url")
+            .arg(crate::common::test_database(rag.path()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -468,6 +470,8 @@ fn serve_tiny(extra: &[&str]) -> (crate::common::KillOnDrop, String, tempfile::T
         .arg(fixtures_dir().join("tiny/llama-f32.gguf"))
         .arg("--rag-uri")
         .arg(rag.path())
+        .arg("--database-url")
+        .arg(crate::common::test_database(rag.path()))
         .arg("--adapter-dir")
         .arg(rag.path())
         .args(extra)
@@ -540,12 +544,15 @@ fn lora_flags_serve_an_adapter_merged_or_per_request_with_the_same_output() {
 
 #[test]
 fn a_bad_lora_flag_stops_the_start_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_qpai"))
         .args(["serve", "--port", "0", "--embedding-model", ""])
         .arg("--model")
         .arg(fixtures_dir().join("tiny/llama-f32.gguf"))
         .arg("--rag-uri")
-        .arg(tempfile::tempdir().unwrap().path())
+        .arg(dir.path())
+        .arg("--database-url")
+        .arg(crate::common::test_database(dir.path()))
         .arg("--lora")
         .arg(format!(
             "bad={}",

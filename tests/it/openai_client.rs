@@ -26,6 +26,8 @@ fn official_python_client_against_qpai_serve() {
                 CHAT_MODEL,
                 "--rag-uri",
                 &rag_dir.path().display().to_string(),
+                "--database-url",
+                &test_database(rag_dir.path()),
             ])
             .env("QPAI_MODELS_DIR", models_dir())
             .stdout(Stdio::null())

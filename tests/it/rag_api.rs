@@ -242,6 +242,8 @@ fn qpai(rag_uri: &std::path::Path, args: &[&str]) -> Command {
         .arg(models_dir())
         .arg("--rag-uri")
         .arg(rag_uri)
+        .arg("--database-url")
+        .arg(crate::common::test_database(rag_uri))
         .args(args)
         .env("RAYON_NUM_THREADS", "2")
         .stdout(Stdio::piped())
