@@ -316,6 +316,9 @@ pub enum SitesCommand {
     /// Create an empty site.
     Create {
         site: String,
+        /// The tenant that owns the site (its keys see it; others do not).
+        #[arg(long)]
+        tenant: Option<String>,
         #[command(flatten)]
         embedding: EmbeddingArgs,
     },
@@ -340,6 +343,9 @@ pub struct IngestArgs {
     /// Site to ingest into (created when missing).
     #[arg(long)]
     pub site: String,
+    /// The tenant that owns the site (refused when another tenant owns it).
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// A directory of HTML and/or Markdown/MDX pages, a WordPress WXR export
     /// (.xml), a sitemap (.xml file or http(s) URL), a .jsonl file, or one page.
     pub source: String,

@@ -115,6 +115,9 @@ async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
     Ok(client)
 }
 
+/// The PostgreSQL advisory lock key held while migrating ("qpai" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7170_6169;
+
 /// The schema, one entry per version; each runs once, in a transaction.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("schema/0001_ledger.sql"))];
 
@@ -145,6 +148,21 @@ impl Db {
     }
 
     async fn migrate(&self) -> Result<(), DbError> {
+        // Processes starting together on one PostgreSQL migrate one at a
+        // time (a session lock on the shared connection, which runs them).
+        if let Db::Postgres { .. } = self {
+            self.batch(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                .await?;
+        }
+        let migrated = self.migrate_unlocked().await;
+        if let Db::Postgres { .. } = self {
+            self.batch(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+                .await?;
+        }
+        migrated
+    }
+
+    async fn migrate_unlocked(&self) -> Result<(), DbError> {
         self.batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations \
              (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
@@ -168,6 +186,12 @@ impl Db {
             tracing::info!(version, backend = self.backend(), "database migrated");
         }
         Ok(())
+    }
+
+    /// Runs SQL text without parameters (several statements allowed):
+    /// administration, such as creating a database.
+    pub async fn execute_text(&self, sql: &str) -> Result<(), DbError> {
+        self.batch(sql).await
     }
 
     /// Runs SQL text without parameters (several statements allowed).

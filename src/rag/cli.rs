@@ -14,6 +14,7 @@ use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::load_embedding_model;
 use crate::config::{EmbeddingArgs, GlobalArgs, IngestArgs, SearchArgs, SitesCommand};
+use crate::ledger::Ledger;
 
 async fn rag(global: &GlobalArgs, embedding: &EmbeddingArgs) -> anyhow::Result<Rag> {
     let store = Store::open(&global.rag_uri()).await?;
@@ -33,9 +34,24 @@ fn source_id(source: &str) -> String {
     std::fs::canonicalize(source).map_or_else(|_| source.to_string(), |p| p.display().to_string())
 }
 
+/// Gives `site` to `tenant` in the ledger; refused when another tenant owns it.
+async fn claim(global: &GlobalArgs, site: &SiteName, tenant: &str) -> anyhow::Result<()> {
+    crate::ledger::keys::check_tenant_name(tenant).map_err(anyhow::Error::msg)?;
+    let ledger = Ledger::open(&global.database_url()).await?;
+    if let Some(owner) = ledger.site_owner(site.as_str()).await?
+        && owner != tenant
+    {
+        anyhow::bail!("the site {site} belongs to the tenant {owner}");
+    }
+    Ok(ledger.claim_site(site.as_str(), tenant).await?)
+}
+
 pub async fn ingest(args: IngestArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let site = SiteName::parse(&args.site)?;
     super::sources::detect(&args.source)?;
+    if let Some(tenant) = &args.tenant {
+        claim(global, &site, tenant).await?;
+    }
     let base_url = args
         .base_url
         .as_deref()
@@ -150,8 +166,15 @@ pub async fn sites(command: SitesCommand, global: &GlobalArgs) -> anyhow::Result
                 println!("{site}");
             }
         }
-        SitesCommand::Create { site, embedding } => {
+        SitesCommand::Create {
+            site,
+            tenant,
+            embedding,
+        } => {
             let site = SiteName::parse(&site)?;
+            if let Some(tenant) = &tenant {
+                claim(global, &site, tenant).await?;
+            }
             let rag = rag(global, &embedding).await?;
             store
                 .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
@@ -165,6 +188,10 @@ pub async fn sites(command: SitesCommand, global: &GlobalArgs) -> anyhow::Result
         SitesCommand::Delete { site } => {
             let site = SiteName::parse(&site)?;
             store.delete_site(&site).await?;
+            Ledger::open(&global.database_url())
+                .await?
+                .release_site(site.as_str())
+                .await?;
             println!("deleted site {site}");
         }
     }

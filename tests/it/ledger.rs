@@ -225,3 +225,39 @@ async fn sslmode_require_never_falls_back_to_plain_text() {
         .expect("require without a TLS server must fail");
     assert!(format!("{error:#}").contains("TLS"), "{error:#}");
 }
+
+#[tokio::test]
+async fn processes_starting_together_migrate_a_fresh_postgres_once() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let admin = Ledger::open(&url).await.unwrap();
+    let name = format!("qpai_migrate_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .db()
+        .execute_text(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let fresh = match url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => unreachable!("a PostgreSQL URL names its database"),
+    };
+    let opened = futures::future::join_all((0..4).map(|_| Ledger::open(&fresh))).await;
+    for ledger in &opened {
+        assert!(ledger.is_ok(), "{:?}", ledger.as_ref().err());
+    }
+    let versions = opened[0]
+        .as_ref()
+        .unwrap()
+        .db()
+        .query("SELECT version FROM schema_migrations", vec![])
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 1, "each migration ran once");
+    drop(opened);
+    admin
+        .db()
+        .execute_text(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

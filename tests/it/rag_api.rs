@@ -361,3 +361,46 @@ async fn a_killed_ingest_rerun_converges() {
     let found: Value = serde_json::from_slice(&found.stdout).unwrap();
     assert_eq!(found["results"][0]["url"], "p017.html", "{found}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_made_on_the_command_line_can_belong_to_a_tenant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let uri = tmp.path().join("rag");
+    let run = |args: &[&str]| {
+        let output = qpai(&uri, args).output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run(&["sites", "create", "acme-blog", "--tenant", "acme"]);
+    assert!(ok, "{stderr}");
+    let ledger = qpai::ledger::Ledger::open(&crate::common::test_database(&uri))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.site_owner("acme-blog").await.unwrap().as_deref(),
+        Some("acme")
+    );
+    let page = tmp.path().join("page.md");
+    std::fs::write(&page, "# Hours\n\nOpen from nine to five.\n").unwrap();
+    let (ok, stderr) = run(&[
+        "ingest",
+        "--site",
+        "acme-blog",
+        "--tenant",
+        "globex",
+        page.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("belongs to the tenant acme"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(&["sites", "delete", "acme-blog"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        ledger.site_owner("acme-blog").await.unwrap(),
+        None,
+        "deleting releases the name"
+    );
+}
