@@ -7,8 +7,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
+use super::billing::Bill;
 use super::extract::ApiJson;
-use super::routing::Bill;
 use super::streaming::{ChunkFormat, collect, sse};
 use super::wire::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,

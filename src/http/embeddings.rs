@@ -168,7 +168,7 @@ pub async fn embeddings(
     }
     let inputs = tokenized(&model, &request.input)?;
     let prompt_tokens = inputs.iter().map(Vec::len).sum();
-    let bill = super::routing::Bill::local(
+    let bill = super::billing::Bill::local(
         &state,
         &principal,
         "embeddings",

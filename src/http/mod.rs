@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API: one file per endpoint family.
 
 mod adapters;
+mod billing;
 mod chat;
 mod completions;
 mod embeddings;

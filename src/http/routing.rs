@@ -5,36 +5,31 @@
 //! qpai's count otherwise. Exactly one usage row is written per request,
 //! whatever the outcome; a retry is never billed twice.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use axum::response::Response;
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::AppState;
+use super::billing::{Bill, ByteStream, usage_record};
 use super::chat::{local_chat, local_prompt_tokens};
 use super::wire::ChatCompletionRequest;
 use crate::error::{ApiError, ApiResult};
-use crate::ledger::{Outcome, UsageRecord, UsageSource, now_ms};
-use crate::router::metering::{SseMeter, TokenUsage, usage_of};
+use crate::ledger::UsageRecord;
+use crate::router::metering::SseMeter;
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
 use crate::router::{
     Admission, Capability, Deployment, ModelRouter, Prices, ProviderKind, UpstreamError,
     UpstreamResponse, Usd,
 };
-use crate::tenancy::{OverBudget, Principal, Reservation, Tenancy};
+use crate::tenancy::{OverBudget, Principal, Tenancy};
 
 /// Request headers that steer the route.
 const TASK_HEADER: &str = "x-qpai-task";
 const MIN_QUALITY_HEADER: &str = "x-qpai-min-quality";
-
-type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 /// A route's answer, before metering.
 enum Answer {
@@ -64,125 +59,6 @@ struct Plan {
     candidates: Vec<Candidate>,
     stream: bool,
     include_usage: bool,
-}
-
-/// Everything needed to bill a request once its usage is known.
-pub struct Bill {
-    tenancy: Option<Arc<Tenancy>>,
-    reservation: Option<Reservation>,
-    record: UsageRecord,
-    prices: Prices,
-    /// Counts produced text when no usage comes (None: nothing to count).
-    counter: Option<TokenCounter>,
-}
-
-impl Bill {
-    /// Holds budget for a request answered by one of qpai's own models
-    /// outside the router (text completions, embeddings), priced by the
-    /// routing catalog's `local` deployment of `model` (else free). None
-    /// when the server keeps no ledger.
-    pub async fn local(
-        state: &AppState,
-        principal: &Principal,
-        endpoint: &str,
-        model: &str,
-        prompt_tokens: u64,
-        max_completion_tokens: u64,
-        counter: Option<TokenCounter>,
-    ) -> ApiResult<Option<Bill>> {
-        let Some(tenancy) = state.tenancy() else {
-            return Ok(None);
-        };
-        let prices = state.model_router().local_prices(model).unwrap_or(Prices {
-            input_per_1m: Usd::ZERO,
-            output_per_1m: Usd::ZERO,
-        });
-        tenancy
-            .budgets
-            .standing(&principal.tenant)
-            .await
-            .map_err(ApiError::internal)?;
-        let reservation = tenancy
-            .budgets
-            .reserve(
-                &principal.tenant,
-                prices.cost(prompt_tokens, max_completion_tokens),
-            )
-            .map_err(|e| ApiError::budget_exceeded(e.to_string()))?;
-        Ok(Some(Bill {
-            tenancy: Some(tenancy),
-            reservation: Some(reservation),
-            record: UsageRecord {
-                request_id: format!("req_{}", uuid::Uuid::new_v4().simple()),
-                ts_ms: now_ms(),
-                tenant: principal.tenant.clone(),
-                key_id: principal.key_id.clone(),
-                endpoint: endpoint.into(),
-                requested_model: model.into(),
-                deployment: model.into(),
-                provider: ProviderKind::Local.as_str().into(),
-                model: model.into(),
-                prompt_tokens,
-                completion_tokens: 0,
-                cost: Usd::ZERO,
-                outcome: Outcome::Error,
-                attempts: 1,
-                stream: false,
-                usage_source: UsageSource::Counted,
-            },
-            prices,
-            counter,
-        }))
-    }
-
-    /// Bills a whole answer whose usage qpai produced itself.
-    pub fn settle_usage(self, prompt_tokens: u64, completion_tokens: u64) -> Usd {
-        self.settle(Some((prompt_tokens, completion_tokens)), "", Outcome::Ok)
-    }
-
-    /// Bills a local stream as it passes: its response must end with a
-    /// usage chunk, removed unless the client asked for it.
-    pub fn meter_stream(mut self, response: Response, client_wants_usage: bool) -> Response {
-        self.record.stream = true;
-        let (parts, body) = response.into_parts();
-        let stream: ByteStream = Box::pin(
-            body.into_data_stream()
-                .map(|chunk| chunk.map_err(|e| e.to_string())),
-        );
-        let metered = MeteredStream {
-            inner: stream,
-            meter: SseMeter::new(!client_wants_usage, None),
-            bill: Some(self),
-            ended: false,
-        };
-        Response::from_parts(parts, Body::from_stream(metered))
-    }
-
-    /// Writes the request's one usage row and settles its budget hold.
-    fn settle(mut self, usage: Option<TokenUsage>, produced: &str, outcome: Outcome) -> Usd {
-        let (prompt, completion, source) = match usage {
-            Some((p, c)) => (p, c, UsageSource::Upstream),
-            None if outcome == Outcome::Error => (0, 0, UsageSource::Counted),
-            None => (
-                self.record.prompt_tokens,
-                self.counter.as_ref().map_or(0, |c| c.count(produced)),
-                UsageSource::Counted,
-            ),
-        };
-        let cost = self.prices.cost(prompt, completion);
-        self.record.prompt_tokens = prompt;
-        self.record.completion_tokens = completion;
-        self.record.cost = cost;
-        self.record.outcome = outcome;
-        self.record.usage_source = source;
-        if let Some(reservation) = self.reservation.take() {
-            reservation.settle(cost);
-        }
-        if let Some(tenancy) = &self.tenancy {
-            tenancy.ledger.record(self.record.clone());
-        }
-        cost
-    }
 }
 
 /// `POST /v1/chat/completions` through the router.
@@ -225,24 +101,7 @@ pub async fn route_chat(
         )?;
     }
     let warning = standing.and_then(|s| s.warning());
-    let record = UsageRecord {
-        request_id: format!("req_{}", uuid::Uuid::new_v4().simple()),
-        ts_ms: now_ms(),
-        tenant: principal.tenant.clone(),
-        key_id: principal.key_id.clone(),
-        endpoint: "chat.completions".into(),
-        requested_model: plan.requested.clone(),
-        deployment: String::new(),
-        provider: String::new(),
-        model: String::new(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        cost: Usd::ZERO,
-        outcome: Outcome::Error,
-        attempts: 0,
-        stream: plan.stream,
-        usage_source: UsageSource::Counted,
-    };
+    let record = usage_record(&principal, "chat.completions", &plan.requested, plan.stream);
     let mut attempts = 0u32;
     let mut over_budget: Option<OverBudget> = None;
     let mut failures: Vec<String> = Vec::new();
@@ -288,12 +147,8 @@ pub async fn route_chat(
             {
                 Ok(answer) => {
                     router.breakers.success(name);
-                    let mut record = record.clone();
-                    record.deployment = candidate.deployment.name.clone();
-                    record.provider = candidate.deployment.provider.as_str().into();
-                    record.model = candidate.deployment.model.clone();
+                    let mut record = routed(&record, candidate, attempts);
                     record.prompt_tokens = candidate.prompt_tokens;
-                    record.attempts = attempts;
                     let bill = Bill {
                         tenancy: tenancy.clone(),
                         reservation,
@@ -302,7 +157,7 @@ pub async fn route_chat(
                         counter: Some(counter_for(&state, &candidate.deployment)),
                     };
                     let mut response = match answer {
-                        Answer::Json(value) => json_answer(value, bill),
+                        Answer::Json(value) => bill.whole_answer(value),
                         Answer::Stream(stream) => stream_answer(stream, bill, &plan, candidate),
                     };
                     route_headers(
@@ -315,12 +170,7 @@ pub async fn route_chat(
                 }
                 Err(AttemptError::Final(error)) => {
                     router.breakers.abandon_probe(name);
-                    let mut record = record.clone();
-                    record.deployment = candidate.deployment.name.clone();
-                    record.provider = candidate.deployment.provider.as_str().into();
-                    record.model = candidate.deployment.model.clone();
-                    record.attempts = attempts;
-                    bill_failure(&tenancy, record);
+                    bill_failure(&tenancy, routed(&record, candidate, attempts));
                     return Err(error);
                 }
                 Err(AttemptError::Retryable {
@@ -378,6 +228,18 @@ pub async fn route_chat(
     Err(error)
 }
 
+/// The request's row, on `candidate` after `attempts` tries.
+fn routed(record: &UsageRecord, candidate: &Candidate, attempts: u32) -> UsageRecord {
+    let deployment = &candidate.deployment;
+    UsageRecord {
+        deployment: deployment.name.clone(),
+        provider: deployment.provider.as_str().into(),
+        model: deployment.model.clone(),
+        attempts,
+        ..record.clone()
+    }
+}
+
 fn bill_failure(tenancy: &Option<Arc<Tenancy>>, record: UsageRecord) {
     if let Some(tenancy) = tenancy {
         tenancy.ledger.record(record);
@@ -423,10 +285,7 @@ async fn plan(
             api_version: None,
             prices: router
                 .local_prices(&model.parent.clone().unwrap_or_else(|| model.id.clone()))
-                .unwrap_or(Prices {
-                    input_per_1m: Usd::ZERO,
-                    output_per_1m: Usd::ZERO,
-                }),
+                .unwrap_or(Prices::FREE),
             context_window: model.context_length,
             capabilities: Default::default(),
             quality: Default::default(),
@@ -662,27 +521,6 @@ fn upstream_failure(error: UpstreamError) -> AttemptError {
     }
 }
 
-/// A whole answer: billed now, its cost in the headers.
-fn json_answer(value: Value, bill: Bill) -> Response {
-    let usage = usage_of(&value);
-    let text: String = value
-        .get("choices")
-        .and_then(Value::as_array)
-        .map(|choices| {
-            choices
-                .iter()
-                .filter_map(|c| c.pointer("/message/content").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
-    let cost = bill.settle(usage, &text, Outcome::Ok);
-    let mut response = axum::Json(value).into_response();
-    if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
-        response.headers_mut().insert("x-qpai-cost-usd", v);
-    }
-    response
-}
-
 /// A streamed answer, billed when it ends (or is cut).
 fn stream_answer(stream: ByteStream, bill: Bill, plan: &Plan, candidate: &Candidate) -> Response {
     let prices = candidate.deployment.prices;
@@ -693,13 +531,7 @@ fn stream_answer(stream: ByteStream, bill: Bill, plan: &Plan, candidate: &Candid
         )
     });
     let meter = SseMeter::new(!plan.include_usage, Some(annotate));
-    let metered = MeteredStream {
-        inner: stream,
-        meter,
-        bill: Some(bill),
-        ended: false,
-    };
-    let mut response = Response::new(Body::from_stream(metered));
+    let mut response = Response::new(bill.metered_body(stream, meter));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -734,71 +566,5 @@ fn route_headers(
         && let Ok(v) = HeaderValue::from_str(warning)
     {
         headers.insert("x-qpai-budget-warning", v);
-    }
-}
-
-/// Passes a stream on event by event and bills it when it ends, breaks or
-/// is dropped (the client left).
-struct MeteredStream {
-    inner: ByteStream,
-    meter: SseMeter,
-    bill: Option<Bill>,
-    ended: bool,
-}
-
-impl MeteredStream {
-    fn settle(&mut self, outcome: Outcome) {
-        if let Some(bill) = self.bill.take() {
-            bill.settle(self.meter.usage, &self.meter.text, outcome);
-        }
-    }
-}
-
-impl Stream for MeteredStream {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        loop {
-            match self.inner.as_mut().poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let out = self.meter.feed(&chunk);
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out)));
-                    }
-                }
-                Poll::Ready(Some(Err(message))) => {
-                    tracing::warn!(%message, "the stream broke off");
-                    self.ended = true;
-                    self.settle(Outcome::Cut);
-                    let error = ApiError {
-                        code: Some("upstream_broke_off"),
-                        ..ApiError::unavailable("The model's stream broke off.")
-                    };
-                    let event = format!("data: {}\n\n", error.to_json());
-                    return Poll::Ready(Some(Ok(Bytes::from(event))));
-                }
-                Poll::Ready(None) => {
-                    self.ended = true;
-                    let rest = self.meter.finish();
-                    let outcome = if self.meter.done || self.meter.usage.is_some() {
-                        Outcome::Ok
-                    } else {
-                        Outcome::Cut
-                    };
-                    self.settle(outcome);
-                    return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
-                }
-            }
-        }
-    }
-}
-
-impl Drop for MeteredStream {
-    fn drop(&mut self) {
-        self.settle(Outcome::Cut);
     }
 }

@@ -102,6 +102,12 @@ pub struct Prices {
 }
 
 impl Prices {
+    /// The price of qpai's own models when the catalog gives none.
+    pub const FREE: Prices = Prices {
+        input_per_1m: Usd::ZERO,
+        output_per_1m: Usd::ZERO,
+    };
+
     /// What `input` prompt tokens and `output` completion tokens cost. The
     /// per-token price is a whole number of pico-dollars for prices with up
     /// to six decimals; finer ones are rounded up, never down.

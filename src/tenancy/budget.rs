@@ -208,10 +208,6 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    pub fn amount(&self) -> Usd {
-        self.amount
-    }
-
     /// Replaces the hold by the request's real cost.
     pub fn settle(mut self, cost: Usd) {
         self.settled = true;
