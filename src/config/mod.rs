@@ -10,6 +10,14 @@ use serde::Deserialize;
 
 use crate::telemetry::LogFormat;
 
+mod rag;
+mod router;
+
+pub use rag::{
+    BenchSearchArgs, EmbeddingArgs, EvalRetrievalArgs, IngestArgs, SearchArgs, SitesCommand,
+};
+pub use router::{BenchRouterArgs, BenchUpstreamArgs, KeyCreateArgs, KeysCommand, UsageArgs};
+
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 pub const DEFAULT_EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 
@@ -132,98 +140,6 @@ pub enum Command {
     BenchRouter(BenchRouterArgs),
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct BenchUpstreamArgs {
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    #[arg(long, default_value_t = 9100)]
-    pub port: u16,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct BenchRouterArgs {
-    /// The API base URL (`http://HOST:PORT/v1`).
-    #[arg(long)]
-    pub url: String,
-    #[arg(long, default_value = "bench")]
-    pub model: String,
-    /// Bearer key to send.
-    #[arg(long, env = "QPAI_BENCH_KEY")]
-    pub key: Option<String>,
-    /// Concurrent connections.
-    #[arg(long, default_value_t = 200)]
-    pub connections: usize,
-    /// Measured requests.
-    #[arg(long, default_value_t = 20_000)]
-    pub requests: usize,
-    /// Requests sent first and not measured.
-    #[arg(long, default_value_t = 2_000)]
-    pub warmup: usize,
-    /// Offered load in requests/s (open loop: latency counts from each
-    /// request's scheduled time, so waiting for a free connection counts).
-    /// Default: as fast as the connections go (closed loop).
-    #[arg(long)]
-    pub rate: Option<f64>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Create a key (and its tenant). The key is printed once.
-    Create(KeyCreateArgs),
-    /// List keys (never the keys themselves).
-    List {
-        #[arg(long)]
-        tenant: Option<String>,
-    },
-    /// Revoke a key by its id.
-    Revoke { id: String },
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct KeyCreateArgs {
-    #[arg(long)]
-    pub tenant: String,
-    /// The tenant's monthly budget in dollars (set or changed for the tenant).
-    #[arg(long)]
-    pub monthly_budget_usd: Option<String>,
-    /// Percentage of the budget after which answers carry x-qpai-budget-warning.
-    #[arg(long)]
-    pub soft_limit_percent: Option<u8>,
-    /// Requests per minute for this key.
-    #[arg(long)]
-    pub rpm: Option<u32>,
-    /// Tokens per minute for this key (prompt plus max_tokens).
-    #[arg(long)]
-    pub tpm: Option<u32>,
-    /// An admin key: admin endpoints, every tenant's data.
-    #[arg(long)]
-    pub admin: bool,
-    /// What `"model": "auto"` means for the tenant.
-    #[arg(long)]
-    pub default_model: Option<String>,
-    /// The tenant's quality floor for routed requests (0 to 1).
-    #[arg(long)]
-    pub min_quality: Option<f64>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct UsageArgs {
-    #[arg(long)]
-    pub tenant: Option<String>,
-    /// Comma-separated: model, provider, key, day, tenant, deployment.
-    #[arg(long, default_value = "tenant,model")]
-    pub group_by: String,
-    /// First day, YYYY-MM-DD.
-    #[arg(long)]
-    pub from: Option<String>,
-    /// Last day, YYYY-MM-DD.
-    #[arg(long)]
-    pub to: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
     /// recall@5, recall@10 and MRR@10 of every search mode on a query set.
@@ -292,134 +208,6 @@ pub struct BenchLoraArgs {
     /// Write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct EvalRetrievalArgs {
-    /// The site to search (ingested beforehand).
-    #[arg(long)]
-    pub site: String,
-    /// Query set: JSONL of {"id", "query", "targets": [page URLs], "kind"}.
-    #[arg(long)]
-    pub queries: PathBuf,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    #[command(flatten)]
-    pub embedding: EmbeddingArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SitesCommand {
-    /// List the sites.
-    List,
-    /// Create an empty site.
-    Create {
-        site: String,
-        /// The tenant that owns the site (its keys see it; others do not).
-        #[arg(long)]
-        tenant: Option<String>,
-        #[command(flatten)]
-        embedding: EmbeddingArgs,
-    },
-    /// Pages, chunks, indexes and the embedding model of a site.
-    Stats { site: String },
-    /// Delete a site and everything stored for it.
-    Delete { site: String },
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct EmbeddingArgs {
-    /// Embedding model (catalog id or path); a site keeps the model it was created with.
-    #[arg(long, env = "QPAI_EMBEDDING_MODEL", default_value = DEFAULT_EMBEDDING_MODEL)]
-    pub embedding_model: String,
-    /// CPU threads for the model kernels (default: all cores).
-    #[arg(long, env = "QPAI_THREADS")]
-    pub threads: Option<usize>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct IngestArgs {
-    /// Site to ingest into (created when missing).
-    #[arg(long)]
-    pub site: String,
-    /// The tenant that owns the site (refused when another tenant owns it).
-    #[arg(long)]
-    pub tenant: Option<String>,
-    /// A directory of HTML and/or Markdown/MDX pages, a WordPress WXR export
-    /// (.xml), a sitemap (.xml file or http(s) URL), a .jsonl file, or one page.
-    pub source: String,
-    /// URL prefix for pages without an absolute URL of their own.
-    #[arg(long)]
-    pub base_url: Option<String>,
-    /// Keep pages of this source that the source no longer has (default: delete them).
-    #[arg(long)]
-    pub no_prune: bool,
-    /// Pages larger than this are refused (each on its own).
-    #[arg(long, default_value_t = 8 * 1024 * 1024)]
-    pub max_page_bytes: usize,
-    /// Sitemap ingest: pages fetched at most.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_pages: usize,
-    /// Sitemap ingest: pause between two requests to a host, in milliseconds.
-    #[arg(long, default_value_t = 250)]
-    pub fetch_delay_ms: u64,
-    /// Chunk size in tokens of the embedding model (default: 200, within the model's limit).
-    #[arg(long)]
-    pub chunk_tokens: Option<usize>,
-    /// Tokens repeated from one chunk into the next.
-    #[arg(long, default_value_t = 32)]
-    pub chunk_overlap: usize,
-    /// Rows from which the site's table gets an ANN (IVF-PQ) index.
-    #[arg(long, default_value_t = 20_000)]
-    pub ann_min_rows: usize,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub embedding: EmbeddingArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct SearchArgs {
-    #[arg(long)]
-    pub site: String,
-    pub query: String,
-    #[arg(long, value_enum, default_value = "hybrid")]
-    pub mode: crate::rag::SearchMode,
-    #[arg(long, default_value_t = 5)]
-    pub top_k: usize,
-    /// Only pages whose URL starts with this.
-    #[arg(long)]
-    pub url_prefix: Option<String>,
-    /// Only pages in this language.
-    #[arg(long)]
-    pub lang: Option<String>,
-    /// Print the results as JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub embedding: EmbeddingArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct BenchSearchArgs {
-    /// An ingested site whose chunks seed the large table.
-    #[arg(long)]
-    pub site: String,
-    /// Rows of the grown table (`<site>-bench`, rebuilt each run).
-    #[arg(long, default_value_t = 100_000)]
-    pub rows: usize,
-    /// Reuse the grown table from an earlier run.
-    #[arg(long)]
-    pub reuse: bool,
-    /// Queries (JSONL with a "query" field, as the retrieval eval's).
-    #[arg(long, default_value = "eval/retrieval/postgresql-15.jsonl")]
-    pub queries: PathBuf,
-    #[arg(long, default_value_t = 10)]
-    pub top_k: usize,
-    #[command(flatten)]
-    pub embedding: EmbeddingArgs,
 }
 
 #[derive(Debug, Clone, Args)]
