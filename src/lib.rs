@@ -9,11 +9,13 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod ledger;
+pub mod money;
 pub mod lora;
 pub mod models;
 pub mod rag;
 pub mod router;
 pub mod server;
+pub mod structured;
 pub mod telemetry;
 pub mod tenancy;
 

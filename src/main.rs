@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => args.threads,
         Command::BenchEmbeddings(args) => args.threads,
         Command::BenchLora(args) => args.threads,
+        Command::BenchStructured(args) => args.threads,
         Command::Eval {
             command: EvalCommand::Adapter(args),
         } => args.threads,
@@ -49,6 +50,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => qpai::bench::run(args, &cli.global).map(|_| ()),
         Command::BenchEmbeddings(args) => qpai::bench::embeddings(args, &cli.global),
         Command::BenchLora(args) => qpai::lora::bench::run(args, &cli.global),
+        Command::BenchStructured(args) => {
+            runtime()?.block_on(qpai::structured::bench::run(args, &cli.global))
+        }
         Command::Eval {
             command: EvalCommand::Adapter(args),
         } => runtime()?.block_on(qpai::lora::eval::run(args, &cli.global)),

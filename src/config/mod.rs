@@ -113,6 +113,8 @@ pub enum Command {
     BenchLora(BenchLoraArgs),
     /// Measure search latency on a site grown to a large table.
     BenchSearch(BenchSearchArgs),
+    /// Measure decode speed with a JSON schema enforced against none.
+    BenchStructured(BenchStructuredArgs),
     /// Read a site's pages from a source into its search table.
     Ingest(IngestArgs),
     /// Search a site.
@@ -200,6 +202,31 @@ pub struct BenchLoraArgs {
     #[arg(long, default_value_t = 128)]
     pub decode_tokens: usize,
     /// Repetitions, interleaved across the modes (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchStructuredArgs {
+    /// Chat model (catalog id or path).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// A folder of {"name", "prompt", "strict", "schema"} JSON files.
+    #[arg(long, default_value = "tests/fixtures/schemas")]
+    pub schemas: PathBuf,
+    /// Schemas used (the first ones by file name).
+    #[arg(long, default_value_t = 8)]
+    pub limit: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 400)]
+    pub max_tokens: usize,
+    /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// CPU threads.

@@ -3,10 +3,14 @@
 //! request that finds no permit is refused at once (429), and the permit
 //! travels with the response stream, so it is held exactly as long as the work.
 
+pub mod constraint;
 pub mod detokenize;
 pub mod sampling;
+pub mod step_model;
 pub mod types;
 mod worker;
+#[cfg(test)]
+mod worker_tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
@@ -101,6 +105,7 @@ pub enum SubmitError {
 
 struct EngineInner {
     model: LoadedModel,
+    grammars: constraint::GrammarCompiler,
     jobs: Mutex<SyncSender<Job>>,
     permits: Arc<Semaphore>,
     stats: Arc<EngineStats>,
@@ -134,7 +139,7 @@ impl Engine {
         };
         let (sender, receiver) = sync_channel(config.max_in_flight);
         let stats = Arc::new(EngineStats::new(&model.id));
-        let worker = Worker::new(model.clone(), config, stats.clone());
+        let worker = Worker::new(Arc::new(model.clone()), config, stats.clone());
         std::thread::Builder::new()
             .name(format!("qpai-worker-{}", model.id))
             .spawn({
@@ -146,6 +151,10 @@ impl Engine {
             })?;
         Ok(Self {
             inner: Arc::new(EngineInner {
+                grammars: constraint::GrammarCompiler::new(
+                    model.tokenizer.clone(),
+                    model.eos_token_ids.clone(),
+                ),
                 model,
                 jobs: Mutex::new(sender),
                 permits: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -156,6 +165,11 @@ impl Engine {
 
     pub fn model(&self) -> &LoadedModel {
         &self.inner.model
+    }
+
+    /// Compiles output grammars for this model (cached by their source).
+    pub fn grammars(&self) -> &constraint::GrammarCompiler {
+        &self.inner.grammars
     }
 
     pub fn stats(&self) -> &EngineStats {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::constraint::Constraint;
 use super::types::SamplingParams;
 
 /// Below this temperature, sampling is greedy.
@@ -46,8 +47,17 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits` (modified in place).
-    pub fn sample(&mut self, logits: &mut [f32], top_logprobs: Option<usize>) -> Sampled {
+    /// Picks the next token from `logits` (modified in place), with `bias` added to the logits (OpenAI's
+    /// `logit_bias`) and, with a grammar, among the tokens it allows: the
+    /// token is drawn first and checked; only a refused draw pays for the
+    /// full mask and is drawn again. Fails when the grammar allows nothing.
+    pub fn sample_steered(
+        &mut self,
+        logits: &mut [f32],
+        top_logprobs: Option<usize>,
+        bias: &[(u32, f32)],
+        constraint: Option<&mut Constraint>,
+    ) -> Result<Sampled, String> {
         let (logprob_of, top) = match top_logprobs {
             Some(k) => {
                 let lse = log_sum_exp(logits);
@@ -61,16 +71,34 @@ impl Sampler {
         };
         let raw = logprob_of.map(|_| logits.to_vec());
         self.apply_penalties(logits);
-        let id = if self.params.temperature < GREEDY_TEMPERATURE {
-            argmax(logits)
-        } else {
-            self.draw(logits)
-        };
+        for &(id, value) in bias {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit += value;
+            }
+        }
+        let mut id = self.pick(logits);
+        if let Some(constraint) = constraint
+            && !constraint.allows(id as u32)
+        {
+            metrics::counter!("qpai_grammar_masks_total").increment(1);
+            if !constraint.mask(logits)? {
+                return Err("the output grammar allows no further token".into());
+            }
+            id = self.pick(logits);
+        }
         *self.counts.entry(id as u32).or_default() += 1;
-        Sampled {
+        Ok(Sampled {
             id: id as u32,
             logprob: logprob_of.zip(raw).map(|(lse, raw)| raw[id] - lse),
             top,
+        })
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> usize {
+        if self.params.temperature < GREEDY_TEMPERATURE {
+            argmax(logits)
+        } else {
+            self.draw(logits)
         }
     }
 
@@ -165,6 +193,12 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
 mod tests {
     use super::*;
 
+    impl Sampler {
+        fn sample(&mut self, logits: &mut [f32], top_logprobs: Option<usize>) -> Sampled {
+            self.sample_steered(logits, top_logprobs, &[], None).unwrap()
+        }
+    }
+
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
             temperature,
@@ -229,5 +263,15 @@ mod tests {
         assert!((sampled.logprob.unwrap() - (2.0f32 / 3.0).ln()).abs() < 1e-6);
         assert_eq!(sampled.top[0].0, 1);
         assert!((sampled.top[1].1 - (1.0f32 / 3.0).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice() {
+        let mut sampler = Sampler::new(params(0.0), 0);
+        let mut logits = [2.0, 1.0, 0.0];
+        let sampled = sampler
+            .sample_steered(&mut logits, None, &[(0, -100.0), (2, 1.5)], None)
+            .unwrap();
+        assert_eq!(sampled.id, 2);
     }
 }

@@ -43,15 +43,22 @@ pub struct GenerationRequest {
     pub top_logprobs: Option<usize>,
     /// A LoRA adapter applied unmerged to this request only.
     pub adapter: Option<std::sync::Arc<crate::lora::UnmergedAdapter>>,
+    /// Added to the logits of these tokens before each draw (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// A grammar the output must match (each choice gets its own copy).
+    pub constraint: Option<super::constraint::Constraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.
     Stop,
     /// `max_tokens` or the context length reached.
     Length,
+    /// The answer is tool calls (set where the output is read as calls; the
+    /// engine itself ends with `Stop`).
+    ToolCalls,
 }
 
 /// One token and its log-probability under the model.

@@ -13,11 +13,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::constraint::Constraint;
 use super::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
 use super::sampling::{Sampled, Sampler};
 use super::types::{FinishReason, GenerationEvent, GenerationRequest, Logprobs, TokenLogprob};
 use super::{EngineConfig, EngineStats};
-use crate::models::{LoadedModel, SequenceModel};
+use super::step_model::StepModel;
+use crate::models::SequenceModel;
 
 /// A request on its way to the worker.
 pub(crate) struct Job {
@@ -33,8 +35,12 @@ struct Choice {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
+    /// The grammar this choice's output must match, fed each chosen token.
+    constraint: Option<Constraint>,
     generated: usize,
-    next_input: u32,
+    /// Tokens to feed in the next step: the sampled one, then any the
+    /// grammar forced after it.
+    next_input: Vec<u32>,
     finished: bool,
 }
 
@@ -59,13 +65,13 @@ impl Running {
 }
 
 pub(crate) struct Worker {
-    model: LoadedModel,
+    model: Arc<dyn StepModel>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
 }
 
 impl Worker {
-    pub fn new(model: LoadedModel, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
+    pub fn new(model: Arc<dyn StepModel>, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
         Self {
             model,
             config,
@@ -125,11 +131,11 @@ impl Worker {
         }
         let span = job.span.clone();
         let _enter = span.enter();
-        metrics::histogram!("qpai_request_queue_duration_seconds", "model" => self.model.id.clone())
+        metrics::histogram!("qpai_request_queue_duration_seconds", "model" => self.model.id().to_string())
             .record(job.enqueued_at.elapsed().as_secs_f64());
-        metrics::counter!("qpai_prompt_tokens_total", "model" => self.model.id.clone())
+        metrics::counter!("qpai_prompt_tokens_total", "model" => self.model.id().to_string())
             .increment(job.request.prompt_ids.len() as u64);
-        let mut request = match self.model.new_sequence_with(job.request.adapter.as_ref()) {
+        let mut request = match self.model.new_sequence(job.request.adapter.as_ref()) {
             Ok(sequence) => Running {
                 job,
                 prefill: Some(sequence),
@@ -169,7 +175,7 @@ impl Worker {
                 request.choices = self.first_tokens(&request.job, sequence, logits)?;
                 request.first_token_at = Instant::now();
                 request.tokens_sent = request.choices.len();
-                metrics::histogram!("qpai_time_to_first_token_seconds", "model" => self.model.id.clone())
+                metrics::histogram!("qpai_time_to_first_token_seconds", "model" => self.model.id().to_string())
                     .record((request.first_token_at - request.job.enqueued_at).as_secs_f64());
                 if request.finished() {
                     self.record_done(request);
@@ -207,20 +213,24 @@ impl Worker {
                 sampler: Sampler::new(request.sampling.clone(), index as u64),
                 decoder: IncrementalDecoder::default(),
                 stops: StopMatcher::new(request.stop.clone()),
+                constraint: request.constraint.clone(),
                 generated: 0,
-                next_input: 0,
+                next_input: Vec::new(),
                 finished: false,
             };
             let mut logits = logits.clone();
-            let sampled = choice.sampler.sample(&mut logits, request.top_logprobs);
-            self.accept(&mut choice, sampled, job);
+            sample(&mut choice, &mut logits, request)
+                .and_then(|sampled| self.accept(&mut choice, sampled, job))
+                .map_err(candle_core::Error::Msg)?;
             choices.push(choice);
         }
         Ok(choices)
     }
 
     /// One decode step for every unfinished choice of every running request,
-    /// batched into shared matmuls where the model supports it.
+    /// batched into shared matmuls where the model supports it. A choice
+    /// with several tokens to feed (tokens its grammar forced) is fed on its
+    /// own, all of them in one forward pass.
     fn step_all(&self, running: &mut [Running]) {
         for request in running.iter_mut() {
             if !request.finished() && request.job.events.is_closed() {
@@ -236,52 +246,74 @@ impl Worker {
         let mut owners = Vec::new();
         let mut tokens = Vec::new();
         let mut sequences: Vec<&mut Box<dyn SequenceModel>> = Vec::new();
+        let mut fed_alone = Vec::new();
         for (r, request) in running.iter_mut().enumerate() {
             for (c, choice) in request.choices.iter_mut().enumerate() {
-                if !choice.finished {
-                    owners.push((r, c));
-                    tokens.push(choice.next_input);
-                    sequences.push(&mut choice.sequence);
+                match choice.next_input.as_slice() {
+                    _ if choice.finished => {}
+                    [token] => {
+                        owners.push((r, c));
+                        tokens.push(*token);
+                        sequences.push(&mut choice.sequence);
+                    }
+                    _ => fed_alone.push((r, c)),
                 }
             }
         }
-        if owners.is_empty() {
+        if owners.is_empty() && fed_alone.is_empty() {
             return;
         }
-        let result = self.model.decode_batch(&mut sequences, &tokens);
-        drop(sequences);
-        match result {
-            Ok(all_logits) => {
-                for (&(r, c), mut logits) in owners.iter().zip(all_logits) {
+        let mut results: Vec<((usize, usize), candle_core::Result<Vec<f32>>)> = Vec::new();
+        if !owners.is_empty() {
+            let batched = self.model.decode_batch(&mut sequences, &tokens);
+            drop(sequences);
+            match batched {
+                Ok(all_logits) => results.extend(owners.iter().copied().zip(all_logits.into_iter().map(Ok))),
+                Err(error) => {
+                    tracing::error!(%error, "decode step failed");
+                    let message = error.to_string();
+                    results.extend(owners.iter().map(|&owner| {
+                        (owner, Err(candle_core::Error::Msg(message.clone())))
+                    }));
+                }
+            }
+        }
+        for &(r, c) in &fed_alone {
+            let choice = &mut running[r].choices[c];
+            let logits = choice.sequence.forward(&choice.next_input);
+            results.push(((r, c), logits));
+        }
+        let mut stepped = Vec::with_capacity(results.len());
+        for ((r, c), logits) in results {
+            stepped.push(r);
+            let request = &mut running[r];
+            if request.choices[c].finished {
+                // Another choice of this request failed in this step.
+                continue;
+            }
+            let outcome = match logits {
+                Ok(mut logits) => {
                     let Running {
                         job,
                         choices,
                         tokens_sent,
                         ..
-                    } = &mut running[r];
+                    } = &mut *request;
                     let _enter = job.span.enter();
                     let choice = &mut choices[c];
-                    let sampled = choice.sampler.sample(&mut logits, job.request.top_logprobs);
-                    self.accept(choice, sampled, job);
                     *tokens_sent += 1;
+                    sample(choice, &mut logits, &job.request)
+                        .and_then(|sampled| self.accept(choice, sampled, job))
                 }
-            }
-            Err(error) => {
-                tracing::error!(%error, "decode step failed");
-                for &(r, _) in &owners {
-                    let request = &mut running[r];
-                    if !request.finished() {
-                        let _ = request
-                            .job
-                            .events
-                            .send(GenerationEvent::Error(error.to_string()));
-                        request.choices.iter_mut().for_each(|c| c.finished = true);
-                    }
-                }
-                return;
+                Err(error) => Err(error.to_string()),
+            };
+            if let Err(message) = outcome {
+                tracing::error!(parent: &request.job.span, %message, "decode step failed");
+                let _ = request.job.events.send(GenerationEvent::Error(message));
+                request.stop();
             }
         }
-        let mut stepped: Vec<usize> = owners.iter().map(|&(r, _)| r).collect();
+        stepped.sort_unstable();
         stepped.dedup();
         for r in stepped {
             if running[r].finished() {
@@ -293,29 +325,68 @@ impl Worker {
     fn record_done(&self, request: &Running) {
         if request.tokens_sent > request.choices.len() {
             let decode_tokens = (request.tokens_sent - request.choices.len()) as f64;
-            metrics::histogram!("qpai_time_per_output_token_seconds", "model" => self.model.id.clone())
+            metrics::histogram!("qpai_time_per_output_token_seconds", "model" => self.model.id().to_string())
                 .record(request.first_token_at.elapsed().as_secs_f64() / decode_tokens);
         }
     }
 
-    /// Takes a sampled token: emits its text, checks stop conditions.
-    fn accept(&self, choice: &mut Choice, sampled: Sampled, job: &Job) {
-        metrics::counter!("qpai_generation_tokens_total", "model" => self.model.id.clone())
+    /// Takes a sampled token, then the tokens the choice's grammar forces
+    /// after it (no draw needed: they are fed to the model together in the
+    /// next step). Forced tokens are skipped when logprobs are asked for,
+    /// which they would not have.
+    fn accept(&self, choice: &mut Choice, sampled: Sampled, job: &Job) -> Result<(), String> {
+        choice.next_input.clear();
+        let is_eos = self.model.eos_token_ids().contains(&sampled.id);
+        let logprobs = (!is_eos).then(|| self.logprobs(&sampled)).flatten();
+        self.take_token(choice, sampled.id, logprobs, job)?;
+        if choice.finished || job.request.top_logprobs.is_some() {
+            return Ok(());
+        }
+        let forced = match choice.constraint.as_mut() {
+            Some(constraint) => constraint.forced_tokens(),
+            None => return Ok(()),
+        };
+        if !forced.is_empty() {
+            metrics::counter!("qpai_grammar_forced_tokens_total").increment(forced.len() as u64);
+        }
+        for id in forced {
+            if choice.finished {
+                break;
+            }
+            self.take_token(choice, id, None, job)?;
+        }
+        Ok(())
+    }
+
+    /// Takes one token into a choice's output: feeds it to the grammar,
+    /// emits its text, checks stop conditions (a complete grammar is one).
+    fn take_token(
+        &self,
+        choice: &mut Choice,
+        id: u32,
+        logprobs: Option<Logprobs>,
+        job: &Job,
+    ) -> Result<(), String> {
+        metrics::counter!("qpai_generation_tokens_total", "model" => self.model.id().to_string())
             .increment(1);
         choice.generated += 1;
-        choice.next_input = sampled.id;
-        let tokenizer = &self.model.tokenizer;
-        let is_eos = self.model.eos_token_ids.contains(&sampled.id);
+        choice.next_input.push(id);
+        let tokenizer = self.model.tokenizer();
+        let is_eos = self.model.eos_token_ids().contains(&id);
+        let mut grammar_done = false;
+        if let Some(constraint) = choice.constraint.as_mut()
+            && !is_eos
+        {
+            constraint.commit(id)?;
+            grammar_done = constraint.is_finished();
+        }
         let mut finish = None;
         let mut text;
         if is_eos {
             text = choice.stops.flush();
             finish = Some(FinishReason::Stop);
         } else {
-            let delta = choice
-                .decoder
-                .push(tokenizer, sampled.id)
-                .unwrap_or_default();
+            let delta = choice.decoder.push(tokenizer, id).unwrap_or_default();
             match choice.stops.push(&delta) {
                 StopCheck::Continue(t) => text = t,
                 StopCheck::Stopped(t) => {
@@ -323,14 +394,18 @@ impl Worker {
                     finish = Some(FinishReason::Stop);
                 }
             }
-            let context_full = choice.sequence.position() + 1 >= self.model.context_length;
+            let fed = choice.sequence.position() + choice.next_input.len();
+            let context_full = fed >= self.model.context_length();
+            if finish.is_none() && grammar_done {
+                text.push_str(&choice.stops.flush());
+                finish = Some(FinishReason::Stop);
+            }
             if finish.is_none() && (choice.generated >= job.request.max_new_tokens || context_full)
             {
                 text.push_str(&choice.stops.flush());
                 finish = Some(FinishReason::Length);
             }
         }
-        let logprobs = (!is_eos).then(|| self.logprobs(&sampled)).flatten();
         if !is_eos || !text.is_empty() {
             let _ = job.events.send(GenerationEvent::Token {
                 choice: choice.index,
@@ -346,6 +421,7 @@ impl Worker {
                 completion_tokens: choice.generated,
             });
         }
+        Ok(())
     }
 
     fn logprobs(&self, sampled: &Sampled) -> Option<Logprobs> {
@@ -353,7 +429,7 @@ impl Worker {
             id,
             text: self
                 .model
-                .tokenizer
+                .tokenizer()
                 .decode(&[id], false)
                 .unwrap_or_default(),
             logprob,
@@ -363,4 +439,18 @@ impl Worker {
             top: sampled.top.iter().map(|&(id, lp)| token(id, lp)).collect(),
         })
     }
+}
+
+/// Draws `choice`'s next token under its request's biases and grammar.
+fn sample(
+    choice: &mut Choice,
+    logits: &mut [f32],
+    request: &GenerationRequest,
+) -> Result<Sampled, String> {
+    choice.sampler.sample_steered(
+        logits,
+        request.top_logprobs,
+        &request.logit_bias,
+        choice.constraint.as_mut(),
+    )
 }

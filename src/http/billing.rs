@@ -20,7 +20,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::ledger::{Outcome, UsageRecord, UsageSource, now_ms};
 use crate::router::metering::{SseMeter, TokenUsage, usage_of};
 use crate::router::tokens::TokenCounter;
-use crate::router::{Prices, ProviderKind, Usd};
+use crate::money::Usd;
+use crate::router::{Prices, ProviderKind};
 use crate::tenancy::{Principal, Reservation, Tenancy};
 
 /// An answer's body as it comes: bytes, or what broke it off.
@@ -53,7 +54,10 @@ pub(super) fn usage_record(
     }
 }
 
-/// Everything needed to bill a request once its usage is known.
+/// Everything needed to bill a request once its usage is known. A bill
+/// dropped unsettled (the request failed after its budget was held: a full
+/// queue, an engine error, a client gone) still writes its one row, as an
+/// error that cost nothing.
 pub struct Bill {
     pub(super) tenancy: Option<Arc<Tenancy>>,
     pub(super) reservation: Option<Reservation>,
@@ -61,6 +65,16 @@ pub struct Bill {
     pub(super) prices: Prices,
     /// Counts produced text when no usage comes (None: nothing to count).
     pub(super) counter: Option<TokenCounter>,
+    /// The row is written.
+    pub(super) written: bool,
+}
+
+impl Drop for Bill {
+    fn drop(&mut self) {
+        if !self.written {
+            self.write(None, "", Outcome::Error);
+        }
+    }
 }
 
 impl Bill {
@@ -109,6 +123,7 @@ impl Bill {
             },
             prices,
             counter,
+            written: false,
         }))
     }
 
@@ -142,6 +157,10 @@ impl Bill {
 
     /// Writes the request's one usage row and settles its budget hold.
     fn settle(mut self, usage: Option<TokenUsage>, produced: &str, outcome: Outcome) -> Usd {
+        self.write(usage, produced, outcome)
+    }
+
+    fn write(&mut self, usage: Option<TokenUsage>, produced: &str, outcome: Outcome) -> Usd {
         let (prompt, completion, source) = match usage {
             Some((p, c)) => (p, c, UsageSource::Upstream),
             None if outcome == Outcome::Error => (0, 0, UsageSource::Counted),
@@ -152,6 +171,7 @@ impl Bill {
             ),
         };
         let cost = self.prices.cost(prompt, completion);
+        self.written = true;
         self.record.prompt_tokens = prompt;
         self.record.completion_tokens = completion;
         self.record.cost = cost;
@@ -160,8 +180,8 @@ impl Bill {
         if let Some(reservation) = self.reservation.take() {
             reservation.settle(cost);
         }
-        if let Some(tenancy) = self.tenancy {
-            tenancy.ledger.record(self.record);
+        if let Some(tenancy) = &self.tenancy {
+            tenancy.ledger.record(self.record.clone());
         }
         cost
     }

@@ -8,15 +8,18 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
+use super::chat_messages::LocalPrompt;
 use super::extract::{ApiBody, parse_json};
 use super::streaming::{ChunkFormat, collect, sse};
+use super::tool_calls::{ToolStream, answer_message};
 use super::wire::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Citation,
-    ContentPart, MessageContent, RagOptions, Role, TopLogprob, Usage,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, Citation, RagOptions,
+    TopLogprob, Usage,
 };
 use super::{AppState, submit_error, unix_now, validate};
-use crate::engine::{FinishReason, GenerationRequest, Logprobs, TokenLogprob};
+use crate::engine::constraint::{Constraint, ConstraintError, GrammarSpec};
+use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs, TokenLogprob};
 use crate::error::{ApiError, ApiResult};
 use crate::models::chat_template::TemplateError;
 use crate::models::{LoadedModel, ModelKind, TemplateMessage};
@@ -73,8 +76,26 @@ pub fn local_prompt_tokens(
     model: &LoadedModel,
     request: &ChatCompletionRequest,
 ) -> ApiResult<usize> {
-    validate::reject_unknown_fields(&request.other, "")?;
-    prompt_ids(model, &template_messages(&request.messages)?).map(|ids| ids.len())
+    prompt_ids(model, &LocalPrompt::read(request)?.messages).map(|ids| ids.len())
+}
+
+/// Compiles the answer's grammar for `engine`'s model (cached by source).
+async fn compile_grammar(
+    engine: &Engine,
+    spec: GrammarSpec,
+    param: &'static str,
+) -> ApiResult<Constraint> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || engine.grammars().compile(spec))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|error| match error {
+            ConstraintError::Invalid(message) => ApiError::invalid_param(
+                param,
+                format!("The requested output cannot be enforced: {message}"),
+            ),
+            ConstraintError::Unavailable(_) => ApiError::invalid_param(param, error.to_string()),
+        })
 }
 
 /// A chat completion on one of qpai's own models. A stream ends with a
@@ -86,11 +107,16 @@ pub async fn local_chat(
     request: ChatCompletionRequest,
     report_usage: bool,
 ) -> ApiResult<Response> {
-    validate::reject_unknown_fields(&request.other, "")?;
+    let prompt = LocalPrompt::read(&request)?;
+    let grammar_param = prompt.grammar_param();
+    let LocalPrompt {
+        mut messages,
+        calling,
+        grammar,
+    } = prompt;
     let (engine, adapter) = state.target(&principal, &request.model).await?;
     let model = engine.model();
     chat_template(model)?;
-    let mut messages = template_messages(&request.messages)?;
     let citations = match &request.rag {
         Some(options) => Some(ground(&state, &principal, options, &mut messages).await?),
         None => None,
@@ -130,6 +156,15 @@ pub async fn local_chat(
         ));
     }
     let n = validate::choice_count(fields.n)?;
+    let logit_bias = validate::logit_bias(
+        request.logit_bias.as_ref(),
+        model.tokenizer.get_vocab_size(true),
+    )?;
+    let constraint = match grammar {
+        Some(spec) => Some(compile_grammar(&engine, spec, grammar_param).await?),
+        None => None,
+    };
+    let tool_mode = calling.is_some();
     let generation = GenerationRequest {
         prompt_ids,
         max_new_tokens,
@@ -138,6 +173,8 @@ pub async fn local_chat(
         sampling,
         top_logprobs: logprobs.then_some(top_logprobs),
         adapter,
+        logit_bias,
+        constraint,
     };
     validate::log_caller(&fields);
     let prompt_tokens = generation.prompt_ids.len();
@@ -156,6 +193,7 @@ pub async fn local_chat(
             model: request.model.clone(),
             include_usage,
             citations,
+            tool_streams: tool_mode.then(|| (0..n).map(|_| ToolStream::default()).collect()),
         };
         let usage_chunk = include_usage || report_usage;
         return Ok(sse(format, events, n, prompt_tokens, usage_chunk).into_response());
@@ -165,15 +203,24 @@ pub async fn local_chat(
     let choices = outputs
         .into_iter()
         .enumerate()
-        .map(|(index, out)| ChatChoice {
-            index,
-            message: AssistantMessage {
-                role: "assistant",
-                content: out.text,
-                refusal: None,
-            },
-            logprobs: logprobs.then(|| chat_logprobs(&out.logprobs)),
-            finish_reason: out.finish_reason,
+        .map(|(index, out)| {
+            let (message, finish_reason) = if tool_mode {
+                answer_message(out.text, out.finish_reason)
+            } else {
+                let message = AssistantMessage {
+                    role: "assistant",
+                    content: Some(out.text),
+                    refusal: None,
+                    tool_calls: None,
+                };
+                (message, out.finish_reason)
+            };
+            ChatChoice {
+                index,
+                message,
+                logprobs: logprobs.then(|| chat_logprobs(&out.logprobs)),
+                finish_reason,
+            }
         })
         .collect();
     Ok(Json(ChatCompletion {
@@ -260,51 +307,6 @@ async fn ground(
         .collect())
 }
 
-/// Wire messages to template messages; refuses what qpai cannot render.
-fn template_messages(messages: &[ChatMessage]) -> ApiResult<Vec<TemplateMessage>> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid_param(
-            "messages",
-            "'messages' must contain at least one message.",
-        ));
-    }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, message)| {
-            if message.role == Role::Tool {
-                return Err(ApiError::unsupported_param(&format!("messages[{i}].role")));
-            }
-            validate::reject_unknown_fields(&message.other, &format!("messages[{i}]."))?;
-            let content = match &message.content {
-                None => {
-                    return Err(ApiError::invalid_param(
-                        format!("messages[{i}].content"),
-                        "A message needs 'content'.",
-                    ));
-                }
-                Some(MessageContent::Text(text)) => text.clone(),
-                Some(MessageContent::Parts(parts)) => parts
-                    .iter()
-                    .enumerate()
-                    .map(|(j, part)| match part {
-                        ContentPart::Text { text } => Ok(text.as_str()),
-                        _ => Err(ApiError::unsupported_param(&format!(
-                            "messages[{i}].content[{j}].type"
-                        ))),
-                    })
-                    .collect::<ApiResult<Vec<_>>>()?
-                    .join("\n"),
-            };
-            Ok(TemplateMessage {
-                role: message.role.template_name().to_string(),
-                content,
-                name: message.name.clone(),
-            })
-        })
-        .collect()
-}
-
 fn top_logprob(token: &TokenLogprob) -> TopLogprob {
     TopLogprob {
         token: token.text.clone(),
@@ -334,6 +336,8 @@ struct ChatChunks {
     model: String,
     include_usage: bool,
     citations: Option<Vec<Citation>>,
+    /// Per choice, in tool mode: the answer read as it streams.
+    tool_streams: Option<Vec<ToolStream>>,
 }
 
 impl ChatChunks {
@@ -362,6 +366,7 @@ impl ChunkFormat for ChatChunks {
                     delta: ChatDelta {
                         role: Some("assistant"),
                         content: Some(String::new()),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -376,21 +381,39 @@ impl ChunkFormat for ChatChunks {
         text: String,
         logprobs: Option<Logprobs>,
     ) -> Option<ChatCompletionChunk> {
-        if text.is_empty() && logprobs.is_none() {
+        let delta = match self.tool_streams.as_mut() {
+            Some(streams) => {
+                let delta = streams[choice].push(&text);
+                ChatDelta {
+                    role: None,
+                    content: delta.content,
+                    tool_calls: (!delta.tool_calls.is_empty()).then_some(delta.tool_calls),
+                }
+            }
+            None => ChatDelta {
+                role: None,
+                content: Some(text),
+                tool_calls: None,
+            },
+        };
+        let says_nothing = delta.content.as_ref().is_none_or(String::is_empty)
+            && delta.tool_calls.is_none();
+        if says_nothing && logprobs.is_none() {
             return None;
         }
         Some(self.chunk(vec![ChatChunkChoice {
             index: choice,
-            delta: ChatDelta {
-                role: None,
-                content: Some(text),
-            },
+            delta,
             logprobs: logprobs.map(|lp| chat_logprobs(std::slice::from_ref(&lp))),
             finish_reason: None,
         }]))
     }
 
     fn end(&mut self, choice: usize, finish_reason: FinishReason) -> ChatCompletionChunk {
+        let finish_reason = match &self.tool_streams {
+            Some(streams) => streams[choice].finish_reason(finish_reason),
+            None => finish_reason,
+        };
         let mut chunk = self.chunk(vec![ChatChunkChoice {
             index: choice,
             delta: ChatDelta::default(),

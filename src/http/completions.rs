@@ -73,6 +73,11 @@ pub async fn completions(
         sampling,
         top_logprobs,
         adapter,
+        logit_bias: validate::logit_bias(
+            request.logit_bias.as_ref(),
+            model.tokenizer.get_vocab_size(true),
+        )?,
+        constraint: None,
     };
     validate::log_caller(fields);
     let prompt_tokens = generation.prompt_ids.len();

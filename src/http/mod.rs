@@ -3,6 +3,7 @@
 mod adapters;
 mod billing;
 mod chat;
+mod chat_messages;
 mod completions;
 mod embeddings;
 pub mod extract;
@@ -14,6 +15,7 @@ mod usage;
 
 pub use usage::group_keys as usage_group_keys;
 mod streaming;
+mod tool_calls;
 pub mod validate;
 pub mod wire;
 

@@ -21,9 +21,10 @@ use crate::ledger::UsageRecord;
 use crate::router::metering::SseMeter;
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
+use crate::money::Usd;
 use crate::router::{
     Admission, Capability, Deployment, ModelRouter, Prices, ProviderKind, UpstreamError,
-    UpstreamResponse, Usd,
+    UpstreamResponse,
 };
 use crate::tenancy::{OverBudget, Principal, Tenancy};
 
@@ -155,6 +156,7 @@ pub async fn route_chat(
                         record,
                         prices: candidate.deployment.prices,
                         counter: Some(counter_for(&state, &candidate.deployment)),
+                        written: false,
                     };
                     let mut response = match answer {
                         Answer::Json(value) => bill.whole_answer(value),

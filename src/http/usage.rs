@@ -12,7 +12,7 @@ use serde_json::json;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::{GroupKey, UsageQuery};
-use crate::router::Usd;
+use crate::money::Usd;
 use crate::tenancy::Principal;
 
 #[derive(Debug, Deserialize)]

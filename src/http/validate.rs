@@ -13,17 +13,19 @@ use crate::error::{ApiError, ApiResult};
 pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// OpenAI's limits on `logit_bias`.
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
 
 /// OpenAI request fields this server knows but does not implement yet: each
 /// is refused by name rather than silently ignored.
-const KNOWN_UNSUPPORTED: [&str; 16] = [
+const KNOWN_UNSUPPORTED: [&str; 15] = [
     "tools",
     "tool_choice",
     "functions",
     "function_call",
     "parallel_tool_calls",
     "response_format",
-    "logit_bias",
     "audio",
     "modalities",
     "prediction",
@@ -189,6 +191,60 @@ pub fn max_new_tokens(
         }),
         Some(n) => Ok(n as usize),
     }
+}
+
+/// `logit_bias`: token ids (as strings, the JSON object's keys) to a bias
+/// from -100 to 100, added to the logits before sampling.
+pub fn logit_bias(value: Option<&Value>, vocab_size: usize) -> ApiResult<Vec<(u32, f32)>> {
+    const PARAM: &str = "logit_bias";
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let Some(entries) = value.as_object() else {
+        return Err(ApiError::invalid_param(
+            PARAM,
+            "'logit_bias' must be an object of token ids to biases.",
+        ));
+    };
+    if entries.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::invalid_param(
+            PARAM,
+            format!(
+                "'logit_bias' may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens; got {}.",
+                entries.len()
+            ),
+        ));
+    }
+    entries
+        .iter()
+        .map(|(key, bias)| {
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        PARAM,
+                        format!(
+                            "'logit_bias' names the token '{key}', which is not a token id of this model (0 to {}).",
+                            vocab_size.saturating_sub(1)
+                        ),
+                    )
+                })?;
+            let bias = bias
+                .as_f64()
+                .filter(|b| (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        PARAM,
+                        format!(
+                            "The bias of token {key} must be a number from -100 to 100, not {bias}."
+                        ),
+                    )
+                })?;
+            Ok((id, bias as f32))
+        })
+        .collect()
 }
 
 /// `user` and `metadata` are accepted and logged with the request.

@@ -132,6 +132,10 @@ pub struct ChatMessage {
     pub role: Role,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A tool turn: the call it answers.
+    pub tool_call_id: Option<String>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }
@@ -145,7 +149,54 @@ request_with_sampling! {
         pub logprobs: Option<bool>,
         pub top_logprobs: Option<i64>,
         pub rag: Option<RagOptions>,
+        /// Read by `structured::OutputFormat::parse` (errors name the inner field).
+        pub response_format: Option<Value>,
+        /// Read by `structured::ToolUse::parse`.
+        pub tools: Option<Value>,
+        pub tool_choice: Option<Value>,
+        pub parallel_tool_calls: Option<bool>,
+        /// Token id (as a string) to a bias from -100 to 100.
+        pub logit_bias: Option<Value>,
     }
+}
+
+/// A function call, in an assistant turn (request or answer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// A streamed piece of a call: its id, type and name first, then fragments
+/// of its arguments.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// `rag`: answer from a site's content, citing it.
@@ -185,6 +236,7 @@ request_with_sampling! {
         pub prompt: Prompt,
         pub logprobs: Option<i64>,
         pub echo: Option<bool>,
+        pub logit_bias: Option<Value>,
     }
 }
 
@@ -229,8 +281,11 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer is tool calls.
+    pub content: Option<String>,
     pub refusal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -261,6 +316,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

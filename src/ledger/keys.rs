@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::db::{DbError, Row, Value};
 use super::{Ledger, now_ms};
-use crate::router::Usd;
+use crate::money::Usd;
 
 /// What every key starts with (lets secret scanners find leaked ones).
 pub const KEY_PREFIX: &str = "qpai-";

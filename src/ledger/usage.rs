@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Ledger;
 use super::db::{Db, Statement, Value};
-use crate::router::Usd;
+use crate::money::Usd;
 
 /// Rows written in one transaction at most.
 const BATCH: usize = 256;

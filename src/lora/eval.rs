@@ -100,6 +100,8 @@ async fn generate(
         },
         top_logprobs: None,
         adapter,
+        logit_bias: Vec::new(),
+        constraint: None,
     };
     let mut events = engine.submit(request)?;
     let mut text = String::new();

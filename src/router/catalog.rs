@@ -34,7 +34,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use super::cost::{Prices, Usd};
+use super::cost::Prices;
+use crate::money::Usd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -16,7 +16,7 @@ pub mod upstream;
 use std::time::Duration;
 
 pub use catalog::{Capability, Deployment, ProviderKind, RouterCatalog};
-pub use cost::{Prices, Usd};
+pub use cost::Prices;
 pub use health::{Admission, BreakerConfig, Breakers};
 pub use upstream::{Timeouts, UpstreamError, UpstreamResponse, Upstreams};
 

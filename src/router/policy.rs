@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use super::catalog::{Capability, Deployment, RouterCatalog};
-use super::cost::Usd;
+use crate::money::Usd;
 
 /// The model name that lets the router choose.
 pub const AUTO: &str = "auto";

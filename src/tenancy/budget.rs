@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{Datelike, TimeZone, Utc};
 
 use crate::ledger::{DbError, Ledger, TenantRecord};
-use crate::router::Usd;
+use crate::money::Usd;
 
 /// How often a tenant's budget settings are re-read.
 const SETTINGS_TTL: Duration = Duration::from_secs(5);

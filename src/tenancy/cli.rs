@@ -3,7 +3,7 @@
 
 use crate::config::{GlobalArgs, KeysCommand, UsageArgs};
 use crate::ledger::{Ledger, NewKey, UsageQuery};
-use crate::router::Usd;
+use crate::money::Usd;
 
 pub async fn keys(command: KeysCommand, global: &GlobalArgs) -> anyhow::Result<()> {
     let ledger = Ledger::open(&global.database_url()).await?;

@@ -38,6 +38,20 @@ fn chat(extra: Value) -> Value {
     body
 }
 
+fn tool(name: &str) -> Value {
+    json!({"type": "function", "function": {"name": name,
+        "parameters": {"type": "object", "properties": {}}}})
+}
+
+/// An array schema whose items nest `depth` levels.
+fn deep_schema(depth: usize) -> Value {
+    let mut schema = json!({"type": "string"});
+    for _ in 0..depth {
+        schema = json!({"type": "array", "items": schema});
+    }
+    json!({"type": "object", "properties": {"x": schema}})
+}
+
 fn cases() -> Vec<Case> {
     const CHAT: &str = "/v1/chat/completions";
     const COMPLETIONS: &str = "/v1/completions";
@@ -228,11 +242,119 @@ fn cases() -> Vec<Case> {
             Some("stream_options"),
         ),
         case(
-            "unsupported tools",
+            "a tool without its function",
             CHAT,
             chat(json!({"tools": [{"type": "function"}]})),
             400,
+            Some("tools[0].function"),
+        ),
+        case(
+            "a response_format schema that is not an object",
+            CHAT,
+            chat(json!({"response_format": {"type": "json_schema",
+                "json_schema": {"name": "x", "schema": 5}}})),
+            400,
+            Some("response_format.json_schema.schema"),
+        ),
+        case(
+            "an unknown response_format type",
+            CHAT,
+            chat(json!({"response_format": {"type": "xml"}})),
+            400,
+            Some("response_format.type"),
+        ),
+        case(
+            "a json_schema without a name",
+            CHAT,
+            chat(json!({"response_format": {"type": "json_schema",
+                "json_schema": {"schema": {"type": "object"}}}})),
+            400,
+            Some("response_format.json_schema.name"),
+        ),
+        case(
+            "a strict schema with an unsupported keyword",
+            CHAT,
+            chat(json!({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "strict": true,
+                "schema": {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}}}})),
+            400,
+            Some("response_format"),
+        ),
+        case(
+            "a schema nested too deep",
+            CHAT,
+            chat(json!({"response_format": {"type": "json_schema",
+                "json_schema": {"name": "deep", "schema": deep_schema(40)}}})),
+            400,
+            Some("response_format"),
+        ),
+        case(
+            "a tool name outside the pattern",
+            CHAT,
+            chat(json!({"tools": [tool("bad name!")]})),
+            400,
+            Some("tools[0].function.name"),
+        ),
+        case(
+            "duplicate tool names",
+            CHAT,
+            chat(json!({"tools": [tool("f"), tool("f")]})),
+            400,
             Some("tools"),
+        ),
+        case(
+            "more than 128 tools",
+            CHAT,
+            chat(json!({"tools": (0..129).map(|i| tool(&format!("f{i}"))).collect::<Vec<_>>()})),
+            400,
+            Some("tools"),
+        ),
+        case(
+            "tool_choice naming a function not in tools",
+            CHAT,
+            chat(json!({"tools": [tool("f")],
+                "tool_choice": {"type": "function", "function": {"name": "g"}}})),
+            400,
+            Some("tool_choice"),
+        ),
+        case(
+            "tool_choice without tools",
+            CHAT,
+            chat(json!({"tool_choice": "required"})),
+            400,
+            Some("tool_choice"),
+        ),
+        case(
+            "a tool message answering no earlier call",
+            CHAT,
+            chat(json!({"messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                    "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}]})),
+            400,
+            Some("messages[2].tool_call_id"),
+        ),
+        case(
+            "logit_bias on a token outside the vocabulary",
+            CHAT,
+            chat(json!({"logit_bias": {"99999999": 5}})),
+            400,
+            Some("logit_bias"),
+        ),
+        case(
+            "logit_bias out of range",
+            CHAT,
+            chat(json!({"logit_bias": {"42": 150}})),
+            400,
+            Some("logit_bias"),
+        ),
+        case(
+            "more than 300 logit_bias entries",
+            CHAT,
+            chat(json!({"logit_bias": (0..301).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()})),
+            400,
+            Some("logit_bias"),
         ),
         case(
             "unknown parameter",

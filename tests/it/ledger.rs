@@ -4,7 +4,7 @@
 //! totals that equal the sum of the rows to the pico-dollar.
 
 use qpai::ledger::{GroupKey, Ledger, NewKey, Outcome, UsageQuery, UsageRecord, UsageSource};
-use qpai::router::Usd;
+use qpai::money::Usd;
 use rand::{Rng, SeedableRng};
 
 /// The PostgreSQL to test against; CI must have one.

@@ -23,4 +23,5 @@ mod reference;
 mod router;
 mod router_serve;
 mod router_upstream;
+mod structured;
 mod tokenizer;

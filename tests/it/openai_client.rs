@@ -44,6 +44,7 @@ fn official_python_client_against_qpai_serve() {
             "-p",
             "no:cacheprovider",
             "tests/python/test_openai_client.py",
+            "tests/python/test_structured_outputs.py",
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("QPAI_BASE_URL", format!("http://127.0.0.1:{port}/v1"))

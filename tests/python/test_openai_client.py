@@ -101,9 +101,9 @@ def test_unsupported_parameter_is_refused_by_name(client):
         client.chat.completions.create(
             model=MODEL,
             messages=MESSAGES,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            prediction={"type": "content", "content": "Paris"},
         )
-    assert err.value.param == "tools"
+    assert err.value.param == "prediction"
 
 
 def test_embeddings(client):
