@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod money;
 pub mod lora;
 pub mod models;
+pub mod prompts;
 pub mod rag;
 pub mod router;
 pub mod server;

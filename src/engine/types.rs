@@ -49,6 +49,26 @@ pub struct GenerationRequest {
     pub constraint: Option<super::constraint::Constraint>,
 }
 
+impl GenerationRequest {
+    /// One greedy completion of `prompt_ids`, nothing else asked.
+    pub fn greedy(prompt_ids: Vec<u32>, max_new_tokens: usize) -> Self {
+        Self {
+            prompt_ids,
+            max_new_tokens,
+            stop: Vec::new(),
+            n: 1,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            top_logprobs: None,
+            adapter: None,
+            logit_bias: Vec::new(),
+            constraint: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {

@@ -142,18 +142,8 @@ impl StepModel for FakeModel {
 
 fn request(max_new_tokens: usize, constraint: Option<Constraint>) -> GenerationRequest {
     GenerationRequest {
-        prompt_ids: vec![b'?' as u32],
-        max_new_tokens,
-        stop: Vec::new(),
-        n: 1,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        top_logprobs: None,
-        adapter: None,
-        logit_bias: Vec::new(),
         constraint,
+        ..GenerationRequest::greedy(vec![b'?' as u32], max_new_tokens)
     }
 }
 

@@ -189,16 +189,7 @@ impl Bill {
     /// A whole answer: billed now, its cost in the headers.
     pub(super) fn whole_answer(self, value: Value) -> Response {
         let usage = usage_of(&value);
-        let text: String = value
-            .get("choices")
-            .and_then(Value::as_array)
-            .map(|choices| {
-                choices
-                    .iter()
-                    .filter_map(|c| c.pointer("/message/content").and_then(Value::as_str))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let text = answer_text(&value);
         let cost = self.settle(usage, &text, Outcome::Ok);
         let mut response = axum::Json(value).into_response();
         if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
@@ -206,6 +197,26 @@ impl Bill {
         }
         response
     }
+}
+
+/// The text a whole answer produced: every choice's content and calls.
+fn answer_text(value: &Value) -> String {
+    let mut text = String::new();
+    let choices = value.get("choices").and_then(Value::as_array);
+    for choice in choices.into_iter().flatten() {
+        if let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) {
+            text.push_str(content);
+        }
+        let calls = choice.pointer("/message/tool_calls").and_then(Value::as_array);
+        for call in calls.into_iter().flatten() {
+            for part in ["/function/name", "/function/arguments"] {
+                if let Some(piece) = call.pointer(part).and_then(Value::as_str) {
+                    text.push_str(piece);
+                }
+            }
+        }
+    }
+    text
 }
 
 /// Passes a stream on event by event and bills it when it ends, breaks or

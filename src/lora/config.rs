@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::adapter::Projection;
+use super::projection::Projection;
 
 /// Target modules as PEFT names them: a list of names, or one regex.
 #[derive(Debug, Clone, Deserialize)]

@@ -16,7 +16,7 @@ use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{EvalAdapterArgs, GlobalArgs};
-use crate::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
+use crate::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest};
 use crate::models::{LoadedModel, TemplateMessage, load_model};
 
 #[derive(Debug, Deserialize)]
@@ -90,18 +90,8 @@ async fn generate(
     adapter: Option<Arc<UnmergedAdapter>>,
 ) -> anyhow::Result<(String, usize)> {
     let request = GenerationRequest {
-        prompt_ids: ids,
-        max_new_tokens: max_tokens,
-        stop: Vec::new(),
-        n: 1,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        top_logprobs: None,
         adapter,
-        logit_bias: Vec::new(),
-        constraint: None,
+        ..GenerationRequest::greedy(ids, max_tokens)
     };
     let mut events = engine.submit(request)?;
     let mut text = String::new();

@@ -8,7 +8,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-use super::adapter::{Adapter, Projection};
+use super::adapter::Adapter;
+use super::projection::Projection;
 use super::unmerged::{HeadLayout, gguf_row_source};
 
 /// `scale * B A` (`[out, in]`, f32) for one projection, rows in GGUF order

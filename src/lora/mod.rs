@@ -9,9 +9,11 @@ pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod merge;
+pub mod projection;
 pub mod registry;
 pub mod unmerged;
 
-pub use adapter::{Adapter, LoraFactors, Projection};
+pub use adapter::{Adapter, LoraFactors};
+pub use projection::Projection;
 pub use config::AdapterConfig;
 pub use unmerged::{HeadLayout, UnmergedAdapter};

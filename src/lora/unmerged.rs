@@ -8,7 +8,8 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::adapter::{Adapter, Projection};
+use super::adapter::Adapter;
+use super::projection::Projection;
 
 /// Rows (tokens) with an adapter below which the deltas are computed on
 /// the calling thread.

@@ -30,7 +30,7 @@ impl LlamaWeights {
         let file_config: LlamaConfig = serde_json::from_str(&config_text)
             .map_err(|e| anyhow::anyhow!("config.json is not a llama config: {e}"))?;
         let config = file_config.into_config(false);
-        let vb = super::loader::checkpoint_vars(dir, dtype, device, merge)?;
+        let vb = super::checkpoint::checkpoint_vars(dir, dtype, device, merge)?;
         // candle's loader unwraps a missing tensor inside; turn that into an error.
         let model =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Llama::load(vb, &config)))

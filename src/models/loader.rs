@@ -9,7 +9,6 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use candle_transformers::models::quantized_llama;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -21,7 +20,6 @@ use super::llama_gguf::LlamaGgufWeights;
 use super::qwen2::Qwen2Weights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
 use crate::lora::Adapter;
-use crate::lora::merge::MergingBackend;
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,38 +229,6 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         context_length,
         weights,
         device: options.device.clone(),
-    })
-}
-
-/// Memory-maps every `*.safetensors` file of a checkpoint directory, with
-/// `merge`'s adapter merged into the projections it targets.
-pub(super) fn checkpoint_vars(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-    merge: Option<&Arc<Adapter>>,
-) -> anyhow::Result<VarBuilder<'static>> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    anyhow::ensure!(
-        !files.is_empty(),
-        "no .safetensors files in {}",
-        dir.display()
-    );
-    // SAFETY: the files are memory-mapped read-only; qpai never writes them
-    // while serving, and a model directory changed underneath a running
-    // server is outside what any mmap-based loader can defend against.
-    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
-    Ok(match merge {
-        Some(adapter) => VarBuilder::from_backend(
-            Box::new(MergingBackend::new(tensors, adapter.clone()).map_err(anyhow::Error::msg)?),
-            dtype,
-            device.clone(),
-        ),
-        None => VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()),
     })
 }
 

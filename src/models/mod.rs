@@ -2,6 +2,7 @@
 //! forward pass the engine drives. One file per architecture family.
 
 pub mod chat_template;
+pub mod checkpoint;
 pub mod embedding;
 pub mod gemma3;
 pub mod gguf_tokenizer;

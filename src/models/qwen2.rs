@@ -28,7 +28,7 @@ impl Qwen2Weights {
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
         let config: Config = serde_json::from_value(normalize_config(raw))
             .map_err(|e| anyhow::anyhow!("config.json is not a Qwen2 config: {e}"))?;
-        let vb = super::loader::checkpoint_vars(dir, dtype, device, merge)?;
+        let vb = super::checkpoint::checkpoint_vars(dir, dtype, device, merge)?;
         let model = ModelForCausalLM::new(&config, vb)?;
         Ok(Self {
             model,

@@ -1,7 +1,7 @@
 //! The grounded-answer prompt: retrieved chunks, numbered, then the
 //! question, rendered from a versioned template in `prompts/`.
 
-use minijinja::{Environment, context};
+use minijinja::context;
 use serde::Serialize;
 
 use super::SearchHit;
@@ -19,13 +19,6 @@ struct PromptSource<'a> {
 
 /// The user turn that replaces the question: sources, instructions, question.
 pub fn render(question: &str, sources: &[SearchHit]) -> Result<String, minijinja::Error> {
-    let mut env = Environment::new();
-    env.set_syntax(
-        minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .build()?,
-    );
-    env.add_template(TEMPLATE_NAME, TEMPLATE)?;
     let sources: Vec<PromptSource<'_>> = sources
         .iter()
         .map(|s| PromptSource {
@@ -37,8 +30,11 @@ pub fn render(question: &str, sources: &[SearchHit]) -> Result<String, minijinja
                 .map_or(s.text.as_str(), |(_, body)| body),
         })
         .collect();
-    env.get_template(TEMPLATE_NAME)?
-        .render(context! { question, sources => minijinja::value::Serde(&sources) })
+    crate::prompts::render(
+        TEMPLATE_NAME,
+        TEMPLATE,
+        context! { question, sources => minijinja::value::Serde(&sources) },
+    )
 }
 
 #[cfg(test)]

@@ -119,6 +119,15 @@ impl SseMeter {
                 if let Some(content) = content.and_then(Value::as_str) {
                     self.text.push_str(content);
                 }
+                // Tool calls: their names and argument fragments are output too.
+                let calls = choice.pointer("/delta/tool_calls").and_then(Value::as_array);
+                for call in calls.into_iter().flatten() {
+                    for part in ["/function/name", "/function/arguments"] {
+                        if let Some(text) = call.pointer(part).and_then(Value::as_str) {
+                            self.text.push_str(text);
+                        }
+                    }
+                }
             }
         }
         let Some(usage) = usage_of(&chunk) else {
@@ -200,5 +209,14 @@ mod tests {
             (meter.usage, meter.text.as_str(), meter.done),
             (None, "Hello", false)
         );
+    }
+
+    #[test]
+    fn tool_call_deltas_count_as_output() {
+        let stream = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]}}]}\n\n\
+            data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\": 1}\"}}]}}]}\n\n";
+        let mut meter = SseMeter::new(true, None);
+        meter.feed(stream.as_bytes());
+        assert_eq!(meter.text, "f{\"a\": 1}");
     }
 }

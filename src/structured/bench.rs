@@ -16,9 +16,7 @@ use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{BenchStructuredArgs, GlobalArgs};
 use crate::engine::constraint::{Constraint, GrammarSpec};
-use crate::engine::{
-    Engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams,
-};
+use crate::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest};
 use crate::models::{TemplateMessage, load_model};
 
 #[derive(Debug, Serialize)]
@@ -93,18 +91,8 @@ async fn decode(
     constraint: Option<Constraint>,
 ) -> anyhow::Result<(usize, f64)> {
     let mut events = engine.submit(GenerationRequest {
-        prompt_ids: prompt_ids.to_vec(),
-        max_new_tokens,
-        stop: Vec::new(),
-        n: 1,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        top_logprobs: None,
-        adapter: None,
-        logit_bias: Vec::new(),
         constraint,
+        ..GenerationRequest::greedy(prompt_ids.to_vec(), max_new_tokens)
     })?;
     let mut first_token: Option<Instant> = None;
     loop {

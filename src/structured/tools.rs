@@ -6,7 +6,7 @@
 //! where each call names a given function and its arguments validate
 //! against that function's parameters.
 
-use minijinja::{Environment, context};
+use minijinja::context;
 use serde_json::{Value, json};
 
 use super::{layout_json, schema, valid_name};
@@ -140,19 +140,16 @@ impl ToolUse {
             ToolChoice::Function(name) => ("function", Some(name.as_str())),
             _ => ("required", None),
         };
-        let mut env = Environment::new();
-        env.set_syntax(
-            minijinja::syntax::SyntaxConfig::builder()
-                .trim_blocks(true)
-                .build()?,
-        );
-        env.add_template(TEMPLATE_NAME, TEMPLATE)?;
-        env.get_template(TEMPLATE_NAME)?.render(context! {
-            tools => listed,
-            choice,
-            forced,
-            parallel => self.parallel,
-        })
+        crate::prompts::render(
+            TEMPLATE_NAME,
+            TEMPLATE,
+            context! {
+                tools => listed,
+                choice,
+                forced,
+                parallel => self.parallel,
+            },
+        )
     }
 
     /// The grammar of the answer; None when calls are not allowed.

@@ -981,3 +981,33 @@ async fn spend_recorded_by_another_process_counts_within_seconds() {
     tokio::time::sleep(Duration::from_millis(5100)).await;
     assert_eq!(ask(&b).await.status, StatusCode::PAYMENT_REQUIRED);
 }
+
+#[tokio::test]
+async fn a_request_refused_after_its_budget_hold_still_writes_its_row() {
+    let r = router_app().await;
+    // The model's engine with room for one request at a time.
+    let narrow = EngineConfig {
+        max_running: 1,
+        max_in_flight: 1,
+        ..EngineConfig::default()
+    };
+    r.state
+        .add_engine(Engine::start(chat_model().clone(), narrow).unwrap());
+    let body = json!({"model": CHAT_MODEL, "prompt": "Bread is", "max_tokens": 200,
+        "temperature": 0, "stream": true});
+    let request = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    // Holds the engine's one place while its body is not read.
+    let occupying = r.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(occupying.status(), StatusCode::OK);
+    let mut refused = body.clone();
+    refused["stream"] = json!(false);
+    let answer = call(&r.app, "POST", "/v1/completions", None, Some(refused)).await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    drop(occupying);
+    let rows = rows(&r.ledger, "default").await;
+    // The stream cut by its client and the refused request: one row each.
+    assert_eq!(rows.iter().map(|r| r.requests).sum::<u64>(), 2, "{rows:?}");
+}
