@@ -136,6 +136,9 @@ pub struct ChatMessage {
     pub tool_calls: Option<Vec<ToolCall>>,
     /// A tool turn: the call it answers.
     pub tool_call_id: Option<String>,
+    /// An assistant turn's refusal, as answers carry it (accepted, not shown
+    /// to the model).
+    pub refusal: Option<String>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }

@@ -47,7 +47,7 @@ impl EmbeddingModel {
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
                 .context("config.json is not a BERT config")?;
         let dimensions = config.hidden_size;
-        let vb = super::loader::checkpoint_vars(dir, DType::F32, device, None)?;
+        let vb = super::checkpoint::checkpoint_vars(dir, DType::F32, device, None)?;
         let model = BertModel::load(vb, &config)?;
         let backend = Backend::Candle {
             model: Box::new(model),

@@ -143,11 +143,11 @@ fn cases() -> Vec<Case> {
             Some("messages[0].content[0].type"),
         ),
         case(
-            "tool role",
+            "a tool message before any call",
             CHAT,
             chat(json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]})),
             400,
-            Some("messages[0].role"),
+            Some("messages[0].tool_call_id"),
         ),
         case(
             "unknown model",
