@@ -116,7 +116,7 @@ impl OutputFormat {
                 lenient: false,
             }),
             Self::JsonSchema { schema, strict, .. } => Some(GrammarSpec::JsonSchema {
-                schema: schema.clone(),
+                schema: schema::bounded(schema),
                 lenient: !strict,
             }),
         }

@@ -74,6 +74,46 @@ pub const FORMATS: [&str; 10] = [
     "uri",
 ];
 
+/// Fraction digits allowed in `date-time` and `time` strings. The formats
+/// allow any number; a small model can repeat digits until `max_tokens`.
+pub const MAX_FRACTION_DIGITS: usize = 9;
+
+/// The schema as the grammar enforces it: `date-time` and `time` strings
+/// without a pattern of their own get one bounding their fraction of a
+/// second to nanoseconds (still valid for the format, and sure to end).
+/// Literal values (`const`, `enum`, `default`, `examples`) are left alone.
+pub fn bounded(schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    bound(&mut schema);
+    schema
+}
+
+fn bound(value: &mut Value) {
+    match value {
+        Value::Object(object) => {
+            let timed = matches!(
+                object.get("format").and_then(Value::as_str),
+                Some("date-time" | "time")
+            );
+            if timed && !object.contains_key("pattern") {
+                object.insert(
+                    "pattern".into(),
+                    Value::String(format!(
+                        "^[^.]*(\\.[0-9]{{1,{MAX_FRACTION_DIGITS}}}[^0-9][^.]*)?$"
+                    )),
+                );
+            }
+            for (key, child) in object.iter_mut() {
+                if !matches!(key.as_str(), "const" | "enum" | "default" | "examples") {
+                    bound(child);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound),
+        _ => {}
+    }
+}
+
 /// What is wrong with a schema, and where (a JSON pointer from its root).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchemaProblem {
@@ -240,6 +280,22 @@ mod tests {
         assert_eq!(error.path, "#/properties/a~1b");
         assert_eq!(error.keyword, "contains");
         assert_eq!(check(&schema, false), Ok(()));
+    }
+
+    #[test]
+    fn time_fractions_are_bounded_and_literals_kept() {
+        let schema = json!({"type": "object", "properties": {
+            "at": {"type": "string", "format": "date-time"},
+            "own": {"type": "string", "format": "time", "pattern": "^1"},
+            "format": {"const": {"format": "time"}}}});
+        let bounded = bounded(&schema);
+        let pattern = bounded["properties"]["at"]["pattern"].as_str().unwrap();
+        let rx = regex::Regex::new(pattern).unwrap();
+        assert!(rx.is_match("2026-12-03T10:00:00.123456789Z"));
+        assert!(rx.is_match("2026-12-03T10:00:00Z"));
+        assert!(!rx.is_match("2026-12-03T10:00:00.1234567890Z"));
+        assert_eq!(bounded["properties"]["own"]["pattern"], "^1");
+        assert_eq!(bounded["properties"]["format"], schema["properties"]["format"]);
     }
 
     #[test]

@@ -193,7 +193,7 @@ impl ToolUse {
         let alternatives: Vec<String> = callable.iter().map(|(i, _)| format!("call_{i}")).collect();
         lark.push_str(&format!("call: {}\n", alternatives.join(" | ")));
         for (i, tool) in callable {
-            let mut parameters = tool.parameters.clone();
+            let mut parameters = schema::bounded(&tool.parameters);
             let mut options = json_layout();
             options["lenient"] = Value::Bool(!tool.strict);
             parameters["x-guidance"] = options;

@@ -14,8 +14,12 @@ const CHAT: &str = "/v1/chat/completions";
 
 /// The schema corpus: (file name, case).
 fn corpus() -> Vec<(String, Value)> {
-    let dir = fixtures_dir().join("schemas");
-    let mut cases: Vec<(String, Value)> = std::fs::read_dir(&dir)
+    cases_in(&fixtures_dir().join("schemas"))
+}
+
+/// The cases of one corpus folder, by file name.
+fn cases_in(dir: &std::path::Path) -> Vec<(String, Value)> {
+    let mut cases: Vec<(String, Value)> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -44,7 +48,11 @@ async fn every_corpus_schema_compiles_and_the_cache_returns_it() {
     let (_app, engine) = app();
     let cases = corpus();
     assert!(cases.len() >= 30, "the corpus has {} schemas", cases.len());
-    for (file, case) in &cases {
+    // Recursive schemas are enforced too; they are kept out of the answered
+    // corpus because a small model may nest them until max_tokens.
+    let recursive = cases_in(&fixtures_dir().join("schemas").join("recursive"));
+    assert_eq!(recursive.len(), 2);
+    for (file, case) in cases.iter().chain(&recursive) {
         let spec = GrammarSpec::JsonSchema {
             schema: case["schema"].clone(),
             lenient: !case["strict"].as_bool().unwrap_or(false),
@@ -211,4 +219,27 @@ async fn logit_bias_bans_and_forces_tokens() {
         text(&answer),
         model.tokenizer.decode(&[forced, forced, forced], true).unwrap()
     );
+}
+
+#[tokio::test]
+async fn a_recursive_schema_is_enforced_to_the_last_token() {
+    let (app, _engine) = app();
+    let cases = cases_in(&fixtures_dir().join("schemas").join("recursive"));
+    for (file, case) in &cases {
+        let (status, answer) = send_json(&app, post_json(CHAT, &schema_request(case, 150))).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let choice = &answer["choices"][0];
+        let text = choice["message"]["content"].as_str().unwrap();
+        match serde_json::from_str::<Value>(text) {
+            Ok(value) => {
+                assert_eq!(choice["finish_reason"], "stop", "{file}: {text}");
+                assert!(value.is_object(), "{file}: {text}");
+            }
+            // Cut by max_tokens: what came is the start of a JSON document.
+            Err(error) => {
+                assert_eq!(choice["finish_reason"], "length", "{file}: {text}");
+                assert!(error.is_eof(), "{file}: {error}: {text}");
+            }
+        }
+    }
 }

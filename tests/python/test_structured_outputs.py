@@ -26,7 +26,7 @@ ADAPTER = f"{MODEL}:house-style"
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "schemas"
 CORPUS = [json.loads(path.read_text()) for path in sorted(SCHEMA_DIR.glob("*.json"))]
 BY_NAME = {entry["name"]: entry for entry in CORPUS}
-CORPUS_MAX_TOKENS = 600
+CORPUS_MAX_TOKENS = 1000
 # The server batches up to 8 sequences.
 WORKERS = 8
 
@@ -506,12 +506,14 @@ def test_a_negative_logit_bias_bans_the_end_tokens(client):
             model=MODEL, prompt=[token_id], max_tokens=1, temperature=0, echo=True
         ).choices[0].text
         assert echoed.startswith(name), (token_id, echoed)
-    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=200, temperature=0)
+    # A question the model answers briefly and ends by itself.
+    question = user("What is 2+2?")
+    plain = client.chat.completions.create(model=MODEL, messages=question, max_tokens=200, temperature=0)
     assert plain.choices[0].finish_reason == "stop", plain.choices[0].message.content
     limit = plain.usage.completion_tokens + 10
     banned = client.chat.completions.create(
         model=MODEL,
-        messages=MESSAGES,
+        messages=question,
         max_tokens=limit,
         temperature=0,
         logit_bias={str(token_id): -100 for token_id in END_TOKENS},
