@@ -46,7 +46,11 @@ impl GrammarSpec {
         let mut hasher = Sha256::new();
         match self {
             GrammarSpec::JsonSchema { schema, lenient } => {
-                hasher.update(if *lenient { b"json-lenient" } else { b"json-strict_" });
+                hasher.update(if *lenient {
+                    b"json-lenient"
+                } else {
+                    b"json-strict_"
+                });
                 hasher.update(schema.to_string().as_bytes());
             }
             GrammarSpec::Lark(source) => {
@@ -120,7 +124,12 @@ impl GrammarCompiler {
     /// A fresh constraint for `spec`, compiled or taken from the cache.
     pub fn compile(&self, spec: GrammarSpec) -> Result<Constraint, ConstraintError> {
         let key = spec.cache_key();
-        if let Some(matcher) = self.cache.lock().ok().and_then(|c| c.compiled.get(&key).cloned()) {
+        if let Some(matcher) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.compiled.get(&key).cloned())
+        {
             metrics::counter!("qpai_grammar_cache_hits_total").increment(1);
             return Ok(Constraint { matcher });
         }
@@ -133,8 +142,7 @@ impl GrammarCompiler {
         if let Some(error) = matcher.get_error() {
             return Err(ConstraintError::Invalid(error));
         }
-        metrics::histogram!("qpai_grammar_compile_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("qpai_grammar_compile_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(mut cache) = self.cache.lock() {
             if cache.order.len() >= CACHED_GRAMMARS
                 && let Some(oldest) = cache.order.pop_front()

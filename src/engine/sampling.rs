@@ -195,7 +195,8 @@ mod tests {
 
     impl Sampler {
         fn sample(&mut self, logits: &mut [f32], top_logprobs: Option<usize>) -> Sampled {
-            self.sample_steered(logits, top_logprobs, &[], None).unwrap()
+            self.sample_steered(logits, top_logprobs, &[], None)
+                .unwrap()
         }
     }
 

@@ -16,10 +16,15 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::constraint::Constraint;
 use super::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
 use super::sampling::{Sampled, Sampler};
+use super::step_model::StepModel;
 use super::types::{FinishReason, GenerationEvent, GenerationRequest, Logprobs, TokenLogprob};
 use super::{EngineConfig, EngineStats};
-use super::step_model::StepModel;
 use crate::models::SequenceModel;
+
+/// A choice's place in the running list: (request, choice).
+type Place = (usize, usize);
+/// Next-token scores over the vocabulary.
+type Logits = Vec<f32>;
 
 /// A request on its way to the worker.
 pub(crate) struct Job {
@@ -263,18 +268,22 @@ impl Worker {
         if owners.is_empty() && fed_alone.is_empty() {
             return;
         }
-        let mut results: Vec<((usize, usize), candle_core::Result<Vec<f32>>)> = Vec::new();
+        let mut results: Vec<(Place, candle_core::Result<Logits>)> = Vec::new();
         if !owners.is_empty() {
             let batched = self.model.decode_batch(&mut sequences, &tokens);
             drop(sequences);
             match batched {
-                Ok(all_logits) => results.extend(owners.iter().copied().zip(all_logits.into_iter().map(Ok))),
+                Ok(all_logits) => {
+                    results.extend(owners.iter().copied().zip(all_logits.into_iter().map(Ok)))
+                }
                 Err(error) => {
                     tracing::error!(%error, "decode step failed");
                     let message = error.to_string();
-                    results.extend(owners.iter().map(|&owner| {
-                        (owner, Err(candle_core::Error::Msg(message.clone())))
-                    }));
+                    results.extend(
+                        owners
+                            .iter()
+                            .map(|&owner| (owner, Err(candle_core::Error::Msg(message.clone())))),
+                    );
                 }
             }
         }

@@ -231,11 +231,20 @@ fn a_grammar_overrides_the_model_and_ends_the_answer() {
     let (text, finish) = &outcomes[0][0];
     assert_eq!(*finish, FinishReason::Stop, "{text}");
     let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert!(value["title"].as_str().is_some_and(|t| t.len() <= 6), "{text}");
+    assert!(
+        value["title"].as_str().is_some_and(|t| t.len() <= 6),
+        "{text}"
+    );
     // An integer (serde_json reads "-0" as a float).
-    assert!(value["count"].as_f64().is_some_and(|n| n.fract() == 0.0), "{text}");
+    assert!(
+        value["count"].as_f64().is_some_and(|n| n.fract() == 0.0),
+        "{text}"
+    );
     assert!(!text.contains('.'), "{text}");
-    assert!(text.starts_with("{\"title\": \""), "the fixed layout: {text}");
+    assert!(
+        text.starts_with("{\"title\": \""),
+        "the fixed layout: {text}"
+    );
     // The keys and separators were forced, and fed to the model together.
     assert!(widest_feed > 1, "widest feed {widest_feed}");
 }

@@ -18,9 +18,9 @@ use serde_json::Value;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::{Outcome, UsageRecord, UsageSource, now_ms};
+use crate::money::Usd;
 use crate::router::metering::{SseMeter, TokenUsage, usage_of};
 use crate::router::tokens::TokenCounter;
-use crate::money::Usd;
 use crate::router::{Prices, ProviderKind};
 use crate::tenancy::{Principal, Reservation, Tenancy};
 
@@ -207,7 +207,9 @@ fn answer_text(value: &Value) -> String {
         if let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) {
             text.push_str(content);
         }
-        let calls = choice.pointer("/message/tool_calls").and_then(Value::as_array);
+        let calls = choice
+            .pointer("/message/tool_calls")
+            .and_then(Value::as_array);
         for call in calls.into_iter().flatten() {
             for part in ["/function/name", "/function/arguments"] {
                 if let Some(piece) = call.pointer(part).and_then(Value::as_str) {

@@ -396,8 +396,8 @@ impl ChunkFormat for ChatChunks {
                 tool_calls: None,
             },
         };
-        let says_nothing = delta.content.as_ref().is_none_or(String::is_empty)
-            && delta.tool_calls.is_none();
+        let says_nothing =
+            delta.content.as_ref().is_none_or(String::is_empty) && delta.tool_calls.is_none();
         if says_nothing && logprobs.is_none() {
             return None;
         }

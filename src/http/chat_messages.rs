@@ -76,7 +76,10 @@ fn template_messages(
         validate::reject_unknown_fields(&message.other, &format!("messages[{i}]."))?;
         let text = message_text(i, message)?;
         let content_required = || {
-            ApiError::invalid_param(format!("messages[{i}].content"), "A message needs 'content'.")
+            ApiError::invalid_param(
+                format!("messages[{i}].content"),
+                "A message needs 'content'.",
+            )
         };
         if message.tool_calls.is_some() && message.role != Role::Assistant {
             return Err(ApiError::invalid_param(
@@ -92,7 +95,9 @@ fn template_messages(
             let Some((_, name)) = calls.iter().find(|(call, _)| call == id) else {
                 return Err(ApiError::invalid_param(
                     param,
-                    format!("The tool_call_id '{id}' matches no call of an earlier assistant message."),
+                    format!(
+                        "The tool_call_id '{id}' matches no call of an earlier assistant message."
+                    ),
                 ));
             };
             let turn = tool_result_turn(name, id, &text.ok_or_else(content_required)?);
@@ -113,10 +118,7 @@ fn template_messages(
         after_tool_result = false;
         let content = match message.tool_calls.as_deref() {
             Some(made) if !made.is_empty() => {
-                calls.extend(
-                    made.iter()
-                        .map(|c| (c.id.clone(), c.function.name.clone())),
-                );
+                calls.extend(made.iter().map(|c| (c.id.clone(), c.function.name.clone())));
                 let made: Vec<(String, String)> = made
                     .iter()
                     .map(|c| (c.function.name.clone(), c.function.arguments.clone()))

@@ -18,10 +18,10 @@ use super::chat::{local_chat, local_prompt_tokens};
 use super::wire::ChatCompletionRequest;
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::UsageRecord;
+use crate::money::Usd;
 use crate::router::metering::SseMeter;
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
-use crate::money::Usd;
 use crate::router::{
     Admission, Capability, Deployment, ModelRouter, Prices, ProviderKind, UpstreamError,
     UpstreamResponse,

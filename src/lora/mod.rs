@@ -14,6 +14,6 @@ pub mod registry;
 pub mod unmerged;
 
 pub use adapter::{Adapter, LoraFactors};
-pub use projection::Projection;
 pub use config::AdapterConfig;
+pub use projection::Projection;
 pub use unmerged::{HeadLayout, UnmergedAdapter};

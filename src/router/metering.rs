@@ -120,7 +120,9 @@ impl SseMeter {
                     self.text.push_str(content);
                 }
                 // Tool calls: their names and argument fragments are output too.
-                let calls = choice.pointer("/delta/tool_calls").and_then(Value::as_array);
+                let calls = choice
+                    .pointer("/delta/tool_calls")
+                    .and_then(Value::as_array);
                 for call in calls.into_iter().flatten() {
                     for part in ["/function/name", "/function/arguments"] {
                         if let Some(text) = call.pointer(part).and_then(Value::as_str) {

@@ -35,14 +35,22 @@ pub fn layout_json(value: &Value) -> String {
             writer: &mut W,
             first: bool,
         ) -> std::io::Result<()> {
-            if first { Ok(()) } else { writer.write_all(b", ") }
+            if first {
+                Ok(())
+            } else {
+                writer.write_all(b", ")
+            }
         }
         fn begin_object_key<W: ?Sized + std::io::Write>(
             &mut self,
             writer: &mut W,
             first: bool,
         ) -> std::io::Result<()> {
-            if first { Ok(()) } else { writer.write_all(b", ") }
+            if first {
+                Ok(())
+            } else {
+                writer.write_all(b", ")
+            }
         }
         fn begin_object_value<W: ?Sized + std::io::Write>(
             &mut self,

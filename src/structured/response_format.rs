@@ -141,7 +141,10 @@ mod tests {
         let format = OutputFormat::parse(Some(&json!({"type": "json_schema", "json_schema": {
             "name": "faq", "strict": true, "schema": {"type": "object"}}})))
         .unwrap();
-        assert!(matches!(format, OutputFormat::JsonSchema { strict: true, .. }));
+        assert!(matches!(
+            format,
+            OutputFormat::JsonSchema { strict: true, .. }
+        ));
         assert!(matches!(
             format.grammar(),
             Some(GrammarSpec::JsonSchema { lenient: false, .. })
@@ -151,7 +154,10 @@ mod tests {
     #[test]
     fn bad_formats_name_the_field() {
         assert_eq!(param(json!("json")).as_deref(), Some("response_format"));
-        assert_eq!(param(json!({"type": "xml"})).as_deref(), Some("response_format.type"));
+        assert_eq!(
+            param(json!({"type": "xml"})).as_deref(),
+            Some("response_format.type")
+        );
         assert_eq!(
             param(json!({"type": "json_schema", "json_schema": {"schema": {}}})).as_deref(),
             Some("response_format.json_schema.name")

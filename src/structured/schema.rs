@@ -124,7 +124,11 @@ pub struct SchemaProblem {
 
 impl std::fmt::Display for SchemaProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let path = if self.path.is_empty() { "#" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "#"
+        } else {
+            &self.path
+        };
         write!(f, "at {path}, '{}': {}", self.keyword, self.message)
     }
 }
@@ -163,7 +167,13 @@ impl Walker {
         let object = match schema {
             Value::Bool(_) => return Ok(()),
             Value::Object(object) => object,
-            _ => return Err(problem(path, "schema", "a schema must be an object or a boolean")),
+            _ => {
+                return Err(problem(
+                    path,
+                    "schema",
+                    "a schema must be an object or a boolean",
+                ));
+            }
         };
         for (keyword, value) in object {
             let here = format!("{path}/{}", pointer_part(keyword));
@@ -188,7 +198,11 @@ impl Walker {
                 }
                 "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
                     let Some(list) = value.as_array().filter(|l| !l.is_empty()) else {
-                        return Err(problem(path, keyword, "must be a non-empty array of schemas"));
+                        return Err(problem(
+                            path,
+                            keyword,
+                            "must be a non-empty array of schemas",
+                        ));
                     };
                     for (i, sub) in list.iter().enumerate() {
                         self.schema(sub, &format!("{here}/{i}"), depth + 1)?;
@@ -215,12 +229,15 @@ impl Walker {
                     }
                 }
                 "required" => {
-                    if !value.as_array().is_some_and(|l| l.iter().all(Value::is_string)) {
+                    if !value
+                        .as_array()
+                        .is_some_and(|l| l.iter().all(Value::is_string))
+                    {
                         return Err(problem(path, keyword, "must be an array of strings"));
                     }
                 }
                 "enum" => {
-                    if !value.as_array().is_some_and(|l| !l.is_empty()) {
+                    if value.as_array().is_none_or(|l| l.is_empty()) {
                         return Err(problem(path, keyword, "must be a non-empty array"));
                     }
                 }
@@ -295,7 +312,10 @@ mod tests {
         assert!(rx.is_match("2026-12-03T10:00:00Z"));
         assert!(!rx.is_match("2026-12-03T10:00:00.1234567890Z"));
         assert_eq!(bounded["properties"]["own"]["pattern"], "^1");
-        assert_eq!(bounded["properties"]["format"], schema["properties"]["format"]);
+        assert_eq!(
+            bounded["properties"]["format"],
+            schema["properties"]["format"]
+        );
     }
 
     #[test]

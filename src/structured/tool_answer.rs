@@ -146,7 +146,9 @@ fn unescape_prefix(body: &str) -> String {
                         }
                         let scalar = match pending_high.take() {
                             Some(high) if (0xDC00..0xE000).contains(&unit) => {
-                                0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00)
+                                0x10000
+                                    + ((u32::from(high) - 0xD800) << 10)
+                                    + (u32::from(unit) - 0xDC00)
                             }
                             _ => u32::from(unit),
                         };

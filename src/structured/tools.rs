@@ -369,14 +369,23 @@ mod tests {
     #[test]
     fn bad_tools_name_the_field() {
         let bad_name = json!([{"type": "function", "function": {"name": "bad name!"}}]);
-        assert_eq!(param(bad_name, None).as_deref(), Some("tools[0].function.name"));
-        assert_eq!(param(json!([weather(), weather()]), None).as_deref(), Some("tools"));
+        assert_eq!(
+            param(bad_name, None).as_deref(),
+            Some("tools[0].function.name")
+        );
+        assert_eq!(
+            param(json!([weather(), weather()]), None).as_deref(),
+            Some("tools")
+        );
         let many: Vec<Value> = (0..129)
             .map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}}))
             .collect();
         assert_eq!(param(Value::Array(many), None).as_deref(), Some("tools"));
         let unknown = json!({"type": "function", "function": {"name": "nope"}});
-        assert_eq!(param(json!([weather()]), Some(unknown)).as_deref(), Some("tool_choice"));
+        assert_eq!(
+            param(json!([weather()]), Some(unknown)).as_deref(),
+            Some("tool_choice")
+        );
         let error = ToolUse::parse(None, Some(&json!("auto")), None).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("tool_choice"));
     }

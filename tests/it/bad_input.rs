@@ -274,9 +274,11 @@ fn cases() -> Vec<Case> {
         case(
             "a strict schema with an unsupported keyword",
             CHAT,
-            chat(json!({"response_format": {"type": "json_schema", "json_schema": {
+            chat(
+                json!({"response_format": {"type": "json_schema", "json_schema": {
                 "name": "x", "strict": true,
-                "schema": {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}}}})),
+                "schema": {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}}}}),
+            ),
             400,
             Some("response_format"),
         ),
@@ -352,7 +354,9 @@ fn cases() -> Vec<Case> {
         case(
             "more than 300 logit_bias entries",
             CHAT,
-            chat(json!({"logit_bias": (0..301).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()})),
+            chat(
+                json!({"logit_bias": (0..301).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()}),
+            ),
             400,
             Some("logit_bias"),
         ),

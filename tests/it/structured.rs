@@ -100,10 +100,15 @@ async fn constrained_and_free_sequences_share_a_batch_without_changing_either() 
     let text = together.0["message"]["content"].as_str().unwrap();
     let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
     for key in case["schema"]["required"].as_array().unwrap() {
-        assert!(value.get(key.as_str().unwrap()).is_some(), "{key} in {text}");
+        assert!(
+            value.get(key.as_str().unwrap()).is_some(),
+            "{key} in {text}"
+        );
     }
     // The free answer is not bound to JSON.
-    assert!(serde_json::from_str::<Value>(together.1["message"]["content"].as_str().unwrap()).is_err());
+    assert!(
+        serde_json::from_str::<Value>(together.1["message"]["content"].as_str().unwrap()).is_err()
+    );
 }
 
 #[tokio::test]
@@ -161,10 +166,18 @@ async fn a_required_tool_call_comes_whole_and_streamed() {
     let mut finish = None;
     for chunk in &chunks {
         let choice = &chunk["choices"][0];
-        for delta in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+        for delta in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             assert_eq!(delta["index"], 0, "{chunk}");
             if let Some(n) = delta["function"]["name"].as_str() {
-                assert!(delta["id"].as_str().is_some_and(|id| id.starts_with("call_")));
+                assert!(
+                    delta["id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("call_"))
+                );
                 name = Some(n.to_string());
             }
             streamed_arguments.push_str(delta["function"]["arguments"].as_str().unwrap());
@@ -174,7 +187,10 @@ async fn a_required_tool_call_comes_whole_and_streamed() {
         }
     }
     assert_eq!(name.as_deref(), Some("get_weather"));
-    assert_eq!(streamed_arguments, call["function"]["arguments"].as_str().unwrap());
+    assert_eq!(
+        streamed_arguments,
+        call["function"]["arguments"].as_str().unwrap()
+    );
     assert_eq!(finish.as_deref(), Some("tool_calls"));
 
     // The result goes back and the model answers in text.
@@ -187,15 +203,27 @@ async fn a_required_tool_call_comes_whole_and_streamed() {
     ]);
     let (status, answer) = send_json(&app, post_json(CHAT, &follow_up)).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    assert!(answer["choices"][0]["message"]["tool_calls"].is_null(), "{answer}");
-    assert!(answer["choices"][0]["message"]["content"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        answer["choices"][0]["message"]["tool_calls"].is_null(),
+        "{answer}"
+    );
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+    );
 }
 
 #[tokio::test]
 async fn logit_bias_bans_and_forces_tokens() {
     let (app, _engine) = app();
     let model = chat_model();
-    let text = |answer: &Value| answer["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let text = |answer: &Value| {
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     let mut body = chat_body("Name a colour.", 3);
     let (_, plain) = send_json(&app, post_json(CHAT, &body)).await;
     let first = model
@@ -212,12 +240,18 @@ async fn logit_bias_bans_and_forces_tokens() {
         .unwrap()
         .get_ids()[0];
     assert_ne!(banned_first, first, "{} vs {}", text(&plain), text(&banned));
-    let forced = model.tokenizer.token_to_id("Ġthe").expect("a token of the vocabulary");
+    let forced = model
+        .tokenizer
+        .token_to_id("Ġthe")
+        .expect("a token of the vocabulary");
     body["logit_bias"] = json!({forced.to_string(): 100});
     let (_, answer) = send_json(&app, post_json(CHAT, &body)).await;
     assert_eq!(
         text(&answer),
-        model.tokenizer.decode(&[forced, forced, forced], true).unwrap()
+        model
+            .tokenizer
+            .decode(&[forced, forced, forced], true)
+            .unwrap()
     );
 }
 
