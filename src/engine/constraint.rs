@@ -131,7 +131,10 @@ impl GrammarCompiler {
             .and_then(|c| c.compiled.get(&key).cloned())
         {
             metrics::counter!("qpai_grammar_cache_hits_total").increment(1);
-            return Ok(Constraint { matcher });
+            return Ok(Constraint {
+                matcher,
+                forcing: true,
+            });
         }
         let factory = self.factory()?;
         let started = std::time::Instant::now();
@@ -152,7 +155,10 @@ impl GrammarCompiler {
             cache.order.push_back(key);
             cache.compiled.insert(key, matcher.clone());
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint {
+            matcher,
+            forcing: true,
+        })
     }
 }
 
@@ -182,6 +188,8 @@ fn build_factory(tokenizer: &Tokenizer, eos_token_ids: &[u32]) -> Result<ParserF
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// Whether forced tokens are taken without a draw.
+    forcing: bool,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -224,7 +232,18 @@ impl Constraint {
 
     /// Tokens the grammar forces next, whatever the model would say.
     pub fn forced_tokens(&mut self) -> Vec<u32> {
-        self.matcher.compute_ff_tokens()
+        if self.forcing {
+            self.matcher.compute_ff_tokens()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The same grammar with every token drawn, forced or not (to measure
+    /// what forcing saves).
+    pub fn without_forced_tokens(mut self) -> Self {
+        self.forcing = false;
+        self
     }
 }
 

@@ -297,3 +297,15 @@ fn logit_bias_moves_the_choice_in_the_worker() {
     // Without its favourite the model takes the lowest id: byte 0.
     assert_eq!(outcomes[0][0].0, "\0\0\0");
 }
+
+#[test]
+fn forced_tokens_save_draws_but_change_nothing() {
+    let forced = run(vec![request(100, Some(schema_constraint(object_schema())))]);
+    let drawn = run(vec![request(
+        100,
+        Some(schema_constraint(object_schema()).without_forced_tokens()),
+    )]);
+    assert_eq!(forced.0, drawn.0);
+    assert!(forced.1 > 1);
+    assert_eq!(drawn.1, 1, "every token fed on its own");
+}

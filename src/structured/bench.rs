@@ -30,6 +30,10 @@ pub struct StructuredBenchResult {
     pub unconstrained_tokens_per_s: f64,
     /// constrained / unconstrained (median of the per-run ratios).
     pub ratio: f64,
+    /// The same with forced tokens drawn one by one like the others: the
+    /// cost of the grammar alone.
+    pub drawn_tokens_per_s: f64,
+    pub drawn_ratio: f64,
     /// First compile of each schema (median over the corpus).
     pub compile_ms_median: f64,
     /// Tokens decoded per run in each mode.
@@ -132,26 +136,41 @@ pub async fn run(args: BenchStructuredArgs, global: &GlobalArgs) -> anyhow::Resu
         compile_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     let (mut constrained, mut free, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut drawn, mut drawn_ratios) = (Vec::new(), Vec::new());
     let mut tokens_per_run = 0;
     // One warm-up run, then the measured ones.
     for run in 0..=args.runs.max(1) {
         let (mut tokens, mut with_s, mut without_s, mut free_tokens) = (0, 0.0, 0.0, 0);
+        let (mut drawn_tokens, mut drawn_s) = (0, 0.0);
         for case in &cases {
             let constraint = engine.grammars().compile(case.spec.clone())?;
             let (n, seconds) =
                 decode(&engine, &case.prompt_ids, args.max_tokens, Some(constraint)).await?;
             tokens += n;
             with_s += seconds;
+            let constraint = engine.grammars().compile(case.spec.clone())?;
+            let (k, seconds) = decode(
+                &engine,
+                &case.prompt_ids,
+                args.max_tokens,
+                Some(constraint.without_forced_tokens()),
+            )
+            .await?;
+            drawn_tokens += k;
+            drawn_s += seconds;
             let (m, seconds) = decode(&engine, &case.prompt_ids, n + 1, None).await?;
             free_tokens += m;
             without_s += seconds;
         }
         if run > 0 {
             let with_rate = tokens as f64 / with_s;
+            let drawn_rate = drawn_tokens as f64 / drawn_s;
             let without_rate = free_tokens as f64 / without_s;
             constrained.push(with_rate);
+            drawn.push(drawn_rate);
             free.push(without_rate);
             ratios.push(with_rate / without_rate);
+            drawn_ratios.push(drawn_rate / without_rate);
             tokens_per_run = tokens;
         }
     }
@@ -163,18 +182,23 @@ pub async fn run(args: BenchStructuredArgs, global: &GlobalArgs) -> anyhow::Resu
         constrained_tokens_per_s: median(constrained),
         unconstrained_tokens_per_s: median(free),
         ratio: median(ratios),
+        drawn_tokens_per_s: median(drawn),
+        drawn_ratio: median(drawn_ratios),
         compile_ms_median: median(compile_ms),
         tokens_per_run,
     };
     println!(
-        "{}: {} schemas, {} threads, median of {} runs\n| mode | decode tok/s |\n|---|---|\n| json_schema | {:.1} |\n| none | {:.1} |\nratio {:.3}; grammar compile {:.1} ms (median, first compile)",
+        "{}: {} schemas, {} threads, {} tokens a run, median of {} runs\n| mode | decode tok/s | vs none |\n|---|---|---|\n| json_schema (forced tokens fed together) | {:.1} | {:.3} |\n| json_schema (every token drawn) | {:.1} | {:.3} |\n| none | {:.1} | 1 |\ngrammar compile {:.1} ms (median, first compile)",
         result.model,
         result.schemas,
         result.threads,
+        result.tokens_per_run,
         result.runs,
         result.constrained_tokens_per_s,
-        result.unconstrained_tokens_per_s,
         result.ratio,
+        result.drawn_tokens_per_s,
+        result.drawn_ratio,
+        result.unconstrained_tokens_per_s,
         result.compile_ms_median
     );
     if let Some(path) = &args.json {
