@@ -47,10 +47,11 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits` (modified in place), with `bias` added to the logits (OpenAI's
-    /// `logit_bias`) and, with a grammar, among the tokens it allows: the
-    /// token is drawn first and checked; only a refused draw pays for the
-    /// full mask and is drawn again. Fails when the grammar allows nothing.
+    /// Picks the next token from `logits` (modified in place), with `bias`
+    /// added to the logits (OpenAI's `logit_bias`) and, with a grammar, among
+    /// the tokens it allows: the token is drawn first and checked; only a
+    /// refused draw pays for the full mask and is drawn again. Fails when the
+    /// grammar allows nothing.
     pub fn sample_steered(
         &mut self,
         logits: &mut [f32],

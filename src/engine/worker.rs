@@ -268,7 +268,8 @@ impl Worker {
         if owners.is_empty() && fed_alone.is_empty() {
             return;
         }
-        let mut results: Vec<(Place, candle_core::Result<Logits>)> = Vec::new();
+        // Each choice's logits, or why its step failed.
+        let mut results: Vec<(Place, Result<Logits, String>)> = Vec::new();
         if !owners.is_empty() {
             let batched = self.model.decode_batch(&mut sequences, &tokens);
             drop(sequences);
@@ -277,20 +278,15 @@ impl Worker {
                     results.extend(owners.iter().copied().zip(all_logits.into_iter().map(Ok)))
                 }
                 Err(error) => {
-                    tracing::error!(%error, "decode step failed");
                     let message = error.to_string();
-                    results.extend(
-                        owners
-                            .iter()
-                            .map(|&owner| (owner, Err(candle_core::Error::Msg(message.clone())))),
-                    );
+                    results.extend(owners.iter().map(|&owner| (owner, Err(message.clone()))));
                 }
             }
         }
         for &(r, c) in &fed_alone {
             let choice = &mut running[r].choices[c];
             let logits = choice.sequence.forward(&choice.next_input);
-            results.push(((r, c), logits));
+            results.push(((r, c), logits.map_err(|e| e.to_string())));
         }
         let mut stepped = Vec::with_capacity(results.len());
         for ((r, c), logits) in results {
@@ -314,7 +310,7 @@ impl Worker {
                     sample(choice, &mut logits, &job.request)
                         .and_then(|sampled| self.accept(choice, sampled, job))
                 }
-                Err(error) => Err(error.to_string()),
+                Err(message) => Err(message),
             };
             if let Err(message) = outcome {
                 tracing::error!(parent: &request.job.span, %message, "decode step failed");

@@ -18,6 +18,7 @@ use crate::config::{BenchStructuredArgs, GlobalArgs};
 use crate::engine::constraint::{Constraint, GrammarSpec};
 use crate::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest};
 use crate::models::{TemplateMessage, load_model};
+use crate::structured::OutputFormat;
 
 #[derive(Debug, Serialize)]
 pub struct StructuredBenchResult {
@@ -77,10 +78,13 @@ fn load_cases(dir: &Path, engine: &Engine, limit: usize) -> anyhow::Result<Vec<C
                 .map_err(anyhow::Error::msg)?
                 .get_ids()
                 .to_vec();
-            let spec = GrammarSpec::JsonSchema {
-                schema: case["schema"].clone(),
-                lenient: !case["strict"].as_bool().unwrap_or(false),
-            };
+            // The grammar a request with this schema gets.
+            let format = serde_json::json!({"type": "json_schema", "json_schema": {
+                "name": case["name"], "strict": case["strict"], "schema": case["schema"]}});
+            let spec = OutputFormat::parse(Some(&format))
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message))?
+                .grammar()
+                .ok_or_else(|| anyhow::anyhow!("{}: no schema", path.display()))?;
             Ok(Case { prompt_ids, spec })
         })
         .collect()

@@ -6,7 +6,7 @@
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use qpai::engine::constraint::GrammarSpec;
+use qpai::structured::OutputFormat;
 
 use crate::common::*;
 
@@ -53,12 +53,12 @@ async fn every_corpus_schema_compiles_and_the_cache_returns_it() {
     let recursive = cases_in(&fixtures_dir().join("schemas").join("recursive"));
     assert_eq!(recursive.len(), 2);
     for (file, case) in cases.iter().chain(&recursive) {
-        let spec = GrammarSpec::JsonSchema {
-            schema: case["schema"].clone(),
-            lenient: !case["strict"].as_bool().unwrap_or(false),
-        };
-        qpai::structured::schema::check(&case["schema"], case["strict"] == true)
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        // Checked and compiled as a request's response_format is.
+        let format = schema_request(case, 1)["response_format"].clone();
+        let spec = OutputFormat::parse(Some(&format))
+            .unwrap_or_else(|e| panic!("{file}: {}", e.message))
+            .grammar()
+            .unwrap();
         engine
             .grammars()
             .compile(spec.clone())
