@@ -1,10 +1,9 @@
-//! Errors at the HTTP edge: every failure a client sees is the OpenAI error
-//! envelope `{"error": {"message", "type", "param", "code"}}` with the right
-//! status. Internal details are logged, never sent.
+//! The OpenAI error: every failure a caller sees (an HTTP client, a batch
+//! line, an eval case) is the envelope `{"error": {"message", "type",
+//! "param", "code"}}` with its status code. Internal details are logged,
+//! never sent. Transports write it their own way (http/ as a response).
 
-use axum::Json;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+pub use http::StatusCode;
 use serde::Serialize;
 
 /// An error answered to an API client.
@@ -201,18 +200,6 @@ impl ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.status)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.to_json())).into_response();
-        if let Some(seconds) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, seconds.into());
-        }
-        response
     }
 }
 

@@ -1,5 +1,5 @@
 //! qpai: the AI engine of Quantum-Page AI. Local inference with candle behind
-//! an OpenAI-compatible HTTP API.
+//! an OpenAI-compatible HTTP API; every request goes through the gateway.
 
 pub mod bench;
 pub mod catalog;
@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod ledger;
 pub mod lora;
@@ -22,10 +23,11 @@ pub mod tenancy;
 
 use std::sync::Arc;
 
-pub use http::{AppState, EmbeddingSlot, HttpConfig};
+pub use gateway::{EmbeddingSlot, Gateway};
+pub use http::HttpConfig;
 
-/// The HTTP application over `state` (tests drive it in-process).
-pub fn app(state: Arc<AppState>) -> axum::Router {
+/// The HTTP application over `gateway` (tests drive it in-process).
+pub fn app(gateway: Arc<Gateway>, config: HttpConfig) -> axum::Router {
     telemetry::metrics_handle();
-    http::router(state)
+    http::router(gateway, config)
 }

@@ -14,7 +14,8 @@ use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::{load_embedding_model, resolve};
 use crate::config::{GlobalArgs, LoraArg, ServeArgs};
 use crate::engine::{Engine, EngineConfig};
-use crate::http::{AppState, EmbeddingSlot, HttpConfig};
+use crate::gateway::{EmbeddingSlot, Gateway, LocalModels};
+use crate::http::HttpConfig;
 use crate::lora::Adapter;
 use crate::lora::registry::{AdapterLimits, AdapterRegistry, AdapterSpec, Origin};
 use crate::models::load_model;
@@ -40,28 +41,14 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         max_resident: args.max_adapters.max(1),
         max_bytes: args.max_adapter_memory_mb.saturating_mul(1 << 20),
     };
-    let state = AppState::with_adapters(
-        HttpConfig {
-            max_body_bytes: args.max_body_bytes,
-        },
-        AdapterRegistry::new(&adapter_dirs, limits),
-    );
-    state.expect_models(
-        args.models
-            .iter()
-            .filter_map(|m| catalog.get(m).map(|e| e.id.clone())),
-    );
-    if args.merge {
-        state.expect_models(loras.iter().map(|l| l.name.clone()));
-    }
+    let mut builder = Gateway::builder().adapters(AdapterRegistry::new(&adapter_dirs, limits));
     if !args.embedding_model.is_empty() {
-        state.set_embedding_model(embedding_slot(&args.embedding_model, &catalog, &store));
+        builder = builder.embedding(embedding_slot(&args.embedding_model, &catalog, &store));
     }
     let rag_uri = global.rag_uri();
     let rag_store = crate::rag::Store::open(&rag_uri)
         .await
         .with_context(|| format!("opening the site store {rag_uri}"))?;
-    state.set_rag_store(rag_store);
     let database = global.database_url();
     let ledger = crate::ledger::Ledger::open(&database)
         .await
@@ -72,21 +59,35 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         keys_required = tenancy.auth_required(),
         "ledger open"
     );
-    state.set_tenancy(tenancy);
-    state.set_model_router(model_router(&args)?);
+    let gateway = builder
+        .rag_store(rag_store)
+        .tenancy(tenancy)
+        .router(model_router(&args)?)
+        .build()?;
+    gateway.models.expect(
+        args.models
+            .iter()
+            .filter_map(|m| catalog.get(m).map(|e| e.id.clone())),
+    );
+    if args.merge {
+        gateway.models.expect(loras.iter().map(|l| l.name.clone()));
+    }
+    let config = HttpConfig {
+        max_body_bytes: args.max_body_bytes,
+    };
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, data_dir = %global.data_dir().display(), "listening");
     let loading = tokio::task::spawn_blocking({
-        let state = state.clone();
+        let gateway = gateway.clone();
         let engine_config = EngineConfig {
             max_running: args.max_running,
             max_in_flight: args.max_in_flight,
             prefill_chunk: args.prefill_chunk,
         };
-        move || load_all(&args, &loras, &catalog, &store, &state, engine_config)
+        move || load_all(&args, &loras, &catalog, &store, &gateway.models, engine_config)
     });
     // A model that fails to load stops the server with that error.
     let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
@@ -109,7 +110,7 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let app = crate::app(state);
+    let app = crate::app(gateway, config);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! {
@@ -186,7 +187,7 @@ fn load_all(
     loras: &[LoraArg],
     catalog: &Catalog,
     store: &ModelStore,
-    state: &Arc<AppState>,
+    models: &LocalModels,
     engine_config: EngineConfig,
 ) -> anyhow::Result<()> {
     let mut bases = Vec::new();
@@ -202,16 +203,16 @@ fn load_all(
         let (model, resolved) = match loaded {
             Ok(loaded) => loaded,
             Err(error) => {
-                state.forget_model(spec);
+                models.forget(spec);
                 return Err(error.context(format!("loading model `{spec}`")));
             }
         };
         bases.push((model.id.clone(), resolved));
-        state.add_engine(Engine::start(model, engine_config)?);
+        models.add(Engine::start(model, engine_config)?);
     }
     for entry in catalog.adapters() {
         if bases.iter().any(|(id, _)| *id == entry.base) {
-            state.adapters.register(AdapterSpec {
+            models.adapters.register(AdapterSpec {
                 name: entry.id.clone(),
                 base: entry.base.clone(),
                 path: catalog.adapter_path(entry),
@@ -241,7 +242,7 @@ fn load_all(
             let mut model = load_model(&resolved.source, &options)
                 .map_err(|e| e.context(format!("merging --lora {} into {base}", lora.name)))?;
             model.parent = Some(base.clone());
-            state.add_engine(Engine::start(model, engine_config)?);
+            models.add(Engine::start(model, engine_config)?);
             tracing::info!(adapter = %lora.name, %base, "adapter merged");
         } else {
             let spec = AdapterSpec {
@@ -251,8 +252,8 @@ fn load_all(
                 origin: Origin::CommandLine,
                 owner: None,
             };
-            let engine = state.engine(base).map_err(|e| anyhow::anyhow!(e.message))?;
-            state.adapters.register_and_load(spec, engine.model())?;
+            let engine = models.engine(base).map_err(|e| anyhow::anyhow!(e.message))?;
+            models.adapters.register_and_load(spec, engine.model())?;
         }
     }
     Ok(())

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::extract::ApiJson;
-use super::{AppState, adapter_error};
+use super::AppState;
+use crate::gateway::adapter_error;
 use crate::error::{ApiError, ApiResult};
 use crate::lora::registry::{AdapterSpec, AdapterStatus, Origin, check_name};
 use crate::tenancy::Principal;
@@ -53,6 +54,8 @@ pub async fn list_adapters(
     Extension(principal): Caller,
 ) -> Json<serde_json::Value> {
     let data: Vec<_> = state
+        .gateway
+        .models
         .adapters
         .list()
         .into_iter()
@@ -67,6 +70,8 @@ pub async fn get_adapter(
     Path(name): Path<String>,
 ) -> ApiResult<Json<AdapterStatus>> {
     state
+        .gateway
+        .models
         .adapters
         .status(&name)
         .filter(|a| visible(&principal, a))
@@ -81,7 +86,7 @@ pub async fn load_adapter(
     ApiJson(body): ApiJson<LoadAdapter>,
 ) -> ApiResult<(StatusCode, Json<AdapterStatus>)> {
     check_name(&body.name).map_err(|e| adapter_error(e, "name"))?;
-    let engines = state.engines();
+    let engines = state.gateway.models.engines();
     let engine = match &body.base {
         Some(base) => engines
             .into_iter()
@@ -101,12 +106,14 @@ pub async fn load_adapter(
         ));
     }
     let path = state
+        .gateway
+        .models
         .adapters
         .inside_roots(&body.path)
         .map_err(|e| adapter_error(e, "path"))?;
     let owner = (!principal.admin).then(|| principal.tenant.clone());
     if let Some(tenant) = &owner
-        && !state.adapters.inside_tenant_dir(&path, tenant)
+        && !state.gateway.models.adapters.inside_tenant_dir(&path, tenant)
     {
         return Err(ApiError::invalid_param(
             "path",
@@ -120,12 +127,14 @@ pub async fn load_adapter(
         origin: Origin::AdminApi,
         owner,
     };
-    let registry = state.adapters.clone();
+    let registry = state.gateway.models.adapters.clone();
     tokio::task::spawn_blocking(move || registry.register_and_load(spec, engine.model()))
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| adapter_error(e, "path"))?;
     let status = state
+        .gateway
+        .models
         .adapters
         .status(&body.name)
         .ok_or_else(|| unknown(&body.name))?;
@@ -133,7 +142,7 @@ pub async fn load_adapter(
 }
 
 fn engines_named(state: &AppState, name: &str) -> bool {
-    state.engines().iter().any(|e| e.model().id == name)
+    state.gateway.models.engines().iter().any(|e| e.model().id == name)
 }
 
 /// Forgets the adapter; requests running with it finish with it, and its
@@ -143,12 +152,12 @@ pub async fn unload_adapter(
     Extension(principal): Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    match state.adapters.status(&name) {
+    match state.gateway.models.adapters.status(&name) {
         Some(status) if status.spec.owner.is_some() && visible(&principal, &status) => {}
         Some(status) if visible(&principal, &status) => principal.require_admin()?,
         _ => return Err(unknown(&name)),
     }
-    let status = state.adapters.unload(&name).ok_or_else(|| unknown(&name))?;
+    let status = state.gateway.models.adapters.unload(&name).ok_or_else(|| unknown(&name))?;
     Ok(Json(json!({
         "name": name,
         "object": "adapter",

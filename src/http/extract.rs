@@ -7,6 +7,8 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
+pub use crate::gateway::wire::parse_json;
+
 use crate::error::ApiError;
 
 pub struct ApiJson<T>(pub T);
@@ -58,41 +60,3 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if let Err(e) = std::str::from_utf8(bytes) {
-        return Err(ApiError::bad_body(
-            format!(
-                "The request body is not valid UTF-8 (at byte {}).",
-                e.valid_up_to()
-            ),
-            None,
-        ));
-    }
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        let param = if inner.is_syntax() || inner.is_eof() {
-            None
-        } else if path != "." {
-            Some(path)
-        } else {
-            missing_field(&inner.to_string())
-        };
-        let message = match &param {
-            Some(param) => format!("Invalid value for '{param}': {inner}"),
-            None => format!("The request body is not valid JSON: {inner}"),
-        };
-        ApiError::bad_body(message, param)
-    })?;
-    deserializer.end().map_err(|e| {
-        ApiError::bad_body(format!("The request body is not valid JSON: {e}"), None)
-    })?;
-    Ok(value)
-}
-
-/// serde reports a missing field as "missing field `name` at ...".
-fn missing_field(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("missing field `")?;
-    Some(rest[..rest.find('`')?].to_string())
-}

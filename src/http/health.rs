@@ -15,6 +15,8 @@ use super::AppState;
 /// 200 while every model worker runs; 503 naming the ones that died.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let dead: Vec<String> = state
+        .gateway
+        .models
         .engines()
         .iter()
         .filter(|e| !e.stats().worker_alive.load(Ordering::SeqCst))
@@ -33,6 +35,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let models: Vec<serde_json::Value> = state
+        .gateway
+        .models
         .engines()
         .iter()
         .map(|e| {
@@ -44,7 +48,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
-    let ready = state.is_ready();
+    let ready = state.gateway.models.is_ready();
     let status = if ready {
         StatusCode::OK
     } else {

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
 
-use super::wire::{ModelCard, ModelList};
-use super::{AppState, EmbeddingSlot};
+use crate::gateway::wire::{ModelCard, ModelList};
+use super::AppState;
+use crate::gateway::EmbeddingSlot;
 use crate::engine::Engine;
 use crate::error::ApiResult;
 use crate::router::ProviderKind;
@@ -29,8 +30,10 @@ fn card(engine: &Engine, created: u64) -> ModelCard {
 /// Cards of the adapters served per request: `BASE:NAME` on their base
 /// (a tenant's own adapters only to that tenant).
 fn adapter_cards(state: &AppState, principal: &Principal, created: u64) -> Vec<ModelCard> {
-    let engines = state.engines();
+    let engines = state.gateway.models.engines();
     state
+        .gateway
+        .models
         .adapters
         .list()
         .into_iter()
@@ -59,13 +62,13 @@ fn embedding_card(slot: &EmbeddingSlot, created: u64) -> ModelCard {
 }
 
 fn started(state: &AppState) -> u64 {
-    super::unix_now().saturating_sub(state.started_at.elapsed().as_secs())
+    crate::gateway::unix_now().saturating_sub(state.gateway.started_at.elapsed().as_secs())
 }
 
 /// Cards of the router's names: its deployments and logical models (and
 /// `auto`), which chat completions accept like any model.
 fn routed_cards(state: &AppState, created: u64) -> Vec<ModelCard> {
-    let router = state.model_router();
+    let router = state.gateway.router.clone();
     let catalog = &router.catalog;
     if catalog.deployments.is_empty() {
         return Vec::new();
@@ -112,11 +115,13 @@ pub async fn list_models(
     Extension(principal): Extension<Arc<Principal>>,
 ) -> Json<ModelList> {
     let created = started(&state);
-    let mut data: Vec<ModelCard> = state.engines().iter().map(|e| card(e, created)).collect();
+    let mut data: Vec<ModelCard> = state.gateway.models.engines().iter().map(|e| card(e, created)).collect();
     data.extend(adapter_cards(&state, &principal, created));
     data.extend(routed_cards(&state, created));
     data.extend(
         state
+            .gateway
+            .models
             .embedding_slot()
             .map(|slot| embedding_card(slot, created)),
     );
@@ -131,7 +136,7 @@ pub async fn get_model(
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelCard>> {
-    if let Some(slot) = state.embedding_slot().filter(|s| s.id == id) {
+    if let Some(slot) = state.gateway.models.embedding_slot().filter(|s| s.id == id) {
         return Ok(Json(embedding_card(slot, started(&state))));
     }
     let created = started(&state);
@@ -147,6 +152,6 @@ pub async fn get_model(
     {
         return Ok(Json(card));
     }
-    let engine = state.engine(&id)?;
+    let engine = state.gateway.models.engine(&id)?;
     Ok(Json(card(&engine, created)))
 }

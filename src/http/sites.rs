@@ -51,7 +51,7 @@ impl From<RagError> for ApiError {
 /// The site named in the path, if the caller may use it.
 async fn site_name(state: &AppState, principal: &Principal, site: &str) -> ApiResult<SiteName> {
     let site = SiteName::parse(site)?;
-    state.check_site_access(principal, site.as_str()).await?;
+    state.gateway.check_site_access(principal, site.as_str()).await?;
     Ok(site)
 }
 
@@ -68,8 +68,8 @@ pub async fn list_sites(
     State(state): State<Arc<AppState>>,
     Extension(principal): Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let store = state.rag_store()?;
-    let owners: std::collections::HashMap<String, String> = match state.tenancy() {
+    let store = state.gateway.rag_store()?;
+    let owners: std::collections::HashMap<String, String> = match state.gateway.tenancy.clone() {
         Some(tenancy) => tenancy
             .ledger
             .site_owners()
@@ -97,8 +97,8 @@ pub async fn create_site(
 ) -> ApiResult<Response> {
     let site = SiteName::parse(&request.name)
         .map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
-    let rag = state.rag().await?;
-    let tenancy = state.tenancy().filter(|_| !principal.admin);
+    let rag = state.gateway.rag().await?;
+    let tenancy = state.gateway.tenancy.clone().filter(|_| !principal.admin);
     if let Some(tenancy) = &tenancy {
         // Claimed first, so two tenants cannot race for one name.
         if let Some(owner) = tenancy
@@ -129,7 +129,7 @@ pub async fn site_stats(
     Path(site): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let site = site_name(&state, &principal, &site).await?;
-    let stats = state.rag_store()?.stats(&site).await?;
+    let stats = state.gateway.rag_store()?.stats(&site).await?;
     let mut body = serde_json::to_value(stats).map_err(ApiError::internal)?;
     body["object"] = json!("site");
     Ok(Json(body))
@@ -141,8 +141,8 @@ pub async fn delete_site(
     Path(site): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let site = site_name(&state, &principal, &site).await?;
-    state.rag_store()?.delete_site(&site).await?;
-    if let Some(tenancy) = state.tenancy() {
+    state.gateway.rag_store()?.delete_site(&site).await?;
+    if let Some(tenancy) = state.gateway.tenancy.clone() {
         tenancy
             .ledger
             .release_site(site.as_str())
@@ -181,7 +181,7 @@ pub async fn search_site(
     ApiJson(body): ApiJson<SearchBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let site = site_name(&state, &principal, &site).await?;
-    let rag = state.rag().await?;
+    let rag = state.gateway.rag().await?;
     let hits = search::search(&rag, &site, &body.into_request()).await?;
     Ok(Json(json!({ "object": "list", "results": hits })))
 }
@@ -246,7 +246,7 @@ pub async fn ingest_documents(
             ));
         }
     };
-    let rag = state.rag().await?;
+    let rag = state.gateway.rag().await?;
     let options = IngestOptions {
         source_id,
         prune: body.prune,

@@ -61,7 +61,9 @@ pub async fn usage(
     Query(params): Query<UsageParams>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let tenancy = state
-        .tenancy()
+        .gateway
+        .tenancy
+        .clone()
         .ok_or_else(|| ApiError::not_found("This server keeps no usage ledger."))?;
     let group_by = group_keys(params.group_by.as_deref())
         .map_err(|e| ApiError::invalid_param("group_by", e))?;
@@ -110,7 +112,7 @@ pub async fn usage(
 }
 
 pub async fn router_health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let router = state.model_router();
+    let router = state.gateway.router.clone();
     let names = router.catalog.deployments.iter().map(|d| d.name.as_str());
     let mut data = Vec::new();
     for (health, deployment) in router

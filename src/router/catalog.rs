@@ -28,7 +28,22 @@
 //! [[model]]
 //! name = "writer"
 //! deployments = ["smollm2-local", "gpt-4o-mini"]
+//!
+//! [[deployment]]
+//! name = "embed-small"
+//! provider = "openai"
+//! model = "text-embedding-3-small"
+//! base_url = "https://api.openai.com/v1"
+//! input_usd_per_1m = 0.02
+//! output_usd_per_1m = 0
+//! context_window = 8191
+//! capabilities = ["embeddings"]          # an embedder: answers /v1/embeddings only
+//! dimensions = 1536
 //! ```
+//!
+//! A logical model lists chat deployments or embedders, not both; its
+//! embedders (local or remote) must produce the same dimensions, so that
+//! any of them can answer for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,6 +70,9 @@ pub enum Capability {
     Streaming,
     Json,
     Tools,
+    /// Legacy text completions (`/v1/completions`).
+    Completions,
+    /// An embedder: answers `/v1/embeddings` (and nothing else).
     Embeddings,
 }
 
@@ -82,6 +100,8 @@ struct DeploymentFile {
     capabilities: BTreeSet<Capability>,
     #[serde(default)]
     quality: BTreeMap<String, f64>,
+    /// An embedder's vector length.
+    dimensions: Option<usize>,
 }
 
 fn default_prefill_speedup() -> f64 {
@@ -103,9 +123,34 @@ pub struct Deployment {
     pub capabilities: BTreeSet<Capability>,
     /// Quality per task tag, 0 to 1; `general` applies to untagged requests.
     pub quality: BTreeMap<String, f64>,
+    /// An embedder's vector length (None for chat deployments).
+    pub dimensions: Option<usize>,
 }
 
 impl Deployment {
+    /// One of qpai's own models under its own name, outside the catalog.
+    pub fn local(name: &str, prices: Prices, context_window: usize) -> Deployment {
+        Deployment {
+            name: name.to_string(),
+            provider: ProviderKind::Local,
+            model: name.to_string(),
+            base_url: None,
+            api_key_env: None,
+            azure_deployment: None,
+            api_version: None,
+            prices,
+            context_window,
+            capabilities: Default::default(),
+            quality: Default::default(),
+            dimensions: None,
+        }
+    }
+
+    /// Whether this deployment answers embeddings (and only embeddings).
+    pub fn is_embedder(&self) -> bool {
+        self.capabilities.contains(&Capability::Embeddings)
+    }
+
     /// Quality for `task` (its own score, else `general`, else 0).
     pub fn quality_for(&self, task: Option<&str>) -> f64 {
         task.and_then(|t| self.quality.get(t))
@@ -177,6 +222,21 @@ fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
     if file.context_window == 0 {
         return Err(format!("deployment {name:?}: context_window must be > 0"));
     }
+    let embedder = file.capabilities.contains(&Capability::Embeddings);
+    match file.dimensions {
+        None if embedder => {
+            return Err(format!(
+                "deployment {name:?}: an embedder needs dimensions (its vector length)"
+            ));
+        }
+        Some(0) => return Err(format!("deployment {name:?}: dimensions must be > 0")),
+        Some(_) if !embedder => {
+            return Err(format!(
+                "deployment {name:?}: dimensions is for embedders (capabilities = [\"embeddings\"])"
+            ));
+        }
+        _ => {}
+    }
     if let Some((tag, q)) = file.quality.iter().find(|(_, q)| !(0.0..=1.0).contains(*q)) {
         return Err(format!(
             "deployment {name:?}: quality {tag} = {q} is outside 0..1"
@@ -194,7 +254,34 @@ fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
         context_window: file.context_window,
         capabilities: file.capabilities,
         quality: file.quality,
+        dimensions: file.dimensions,
     })
+}
+
+/// A logical model's deployments must all answer the same endpoint, and
+/// its embedders must produce vectors of one length.
+fn check_logical_model(name: &str, deployments: &[&Deployment]) -> Result<(), String> {
+    let Some(first) = deployments.first() else {
+        return Err(format!("model {name:?} lists no deployment"));
+    };
+    for other in &deployments[1..] {
+        if other.is_embedder() != first.is_embedder() {
+            return Err(format!(
+                "model {name:?} mixes embedders and chat deployments ({} and {})",
+                first.name, other.name
+            ));
+        }
+        if other.dimensions != first.dimensions {
+            return Err(format!(
+                "model {name:?} mixes embedders of different dimensions: {} gives {} and {} gives {}; a logical model may mix local and remote embedders only when their dimensions match",
+                first.name,
+                first.dimensions.unwrap_or(0),
+                other.name,
+                other.dimensions.unwrap_or(0)
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl RouterCatalog {
@@ -222,6 +309,8 @@ impl RouterCatalog {
                         .ok_or_else(|| format!("model {:?}: no deployment {name:?}", model.name))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            let listed: Vec<&Deployment> = indexes.iter().map(|&i| &deployments[i]).collect();
+            check_logical_model(&model.name, &listed)?;
             if models.insert(model.name.clone(), indexes).is_some() {
                 return Err(format!("model {:?} is defined twice", model.name));
             }
@@ -298,6 +387,41 @@ deployments = ["smollm2-local", "gpt-4o-mini"]
         assert!(mini.capabilities.contains(&Capability::Tools));
     }
 
+    const EMBEDDERS: &str = r#"
+[[deployment]]
+name = "embed-remote"
+provider = "openai_compatible"
+model = "all-minilm-l6-v2"
+base_url = "http://127.0.0.1:1/v1"
+input_usd_per_1m = 0.02
+output_usd_per_1m = 0
+context_window = 512
+capabilities = ["embeddings"]
+dimensions = 384
+
+[[deployment]]
+name = "embed-local"
+provider = "local"
+model = "all-minilm-l6-v2"
+host_usd_per_hour = 0.36
+tokens_per_s = 1000
+context_window = 512
+capabilities = ["embeddings"]
+dimensions = 384
+
+[[model]]
+name = "embedder"
+deployments = ["embed-local", "embed-remote"]
+"#;
+
+    #[test]
+    fn embedders_of_one_length_make_a_logical_model() {
+        let catalog = RouterCatalog::parse(&format!("{EXAMPLE}{EMBEDDERS}")).unwrap();
+        let local = catalog.deployment("embed-local").unwrap();
+        assert!(local.is_embedder() && local.dimensions == Some(384));
+        assert_eq!(catalog.models["embedder"].len(), 2);
+    }
+
     #[test]
     fn mistakes_are_named() {
         let cases = [
@@ -330,6 +454,18 @@ deployments = ["smollm2-local", "gpt-4o-mini"]
                     "{EXAMPLE}\n[[model]]\nname = \"writer\"\ndeployments = [\"gpt-4o-mini\"]\n"
                 ),
                 "twice",
+            ),
+            (
+                format!("{EXAMPLE}{EMBEDDERS}").replace("dimensions = 384\n", ""),
+                "needs dimensions",
+            ),
+            (
+                format!("{EXAMPLE}{EMBEDDERS}").replacen("dimensions = 384", "dimensions = 1536", 1),
+                "mixes embedders of different dimensions: embed-local gives 384 and embed-remote gives 1536",
+            ),
+            (
+                format!("{EXAMPLE}{EMBEDDERS}[[model]]\nname = \"odd\"\ndeployments = [\"embed-remote\", \"gpt-4o-mini\"]\n"),
+                "mixes embedders and chat deployments",
             ),
         ];
         for (text, expected) in cases {

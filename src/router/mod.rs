@@ -2,7 +2,7 @@
 //! OpenAI-compatible servers: the routing catalog (deployments, prices,
 //! capabilities, quality per task), exact money, the upstream client, the
 //! choice of route (policy), circuit breakers (health), token counting and
-//! usage metering. The HTTP layer (http/chat.rs, http/routing.rs) drives it.
+//! usage metering. The gateway (src/gateway/) drives it.
 
 pub mod bench;
 pub mod catalog;
@@ -19,6 +19,34 @@ pub use catalog::{Capability, Deployment, ProviderKind, RouterCatalog};
 pub use cost::Prices;
 pub use health::{Admission, BreakerConfig, Breakers};
 pub use upstream::{Timeouts, UpstreamError, UpstreamResponse, Upstreams};
+
+/// The OpenAI endpoints a request can be routed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The name the usage ledger records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// The path under a provider's `/v1`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
 
 /// How failed attempts are retried on the same deployment.
 #[derive(Debug, Clone, Copy)]

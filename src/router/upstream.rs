@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde_json::Value;
 
+use super::Endpoint;
 use super::catalog::{Deployment, ProviderKind};
 
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +108,7 @@ impl Upstreams {
         Ok(Self { client, timeouts })
     }
 
-    /// The URL and auth header of a chat completion on `deployment`.
+    /// The URL and auth header of `path` on `deployment`.
     fn endpoint(
         deployment: &Deployment,
         path: &str,
@@ -151,15 +152,16 @@ impl Upstreams {
         })
     }
 
-    /// Sends a chat completion request body (OpenAI's format) to
+    /// Sends a request body (OpenAI's format) for `endpoint` to
     /// `deployment`, with the upstream's model name, and usage asked for on
     /// streams.
-    pub async fn chat(
+    pub async fn call(
         &self,
         deployment: &Deployment,
+        endpoint: Endpoint,
         mut body: Value,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let (url, auth) = Self::endpoint(deployment, "chat/completions")?;
+        let (url, auth) = Self::endpoint(deployment, endpoint.path())?;
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         if let Some(object) = body.as_object_mut() {
             if deployment.provider == ProviderKind::Azure {

@@ -226,9 +226,9 @@ async fn models_health_ready_and_metrics() {
 
 #[tokio::test]
 async fn unknown_model_is_404_and_not_ready_is_503() {
-    let state = qpai::AppState::new(qpai::HttpConfig::default());
-    state.expect_models(["loading-model".to_string()]);
-    let app = qpai::app(state);
+    let gateway = qpai::Gateway::builder().build().unwrap();
+    gateway.models.expect(["loading-model".to_string()]);
+    let app = qpai::app(gateway, qpai::HttpConfig::default());
     let (status, body) = send_json(&app, Request::get("/ready").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["ready"], false);

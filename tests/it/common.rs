@@ -12,7 +12,7 @@ use qpai::catalog::fetch::ModelStore;
 use qpai::catalog::resolve::resolve;
 use qpai::engine::{Engine, EngineConfig};
 use qpai::models::{LoadedModel, load_model};
-use qpai::{AppState, HttpConfig};
+use qpai::{Gateway, HttpConfig};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -64,9 +64,9 @@ pub fn base_model() -> &'static LoadedModel {
 /// An app with its own engine (own worker, own counters) over the shared weights.
 pub fn app_with(config: EngineConfig, http: HttpConfig) -> (axum::Router, Engine) {
     let engine = Engine::start(chat_model().clone(), config).unwrap();
-    let state = AppState::new(http);
-    state.add_engine(engine.clone());
-    (qpai::app(state), engine)
+    let gateway = Gateway::builder().build().unwrap();
+    gateway.models.add(engine.clone());
+    (qpai::app(gateway, http), engine)
 }
 
 pub fn app() -> (axum::Router, Engine) {

@@ -9,7 +9,7 @@ use qpai::catalog::Catalog;
 use qpai::catalog::fetch::ModelStore;
 use qpai::catalog::resolve::load_embedding_model;
 use qpai::models::embedding::EmbeddingModel;
-use qpai::{AppState, EmbeddingSlot, HttpConfig};
+use qpai::{EmbeddingSlot, Gateway, HttpConfig};
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -140,9 +140,11 @@ fn int8_onnx_embeddings_match_python_onnxruntime_and_sentence_transformers() {
 }
 
 fn embedding_app() -> axum::Router {
-    let state = AppState::new(HttpConfig::default());
-    state.set_embedding_model(EmbeddingSlot::new(EMBEDDING_MODEL, 256, load));
-    qpai::app(state)
+    let gateway = Gateway::builder()
+        .embedding(EmbeddingSlot::new(EMBEDDING_MODEL, 256, load))
+        .build()
+        .unwrap();
+    qpai::app(gateway, HttpConfig::default())
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use qpai::engine::{Engine, EngineConfig};
 use qpai::lora::registry::{AdapterLimits, AdapterRegistry};
 use qpai::models::loader::LoadOptions;
 use qpai::models::{ModelSource, load_model};
-use qpai::{AppState, HttpConfig};
+use qpai::{Gateway, HttpConfig};
 use serde_json::{Value, json};
 
 use crate::common::{fixtures_dir, post_json, send_json};
@@ -22,20 +22,27 @@ const BASE: &str = "tiny";
 
 /// An app serving the tiny base with `root` as its adapter directory.
 fn app(root: &Path, limits: AdapterLimits) -> axum::Router {
-    qpai::app(app_state(root, limits))
+    qpai::app(gateway(root, limits, None), HttpConfig::default())
 }
 
-fn app_state(root: &Path, limits: AdapterLimits) -> std::sync::Arc<AppState> {
+fn gateway(
+    root: &Path,
+    limits: AdapterLimits,
+    tenancy: Option<std::sync::Arc<qpai::tenancy::Tenancy>>,
+) -> std::sync::Arc<Gateway> {
     let path = fixtures_dir().join("tiny/llama-f32.gguf");
     let mut options = LoadOptions::new(BASE);
     options.device = Device::Cpu;
     let model = load_model(&ModelSource::from_path(&path).unwrap(), &options).unwrap();
-    let state = AppState::with_adapters(
-        HttpConfig::default(),
-        AdapterRegistry::new(&[root.to_path_buf()], limits),
-    );
-    state.add_engine(Engine::start(model, EngineConfig::default()).unwrap());
-    state
+    let mut builder = Gateway::builder().adapters(AdapterRegistry::new(&[root.to_path_buf()], limits));
+    if let Some(tenancy) = tenancy {
+        builder = builder.tenancy(tenancy);
+    }
+    let gateway = builder.build().unwrap();
+    gateway
+        .models
+        .add(Engine::start(model, EngineConfig::default()).unwrap());
+    gateway
 }
 
 /// A temporary adapter directory holding copies of the fixture adapters.
@@ -586,12 +593,12 @@ async fn a_tenants_adapters_are_its_own() {
         &fixtures_dir().join("lora/r4-all"),
         &root.path().join("acme/house"),
     );
-    let state = app_state(root.path(), AdapterLimits::default());
     let db = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(db.path().join("qpai.db").to_str().unwrap())
         .await
         .unwrap();
-    state.set_tenancy(qpai::tenancy::Tenancy::new(ledger.clone()).await.unwrap());
+    let tenancy = qpai::tenancy::Tenancy::new(ledger.clone()).await.unwrap();
+    let gateway = gateway(root.path(), AdapterLimits::default(), Some(tenancy));
     let key = |tenant: &str, admin: bool| {
         let ledger = ledger.clone();
         let new = NewKey {
@@ -606,8 +613,8 @@ async fn a_tenants_adapters_are_its_own() {
         key("globex", false).await,
         key("ops", true).await,
     );
-    state.tenancy().unwrap().refresh().await;
-    let app = qpai::app(state);
+    gateway.tenancy.as_ref().unwrap().refresh().await;
+    let app = qpai::app(gateway, HttpConfig::default());
     let load_as = |key: &str, name: &str, path: PathBuf| {
         let body = json!({"name": name, "path": path, "base": BASE});
         send_as(&app, key, post_json("/v1/adapters", &body))

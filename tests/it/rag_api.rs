@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use qpai::engine::{Engine, EngineConfig};
 use qpai::rag::{SiteName, Store};
-use qpai::{AppState, EmbeddingSlot, HttpConfig};
+use qpai::{EmbeddingSlot, Gateway, HttpConfig};
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -17,17 +17,21 @@ use crate::embeddings::load_embedding;
 const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 
 async fn rag_app(dir: &std::path::Path) -> axum::Router {
-    let state = AppState::new(HttpConfig::default());
-    state.add_engine(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
-    state.set_embedding_model(EmbeddingSlot::new(EMBEDDING_MODEL, 256, || {
-        load_embedding(EMBEDDING_MODEL)
-    }));
-    state.set_rag_store(
-        Store::open(&dir.join("rag").display().to_string())
-            .await
-            .unwrap(),
-    );
-    qpai::app(state)
+    let gateway = Gateway::builder()
+        .embedding(EmbeddingSlot::new(EMBEDDING_MODEL, 256, || {
+            load_embedding(EMBEDDING_MODEL)
+        }))
+        .rag_store(
+            Store::open(&dir.join("rag").display().to_string())
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    gateway
+        .models
+        .add(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
+    qpai::app(gateway, HttpConfig::default())
 }
 
 fn get(path: &str) -> Request<Body> {

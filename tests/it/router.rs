@@ -15,7 +15,7 @@ use qpai::money::Usd;
 use qpai::router::tokens::TokenCounter;
 use qpai::router::{BreakerConfig, ModelRouter, RetryPolicy, RouterCatalog, Timeouts};
 use qpai::tenancy::Tenancy;
-use qpai::{AppState, HttpConfig};
+use qpai::{Gateway, HttpConfig};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -68,7 +68,7 @@ fn steady_cost(completion: u64) -> Usd {
 
 pub struct RouterApp {
     pub app: axum::Router,
-    pub state: Arc<AppState>,
+    pub gateway: Arc<Gateway>,
     pub ledger: Ledger,
     pub tenancy: Arc<Tenancy>,
     pub upstream: FakeUpstream,
@@ -79,13 +79,10 @@ pub async fn router_app_on(database_url: Option<String>, breaker: BreakerConfig)
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let catalog = RouterCatalog::parse(&CATALOG.replace("{up}", &upstream.base)).unwrap();
-    let state = AppState::new(HttpConfig::default());
-    state.add_engine(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
     let url = database_url
         .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("qpai.db").display()));
     let ledger = Ledger::open(&url).await.unwrap();
     let tenancy = Tenancy::new(ledger.clone()).await.unwrap();
-    state.set_tenancy(tenancy.clone());
     let timeouts = Timeouts {
         connect: Duration::from_secs(1),
         first_byte: Duration::from_millis(400),
@@ -96,10 +93,21 @@ pub async fn router_app_on(database_url: Option<String>, breaker: BreakerConfig)
         backoff: Duration::from_millis(20),
         max_wait: Duration::from_secs(1),
     };
-    state.set_model_router(ModelRouter::new(catalog, timeouts, breaker, retry).unwrap());
+    let rag_store = qpai::rag::Store::open(dir.path().join("rag").to_str().unwrap())
+        .await
+        .unwrap();
+    let gateway = Gateway::builder()
+        .tenancy(tenancy.clone())
+        .router(ModelRouter::new(catalog, timeouts, breaker, retry).unwrap())
+        .rag_store(rag_store)
+        .build()
+        .unwrap();
+    gateway
+        .models
+        .add(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
     RouterApp {
-        app: qpai::app(state.clone()),
-        state,
+        app: qpai::app(gateway.clone(), HttpConfig::default()),
+        gateway,
         ledger,
         tenancy,
         upstream,
@@ -666,10 +674,7 @@ async fn keys_are_required_once_they_exist_and_tenants_see_only_their_own() {
     );
 
     // Sites: a tenant lists, reads and searches its own only.
-    let store_dir = tempfile::tempdir().unwrap();
-    let store = qpai::rag::Store::open(store_dir.path().to_str().unwrap())
-        .await
-        .unwrap();
+    let store = r.gateway.rag_store().unwrap().clone();
     for (site, owner) in [("acme-blog", "acme"), ("globex-shop", "globex")] {
         store
             .create_site(
@@ -681,7 +686,6 @@ async fn keys_are_required_once_they_exist_and_tenants_see_only_their_own() {
             .unwrap();
         r.ledger.claim_site(site, owner).await.unwrap();
     }
-    r.state.set_rag_store(store);
     let sites = |key: &str| {
         let (app, key) = (r.app.clone(), key.to_string());
         async move {
@@ -991,8 +995,9 @@ async fn a_request_refused_after_its_budget_hold_still_writes_its_row() {
         max_in_flight: 1,
         ..EngineConfig::default()
     };
-    r.state
-        .add_engine(Engine::start(chat_model().clone(), narrow).unwrap());
+    r.gateway
+        .models
+        .add(Engine::start(chat_model().clone(), narrow).unwrap());
     let body = json!({"model": CHAT_MODEL, "prompt": "Bread is", "max_tokens": 200,
         "temperature": 0, "stream": true});
     let request = Request::post("/v1/completions")

@@ -1,22 +1,25 @@
-//! The OpenAI wire format: request bodies as clients send them and the
-//! response objects qpai answers with.
+//! The OpenAI wire format: request bodies as callers send them (read, and
+//! written again for upstream deployments) and the answer objects qpai
+//! writes. `parse_json` reads a body, naming the bad field on error.
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::engine::FinishReason;
+use crate::error::ApiError;
 
 /// `stop`: one string or a list of strings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum StopSequences {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
@@ -49,18 +52,31 @@ macro_rules! request_with_sampling {
         $(#[$meta])*
         pub struct $name {
             $($(#[$field_meta])* pub $field: $ty,)*
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub max_tokens: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub temperature: Option<f32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub top_p: Option<f32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub top_k: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub seed: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub stop: Option<StopSequences>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub n: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub stream: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub stream_options: Option<StreamOptions>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub frequency_penalty: Option<f32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub presence_penalty: Option<f32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub user: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub metadata: Option<BTreeMap<String, Value>>,
             /// Fields this server does not know or implement: each is refused by name.
             #[serde(flatten)]
@@ -89,7 +105,7 @@ macro_rules! request_with_sampling {
     };
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -111,7 +127,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
     Text { text: String },
@@ -120,45 +136,60 @@ pub enum ContentPart {
     File { file: Value },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
+    /// Null in an assistant turn of calls (written as null again).
     pub content: Option<MessageContent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// An assistant turn's calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
     /// A tool turn: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
     /// An assistant turn's refusal, as answers carry it (accepted, not shown
     /// to the model).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }
 
 request_with_sampling! {
-    #[derive(Debug, Clone, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct ChatCompletionRequest {
         pub model: String,
         pub messages: Vec<ChatMessage>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub max_completion_tokens: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub logprobs: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub top_logprobs: Option<i64>,
+        /// qpai's own: never sent upstream (only local models ground).
+        #[serde(skip_serializing)]
         pub rag: Option<RagOptions>,
         /// Read by `structured::OutputFormat::parse` (errors name the inner field).
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub response_format: Option<Value>,
         /// Read by `structured::ToolUse::parse`.
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub tools: Option<Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub tool_choice: Option<Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub parallel_tool_calls: Option<bool>,
         /// Token id (as a string) to a bias from -100 to 100.
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub logit_bias: Option<Value>,
     }
 }
@@ -223,7 +254,7 @@ pub struct Citation {
 }
 
 /// `prompt`: text, a list of texts, token ids, or lists of token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -233,12 +264,15 @@ pub enum Prompt {
 }
 
 request_with_sampling! {
-    #[derive(Debug, Clone, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct CompletionRequest {
         pub model: String,
         pub prompt: Prompt,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub logprobs: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub echo: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         pub logit_bias: Option<Value>,
     }
 }
@@ -394,4 +428,46 @@ pub struct ModelCard {
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
+}
+
+/// Reads a request body: every way it can be wrong (not UTF-8, not JSON,
+/// wrong types, unknown variants) becomes a 400 naming the offending
+/// field when there is one.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(ApiError::bad_body(
+            format!(
+                "The request body is not valid UTF-8 (at byte {}).",
+                e.valid_up_to()
+            ),
+            None,
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let param = if inner.is_syntax() || inner.is_eof() {
+            None
+        } else if path != "." {
+            Some(path)
+        } else {
+            missing_field(&inner.to_string())
+        };
+        let message = match &param {
+            Some(param) => format!("Invalid value for '{param}': {inner}"),
+            None => format!("The request body is not valid JSON: {inner}"),
+        };
+        ApiError::bad_body(message, param)
+    })?;
+    deserializer.end().map_err(|e| {
+        ApiError::bad_body(format!("The request body is not valid JSON: {e}"), None)
+    })?;
+    Ok(value)
+}
+
+/// serde reports a missing field as "missing field `name` at ...".
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("missing field `")?;
+    Some(rest[..rest.find('`')?].to_string())
 }

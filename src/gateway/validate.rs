@@ -261,3 +261,20 @@ pub fn log_caller(fields: &SamplingFields) {
         );
     }
 }
+
+/// Whether a stream ends with a usage chunk; `stream_options` is refused
+/// on a request that does not stream.
+pub fn include_usage(fields: &SamplingFields) -> ApiResult<bool> {
+    let stream = fields.stream.unwrap_or(false);
+    if fields.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_param(
+            "stream_options",
+            "'stream_options' is only allowed when 'stream' is true.",
+        ));
+    }
+    Ok(fields
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false))
+}

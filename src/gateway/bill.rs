@@ -1,0 +1,188 @@
+//! A request's bill: its budget hold and its one usage row. The bill is
+//! made when the request is planned and written exactly once: settled with
+//! the answer's usage, or, when it is dropped unsettled (no route answered,
+//! the request was refused, the caller left while it waited), as an error
+//! that cost nothing.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::ledger::{Outcome, UsageRecord, UsageSource, now_ms};
+use crate::money::Usd;
+use crate::router::metering::{TokenUsage, usage_of};
+use crate::router::policy::Candidate;
+use crate::router::tokens::TokenCounter;
+use crate::router::{Endpoint, Prices};
+use crate::tenancy::{Principal, Reservation, Tenancy};
+
+/// The usage a bill is settled with: reported (by the engine or the
+/// provider), or counted from the text produced.
+#[derive(Debug, Clone)]
+pub enum Metered {
+    Reported(TokenUsage),
+    /// No report came: qpai counts the completion from the text produced.
+    Produced(String),
+}
+
+impl Metered {
+    /// A whole answer's usage report, else its text to count.
+    pub fn of_answer(body: &Value) -> Metered {
+        match usage_of(body) {
+            Some(usage) => Metered::Reported(usage),
+            None => Metered::Produced(answer_text(body)),
+        }
+    }
+}
+
+/// A request's bill.
+pub struct Bill {
+    tenancy: Option<Arc<Tenancy>>,
+    reservation: Option<Reservation>,
+    record: UsageRecord,
+    prices: Prices,
+    /// Counts produced text when no usage comes.
+    counter: Option<TokenCounter>,
+    written: bool,
+}
+
+impl Drop for Bill {
+    fn drop(&mut self) {
+        if !self.written {
+            self.write(Metered::Reported((0, 0)), Outcome::Error);
+        }
+    }
+}
+
+impl Bill {
+    /// The bill of a request for `requested_model`, before any route.
+    pub fn open(
+        tenancy: Option<Arc<Tenancy>>,
+        principal: &Principal,
+        endpoint: Endpoint,
+        requested_model: &str,
+        stream: bool,
+    ) -> Bill {
+        Bill {
+            tenancy,
+            reservation: None,
+            record: UsageRecord {
+                request_id: format!("req_{}", uuid::Uuid::new_v4().simple()),
+                ts_ms: now_ms(),
+                tenant: principal.tenant.clone(),
+                key_id: principal.key_id.clone(),
+                endpoint: endpoint.as_str().into(),
+                requested_model: requested_model.into(),
+                deployment: String::new(),
+                provider: String::new(),
+                model: String::new(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost: Usd::ZERO,
+                outcome: Outcome::Error,
+                attempts: 0,
+                stream,
+                usage_source: UsageSource::Counted,
+            },
+            prices: Prices::FREE,
+            counter: None,
+            written: false,
+        }
+    }
+
+    /// The request now goes to `candidate`, with this budget hold; its
+    /// prices and counter apply from here.
+    pub fn route(
+        &mut self,
+        candidate: &Candidate,
+        reservation: Option<Reservation>,
+        counter: TokenCounter,
+    ) {
+        let deployment = &candidate.deployment;
+        self.record.deployment = deployment.name.clone();
+        self.record.provider = deployment.provider.as_str().into();
+        self.record.model = deployment.model.clone();
+        self.record.prompt_tokens = candidate.prompt_tokens;
+        self.prices = deployment.prices;
+        self.counter = Some(counter);
+        self.reservation = reservation;
+    }
+
+    /// No route answered: the row names none (and holds no budget).
+    pub fn unroute(&mut self) {
+        self.record.deployment.clear();
+        self.record.provider.clear();
+        self.record.model.clear();
+        self.record.prompt_tokens = 0;
+        self.prices = Prices::FREE;
+        self.counter = None;
+        self.reservation = None;
+    }
+
+    /// Tries made so far.
+    pub fn tried(&mut self, attempts: u32) {
+        self.record.attempts = attempts;
+    }
+
+    pub fn prices(&self) -> Prices {
+        self.prices
+    }
+
+    /// Writes the request's one row with this usage and outcome, and
+    /// settles its budget hold. Returns the cost.
+    pub fn settle(mut self, usage: Metered, outcome: Outcome) -> Usd {
+        self.write(usage, outcome)
+    }
+
+    fn write(&mut self, usage: Metered, outcome: Outcome) -> Usd {
+        let (prompt, completion, source) = match usage {
+            Metered::Reported((p, c)) if outcome == Outcome::Error => (p, c, UsageSource::Counted),
+            Metered::Reported((p, c)) => (p, c, UsageSource::Upstream),
+            Metered::Produced(text) => (
+                self.record.prompt_tokens,
+                self.counter.as_ref().map_or(0, |c| c.count(&text)),
+                UsageSource::Counted,
+            ),
+        };
+        let cost = self.prices.cost(prompt, completion);
+        self.written = true;
+        self.record.prompt_tokens = prompt;
+        self.record.completion_tokens = completion;
+        self.record.cost = cost;
+        self.record.outcome = outcome;
+        self.record.usage_source = source;
+        if let Some(reservation) = self.reservation.take() {
+            reservation.settle(cost);
+        }
+        if let Some(tenancy) = &self.tenancy {
+            tenancy.ledger.record(self.record.clone());
+        }
+        cost
+    }
+}
+
+/// The text a whole answer produced: every choice's content (or text) and
+/// calls, to count when the answer reports no usage.
+fn answer_text(value: &Value) -> String {
+    let mut text = String::new();
+    let choices = value.get("choices").and_then(Value::as_array);
+    for choice in choices.into_iter().flatten() {
+        let content = choice
+            .pointer("/message/content")
+            .or_else(|| choice.get("text"));
+        if let Some(content) = content.and_then(Value::as_str) {
+            text.push_str(content);
+        }
+        let calls = choice
+            .pointer("/message/tool_calls")
+            .and_then(Value::as_array);
+        for call in calls.into_iter().flatten() {
+            for part in ["/function/name", "/function/arguments"] {
+                if let Some(piece) = call.pointer(part).and_then(Value::as_str) {
+                    text.push_str(piece);
+                }
+            }
+        }
+    }
+    text
+}

@@ -1,0 +1,226 @@
+//! Chat completions through the gateway: planned on qpai's own models or
+//! the routing catalog's deployments, then driven (see drive.rs). A local
+//! candidate's prompt is rendered and tokenized once, when planning counts
+//! it; a remote one gets the request written in OpenAI's format once.
+
+use std::collections::{BTreeSet, HashMap};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use super::bill::Metered;
+use super::drive::{AttemptError, Attempts, Plan, Reply, Standing, ranked};
+use super::events::upstream_stream;
+use super::local_chat::{LocalChat, PreparedChat};
+use super::wire::ChatCompletionRequest;
+use super::{Answer, Gateway, Hints, validate};
+use crate::error::{ApiError, ApiResult};
+use crate::router::policy::{self, Candidate, Needs};
+use crate::router::tokens::TokenCounter;
+use crate::router::{Capability, Endpoint, ProviderKind, UpstreamResponse};
+use crate::tenancy::Principal;
+
+impl Gateway {
+    /// A chat completion for `principal`: routed, run, metered and billed.
+    pub async fn chat(
+        &self,
+        principal: &Principal,
+        request: ChatCompletionRequest,
+        hints: &Hints,
+    ) -> ApiResult<Answer> {
+        let standing = self.standing(principal).await?;
+        let requested = self.requested_model(&request.model, &standing);
+        let needs = chat_needs(&request, hints, &standing);
+        let stream = request.stream == Some(true);
+        let mut local: Option<ApiResult<LocalChat>> = None;
+        let mut remote_body: Option<Value> = None;
+        let candidates = match policy::offered(&self.router.catalog, &requested) {
+            None => {
+                // Not a routed name: one of qpai's own models (or adapters).
+                let (engine, adapter) = self.models.target(principal, &requested).await?;
+                let chat = self.read_local_chat(principal, &request).await?;
+                let prompt_ids = chat.prompt_ids(engine.model())?;
+                let model = engine.model();
+                let candidate = self.local_candidate(
+                    &requested,
+                    model.parent.as_deref().unwrap_or(&model.id),
+                    model.context_length,
+                    prompt_ids.len() as u64,
+                    &needs,
+                );
+                local = Some(Ok(chat));
+                let job = PreparedChat {
+                    engine,
+                    adapter,
+                    prompt_ids,
+                };
+                vec![(candidate, Some(job))]
+            }
+            Some((offered, _pinned)) => {
+                let offered: Vec<_> = offered.into_iter().filter(|d| !d.is_embedder()).collect();
+                if offered.iter().any(|d| d.provider == ProviderKind::Local) {
+                    local = Some(self.read_local_chat(principal, &request).await);
+                }
+                if offered.iter().any(|d| d.provider != ProviderKind::Local) {
+                    remote_body = Some(serde_json::to_value(&request).map_err(ApiError::internal)?);
+                }
+                let grounded = request.rag.is_some();
+                let mut local_errors = Vec::new();
+                let mut prepared: HashMap<String, PreparedChat> = HashMap::new();
+                let (candidates, rejected) = policy::rank(&offered, &needs, |deployment| {
+                    if deployment.provider == ProviderKind::Local {
+                        let engine = self
+                            .models
+                            .engine(&deployment.model)
+                            .map_err(|e| e.message)?;
+                        let chat = match &local {
+                            Some(Ok(chat)) => chat,
+                            Some(Err(error)) => {
+                                local_errors.push(error.clone());
+                                return Err(error.message.clone());
+                            }
+                            None => return Err("not read for local models".into()),
+                        };
+                        let prompt_ids = chat.prompt_ids(engine.model()).map_err(|e| {
+                            local_errors.push(e.clone());
+                            e.message
+                        })?;
+                        let count = prompt_ids.len() as u64;
+                        let job = PreparedChat {
+                            engine,
+                            adapter: None,
+                            prompt_ids,
+                        };
+                        prepared.insert(deployment.name.clone(), job);
+                        return Ok(count);
+                    }
+                    if grounded {
+                        return Err("'rag' is answered by qpai's own models only".into());
+                    }
+                    Ok(remote_prompt_tokens(&deployment.model, remote_body.as_ref()))
+                });
+                ranked(&requested, &offered, local_errors, candidates, rejected)?
+                    .into_iter()
+                    .map(|c| {
+                        let job = prepared.remove(&c.deployment.name);
+                        (c, job)
+                    })
+                    .collect()
+            }
+        };
+        let plan = Plan {
+            requested,
+            candidates,
+            stream,
+        };
+        let attempts = ChatAttempts {
+            gateway: self,
+            request: &request,
+            local: local.and_then(Result::ok),
+            remote_body,
+            include_usage: validate::include_usage(&request.sampling()).unwrap_or(false),
+        };
+        self.drive(principal, Endpoint::ChatCompletions, standing, plan, &attempts)
+            .await
+    }
+}
+
+/// A chat prompt as OpenAI counts it on `model`, tool definitions
+/// included (an estimate: OpenAI renders them in a format of its own).
+fn remote_prompt_tokens(model: &str, body: Option<&Value>) -> u64 {
+    let Some(body) = body else { return 0 };
+    let counter = TokenCounter::for_remote_model(model);
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(&[][..], |m| m);
+    let tools = body.get("tools").map_or(0, |t| counter.count(&t.to_string()));
+    counter.count_messages(messages) + tools
+}
+
+/// What a chat request needs from its route.
+fn chat_needs(
+    request: &ChatCompletionRequest,
+    hints: &Hints,
+    standing: &Standing,
+) -> Needs {
+    let mut capabilities = BTreeSet::new();
+    if request.stream == Some(true) {
+        capabilities.insert(Capability::Streaming);
+    }
+    if request.tools.is_some() || request.other.contains_key("functions") {
+        capabilities.insert(Capability::Tools);
+    }
+    let structured = request
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "text");
+    if structured {
+        capabilities.insert(Capability::Json);
+    }
+    let max_tokens = request
+        .max_completion_tokens
+        .or(request.max_tokens)
+        .map(|n| n.max(0) as u64);
+    Needs {
+        capabilities,
+        task: hints.task.clone(),
+        min_quality: hints
+            .min_quality
+            .or_else(|| standing.tenant.as_ref().and_then(|t| t.min_quality)),
+        max_tokens,
+        choices: request.n.unwrap_or(1).max(1) as u64,
+    }
+}
+
+/// Tries a chat request on one candidate.
+struct ChatAttempts<'a> {
+    gateway: &'a Gateway,
+    request: &'a ChatCompletionRequest,
+    local: Option<LocalChat>,
+    /// The request as upstreams get it.
+    remote_body: Option<Value>,
+    include_usage: bool,
+}
+
+impl Attempts<PreparedChat> for ChatAttempts<'_> {
+    fn attempt<'a>(
+        &'a self,
+        candidate: &'a Candidate,
+        job: Option<&'a PreparedChat>,
+    ) -> BoxFuture<'a, Result<Reply, AttemptError>> {
+        async move {
+            let deployment = &candidate.deployment;
+            if deployment.provider == ProviderKind::Local {
+                let (Some(chat), Some(job)) = (&self.local, job) else {
+                    return Err(ApiError::internal("a local route without its prompt").into());
+                };
+                return chat.run(self.request, job, &deployment.model).await;
+            }
+            let body = self
+                .remote_body
+                .clone()
+                .ok_or_else(|| ApiError::internal("a remote route without its body"))?;
+            let include_usage = self.include_usage;
+            match self
+                .gateway
+                .router
+                .upstreams
+                .call(deployment, Endpoint::ChatCompletions, body)
+                .await?
+            {
+                UpstreamResponse::Json(body) => Ok(Reply::Whole {
+                    usage: Metered::of_answer(&body),
+                    body,
+                }),
+                UpstreamResponse::Stream(bytes) => Ok(Reply::Stream(Box::new(move |bill| {
+                    upstream_stream(bytes, include_usage, bill)
+                }))),
+            }
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,183 @@
+//! The gateway: the one request path below every transport. It takes a
+//! typed request (chat completion, text completion, embeddings) and the
+//! calling principal, plans the route (qpai's own models or upstream
+//! deployments), runs it with retries, fallbacks and circuit breakers,
+//! meters it, writes exactly one ledger row, and returns a typed answer:
+//! whole, or a stream of chunks. The HTTP API, batch jobs and the eval
+//! harness all call it; it knows nothing of HTTP.
+
+pub mod bill;
+mod chat;
+pub mod chat_prompt;
+mod completions;
+mod drive;
+mod embeddings;
+pub mod events;
+mod grounding;
+mod local_chat;
+pub mod models;
+pub mod tool_calls;
+pub mod validate;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+pub use embeddings::{EmbeddingInput, EmbeddingRequest, EncodingFormat};
+pub use events::{Chunk, ChunkStream, StreamItem};
+pub use models::{EmbeddingSlot, LocalModels, adapter_error, submit_error};
+
+use crate::error::{ApiError, ApiResult};
+use crate::lora::registry::AdapterRegistry;
+use crate::money::Usd;
+use crate::router::{ModelRouter, ProviderKind};
+use crate::tenancy::Tenancy;
+
+/// Embedding requests computed at once; more are refused as overloaded
+/// (each already batches its inputs, and the kernels use every core).
+const EMBEDDING_REQUESTS_AT_ONCE: usize = 4;
+
+/// How a caller steers the route of one request.
+#[derive(Debug, Clone, Default)]
+pub struct Hints {
+    /// The task tag whose quality score counts (`general` when absent).
+    pub task: Option<String>,
+    /// The lowest quality (0 to 1) a route may have; else the tenant's.
+    pub min_quality: Option<f64>,
+}
+
+/// The route that answered.
+#[derive(Debug, Clone)]
+pub struct RouteTaken {
+    pub provider: ProviderKind,
+    /// The model that answered (the upstream's name, or qpai's).
+    pub model: String,
+    pub deployment: String,
+    /// Tries, the successful one included.
+    pub attempts: u32,
+    /// The most the request could have cost there (what the budget held).
+    pub max_cost: Usd,
+    /// The tenant's budget is nearly spent.
+    pub budget_warning: Option<String>,
+}
+
+/// An answer: its route and its body.
+pub struct Answer {
+    pub route: RouteTaken,
+    pub body: AnswerBody,
+}
+
+pub enum AnswerBody {
+    /// The whole answer in OpenAI's format, billed at `cost`.
+    Whole { body: Value, cost: Usd },
+    /// Chunks as they come; billed when the stream ends or is dropped.
+    Stream(ChunkStream),
+}
+
+/// The gateway: qpai's models, the router, the tenancy and the site store.
+pub struct Gateway {
+    pub models: LocalModels,
+    pub router: Arc<ModelRouter>,
+    /// Keys, budgets and the ledger; without it every caller is the open
+    /// tenant and no usage is recorded.
+    pub tenancy: Option<Arc<Tenancy>>,
+    rag_store: Option<crate::rag::Store>,
+    embedding_permits: Arc<tokio::sync::Semaphore>,
+    pub started_at: Instant,
+}
+
+/// What a gateway is built from; each part is optional.
+#[derive(Default)]
+pub struct GatewayBuilder {
+    adapters: Option<AdapterRegistry>,
+    embedding: Option<EmbeddingSlot>,
+    router: Option<ModelRouter>,
+    tenancy: Option<Arc<Tenancy>>,
+    rag_store: Option<crate::rag::Store>,
+}
+
+impl GatewayBuilder {
+    /// LoRA adapters served per request.
+    pub fn adapters(mut self, adapters: AdapterRegistry) -> Self {
+        self.adapters = Some(adapters);
+        self
+    }
+
+    /// The embedding model (loaded on first use).
+    pub fn embedding(mut self, slot: EmbeddingSlot) -> Self {
+        self.embedding = Some(slot);
+        self
+    }
+
+    /// Routes to remote deployments; without one, local models only.
+    pub fn router(mut self, router: ModelRouter) -> Self {
+        self.router = Some(router);
+        self
+    }
+
+    pub fn tenancy(mut self, tenancy: Arc<Tenancy>) -> Self {
+        self.tenancy = Some(tenancy);
+        self
+    }
+
+    /// The sites' LanceDB store (RAG).
+    pub fn rag_store(mut self, store: crate::rag::Store) -> Self {
+        self.rag_store = Some(store);
+        self
+    }
+
+    pub fn build(self) -> anyhow::Result<Arc<Gateway>> {
+        let router = match self.router {
+            Some(router) => router,
+            None => ModelRouter::new(
+                Default::default(),
+                Default::default(),
+                Default::default(),
+                Default::default(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        };
+        let adapters = self
+            .adapters
+            .unwrap_or_else(|| AdapterRegistry::new(&[], Default::default()));
+        Ok(Arc::new(Gateway {
+            models: LocalModels::new(self.embedding, adapters),
+            router: Arc::new(router),
+            tenancy: self.tenancy,
+            rag_store: self.rag_store,
+            embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
+            started_at: Instant::now(),
+        }))
+    }
+}
+
+impl Gateway {
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    /// The site store, when RAG is on.
+    pub fn rag_store(&self) -> ApiResult<&crate::rag::Store> {
+        self.rag_store
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("This server has no site store (RAG is off)."))
+    }
+
+    /// The site store with the served embedding model (loaded on first use).
+    pub async fn rag(&self) -> ApiResult<crate::rag::Rag> {
+        let store = self.rag_store()?.clone();
+        let slot = self.models.embedding_slot().ok_or_else(|| {
+            ApiError::unavailable("Sites need an embedding model; this server serves none.")
+        })?;
+        let model = self.models.embedding_model(&slot.id.clone()).await?;
+        Ok(crate::rag::Rag::new(store, model))
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
