@@ -14,7 +14,7 @@ use super::drive::{AttemptError, Attempts, Plan, Reply, Standing, ranked};
 use super::events::upstream_stream;
 use super::local_chat::{LocalChat, PreparedChat};
 use super::wire::ChatCompletionRequest;
-use super::{Answer, Gateway, Hints, validate};
+use super::{Answer, Gateway, Hints, Whole, validate};
 use crate::error::{ApiError, ApiResult};
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
@@ -214,7 +214,7 @@ impl Attempts<PreparedChat> for ChatAttempts<'_> {
             {
                 UpstreamResponse::Json(body) => Ok(Reply::Whole {
                     usage: Metered::of_answer(&body),
-                    body,
+                    body: Whole::Upstream(body),
                 }),
                 UpstreamResponse::Stream(bytes) => Ok(Reply::Stream(Box::new(move |bill| {
                     upstream_stream(bytes, include_usage, bill)

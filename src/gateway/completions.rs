@@ -15,7 +15,7 @@ use super::events::{Chunk, ChunkFormat, collect, local_stream, upstream_stream};
 use super::wire::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
 };
-use super::{Answer, Gateway, Hints, submit_error, unix_now, validate};
+use super::{Answer, Gateway, Hints, Whole, submit_error, unix_now, validate};
 use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs};
 use crate::error::{ApiError, ApiResult};
 use crate::lora::UnmergedAdapter;
@@ -193,7 +193,7 @@ impl Attempts<PreparedText> for TextAttempts<'_> {
             {
                 UpstreamResponse::Json(body) => Ok(Reply::Whole {
                     usage: Metered::of_answer(&body),
-                    body,
+                    body: Whole::Upstream(body),
                 }),
                 UpstreamResponse::Stream(bytes) => Ok(Reply::Stream(Box::new(move |bill| {
                     upstream_stream(bytes, include_usage, bill)
@@ -290,7 +290,7 @@ async fn run_local(
         usage: Some(Some(Usage::new(prompt_tokens, completion_tokens))),
     };
     Ok(Reply::Whole {
-        body: serde_json::to_value(completion).map_err(ApiError::internal)?,
+        body: Whole::Text(completion),
         usage: Metered::Reported((prompt_tokens as u64, completion_tokens as u64)),
     })
 }

@@ -5,11 +5,10 @@
 //! request, whatever the outcome; a retry is never billed twice.
 
 use futures::future::BoxFuture;
-use serde_json::Value;
 
 use super::bill::{Bill, Metered};
 use super::events::ChunkStream;
-use super::{Answer, AnswerBody, Gateway, RouteTaken};
+use super::{Answer, AnswerBody, Gateway, RouteTaken, Whole};
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::{Outcome, TenantRecord};
 use crate::money::Usd;
@@ -95,7 +94,7 @@ impl From<UpstreamError> for AttemptError {
 /// What an attempt produced, before billing.
 pub enum Reply {
     /// A whole answer in OpenAI's format, and its usage.
-    Whole { body: Value, usage: Metered },
+    Whole { body: Whole, usage: Metered },
     /// A stream, billed by itself as it passes (given the bill).
     Stream(Box<dyn FnOnce(Bill) -> ChunkStream + Send>),
 }

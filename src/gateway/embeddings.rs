@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::bill::Metered;
 use super::drive::{AttemptError, Attempts, Plan, Reply, ranked};
-use super::{Answer, Gateway, Hints, validate};
+use super::{Answer, Gateway, Hints, Whole, validate};
 use crate::error::{ApiError, ApiResult};
 use crate::models::embedding::EmbeddingModel;
 use crate::router::policy::{self, Candidate, Needs};
@@ -55,29 +55,30 @@ pub struct EmbeddingRequest {
     pub other: BTreeMap<String, Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum Vector {
     Float(Vec<f32>),
     Base64(String),
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 struct EmbeddingData {
     object: &'static str,
     index: usize,
     embedding: Vector,
 }
 
-#[derive(Serialize)]
-struct EmbeddingResponse {
+/// OpenAI's embeddings answer.
+#[derive(Debug, Serialize)]
+pub struct EmbeddingResponse {
     object: &'static str,
     data: Vec<EmbeddingData>,
     model: String,
     usage: EmbeddingUsage,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 struct EmbeddingUsage {
     prompt_tokens: usize,
     total_tokens: usize,
@@ -265,7 +266,7 @@ impl Attempts<PreparedEmbedding> for EmbeddingAttempts<'_> {
             {
                 UpstreamResponse::Json(body) => Ok(Reply::Whole {
                     usage: Metered::of_answer(&body),
-                    body,
+                    body: Whole::Upstream(body),
                 }),
                 UpstreamResponse::Stream(_) => {
                     Err(ApiError::internal("an embedder answered with a stream").into())
@@ -321,7 +322,7 @@ impl EmbeddingAttempts<'_> {
             },
         };
         Ok(Reply::Whole {
-            body: serde_json::to_value(response).map_err(ApiError::internal)?,
+            body: Whole::Embeddings(response),
             usage: Metered::Reported((prompt_tokens as u64, 0)),
         })
     }

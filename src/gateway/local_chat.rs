@@ -15,7 +15,7 @@ use super::wire::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, Citation, TopLogprob, Usage,
 };
-use super::{submit_error, unix_now, validate};
+use super::{Whole, submit_error, unix_now, validate};
 use crate::engine::constraint::{Constraint, ConstraintError, GrammarSpec};
 use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs, TokenLogprob};
 use crate::error::{ApiError, ApiResult};
@@ -218,7 +218,7 @@ impl LocalChat {
             citations: self.citations.clone(),
         };
         Ok(Reply::Whole {
-            body: serde_json::to_value(completion).map_err(ApiError::internal)?,
+            body: Whole::Chat(completion),
             usage: Metered::Reported((prompt_tokens as u64, completion_tokens as u64)),
         })
     }

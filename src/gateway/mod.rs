@@ -23,6 +23,7 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::Value;
 
 pub use embeddings::{EmbeddingInput, EmbeddingRequest, EncodingFormat};
@@ -71,9 +72,33 @@ pub struct Answer {
 
 pub enum AnswerBody {
     /// The whole answer in OpenAI's format, billed at `cost`.
-    Whole { body: Value, cost: Usd },
+    Whole { body: Whole, cost: Usd },
     /// Chunks as they come; billed when the stream ends or is dropped.
     Stream(ChunkStream),
+}
+
+/// A whole answer in OpenAI's format: qpai's own (typed, so that floats
+/// keep their f32 form) or an upstream's, as it came.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Whole {
+    Chat(wire::ChatCompletion),
+    Text(wire::Completion),
+    Embeddings(embeddings::EmbeddingResponse),
+    Upstream(Value),
+}
+
+impl Whole {
+    /// The answer as JSON.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Whole::Upstream(value) => value.clone(),
+            typed => serde_json::to_string(typed)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// The gateway: qpai's models, the router, the tenancy and the site store.

@@ -1,7 +1,9 @@
 //! A scripted OpenAI-compatible upstream on loopback for router tests: each
-//! deployment has its own path prefix, a behaviour and a request counter. Behaviours: answer (JSON or a stream
-//! with a usage chunk), 500, 429 with Retry-After, a slow first byte, a
-//! connection closed without an answer, and a stream cut after some chunks.
+//! deployment has its own path prefix, a behaviour and a request counter.
+//! Behaviours: answer (JSON or a stream with a usage chunk), 500, 429 with
+//! Retry-After, a slow first byte, a connection closed without an answer,
+//! and a stream cut after some chunks. Chat completions, text completions
+//! and embeddings (vectors of `EMBEDDING_DIMENSIONS`) are spoken.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,11 +57,16 @@ pub struct FakeUpstream {
 /// Prompt tokens every answer reports.
 pub const PROMPT_TOKENS: u64 = 11;
 
+/// The length of the embedder's vectors.
+pub const EMBEDDING_DIMENSIONS: usize = 8;
+
 impl FakeUpstream {
     pub async fn start() -> FakeUpstream {
         let mut upstream = FakeUpstream::default();
         let app = axum::Router::new()
             .route("/{name}/v1/chat/completions", post(chat))
+            .route("/{name}/v1/completions", post(text))
+            .route("/{name}/v1/embeddings", post(embeddings))
             .with_state(upstream.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -98,20 +105,85 @@ fn words(n: u64) -> Vec<String> {
     (0..n).map(|i| format!("w{i} ")).collect()
 }
 
-async fn chat(
-    State(upstream): State<FakeUpstream>,
-    Path(name): Path<String>,
-    axum::Json(body): axum::Json<Value>,
-) -> Response {
-    let behaviour = {
-        let mut scripts = upstream.scripts.lock().unwrap();
+impl FakeUpstream {
+    /// Counts a request to `name` and returns its behaviour.
+    fn take(&self, name: String, body: &Value) -> Behaviour {
+        let mut scripts = self.scripts.lock().unwrap();
         let script = scripts.entry(name).or_default();
         script.requests += 1;
         script.last_body = Some(body.clone());
         script.default.unwrap_or(Behaviour::Answer {
             completion_tokens: 3,
         })
+    }
+}
+
+/// Embeddings: one vector per input (by default), usage reported.
+async fn embeddings(
+    State(upstream): State<FakeUpstream>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    if upstream.take(name, &body) == Behaviour::Error500 {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded").into_response();
+    }
+    let inputs = body["input"].as_array().map_or(1, Vec::len);
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| {
+            let vector: Vec<f32> = (0..EMBEDDING_DIMENSIONS)
+                .map(|d| ((i + d) % 3) as f32)
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": vector})
+        })
+        .collect();
+    axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS},
+    }))
+    .into_response()
+}
+
+/// Text completions: whole, or streamed with a usage chunk.
+async fn text(
+    State(upstream): State<FakeUpstream>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    let Behaviour::Answer { completion_tokens } = upstream.take(name, &body) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded").into_response();
     };
+    let model = body["model"].clone();
+    let usage = json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens,
+        "total_tokens": PROMPT_TOKENS + completion_tokens});
+    if body["stream"] != true {
+        return axum::Json(json!({
+            "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "text": words(completion_tokens).concat(), "finish_reason": "length"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let mut events: Vec<String> = words(completion_tokens)
+        .into_iter()
+        .map(|w| json!({"id": "c", "object": "text_completion", "model": model, "choices": [{"index": 0, "text": w, "finish_reason": null}]}).to_string())
+        .collect();
+    events.push(json!({"id": "c", "object": "text_completion", "model": model, "choices": [], "usage": usage}).to_string());
+    events.push("[DONE]".into());
+    let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+async fn chat(
+    State(upstream): State<FakeUpstream>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    let behaviour = upstream.take(name, &body);
     let stream = body["stream"] == true;
     let model = body["model"].clone();
     let error = |status: StatusCode, message: &str| {

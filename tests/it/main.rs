@@ -10,6 +10,7 @@ mod common;
 mod concurrency;
 mod embeddings;
 mod fake_upstream;
+mod gateway;
 mod ledger;
 mod lora;
 mod lora_api;

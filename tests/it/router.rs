@@ -22,7 +22,8 @@ use tower::ServiceExt;
 use crate::common::{CHAT_MODEL, chat_model, sse_data};
 use crate::fake_upstream::{Behaviour, FakeUpstream, PROMPT_TOKENS};
 
-/// Two remote deployments of one logical model: `flaky` is the cheaper.
+/// Two remote deployments of one logical model (`flaky` is the cheaper), a
+/// local one, a remote text-completion deployment and a remote embedder.
 const CATALOG: &str = r#"
 [[deployment]]
 name = "flaky"
@@ -59,6 +60,27 @@ quality = { general = 0.3 }
 [[model]]
 name = "writer"
 deployments = ["steady", "flaky"]
+
+[[deployment]]
+name = "texter"
+provider = "openai_compatible"
+model = "m-texter"
+base_url = "{up}/texter/v1"
+input_usd_per_1m = 1
+output_usd_per_1m = 2
+context_window = 4096
+capabilities = ["streaming", "completions"]
+
+[[deployment]]
+name = "embed-remote"
+provider = "openai_compatible"
+model = "text-embedding-3-small"
+base_url = "{up}/embed-remote/v1"
+input_usd_per_1m = 0.02
+output_usd_per_1m = 0
+context_window = 8191
+capabilities = ["embeddings"]
+dimensions = 8
 "#;
 
 /// What `steady` charges for the fake upstream's usage (11 in, n out).
@@ -180,7 +202,7 @@ pub fn chat(model: &str, stream: bool) -> Value {
     })
 }
 
-async fn rows(ledger: &Ledger, tenant: &str) -> Vec<qpai::ledger::UsageRow> {
+pub async fn rows(ledger: &Ledger, tenant: &str) -> Vec<qpai::ledger::UsageRow> {
     ledger.flush().await;
     ledger
         .usage(&UsageQuery {
