@@ -87,7 +87,16 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             max_in_flight: args.max_in_flight,
             prefill_chunk: args.prefill_chunk,
         };
-        move || load_all(&args, &loras, &catalog, &store, &gateway.models, engine_config)
+        move || {
+            load_all(
+                &args,
+                &loras,
+                &catalog,
+                &store,
+                &gateway.models,
+                engine_config,
+            )
+        }
     });
     // A model that fails to load stops the server with that error.
     let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
@@ -252,7 +261,9 @@ fn load_all(
                 origin: Origin::CommandLine,
                 owner: None,
             };
-            let engine = models.engine(base).map_err(|e| anyhow::anyhow!(e.message))?;
+            let engine = models
+                .engine(base)
+                .map_err(|e| anyhow::anyhow!(e.message))?;
             models.adapters.register_and_load(spec, engine.model())?;
         }
     }

@@ -98,7 +98,10 @@ impl Gateway {
                     if grounded {
                         return Err("'rag' is answered by qpai's own models only".into());
                     }
-                    Ok(remote_prompt_tokens(&deployment.model, remote_body.as_ref()))
+                    Ok(remote_prompt_tokens(
+                        &deployment.model,
+                        remote_body.as_ref(),
+                    ))
                 });
                 ranked(&requested, &offered, local_errors, candidates, rejected)?
                     .into_iter()
@@ -121,8 +124,14 @@ impl Gateway {
             remote_body,
             include_usage: validate::include_usage(&request.sampling()).unwrap_or(false),
         };
-        self.drive(principal, Endpoint::ChatCompletions, standing, plan, &attempts)
-            .await
+        self.drive(
+            principal,
+            Endpoint::ChatCompletions,
+            standing,
+            plan,
+            &attempts,
+        )
+        .await
     }
 }
 
@@ -135,16 +144,14 @@ fn remote_prompt_tokens(model: &str, body: Option<&Value>) -> u64 {
         .get("messages")
         .and_then(Value::as_array)
         .map_or(&[][..], |m| m);
-    let tools = body.get("tools").map_or(0, |t| counter.count(&t.to_string()));
+    let tools = body
+        .get("tools")
+        .map_or(0, |t| counter.count(&t.to_string()));
     counter.count_messages(messages) + tools
 }
 
 /// What a chat request needs from its route.
-fn chat_needs(
-    request: &ChatCompletionRequest,
-    hints: &Hints,
-    standing: &Standing,
-) -> Needs {
+fn chat_needs(request: &ChatCompletionRequest, hints: &Hints, standing: &Standing) -> Needs {
     let mut capabilities = BTreeSet::new();
     if request.stream == Some(true) {
         capabilities.insert(Capability::Streaming);

@@ -39,7 +39,11 @@ pub struct PreparedText {
 }
 
 impl PreparedText {
-    fn new(engine: Engine, adapter: Option<Arc<UnmergedAdapter>>, prompt: &Prompt) -> ApiResult<Self> {
+    fn new(
+        engine: Engine,
+        adapter: Option<Arc<UnmergedAdapter>>,
+        prompt: &Prompt,
+    ) -> ApiResult<Self> {
         let model = engine.model();
         if model.kind == ModelKind::Embedding {
             return Err(ApiError::invalid_param(
@@ -176,7 +180,8 @@ impl Attempts<PreparedText> for TextAttempts<'_> {
         async move {
             let deployment = &candidate.deployment;
             if deployment.provider == ProviderKind::Local {
-                let job = job.ok_or_else(|| ApiError::internal("a local route without its prompt"))?;
+                let job =
+                    job.ok_or_else(|| ApiError::internal("a local route without its prompt"))?;
                 return run_local(self.request, job, &deployment.model).await;
             }
             let body = self
@@ -254,7 +259,11 @@ async fn run_local(
         .map_err(|e| AttemptError::local_busy(submit_error(e)))?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
-    let echoed = if echo { job.text.clone() } else { String::new() };
+    let echoed = if echo {
+        job.text.clone()
+    } else {
+        String::new()
+    };
     if stream {
         let format = CompletionChunks {
             id,

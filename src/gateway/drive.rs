@@ -147,7 +147,11 @@ impl Gateway {
     /// The model a request asks for: `auto` is the tenant's default model
     /// when it has one.
     pub(super) fn requested_model(&self, model: &str, standing: &Standing) -> String {
-        match standing.tenant.as_ref().and_then(|t| t.default_model.clone()) {
+        match standing
+            .tenant
+            .as_ref()
+            .and_then(|t| t.default_model.clone())
+        {
             Some(default) if model == crate::router::policy::AUTO => default,
             _ => model.to_string(),
         }
@@ -209,10 +213,7 @@ impl Gateway {
         let router = &self.router;
         let tenancy = &self.tenancy;
         if let (Some(tenancy), Some((first, _))) = (tenancy, plan.candidates.first()) {
-            tenancy.admit_tokens(
-                principal,
-                first.prompt_tokens + first.max_completion_tokens,
-            )?;
+            tenancy.admit_tokens(principal, first.prompt_tokens + first.max_completion_tokens)?;
         }
         let mut bill = Bill::open(
             tenancy.clone(),

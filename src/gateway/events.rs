@@ -265,7 +265,8 @@ impl UpstreamStream {
                 object.insert("x_qpai_cost_usd".into(), Value::String(cost.to_string()));
             }
         }
-        self.queue.push_back(StreamItem::Chunk(Chunk::Upstream(chunk)));
+        self.queue
+            .push_back(StreamItem::Chunk(Chunk::Upstream(chunk)));
     }
 
     fn on_bytes(&mut self, next: Option<Result<Bytes, UpstreamError>>) {
@@ -298,6 +299,13 @@ impl UpstreamStream {
     }
 }
 
+impl UpstreamStream {
+    /// Billed: nothing more comes.
+    fn finished(&self) -> bool {
+        self.bill.is_none()
+    }
+}
+
 impl Drop for UpstreamStream {
     fn drop(&mut self) {
         self.settle(Outcome::Cut);
@@ -321,7 +329,7 @@ pub fn upstream_stream(bytes: UpstreamBytes, include_usage: bool, bill: Bill) ->
             if let Some(item) = state.queue.pop_front() {
                 return Some((item, state));
             }
-            if state.bill.is_none() {
+            if state.finished() {
                 return None;
             }
             let next = state.bytes.next().await;

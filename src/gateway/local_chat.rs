@@ -87,12 +87,10 @@ impl LocalChat {
                 ));
             }
         };
-        let prompt = template
-            .render(&self.messages, true)
-            .map_err(|e| match e {
-                TemplateError::Rejected(message) => ApiError::invalid_param("messages", message),
-                TemplateError::Broken(message) => ApiError::internal(message),
-            })?;
+        let prompt = template.render(&self.messages, true).map_err(|e| match e {
+            TemplateError::Rejected(message) => ApiError::invalid_param("messages", message),
+            TemplateError::Broken(message) => ApiError::internal(message),
+        })?;
         Ok(model
             .tokenizer
             .encode_fast(prompt.as_str(), false)

@@ -13,10 +13,10 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::extract::ApiJson;
 use super::AppState;
-use crate::gateway::adapter_error;
+use super::extract::ApiJson;
 use crate::error::{ApiError, ApiResult};
+use crate::gateway::adapter_error;
 use crate::lora::registry::{AdapterSpec, AdapterStatus, Origin, check_name};
 use crate::tenancy::Principal;
 
@@ -113,7 +113,11 @@ pub async fn load_adapter(
         .map_err(|e| adapter_error(e, "path"))?;
     let owner = (!principal.admin).then(|| principal.tenant.clone());
     if let Some(tenant) = &owner
-        && !state.gateway.models.adapters.inside_tenant_dir(&path, tenant)
+        && !state
+            .gateway
+            .models
+            .adapters
+            .inside_tenant_dir(&path, tenant)
     {
         return Err(ApiError::invalid_param(
             "path",
@@ -142,7 +146,12 @@ pub async fn load_adapter(
 }
 
 fn engines_named(state: &AppState, name: &str) -> bool {
-    state.gateway.models.engines().iter().any(|e| e.model().id == name)
+    state
+        .gateway
+        .models
+        .engines()
+        .iter()
+        .any(|e| e.model().id == name)
 }
 
 /// Forgets the adapter; requests running with it finish with it, and its
@@ -157,7 +166,12 @@ pub async fn unload_adapter(
         Some(status) if visible(&principal, &status) => principal.require_admin()?,
         _ => return Err(unknown(&name)),
     }
-    let status = state.gateway.models.adapters.unload(&name).ok_or_else(|| unknown(&name))?;
+    let status = state
+        .gateway
+        .models
+        .adapters
+        .unload(&name)
+        .ok_or_else(|| unknown(&name))?;
     Ok(Json(json!({
         "name": name,
         "object": "adapter",

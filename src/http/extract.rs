@@ -59,4 +59,3 @@ where
 /// message can state it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
-

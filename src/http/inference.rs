@@ -121,7 +121,9 @@ fn respond(answer: Answer) -> Response {
 /// finished; one that failed ends with its error. Dropping the response
 /// (the client left) drops the stream, which bills what was produced and
 /// cancels a local generation.
-fn sse(chunks: crate::gateway::ChunkStream) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+fn sse(
+    chunks: crate::gateway::ChunkStream,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let events = futures::stream::unfold((chunks, false), |(mut chunks, over)| async move {
         if over {
             return None;

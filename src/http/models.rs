@@ -5,11 +5,11 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
 
-use crate::gateway::wire::{ModelCard, ModelList};
 use super::AppState;
-use crate::gateway::EmbeddingSlot;
 use crate::engine::Engine;
 use crate::error::ApiResult;
+use crate::gateway::EmbeddingSlot;
+use crate::gateway::wire::{ModelCard, ModelList};
 use crate::router::ProviderKind;
 use crate::tenancy::Principal;
 
@@ -115,7 +115,13 @@ pub async fn list_models(
     Extension(principal): Extension<Arc<Principal>>,
 ) -> Json<ModelList> {
     let created = started(&state);
-    let mut data: Vec<ModelCard> = state.gateway.models.engines().iter().map(|e| card(e, created)).collect();
+    let mut data: Vec<ModelCard> = state
+        .gateway
+        .models
+        .engines()
+        .iter()
+        .map(|e| card(e, created))
+        .collect();
     data.extend(adapter_cards(&state, &principal, created));
     data.extend(routed_cards(&state, created));
     data.extend(

@@ -51,7 +51,10 @@ impl From<RagError> for ApiError {
 /// The site named in the path, if the caller may use it.
 async fn site_name(state: &AppState, principal: &Principal, site: &str) -> ApiResult<SiteName> {
     let site = SiteName::parse(site)?;
-    state.gateway.check_site_access(principal, site.as_str()).await?;
+    state
+        .gateway
+        .check_site_access(principal, site.as_str())
+        .await?;
     Ok(site)
 }
 

@@ -460,11 +460,17 @@ deployments = ["embed-local", "embed-remote"]
                 "needs dimensions",
             ),
             (
-                format!("{EXAMPLE}{EMBEDDERS}").replacen("dimensions = 384", "dimensions = 1536", 1),
+                format!("{EXAMPLE}{EMBEDDERS}").replacen(
+                    "dimensions = 384",
+                    "dimensions = 1536",
+                    1,
+                ),
                 "mixes embedders of different dimensions: embed-local gives 384 and embed-remote gives 1536",
             ),
             (
-                format!("{EXAMPLE}{EMBEDDERS}[[model]]\nname = \"odd\"\ndeployments = [\"embed-remote\", \"gpt-4o-mini\"]\n"),
+                format!(
+                    "{EXAMPLE}{EMBEDDERS}[[model]]\nname = \"odd\"\ndeployments = [\"embed-remote\", \"gpt-4o-mini\"]\n"
+                ),
                 "mixes embedders and chat deployments",
             ),
         ];

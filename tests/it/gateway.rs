@@ -44,7 +44,14 @@ async fn an_in_process_call_answers_and_bills_as_http_does() {
     let body = body.to_json();
     let text = body["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!text.is_empty());
-    let over_http = call(&r.app, "POST", "/v1/chat/completions", None, Some(greedy_chat(false))).await;
+    let over_http = call(
+        &r.app,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        Some(greedy_chat(false)),
+    )
+    .await;
     assert_eq!(
         over_http.json()["choices"][0]["message"]["content"],
         text,
@@ -87,7 +94,12 @@ async fn remote_embeddings_are_routed_and_billed_per_input_token() {
     let r = router_app_on(None, BreakerConfig::default()).await;
     let body = json!({"model": "embed-remote", "input": ["crusty bread", "rye"], "encoding_format": "float"});
     let answer = call(&r.app, "POST", "/v1/embeddings", None, Some(body)).await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     assert_eq!(answer.header("x-qpai-deployment"), "embed-remote");
     assert_eq!(answer.header("x-qpai-provider"), "openai_compatible");
     let value = answer.json();
@@ -132,7 +144,12 @@ async fn remote_embeddings_are_routed_and_billed_per_input_token() {
         Some(crate::router::chat("embed-remote", false)),
     )
     .await;
-    assert_eq!(refused.status, 400, "{}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(
+        refused.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
 }
 
 #[tokio::test]
@@ -140,9 +157,17 @@ async fn text_completions_route_to_deployments_that_serve_them() {
     let r = router_app_on(None, BreakerConfig::default()).await;
     let body = json!({"model": "texter", "prompt": "Bread is", "max_tokens": 5});
     let answer = call(&r.app, "POST", "/v1/completions", None, Some(body.clone())).await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     assert_eq!(answer.json()["choices"][0]["text"], "w0 w1 w2 ");
-    assert_eq!(r.upstream.last_body("texter").unwrap()["prompt"], "Bread is");
+    assert_eq!(
+        r.upstream.last_body("texter").unwrap()["prompt"],
+        "Bread is"
+    );
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);

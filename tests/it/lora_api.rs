@@ -34,7 +34,8 @@ fn gateway(
     let mut options = LoadOptions::new(BASE);
     options.device = Device::Cpu;
     let model = load_model(&ModelSource::from_path(&path).unwrap(), &options).unwrap();
-    let mut builder = Gateway::builder().adapters(AdapterRegistry::new(&[root.to_path_buf()], limits));
+    let mut builder =
+        Gateway::builder().adapters(AdapterRegistry::new(&[root.to_path_buf()], limits));
     if let Some(tenancy) = tenancy {
         builder = builder.tenancy(tenancy);
     }

@@ -159,7 +159,11 @@ async fn requests_take_each_providers_wire_format() {
         &format!("{base}/ok"),
         "api_key_env = \"QPAI_TEST_OPENAI_KEY\"",
     );
-    let UpstreamResponse::Json(body) = client().call(&openai, Endpoint::ChatCompletions, request(false)).await.unwrap() else {
+    let UpstreamResponse::Json(body) = client()
+        .call(&openai, Endpoint::ChatCompletions, request(false))
+        .await
+        .unwrap()
+    else {
         panic!("not JSON")
     };
     assert_eq!(body["usage"]["total_tokens"], 6);
@@ -176,7 +180,10 @@ async fn requests_take_each_providers_wire_format() {
         &format!("{base}/ok/"),
         "azure_deployment = \"prod-4o\"\napi_version = \"2024-10-21\"\napi_key_env = \"QPAI_TEST_AZURE_KEY\"",
     );
-    client().call(&azure, Endpoint::ChatCompletions, request(true)).await.unwrap();
+    client()
+        .call(&azure, Endpoint::ChatCompletions, request(true))
+        .await
+        .unwrap();
     let seen = log.lock().unwrap().clone().unwrap();
     assert_eq!(
         seen.path,
@@ -191,7 +198,11 @@ async fn requests_take_each_providers_wire_format() {
     assert_eq!(seen.body["stream_options"]["include_usage"], true);
 
     let missing = deployment("openai", &base, "api_key_env = \"QPAI_TEST_NO_SUCH_KEY\"");
-    let error = client().call(&missing, Endpoint::ChatCompletions, request(false)).await.err().unwrap();
+    let error = client()
+        .call(&missing, Endpoint::ChatCompletions, request(false))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(error, UpstreamError::Config { .. }), "{error}");
     assert!(!error.is_retryable());
 }
@@ -201,7 +212,11 @@ async fn faults_are_classified_for_the_policy() {
     let (base, _) = upstream().await;
     let call = |mode: String| async move {
         let d = deployment("openai_compatible", &mode, "");
-        client().call(&d, Endpoint::ChatCompletions, request(false)).await.err().unwrap()
+        client()
+            .call(&d, Endpoint::ChatCompletions, request(false))
+            .await
+            .err()
+            .unwrap()
     };
     match call(format!("{base}/e500")).await {
         UpstreamError::Status {
@@ -257,7 +272,10 @@ async fn streams_pass_through_chunk_by_chunk_and_a_cut_is_reported() {
     let (base, _) = upstream().await;
     let ok = deployment("openai", &format!("{base}/ok"), "");
     let started = Instant::now();
-    let UpstreamResponse::Stream(mut stream) = client().call(&ok, Endpoint::ChatCompletions, request(true)).await.unwrap()
+    let UpstreamResponse::Stream(mut stream) = client()
+        .call(&ok, Endpoint::ChatCompletions, request(true))
+        .await
+        .unwrap()
     else {
         panic!("not a stream")
     };
@@ -276,7 +294,10 @@ async fn streams_pass_through_chunk_by_chunk_and_a_cut_is_reported() {
     );
 
     let cut = deployment("openai", &format!("{base}/cut"), "");
-    let UpstreamResponse::Stream(mut stream) = client().call(&cut, Endpoint::ChatCompletions, request(true)).await.unwrap()
+    let UpstreamResponse::Stream(mut stream) = client()
+        .call(&cut, Endpoint::ChatCompletions, request(true))
+        .await
+        .unwrap()
     else {
         panic!("not a stream")
     };
