@@ -3,22 +3,20 @@
 //! candidate's prompt is rendered and tokenized once, when planning counts
 //! it; a remote one gets the request written in OpenAI's format once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use super::bill::Metered;
-use super::drive::{AttemptError, Attempts, Plan, Reply, Standing, ranked};
-use super::events::upstream_stream;
+use super::drive::{AttemptError, Attempts, Plan, Reply, Standing, rank_prepared};
 use super::local_chat::{LocalChat, PreparedChat};
 use super::wire::ChatCompletionRequest;
-use super::{Answer, Gateway, Hints, Whole, validate};
+use super::{Answer, Gateway, Hints, validate};
 use crate::error::{ApiError, ApiResult};
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
-use crate::router::{Capability, Endpoint, ProviderKind, UpstreamResponse};
+use crate::router::{Capability, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
 impl Gateway {
@@ -66,50 +64,35 @@ impl Gateway {
                     remote_body = Some(serde_json::to_value(&request).map_err(ApiError::internal)?);
                 }
                 let grounded = request.rag.is_some();
-                let mut local_errors = Vec::new();
-                let mut prepared: HashMap<String, PreparedChat> = HashMap::new();
-                let (candidates, rejected) = policy::rank(&offered, &needs, |deployment| {
-                    if deployment.provider == ProviderKind::Local {
-                        let engine = self
-                            .models
-                            .engine(&deployment.model)
-                            .map_err(|e| e.message)?;
-                        let chat = match &local {
-                            Some(Ok(chat)) => chat,
-                            Some(Err(error)) => {
-                                local_errors.push(error.clone());
-                                return Err(error.message.clone());
-                            }
-                            None => return Err("not read for local models".into()),
-                        };
-                        let prompt_ids = chat.prompt_ids(engine.model()).map_err(|e| {
-                            local_errors.push(e.clone());
-                            e.message
-                        })?;
-                        let count = prompt_ids.len() as u64;
-                        let job = PreparedChat {
-                            engine,
-                            adapter: None,
-                            prompt_ids,
-                        };
-                        prepared.insert(deployment.name.clone(), job);
-                        return Ok(count);
+                rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
+                    if deployment.provider != ProviderKind::Local {
+                        if grounded {
+                            return Err("'rag' is answered by qpai's own models only".into());
+                        }
+                        let tokens = remote_prompt_tokens(&deployment.model, remote_body.as_ref());
+                        return Ok((tokens, None));
                     }
-                    if grounded {
-                        return Err("'rag' is answered by qpai's own models only".into());
+                    let engine = self
+                        .models
+                        .engine(&deployment.model)
+                        .map_err(|e| e.message)?;
+                    let prompt_ids = match &local {
+                        Some(Ok(chat)) => chat.prompt_ids(engine.model()),
+                        Some(Err(error)) => Err(error.clone()),
+                        None => Err(ApiError::internal("not read for local models")),
                     }
-                    Ok(remote_prompt_tokens(
-                        &deployment.model,
-                        remote_body.as_ref(),
-                    ))
-                });
-                ranked(&requested, &offered, local_errors, candidates, rejected)?
-                    .into_iter()
-                    .map(|c| {
-                        let job = prepared.remove(&c.deployment.name);
-                        (c, job)
-                    })
-                    .collect()
+                    .map_err(|e| {
+                        local_errors.push(e.clone());
+                        e.message
+                    })?;
+                    let tokens = prompt_ids.len() as u64;
+                    let job = PreparedChat {
+                        engine,
+                        adapter: None,
+                        prompt_ids,
+                    };
+                    Ok((tokens, Some(job)))
+                })?
             }
         };
         let plan = Plan {
@@ -207,26 +190,14 @@ impl Attempts<PreparedChat> for ChatAttempts<'_> {
                 };
                 return chat.run(self.request, job, &deployment.model).await;
             }
-            let body = self
-                .remote_body
-                .clone()
-                .ok_or_else(|| ApiError::internal("a remote route without its body"))?;
-            let include_usage = self.include_usage;
-            match self
-                .gateway
-                .router
-                .upstreams
-                .call(deployment, Endpoint::ChatCompletions, body)
-                .await?
-            {
-                UpstreamResponse::Json(body) => Ok(Reply::Whole {
-                    usage: Metered::of_answer(&body),
-                    body: Whole::Upstream(body),
-                }),
-                UpstreamResponse::Stream(bytes) => Ok(Reply::Stream(Box::new(move |bill| {
-                    upstream_stream(bytes, include_usage, bill)
-                }))),
-            }
+            self.gateway
+                .upstream_reply(
+                    deployment,
+                    Endpoint::ChatCompletions,
+                    self.remote_body.as_ref(),
+                    self.include_usage,
+                )
+                .await
         }
         .boxed()
     }

@@ -2,7 +2,7 @@
 //! continuation out, on qpai's own models or on deployments that declare
 //! the `completions` capability, routed and billed as chat is.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use super::bill::Metered;
-use super::drive::{AttemptError, Attempts, Plan, Reply, ranked};
-use super::events::{Chunk, ChunkFormat, collect, local_stream, upstream_stream};
+use super::drive::{AttemptError, Attempts, Plan, Reply, rank_prepared};
+use super::events::{Chunk, ChunkFormat, collect, local_stream};
 use super::wire::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
 };
@@ -22,7 +22,7 @@ use crate::lora::UnmergedAdapter;
 use crate::models::{LoadedModel, ModelKind};
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
-use crate::router::{Capability, Endpoint, ProviderKind, UpstreamResponse};
+use crate::router::{Capability, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
 /// OpenAI's default `max_tokens` for text completions.
@@ -111,43 +111,34 @@ impl Gateway {
                     remote_body = Some(serde_json::to_value(&request).map_err(ApiError::internal)?);
                 }
                 let unknown = validate::reject_unknown_fields(&request.other, "").err();
-                let mut local_errors = Vec::new();
-                let mut prepared: HashMap<String, PreparedText> = HashMap::new();
-                let (candidates, rejected) = policy::rank(&offered, &needs, |deployment| {
-                    if deployment.provider == ProviderKind::Local {
-                        let engine = self
-                            .models
-                            .engine(&deployment.model)
-                            .map_err(|e| e.message)?;
-                        let job = unknown
-                            .clone()
-                            .map_or_else(|| PreparedText::new(engine, None, &request.prompt), Err)
-                            .map_err(|e| {
-                                local_errors.push(e.clone());
-                                e.message
-                            })?;
-                        let count = job.ids.len() as u64;
-                        prepared.insert(deployment.name.clone(), job);
-                        return Ok(count);
+                rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
+                    if deployment.provider != ProviderKind::Local {
+                        if !deployment.capabilities.contains(&Capability::Completions) {
+                            return Err("does not serve text completions".into());
+                        }
+                        let counter = TokenCounter::for_remote_model(&deployment.model);
+                        let tokens = match &request.prompt {
+                            Prompt::Text(text) => counter.count(text),
+                            Prompt::Texts(texts) => texts.iter().map(|t| counter.count(t)).sum(),
+                            Prompt::Tokens(ids) => ids.len() as u64,
+                            Prompt::TokenLists(lists) => lists.iter().map(|l| l.len() as u64).sum(),
+                        };
+                        return Ok((tokens, None));
                     }
-                    if !deployment.capabilities.contains(&Capability::Completions) {
-                        return Err("does not serve text completions".into());
+                    let engine = self
+                        .models
+                        .engine(&deployment.model)
+                        .map_err(|e| e.message)?;
+                    let job = match &unknown {
+                        Some(error) => Err(error.clone()),
+                        None => PreparedText::new(engine, None, &request.prompt),
                     }
-                    let counter = TokenCounter::for_remote_model(&deployment.model);
-                    Ok(match &request.prompt {
-                        Prompt::Text(text) => counter.count(text),
-                        Prompt::Texts(texts) => texts.iter().map(|t| counter.count(t)).sum(),
-                        Prompt::Tokens(ids) => ids.len() as u64,
-                        Prompt::TokenLists(lists) => lists.iter().map(|l| l.len() as u64).sum(),
-                    })
-                });
-                ranked(&requested, &offered, local_errors, candidates, rejected)?
-                    .into_iter()
-                    .map(|c| {
-                        let job = prepared.remove(&c.deployment.name);
-                        (c, job)
-                    })
-                    .collect()
+                    .map_err(|e| {
+                        local_errors.push(e.clone());
+                        e.message
+                    })?;
+                    Ok((job.ids.len() as u64, Some(job)))
+                })?
             }
         };
         let plan = Plan {
@@ -184,26 +175,15 @@ impl Attempts<PreparedText> for TextAttempts<'_> {
                     job.ok_or_else(|| ApiError::internal("a local route without its prompt"))?;
                 return run_local(self.request, job, &deployment.model).await;
             }
-            let body = self
-                .remote_body
-                .clone()
-                .ok_or_else(|| ApiError::internal("a remote route without its body"))?;
             let include_usage = validate::include_usage(&self.request.sampling()).unwrap_or(false);
-            match self
-                .gateway
-                .router
-                .upstreams
-                .call(deployment, Endpoint::Completions, body)
-                .await?
-            {
-                UpstreamResponse::Json(body) => Ok(Reply::Whole {
-                    usage: Metered::of_answer(&body),
-                    body: Whole::Upstream(body),
-                }),
-                UpstreamResponse::Stream(bytes) => Ok(Reply::Stream(Box::new(move |bill| {
-                    upstream_stream(bytes, include_usage, bill)
-                }))),
-            }
+            self.gateway
+                .upstream_reply(
+                    deployment,
+                    Endpoint::Completions,
+                    self.remote_body.as_ref(),
+                    include_usage,
+                )
+                .await
         }
         .boxed()
     }

@@ -5,16 +5,19 @@
 //! request, whatever the outcome; a retry is never billed twice.
 
 use futures::future::BoxFuture;
+use serde_json::Value;
 
 use super::bill::{Bill, Metered};
-use super::events::ChunkStream;
+use super::events::{ChunkStream, upstream_stream};
 use super::{Answer, AnswerBody, Gateway, RouteTaken, Whole};
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::{Outcome, TenantRecord};
 use crate::money::Usd;
 use crate::router::policy::{Candidate, Needs};
 use crate::router::tokens::TokenCounter;
-use crate::router::{Admission, Deployment, Endpoint, Prices, ProviderKind, UpstreamError};
+use crate::router::{
+    Admission, Deployment, Endpoint, Prices, ProviderKind, UpstreamError, UpstreamResponse,
+};
 use crate::tenancy::{OverBudget, Principal};
 
 /// Why an attempt failed.
@@ -344,35 +347,85 @@ impl Gateway {
     }
 }
 
-/// Ranks `offered` for `needs`: candidates cheapest first, or the error
-/// that says why none qualifies (a local model's own error when it was
-/// the only one offered).
-pub fn ranked(
+/// What counting a deployment's prompt gives: its tokens and, for a local
+/// deployment, what was prepared to run it.
+pub type Counted<L> = Result<(u64, Option<L>), String>;
+
+/// Ranks `offered` for `needs` (see `policy::rank`), pairing each
+/// candidate with what `count` prepared for it. `count` may note a local
+/// model's own error in its second argument: when that deployment was the
+/// only one offered, the request gets that error rather than "no
+/// deployment can serve".
+pub fn rank_prepared<L>(
     requested: &str,
     offered: &[&Deployment],
-    local_errors: Vec<ApiError>,
-    candidates: Vec<Candidate>,
-    rejected: Vec<crate::router::policy::Rejection>,
-) -> ApiResult<Vec<Candidate>> {
-    if !candidates.is_empty() {
-        return Ok(candidates);
+    needs: &Needs,
+    mut count: impl FnMut(&Deployment, &mut Vec<ApiError>) -> Counted<L>,
+) -> ApiResult<Vec<(Candidate, Option<L>)>> {
+    let mut local_errors = Vec::new();
+    let mut prepared = std::collections::HashMap::new();
+    let (candidates, rejected) = crate::router::policy::rank(offered, needs, |deployment| {
+        let (tokens, job) = count(deployment, &mut local_errors)?;
+        if let Some(job) = job {
+            prepared.insert(deployment.name.clone(), job);
+        }
+        Ok(tokens)
+    });
+    if candidates.is_empty() {
+        if let Some(error) = local_errors
+            .into_iter()
+            .next()
+            .filter(|_| offered.len() == 1)
+        {
+            return Err(error);
+        }
+        let reasons: Vec<String> = rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.deployment, r.reason))
+            .collect();
+        return Err(ApiError::invalid_param(
+            "model",
+            format!(
+                "No deployment of '{requested}' can serve this request ({}).",
+                reasons.join("; ")
+            ),
+        ));
     }
-    if let Some(error) = local_errors
+    Ok(candidates
         .into_iter()
-        .next()
-        .filter(|_| offered.len() == 1)
-    {
-        return Err(error);
+        .map(|candidate| {
+            let job = prepared.remove(&candidate.deployment.name);
+            (candidate, job)
+        })
+        .collect())
+}
+
+impl Gateway {
+    /// Sends `body` to a remote deployment: its whole answer (usage
+    /// reported, else counted), or its stream, billed as it passes.
+    pub(super) async fn upstream_reply(
+        &self,
+        deployment: &Deployment,
+        endpoint: Endpoint,
+        body: Option<&Value>,
+        include_usage: bool,
+    ) -> Result<Reply, AttemptError> {
+        let body = body
+            .cloned()
+            .ok_or_else(|| ApiError::internal("a remote route without its body"))?;
+        match self
+            .router
+            .upstreams
+            .call(deployment, endpoint, body)
+            .await?
+        {
+            UpstreamResponse::Json(body) => Ok(Reply::Whole {
+                usage: Metered::of_answer(&body),
+                body: Whole::Upstream(body),
+            }),
+            UpstreamResponse::Stream(bytes) => Ok(Reply::Stream(Box::new(move |bill| {
+                upstream_stream(bytes, include_usage, bill)
+            }))),
+        }
     }
-    let reasons: Vec<String> = rejected
-        .iter()
-        .map(|r| format!("{}: {}", r.deployment, r.reason))
-        .collect();
-    Err(ApiError::invalid_param(
-        "model",
-        format!(
-            "No deployment of '{requested}' can serve this request ({}).",
-            reasons.join("; ")
-        ),
-    ))
 }

@@ -13,13 +13,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::bill::Metered;
-use super::drive::{AttemptError, Attempts, Plan, Reply, ranked};
+use super::drive::{AttemptError, Attempts, Plan, Reply, rank_prepared};
 use super::{Answer, Gateway, Hints, Whole, validate};
 use crate::error::{ApiError, ApiResult};
 use crate::models::embedding::EmbeddingModel;
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
-use crate::router::{Deployment, Endpoint, ProviderKind, UpstreamResponse};
+use crate::router::{Deployment, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
 /// Inputs per request, as OpenAI allows.
@@ -178,35 +178,25 @@ impl Gateway {
                     }
                 }
                 let offered: Vec<&Deployment> = offered.iter().collect();
-                let mut local_errors = Vec::new();
-                let mut prepared: HashMap<String, PreparedEmbedding> = HashMap::new();
-                let (candidates, rejected) = policy::rank(&offered, &needs, |deployment| {
-                    if deployment.provider == ProviderKind::Local {
-                        let model = models[&deployment.model].clone().map_err(|e| e.message)?;
-                        if Some(model.dimensions) != deployment.dimensions {
-                            return Err(format!(
-                                "its model gives {} dimensions, not the {} the catalog declares",
-                                model.dimensions,
-                                deployment.dimensions.unwrap_or(0)
-                            ));
-                        }
-                        let job = PreparedEmbedding::new(model, &request).map_err(|e| {
-                            local_errors.push(e.clone());
-                            e.message
-                        })?;
-                        let count = job.prompt_tokens();
-                        prepared.insert(deployment.name.clone(), job);
-                        return Ok(count);
+                rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
+                    if deployment.provider != ProviderKind::Local {
+                        let tokens = remote_input_tokens(&deployment.model, &request.input);
+                        return Ok((tokens, None));
                     }
-                    Ok(remote_input_tokens(&deployment.model, &request.input))
-                });
-                ranked(&requested, &offered, local_errors, candidates, rejected)?
-                    .into_iter()
-                    .map(|c| {
-                        let job = prepared.remove(&c.deployment.name);
-                        (c, job)
-                    })
-                    .collect()
+                    let model = models[&deployment.model].clone().map_err(|e| e.message)?;
+                    if Some(model.dimensions) != deployment.dimensions {
+                        return Err(format!(
+                            "its model gives {} dimensions, not the {} the catalog declares",
+                            model.dimensions,
+                            deployment.dimensions.unwrap_or(0)
+                        ));
+                    }
+                    let job = PreparedEmbedding::new(model, &request).map_err(|e| {
+                        local_errors.push(e.clone());
+                        e.message
+                    })?;
+                    Ok((job.prompt_tokens(), Some(job)))
+                })?
             }
         };
         let plan = Plan {
@@ -253,25 +243,14 @@ impl Attempts<PreparedEmbedding> for EmbeddingAttempts<'_> {
                 let job = job.ok_or_else(|| ApiError::internal("a local route without inputs"))?;
                 return self.local(job).await;
             }
-            let body = self
-                .remote_body
-                .clone()
-                .ok_or_else(|| ApiError::internal("a remote route without its body"))?;
-            match self
-                .gateway
-                .router
-                .upstreams
-                .call(deployment, Endpoint::Embeddings, body)
-                .await?
-            {
-                UpstreamResponse::Json(body) => Ok(Reply::Whole {
-                    usage: Metered::of_answer(&body),
-                    body: Whole::Upstream(body),
-                }),
-                UpstreamResponse::Stream(_) => {
-                    Err(ApiError::internal("an embedder answered with a stream").into())
-                }
-            }
+            self.gateway
+                .upstream_reply(
+                    deployment,
+                    Endpoint::Embeddings,
+                    self.remote_body.as_ref(),
+                    false,
+                )
+                .await
         }
         .boxed()
     }
