@@ -999,6 +999,9 @@ async fn spend_recorded_by_another_process_counts_within_seconds() {
         }
     };
     assert_eq!(ask(&b).await.status, StatusCode::OK);
+    // B's row is in the database (its writer batches rows within
+    // milliseconds; under load, later) before A first reads the ledger.
+    b.ledger.flush().await;
     assert_eq!(ask(&a).await.status, StatusCode::OK);
     assert_eq!(ask(&a).await.status, StatusCode::OK);
     // 3 x 0.000017 spent in all: B knows of its own 0.000017 only until it
