@@ -1,15 +1,66 @@
-//! The OpenAI error: every failure a caller sees (an HTTP client, a batch
-//! line, an eval case) is the envelope `{"error": {"message", "type",
-//! "param", "code"}}` with its status code. Internal details are logged,
-//! never sent. Transports write it their own way (http/ as a response).
+//! The error of qpai's API: every failure a caller sees (an HTTP client, a
+//! batch line, an eval case) is OpenAI's envelope `{"error": {"message",
+//! "type", "param", "code"}}` of a kind of failure. Internal details are
+//! logged, never sent. No transport is known here: the HTTP edge maps a
+//! kind to its status once (`ErrorKind::status_code`, which batch output
+//! lines record too).
 
-pub use http::StatusCode;
 use serde::Serialize;
 
-/// An error answered to an API client.
+/// What went wrong, as OpenAI's API tells it apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong (a parameter, the body).
+    InvalidRequest,
+    /// No key, or not a live key.
+    Unauthorized,
+    /// The tenant's budget cannot pay for the request.
+    BudgetExceeded,
+    /// The key may not do this.
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    /// It exists already.
+    Conflict,
+    PayloadTooLarge,
+    /// A limit (the key's, or the server's queue): retry later.
+    RateLimited,
+    Internal,
+    /// Not available now (loading, no route, an upstream broke off).
+    Unavailable,
+    /// An upstream refused the request with this 4xx status.
+    Upstream(u16),
+}
+
+impl ErrorKind {
+    /// The HTTP status OpenAI answers this kind with.
+    pub fn status_code(self) -> u16 {
+        match self {
+            ErrorKind::InvalidRequest => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::BudgetExceeded => 402,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::Conflict => 409,
+            ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Internal => 500,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Upstream(status) => status,
+        }
+    }
+
+    /// The caller's to fix (as opposed to the server's or an upstream's state).
+    pub fn is_client_error(self) -> bool {
+        (400..500).contains(&self.status_code())
+    }
+}
+
+/// An error answered to an API caller.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
+    pub kind: ErrorKind,
     pub message: String,
     pub param: Option<String>,
     pub code: Option<&'static str>,
@@ -35,7 +86,7 @@ impl ApiError {
     /// 400 naming the offending request parameter.
     pub fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            kind: ErrorKind::InvalidRequest,
             message: message.into(),
             param: Some(param.into()),
             code: Some("invalid_value"),
@@ -46,7 +97,7 @@ impl ApiError {
     /// 400 for a parameter the server does not implement: rejected, never ignored.
     pub fn unsupported_param(param: &str) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            kind: ErrorKind::InvalidRequest,
             message: format!("The parameter '{param}' is not supported by this server."),
             param: Some(param.to_string()),
             code: Some("unsupported_parameter"),
@@ -57,7 +108,7 @@ impl ApiError {
     /// 400 for a body that is not valid JSON or does not match the schema.
     pub fn bad_body(message: impl Into<String>, param: Option<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            kind: ErrorKind::InvalidRequest,
             message: message.into(),
             param,
             code: Some("invalid_request_body"),
@@ -67,7 +118,7 @@ impl ApiError {
 
     pub fn model_not_found(model: &str) -> Self {
         Self {
-            status: StatusCode::NOT_FOUND,
+            kind: ErrorKind::NotFound,
             message: format!("The model '{model}' does not exist or is not served here."),
             param: Some("model".to_string()),
             code: Some("model_not_found"),
@@ -77,7 +128,7 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::NOT_FOUND,
+            kind: ErrorKind::NotFound,
             message: message.into(),
             param: None,
             code: Some("not_found"),
@@ -87,7 +138,7 @@ impl ApiError {
 
     pub fn payload_too_large(limit: usize) -> Self {
         Self {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: ErrorKind::PayloadTooLarge,
             message: format!("The request body exceeds the limit of {limit} bytes."),
             param: None,
             code: Some("payload_too_large"),
@@ -97,7 +148,7 @@ impl ApiError {
 
     pub fn overloaded() -> Self {
         Self {
-            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: ErrorKind::RateLimited,
             message: "The server is overloaded: too many requests in flight. Retry later."
                 .to_string(),
             param: None,
@@ -108,7 +159,7 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: ErrorKind::Unavailable,
             message: message.into(),
             param: None,
             code: Some("unavailable"),
@@ -120,7 +171,7 @@ impl ApiError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");
         Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: ErrorKind::Internal,
             message: "The server had an internal error while processing the request.".to_string(),
             param: None,
             code: Some("internal_error"),
@@ -131,7 +182,7 @@ impl ApiError {
     /// 401: no key, or not a live key.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::UNAUTHORIZED,
+            kind: ErrorKind::Unauthorized,
             message: message.into(),
             param: None,
             code: Some("invalid_api_key"),
@@ -142,7 +193,7 @@ impl ApiError {
     /// 403: a key that may not do this (an admin endpoint, another tenant's data).
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::FORBIDDEN,
+            kind: ErrorKind::Forbidden,
             message: message.into(),
             param: None,
             code: Some("permission_denied"),
@@ -153,7 +204,7 @@ impl ApiError {
     /// 429 with `Retry-After`: a key's requests or tokens per minute.
     pub fn rate_limited(message: impl Into<String>, retry_after_s: u64) -> Self {
         Self {
-            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: ErrorKind::RateLimited,
             message: message.into(),
             param: None,
             code: Some("rate_limit_exceeded"),
@@ -164,7 +215,7 @@ impl ApiError {
     /// 402: the tenant's monthly budget cannot pay for this request.
     pub fn budget_exceeded(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::PAYMENT_REQUIRED,
+            kind: ErrorKind::BudgetExceeded,
             message: message.into(),
             param: None,
             code: Some("budget_exceeded"),
@@ -172,8 +223,9 @@ impl ApiError {
         }
     }
 
-    fn kind(&self) -> &'static str {
-        match self.status.as_u16() {
+    /// The envelope's `type`.
+    fn error_type(&self) -> &'static str {
+        match self.kind.status_code() {
             401 => "authentication_error",
             402 => "insufficient_quota",
             403 => "permission_error",
@@ -188,7 +240,7 @@ impl ApiError {
         serde_json::to_value(Envelope {
             error: EnvelopeBody {
                 message: &self.message,
-                kind: self.kind(),
+                kind: self.error_type(),
                 param: self.param.as_deref(),
                 code: self.code,
             },
@@ -199,7 +251,7 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.status)
+        write!(f, "{} ({})", self.message, self.kind.status_code())
     }
 }
 

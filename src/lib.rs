@@ -1,6 +1,7 @@
 //! qpai: the AI engine of Quantum-Page AI. Local inference with candle behind
 //! an OpenAI-compatible HTTP API; every request goes through the gateway.
 
+pub mod adapters;
 pub mod bench;
 pub mod catalog;
 pub mod commands;

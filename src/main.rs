@@ -49,13 +49,13 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => qpai::commands::models(command, &cli.global),
         Command::Bench(args) => qpai::bench::run(args, &cli.global).map(|_| ()),
         Command::BenchEmbeddings(args) => qpai::bench::embeddings(args, &cli.global),
-        Command::BenchLora(args) => qpai::lora::bench::run(args, &cli.global),
+        Command::BenchLora(args) => qpai::adapters::bench::run(args, &cli.global),
         Command::BenchStructured(args) => {
             runtime()?.block_on(qpai::structured::bench::run(args, &cli.global))
         }
         Command::Eval {
             command: EvalCommand::Adapter(args),
-        } => runtime()?.block_on(qpai::lora::eval::run(args, &cli.global)),
+        } => runtime()?.block_on(qpai::adapters::eval::run(args, &cli.global)),
         Command::Ingest(args) => runtime()?.block_on(qpai::rag::cli::ingest(args, &cli.global)),
         Command::BenchSearch(args) => {
             runtime()?.block_on(qpai::rag::cli::bench_search(args, &cli.global))

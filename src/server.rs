@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::adapters::registry::{AdapterLimits, AdapterRegistry, AdapterSpec, Origin};
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::{load_embedding_model, resolve};
@@ -17,7 +18,6 @@ use crate::engine::{Engine, EngineConfig};
 use crate::gateway::{EmbeddingSlot, Gateway, LocalModels};
 use crate::http::HttpConfig;
 use crate::lora::Adapter;
-use crate::lora::registry::{AdapterLimits, AdapterRegistry, AdapterSpec, Origin};
 use crate::models::load_model;
 use crate::router::{
     BreakerConfig, ModelRouter, ProviderKind, RetryPolicy, RouterCatalog, Timeouts,

@@ -142,7 +142,7 @@ impl Catalog {
         let file: CatalogFile = toml::from_str(text)?;
         let mut seen = std::collections::HashSet::new();
         for adapter in &file.adapter {
-            crate::lora::registry::check_name(&adapter.id)?;
+            crate::lora::check_name(&adapter.id)?;
             anyhow::ensure!(
                 file.model.iter().any(|m| m.id == adapter.base),
                 "catalog adapter `{}`: no model `{}`",

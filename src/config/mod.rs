@@ -377,7 +377,7 @@ impl std::str::FromStr for LoraArg {
             Some((base, name)) => (Some(base.to_string()), name.to_string()),
             None => (None, target.to_string()),
         };
-        crate::lora::registry::check_name(&name).map_err(|e| format!("--lora {text:?}: {e}"))?;
+        crate::lora::check_name(&name).map_err(|e| format!("--lora {text:?}: {e}"))?;
         Ok(Self {
             base,
             name,

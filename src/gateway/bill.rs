@@ -71,10 +71,10 @@ impl Bill {
                 ts_ms: now_ms(),
                 tenant: principal.tenant.clone(),
                 key_id: principal.key_id.clone(),
-                endpoint: endpoint.as_str().into(),
+                endpoint,
                 requested_model: requested_model.into(),
                 deployment: String::new(),
-                provider: String::new(),
+                provider: None,
                 model: String::new(),
                 prompt_tokens: 0,
                 completion_tokens: 0,
@@ -100,7 +100,7 @@ impl Bill {
     ) {
         let deployment = &candidate.deployment;
         self.record.deployment = deployment.name.clone();
-        self.record.provider = deployment.provider.as_str().into();
+        self.record.provider = Some(deployment.provider);
         self.record.model = deployment.model.clone();
         self.record.prompt_tokens = candidate.prompt_tokens;
         self.prices = deployment.prices;
@@ -111,7 +111,7 @@ impl Bill {
     /// No route answered: the row names none (and holds no budget).
     pub fn unroute(&mut self) {
         self.record.deployment.clear();
-        self.record.provider.clear();
+        self.record.provider = None;
         self.record.model.clear();
         self.record.prompt_tokens = 0;
         self.prices = Prices::FREE;

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::bill::{Bill, Metered};
 use super::events::{ChunkStream, upstream_stream};
 use super::{Answer, AnswerBody, Gateway, RouteTaken, Whole};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::ledger::{Outcome, TenantRecord};
 use crate::money::Usd;
 use crate::router::policy::{Candidate, Needs};
@@ -76,8 +76,7 @@ impl From<UpstreamError> for AttemptError {
                 status, message, ..
             } if (400..500).contains(&status) && status != 401 && status != 403 => {
                 AttemptError::Final(ApiError {
-                    status: crate::error::StatusCode::from_u16(status)
-                        .unwrap_or(crate::error::StatusCode::BAD_REQUEST),
+                    kind: ErrorKind::Upstream(status),
                     message,
                     param: None,
                     code: Some("upstream_rejected"),

@@ -65,30 +65,20 @@ impl Gateway {
             filter: options.filter.clone().unwrap_or_default(),
         };
         let rag = self.rag().await?;
-        let hits =
-            search::search(&rag, &site, &request)
-                .await
-                .map_err(|e| match ApiError::from(e) {
-                    // The search's own parameters are the request's `rag.*`.
-                    ApiError {
-                        param: Some(param),
-                        status,
-                        message,
-                        code,
-                        retry_after,
-                    } if status.is_client_error() => ApiError {
-                        param: Some(if param == "query" {
-                            "messages".to_string()
-                        } else {
-                            format!("rag.{param}")
-                        }),
-                        status,
-                        message,
-                        code,
-                        retry_after,
-                    },
-                    other => other,
-                })?;
+        let hits = search::search(&rag, &site, &request).await.map_err(|e| {
+            let mut error = ApiError::from(e);
+            // The search's own parameters are the request's `rag.*`.
+            if error.kind.is_client_error()
+                && let Some(param) = &error.param
+            {
+                error.param = Some(if param == "query" {
+                    "messages".to_string()
+                } else {
+                    format!("rag.{param}")
+                });
+            }
+            error
+        })?;
         question.content = prompt::render(&question.content, &hits).map_err(ApiError::internal)?;
         tracing::debug!(site = %site, sources = hits.len(), template = prompt::TEMPLATE_NAME, "grounded prompt");
         Ok(hits

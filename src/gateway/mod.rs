@@ -30,8 +30,8 @@ pub use embeddings::{EmbeddingInput, EmbeddingRequest, EncodingFormat};
 pub use events::{Chunk, ChunkStream, StreamItem};
 pub use models::{EmbeddingSlot, LocalModels, adapter_error, submit_error};
 
+use crate::adapters::registry::AdapterRegistry;
 use crate::error::{ApiError, ApiResult};
-use crate::lora::registry::AdapterRegistry;
 use crate::money::Usd;
 use crate::router::{ModelRouter, ProviderKind};
 use crate::tenancy::Tenancy;

@@ -6,10 +6,10 @@
 
 use std::sync::{Arc, RwLock};
 
+use crate::adapters::registry::{AdapterRegistry, RegistryError};
 use crate::engine::{Engine, SubmitError};
-use crate::error::{ApiError, ApiResult, StatusCode};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::lora::UnmergedAdapter;
-use crate::lora::registry::{AdapterRegistry, RegistryError};
 use crate::models::embedding::EmbeddingModel;
 use crate::tenancy::Principal;
 
@@ -216,7 +216,7 @@ pub fn adapter_error(error: RegistryError, param: &str) -> ApiError {
     let message = error.to_string();
     match error {
         RegistryError::Exists(_) => ApiError {
-            status: StatusCode::CONFLICT,
+            kind: ErrorKind::Conflict,
             code: Some("adapter_exists"),
             ..ApiError::invalid_param("name", message)
         },

@@ -15,9 +15,9 @@ use serde_json::json;
 
 use super::AppState;
 use super::extract::ApiJson;
+use crate::adapters::registry::{AdapterSpec, AdapterStatus, Origin, check_name};
 use crate::error::{ApiError, ApiResult};
 use crate::gateway::adapter_error;
-use crate::lora::registry::{AdapterSpec, AdapterStatus, Origin, check_name};
 use crate::tenancy::Principal;
 
 type Caller = Extension<Arc<Principal>>;
@@ -85,7 +85,7 @@ pub async fn load_adapter(
     Extension(principal): Caller,
     ApiJson(body): ApiJson<LoadAdapter>,
 ) -> ApiResult<(StatusCode, Json<AdapterStatus>)> {
-    check_name(&body.name).map_err(|e| adapter_error(e, "name"))?;
+    check_name(&body.name).map_err(|e| adapter_error(e.into(), "name"))?;
     let engines = state.gateway.models.engines();
     let engine = match &body.base {
         Some(base) => engines

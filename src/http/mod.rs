@@ -24,7 +24,7 @@ use axum::{Extension, Json, Router};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::gateway::Gateway;
 use crate::tenancy::Principal;
 use extract::BodyLimit;
@@ -51,7 +51,9 @@ pub struct AppState {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.to_json())).into_response();
+        let status = StatusCode::from_u16(self.kind.status_code())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(self.to_json())).into_response();
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
@@ -159,7 +161,7 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
+        kind: ErrorKind::MethodNotAllowed,
         ..ApiError::not_found("Method not allowed on this endpoint.")
     }
 }

@@ -24,30 +24,6 @@ use crate::tenancy::Principal;
 /// Records per ingest request.
 const MAX_DOCUMENTS: usize = 1000;
 
-impl From<RagError> for ApiError {
-    fn from(error: RagError) -> Self {
-        match error {
-            RagError::InvalidSite(message) => ApiError::invalid_param("site", message),
-            RagError::SiteNotFound(site) => ApiError {
-                code: Some("site_not_found"),
-                param: Some("site".to_string()),
-                ..ApiError::not_found(format!("No site named '{site}'."))
-            },
-            RagError::SiteExists(site) => ApiError {
-                status: StatusCode::CONFLICT,
-                code: Some("site_exists"),
-                ..ApiError::invalid_param("name", format!("A site named '{site}' already exists."))
-            },
-            RagError::InvalidRequest { param, message } => ApiError::invalid_param(param, message),
-            error @ RagError::ModelMismatch { .. } => {
-                ApiError::invalid_param("site", error.to_string())
-            }
-            RagError::Store(error) => ApiError::internal(format!("site store: {error}")),
-            RagError::Other(error) => ApiError::internal(format!("{error:#}")),
-        }
-    }
-}
-
 /// The site named in the path, if the caller may use it.
 async fn site_name(state: &AppState, principal: &Principal, site: &str) -> ApiResult<SiteName> {
     let site = SiteName::parse(site)?;

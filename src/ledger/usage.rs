@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::Ledger;
 use super::db::{Db, Statement, Value};
 use crate::money::Usd;
+use crate::router::{Endpoint, ProviderKind};
 
 /// Rows written in one transaction at most.
 const BATCH: usize = 256;
@@ -60,11 +61,12 @@ pub struct UsageRecord {
     pub ts_ms: i64,
     pub tenant: String,
     pub key_id: String,
-    pub endpoint: String,
+    pub endpoint: Endpoint,
     /// The model the client asked for (a deployment, a logical model, "auto").
     pub requested_model: String,
     pub deployment: String,
-    pub provider: String,
+    /// None when no route answered.
+    pub provider: Option<ProviderKind>,
     /// The upstream's model (what the price is for).
     pub model: String,
     pub prompt_tokens: u64,
@@ -101,7 +103,7 @@ fn insert(record: &UsageRecord) -> Statement {
             record.endpoint.as_str().into(),
             record.requested_model.as_str().into(),
             record.deployment.as_str().into(),
-            record.provider.as_str().into(),
+            record.provider.map_or("", ProviderKind::as_str).into(),
             record.model.as_str().into(),
             int(record.prompt_tokens),
             int(record.completion_tokens),
@@ -243,7 +245,8 @@ pub struct UsageRow {
 impl Ledger {
     /// Records a request's usage (written within milliseconds, in a batch).
     pub fn record(&self, record: UsageRecord) {
-        metrics::counter!("qpai_ledger_cost_pico_total", "provider" => record.provider.clone())
+        let provider = record.provider.map_or("", ProviderKind::as_str);
+        metrics::counter!("qpai_ledger_cost_pico_total", "provider" => provider)
             .increment(record.cost.0);
         if self
             .writer

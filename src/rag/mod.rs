@@ -17,6 +17,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+use crate::error::{ApiError, ErrorKind};
 use crate::models::embedding::EmbeddingModel;
 
 pub use search::{SearchFilter, SearchHit, SearchMode, SearchRequest};
@@ -85,5 +86,30 @@ impl Rag {
         .await
         .map_err(|e| anyhow::anyhow!("embedding task: {e}"))??;
         Ok(vectors)
+    }
+}
+
+/// A site error as the API answers it.
+impl From<RagError> for ApiError {
+    fn from(error: RagError) -> Self {
+        match error {
+            RagError::InvalidSite(message) => ApiError::invalid_param("site", message),
+            RagError::SiteNotFound(site) => ApiError {
+                code: Some("site_not_found"),
+                param: Some("site".to_string()),
+                ..ApiError::not_found(format!("No site named '{site}'."))
+            },
+            RagError::SiteExists(site) => ApiError {
+                kind: ErrorKind::Conflict,
+                code: Some("site_exists"),
+                ..ApiError::invalid_param("name", format!("A site named '{site}' already exists."))
+            },
+            RagError::InvalidRequest { param, message } => ApiError::invalid_param(param, message),
+            error @ RagError::ModelMismatch { .. } => {
+                ApiError::invalid_param("site", error.to_string())
+            }
+            RagError::Store(error) => ApiError::internal(format!("site store: {error}")),
+            RagError::Other(error) => ApiError::internal(format!("{error:#}")),
+        }
     }
 }

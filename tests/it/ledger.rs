@@ -43,10 +43,16 @@ fn record(i: usize, tenant: &str, rng: &mut rand::rngs::StdRng) -> UsageRecord {
         ts_ms: 1_780_000_000_000 + (i as i64 % 3) * day_ms,
         tenant: tenant.into(),
         key_id: format!("key_{}", i % 2),
-        endpoint: "chat.completions".into(),
+        endpoint: qpai::router::Endpoint::ChatCompletions,
         requested_model: "writer".into(),
         deployment: ["a", "b", "c"][i % 3].into(),
-        provider: ["local", "openai", "azure"][i % 3].into(),
+        provider: Some(
+            [
+                qpai::router::ProviderKind::Local,
+                qpai::router::ProviderKind::Openai,
+                qpai::router::ProviderKind::Azure,
+            ][i % 3],
+        ),
         model: ["small", "gpt-4o-mini", "gpt-4o"][i % 3].into(),
         prompt_tokens: rng.random_range(1..5000),
         completion_tokens: rng.random_range(0..2000),

@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::{Adapter, UnmergedAdapter};
+pub use crate::lora::check_name;
+use crate::lora::{Adapter, InvalidName, UnmergedAdapter};
 use crate::models::LoadedModel;
-
-pub const MAX_ADAPTER_NAME: usize = 64;
 
 /// How long a load waits for a resident adapter to become idle when the
 /// caps are reached and every resident adapter is in use.
@@ -61,10 +60,8 @@ impl Default for AdapterLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error(
-        "invalid adapter name {0:?}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
-    )]
-    InvalidName(String),
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
     #[error("the adapter '{0}' is already registered; unload it first")]
     Exists(String),
     #[error("{0}")]
@@ -116,20 +113,6 @@ pub struct AdapterRegistry {
     state: Mutex<State>,
     /// One load at a time, so concurrent first requests load an adapter once.
     loading: Mutex<()>,
-}
-
-pub fn check_name(name: &str) -> Result<(), RegistryError> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_ADAPTER_NAME
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if valid {
-        Ok(())
-    } else {
-        Err(RegistryError::InvalidName(name.to_string()))
-    }
 }
 
 impl AdapterRegistry {

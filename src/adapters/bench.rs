@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Adapter, UnmergedAdapter};
 use crate::bench::{batched_decode, prompt_ids};
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{BenchLoraArgs, GlobalArgs};
+use crate::lora::{Adapter, UnmergedAdapter};
 use crate::models::{LoadedModel, load_model};
 
 #[derive(Debug, Serialize)]

@@ -11,12 +11,12 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use super::{Adapter, UnmergedAdapter};
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
 use crate::catalog::resolve::resolve;
 use crate::config::{EvalAdapterArgs, GlobalArgs};
 use crate::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest};
+use crate::lora::{Adapter, UnmergedAdapter};
 use crate::models::{LoadedModel, TemplateMessage, load_model};
 
 #[derive(Debug, Deserialize)]
