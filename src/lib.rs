@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod ledger;

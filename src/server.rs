@@ -59,7 +59,14 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         keys_required = tenancy.auth_required(),
         "ledger open"
     );
+    let files = crate::files::Files::new(
+        &ledger,
+        Arc::new(crate::files::LocalBlobs::new(
+            global.data_dir().join("files"),
+        )),
+    );
     let gateway = builder
+        .files(files)
         .rag_store(rag_store)
         .tenancy(tenancy)
         .router(model_router(&args)?)

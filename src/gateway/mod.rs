@@ -109,6 +109,7 @@ pub struct Gateway {
     /// tenant and no usage is recorded.
     pub tenancy: Option<Arc<Tenancy>>,
     rag_store: Option<crate::rag::Store>,
+    files: Option<crate::files::Files>,
     embedding_permits: Arc<tokio::sync::Semaphore>,
     pub started_at: Instant,
 }
@@ -121,9 +122,16 @@ pub struct GatewayBuilder {
     router: Option<ModelRouter>,
     tenancy: Option<Arc<Tenancy>>,
     rag_store: Option<crate::rag::Store>,
+    files: Option<crate::files::Files>,
 }
 
 impl GatewayBuilder {
+    /// Files (batch inputs and outputs).
+    pub fn files(mut self, files: crate::files::Files) -> Self {
+        self.files = Some(files);
+        self
+    }
+
     /// LoRA adapters served per request.
     pub fn adapters(mut self, adapters: AdapterRegistry) -> Self {
         self.adapters = Some(adapters);
@@ -172,6 +180,7 @@ impl GatewayBuilder {
             router: Arc::new(router),
             tenancy: self.tenancy,
             rag_store: self.rag_store,
+            files: self.files,
             embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
             started_at: Instant::now(),
         }))
@@ -188,6 +197,13 @@ impl Gateway {
         self.rag_store
             .as_ref()
             .ok_or_else(|| ApiError::not_found("This server has no site store (RAG is off)."))
+    }
+
+    /// The files, when the server keeps them.
+    pub fn files(&self) -> ApiResult<&crate::files::Files> {
+        self.files
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("This server keeps no files."))
     }
 
     /// The site store with the served embedding model (loaded on first use).

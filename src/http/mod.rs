@@ -4,6 +4,7 @@
 
 mod adapters;
 pub mod extract;
+mod files;
 mod health;
 mod inference;
 mod models;
@@ -28,6 +29,9 @@ use crate::error::{ApiError, ErrorKind};
 use crate::gateway::Gateway;
 use crate::tenancy::Principal;
 use extract::BodyLimit;
+
+/// Room for a multipart form's own bytes around an uploaded file.
+const FORM_OVERHEAD: usize = 64 * 1024;
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +94,16 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
             get(adapters::get_adapter).delete(adapters::unload_adapter),
         )
         .route("/v1/usage", get(usage::usage))
+        .route(
+            "/v1/files",
+            get(files::list)
+                .post(files::upload)
+                .layer(DefaultBodyLimit::max(
+                    crate::files::MAX_FILE_BYTES + FORM_OVERHEAD,
+                )),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
         .route("/v1/router/health", get(usage::router_health))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()

@@ -119,7 +119,10 @@ async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
 const MIGRATION_LOCK: i64 = 0x7170_6169;
 
 /// The schema, one entry per version; each runs once, in a transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("schema/0001_ledger.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("schema/0001_ledger.sql")),
+    (2, include_str!("schema/0002_files.sql")),
+];
 
 impl Db {
     /// Opens (creating when needed) and migrates the database at `url`:

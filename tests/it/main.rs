@@ -10,6 +10,7 @@ mod common;
 mod concurrency;
 mod embeddings;
 mod fake_upstream;
+mod files;
 mod gateway;
 mod ledger;
 mod lora;

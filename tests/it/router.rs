@@ -118,7 +118,12 @@ pub async fn router_app_on(database_url: Option<String>, breaker: BreakerConfig)
     let rag_store = qpai::rag::Store::open(dir.path().join("rag").to_str().unwrap())
         .await
         .unwrap();
+    let files = qpai::files::Files::new(
+        &ledger,
+        Arc::new(qpai::files::LocalBlobs::new(dir.path().join("files"))),
+    );
     let gateway = Gateway::builder()
+        .files(files)
         .tenancy(tenancy.clone())
         .router(ModelRouter::new(catalog, timeouts, breaker, retry).unwrap())
         .rag_store(rag_store)
@@ -498,7 +503,11 @@ async fn the_circuit_opens_after_failures_in_a_row_and_health_shows_it() {
 }
 
 /// Keys for tenants `acme` (with `budget`), `globex`, and an admin.
-async fn keys(r: &RouterApp, budget: Option<&str>, soft: Option<u8>) -> (String, String, String) {
+pub async fn keys(
+    r: &RouterApp,
+    budget: Option<&str>,
+    soft: Option<u8>,
+) -> (String, String, String) {
     let key = |tenant: &str, admin: bool, budget: Option<Usd>| NewKey {
         tenant: tenant.into(),
         monthly_budget: budget,

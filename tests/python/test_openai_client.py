@@ -220,3 +220,38 @@ def test_an_unknown_adapter_is_a_clear_error(client):
         )
     assert error.value.body["param"] == "model"
     assert "no-such-adapter" in error.value.body["message"]
+
+
+def test_files_upload_list_retrieve_content_and_delete(client):
+    lines = b"".join(
+        json.dumps(
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": MODEL, "messages": MESSAGES}}
+        ).encode()
+        + b"\n"
+        for i in range(3)
+    )
+    created = client.files.create(file=("input.jsonl", lines), purpose="batch")
+    assert (created.object, created.purpose, created.filename) == ("file", "batch", "input.jsonl")
+    assert created.bytes == len(lines)
+    assert client.files.retrieve(created.id).model_dump() == created.model_dump()
+    assert client.files.content(created.id).content == lines
+    assert created.id in [f.id for f in client.files.list(purpose="batch")]
+    kept = client.files.create(
+        file=("kept.jsonl", lines),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert kept.expires_at == kept.created_at + 3600
+    newest_first = [f.id for f in client.files.list(limit=2, order="desc")]
+    assert newest_first.index(kept.id) < newest_first.index(created.id)
+    deleted = client.files.delete(created.id)
+    assert (deleted.id, deleted.deleted) == (created.id, True)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("x.jsonl", lines), purpose="fine-tune")
+    assert err.value.param == "purpose"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("empty.jsonl", b""), purpose="batch")
+    assert err.value.param == "file"
