@@ -361,8 +361,11 @@ impl Files {
 mod tests {
     use super::*;
 
+    /// On the test PostgreSQL when there is one (scripts/test.sh), else
+    /// SQLite; tenants get fresh names, so runs do not meet.
     async fn files(dir: &std::path::Path) -> (Files, Ledger) {
-        let url = format!("sqlite://{}", dir.join("qpai.db").display());
+        let url = std::env::var("QPAI_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| format!("sqlite://{}", dir.join("qpai.db").display()));
         let ledger = Ledger::open(&url).await.unwrap();
         let files = Files::new(&ledger, Arc::new(LocalBlobs::new(dir.join("files"))));
         (files, ledger)
@@ -377,14 +380,20 @@ mod tests {
         }
     }
 
+    fn tenant(name: &str) -> String {
+        format!("{name}-{}", uuid::Uuid::new_v4().simple())
+    }
+
     #[tokio::test]
     async fn a_tenant_stores_lists_reads_and_deletes_its_own_files() {
+        let (acme, globex) = (tenant("acme"), tenant("globex"));
+        let (acme, globex) = (acme.as_str(), globex.as_str());
         let dir = tempfile::tempdir().unwrap();
         let (files, _) = files(dir.path()).await;
         let mut ids = Vec::new();
         for i in 0..5 {
             let file = files
-                .create("acme", jsonl(&format!("in{i}.jsonl"), i + 1))
+                .create(acme, jsonl(&format!("in{i}.jsonl"), i + 1))
                 .await
                 .unwrap();
             assert_eq!(
@@ -395,30 +404,24 @@ mod tests {
             ids.push(file.id);
         }
         let other = files
-            .create("globex", jsonl("theirs.jsonl", 1))
+            .create(globex, jsonl("theirs.jsonl", 1))
             .await
             .unwrap();
-        assert_eq!(files.content("acme", &ids[2]).await.unwrap().len(), 19 * 3);
+        assert_eq!(files.content(acme, &ids[2]).await.unwrap().len(), 19 * 3);
 
         // Pages, newest first (files made in one millisecond are ordered
         // by id): two pages make the whole listing, nothing twice.
-        let all = files
-            .list("acme", None, None, 10, Order::Desc)
-            .await
-            .unwrap();
+        let all = files.list(acme, None, None, 10, Order::Desc).await.unwrap();
         let all: Vec<String> = all.data.into_iter().map(|f| f.id).collect();
         let mut sorted = all.clone();
         sorted.sort();
         let mut expected = ids.clone();
         expected.sort();
         assert_eq!(sorted, expected, "the tenant's five files only");
-        let page = files
-            .list("acme", None, None, 2, Order::Desc)
-            .await
-            .unwrap();
+        let page = files.list(acme, None, None, 2, Order::Desc).await.unwrap();
         assert!(page.has_more);
         let rest = files
-            .list("acme", None, page.last_id.as_deref(), 10, Order::Desc)
+            .list(acme, None, page.last_id.as_deref(), 10, Order::Desc)
             .await
             .unwrap();
         assert!(!rest.has_more);
@@ -429,48 +432,47 @@ mod tests {
             .map(|f| f.id.clone())
             .collect();
         assert_eq!(paged, all);
-        let oldest_first = files
-            .list("acme", None, None, 10, Order::Asc)
-            .await
-            .unwrap();
+        let oldest_first = files.list(acme, None, None, 10, Order::Asc).await.unwrap();
         let reversed: Vec<String> = oldest_first.data.into_iter().rev().map(|f| f.id).collect();
         assert_eq!(reversed, all);
         let after_oldest = files
-            .list("acme", None, Some(&all[4]), 10, Order::Asc)
+            .list(acme, None, Some(&all[4]), 10, Order::Asc)
             .await
             .unwrap();
         assert_eq!(after_oldest.data.len(), 4);
         let outputs = files
-            .list("acme", Some(Purpose::BatchOutput), None, 10, Order::Asc)
+            .list(acme, Some(Purpose::BatchOutput), None, 10, Order::Asc)
             .await
             .unwrap();
         assert!(outputs.data.is_empty());
 
         // Another tenant's file is absent, in every way.
-        let missing = files.get("acme", &other.id).await.unwrap_err();
+        let missing = files.get(acme, &other.id).await.unwrap_err();
         assert_eq!(
             (missing.code, missing.param.as_deref()),
             (Some("file_not_found"), Some("file_id"))
         );
-        assert!(files.content("acme", &other.id).await.is_err());
-        assert!(files.delete("acme", &other.id).await.is_err());
+        assert!(files.content(acme, &other.id).await.is_err());
+        assert!(files.delete(acme, &other.id).await.is_err());
         let cursor = files
-            .list("acme", None, Some(&other.id), 10, Order::Asc)
+            .list(acme, None, Some(&other.id), 10, Order::Asc)
             .await
             .unwrap_err();
         assert_eq!(cursor.param.as_deref(), Some("after"));
 
-        files.delete("acme", &ids[0]).await.unwrap();
-        assert!(files.get("acme", &ids[0]).await.is_err());
+        files.delete(acme, &ids[0]).await.unwrap();
+        assert!(files.get(acme, &ids[0]).await.is_err());
         assert!(!dir.path().join("files").join(&ids[0]).exists());
         assert_eq!(
-            files.get("globex", &other.id).await.unwrap().filename,
+            files.get(globex, &other.id).await.unwrap().filename,
             "theirs.jsonl"
         );
     }
 
     #[tokio::test]
     async fn bad_files_are_refused_and_expired_ones_are_gone() {
+        let acme = tenant("acme");
+        let acme = acme.as_str();
         let dir = tempfile::tempdir().unwrap();
         let (files, ledger) = files(dir.path()).await;
         let empty = NewFile {
@@ -479,7 +481,7 @@ mod tests {
         };
         assert_eq!(
             files
-                .create("acme", empty)
+                .create(acme, empty)
                 .await
                 .unwrap_err()
                 .param
@@ -490,18 +492,18 @@ mod tests {
             expires_after_s: Some(60),
             ..jsonl("soon.jsonl", 1)
         };
-        let refused = files.create("acme", too_soon).await.unwrap_err();
+        let refused = files.create(acme, too_soon).await.unwrap_err();
         assert_eq!(refused.param.as_deref(), Some("expires_after.seconds"));
         let kept = NewFile {
             expires_after_s: Some(3600),
             ..jsonl("kept.jsonl", 1)
         };
-        let kept = files.create("acme", kept).await.unwrap();
+        let kept = files.create(acme, kept).await.unwrap();
         assert_eq!(kept.expires_at, Some(kept.created_at + 3600));
         // A blob changed behind qpai's back is not served.
         std::fs::write(dir.path().join("files").join(&kept.id), b"tampered").unwrap();
         assert_eq!(
-            files.content("acme", &kept.id).await.unwrap_err().code,
+            files.content(acme, &kept.id).await.unwrap_err().code,
             Some("internal_error")
         );
         // Once its time is up, the file is absent.
@@ -513,10 +515,10 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(files.get("acme", &kept.id).await.is_err());
+        assert!(files.get(acme, &kept.id).await.is_err());
         assert!(
             files
-                .list("acme", None, None, 10, Order::Asc)
+                .list(acme, None, None, 10, Order::Asc)
                 .await
                 .unwrap()
                 .data

@@ -256,10 +256,14 @@ async fn processes_starting_together_migrate_a_fresh_postgres_once() {
         .as_ref()
         .unwrap()
         .db()
-        .query("SELECT version FROM schema_migrations", vec![])
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            vec![],
+        )
         .await
         .unwrap();
-    assert_eq!(versions.len(), 1, "each migration ran once");
+    let versions: Vec<i64> = versions.iter().filter_map(|row| row[0].int()).collect();
+    assert_eq!(versions, [1, 2], "each migration ran once");
     drop(opened);
     admin
         .db()
