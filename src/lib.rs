@@ -2,6 +2,7 @@
 //! an OpenAI-compatible HTTP API; every request goes through the gateway.
 
 pub mod adapters;
+pub mod batches;
 pub mod bench;
 pub mod catalog;
 pub mod commands;
@@ -30,6 +31,19 @@ pub use http::HttpConfig;
 
 /// The HTTP application over `gateway` (tests drive it in-process).
 pub fn app(gateway: Arc<Gateway>, config: HttpConfig) -> axum::Router {
+    app_with_batches(gateway, None, config)
+}
+
+/// The HTTP application, with `/v1/batches` over `batches`.
+pub fn app_with_batches(
+    gateway: Arc<Gateway>,
+    batches: Option<batches::Batches>,
+    config: HttpConfig,
+) -> axum::Router {
     telemetry::metrics_handle();
-    http::router(gateway, config)
+    http::router(http::AppState {
+        gateway,
+        batches,
+        config,
+    })
 }

@@ -65,6 +65,12 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             global.data_dir().join("files"),
         )),
     );
+    let batches = crate::batches::Batches::new(&ledger, files.clone());
+    let runner_config = crate::batches::runner::RunnerConfig {
+        concurrency: args.batch_concurrency,
+        lease: std::time::Duration::from_secs(args.batch_lease_s.max(3)),
+        ..Default::default()
+    };
     let gateway = builder
         .files(files)
         .rag_store(rag_store)
@@ -126,7 +132,9 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let app = crate::app(gateway, config);
+    let runner = (runner_config.concurrency > 0)
+        .then(|| crate::batches::runner::spawn(batches.clone(), gateway.clone(), runner_config));
+    let app = crate::app_with_batches(gateway, Some(batches), config);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! {
@@ -136,6 +144,9 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         })
         .await
         .context("serving")?;
+    if let Some(runner) = runner {
+        runner.stop().await;
+    }
     ledger.flush().await;
     match failure.lock().ok().and_then(|mut slot| slot.take()) {
         Some(error) => Err(error),

@@ -355,6 +355,14 @@ pub struct ServeArgs {
     /// Seconds an open circuit waits before a probe.
     #[arg(long, env = "QPAI_BREAKER_COOLDOWN_S", default_value_t = 30.0)]
     pub breaker_cooldown_s: f64,
+    /// Batch lines this process runs at once (0: it runs no batch lines,
+    /// but still serves /v1/batches).
+    #[arg(long, env = "QPAI_BATCH_CONCURRENCY", default_value_t = 8)]
+    pub batch_concurrency: usize,
+    /// Seconds a claimed batch line stays claimed without renewal: how long
+    /// the lines of a process that died wait before another takes them.
+    #[arg(long, env = "QPAI_BATCH_LEASE_S", default_value_t = 60)]
+    pub batch_lease_s: u64,
 }
 
 /// `[BASE:]NAME=PATH` of --lora.
@@ -406,6 +414,8 @@ pub struct ServeFile {
     pub max_adapters: Option<usize>,
     pub max_adapter_memory_mb: Option<usize>,
     pub router_config: Option<PathBuf>,
+    pub batch_concurrency: Option<usize>,
+    pub batch_lease_s: Option<u64>,
 }
 
 fn is_default(matches: &ArgMatches, id: &str) -> bool {
@@ -450,6 +460,8 @@ impl ServeArgs {
         layer!(adapter_dirs, "adapter_dirs");
         layer!(max_adapters, "max_adapters");
         layer!(max_adapter_memory_mb, "max_adapter_memory_mb");
+        layer!(batch_concurrency, "batch_concurrency");
+        layer!(batch_lease_s, "batch_lease_s");
         if let Some(path) = file.router_config
             && is_default(matches, "router_config")
         {

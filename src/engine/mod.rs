@@ -22,7 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::models::LoadedModel;
 pub use types::{
-    FinishReason, GenerationEvent, GenerationRequest, Logprobs, SamplingParams, TokenLogprob,
+    FinishReason, GenerationEvent, GenerationRequest, Logprobs, Priority, SamplingParams,
+    TokenLogprob,
 };
 use worker::{Job, Worker};
 

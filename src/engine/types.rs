@@ -47,6 +47,18 @@ pub struct GenerationRequest {
     pub logit_bias: Vec<(u32, f32)>,
     /// A grammar the output must match (each choice gets its own copy).
     pub constraint: Option<super::constraint::Constraint>,
+    /// Live requests are admitted before batch work.
+    pub priority: Priority,
+}
+
+/// Whose work a request is: a caller waiting on it, or a batch line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Priority {
+    #[default]
+    Live,
+    /// Admitted only when no live request waits, and never into the slots
+    /// kept for live traffic.
+    Batch,
 }
 
 impl GenerationRequest {
@@ -65,6 +77,7 @@ impl GenerationRequest {
             adapter: None,
             logit_bias: Vec::new(),
             constraint: None,
+            priority: Priority::Live,
         }
     }
 }

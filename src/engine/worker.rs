@@ -5,10 +5,11 @@
 //! make progress together. A request whose client has
 //! gone is dropped before any more compute is spent on it.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -17,7 +18,9 @@ use super::constraint::Constraint;
 use super::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
 use super::sampling::{Sampled, Sampler};
 use super::step_model::StepModel;
-use super::types::{FinishReason, GenerationEvent, GenerationRequest, Logprobs, TokenLogprob};
+use super::types::{
+    FinishReason, GenerationEvent, GenerationRequest, Logprobs, Priority, TokenLogprob,
+};
 use super::{EngineConfig, EngineStats};
 use crate::models::SequenceModel;
 
@@ -69,6 +72,55 @@ impl Running {
     }
 }
 
+/// Requests received and not yet admitted: live ones first; batch work
+/// only into the slots not kept for live traffic (a quarter of
+/// `max_running`, at least one when there are two or more).
+#[derive(Default)]
+struct Admission {
+    live: VecDeque<Job>,
+    batch: VecDeque<Job>,
+}
+
+impl Admission {
+    fn push(&mut self, job: Job) {
+        match job.request.priority {
+            Priority::Live => self.live.push_back(job),
+            Priority::Batch => self.batch.push_back(job),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.batch.is_empty()
+    }
+
+    /// The next request to admit beside `running`, if any may be.
+    fn next(&mut self, running: &[Running], max_running: usize) -> Option<Job> {
+        if running.len() >= max_running {
+            return None;
+        }
+        if let Some(job) = self.live.pop_front() {
+            return Some(job);
+        }
+        let batch_running = running
+            .iter()
+            .filter(|r| r.job.request.priority == Priority::Batch)
+            .count();
+        (batch_running < batch_slots(max_running))
+            .then(|| self.batch.pop_front())
+            .flatten()
+    }
+}
+
+/// How many of `max_running` slots batch work may hold.
+pub(crate) fn batch_slots(max_running: usize) -> usize {
+    let kept = if max_running >= 2 {
+        (max_running / 4).max(1)
+    } else {
+        0
+    };
+    max_running - kept
+}
+
 pub(crate) struct Worker {
     model: Arc<dyn StepModel>,
     config: EngineConfig,
@@ -86,24 +138,21 @@ impl Worker {
 
     pub fn run(self, jobs: Receiver<Job>) {
         let mut running: Vec<Running> = Vec::new();
+        let mut queue = Admission::default();
         loop {
-            let mut first = None;
-            if running.is_empty() {
+            if running.is_empty() && queue.is_empty() {
                 match jobs.recv() {
-                    Ok(job) => first = Some(job),
+                    Ok(job) => queue.push(job),
                     Err(_) => return,
                 }
             }
+            while let Ok(job) = jobs.try_recv() {
+                queue.push(job);
+            }
             // A bug in one step fails the requests in flight, not the model.
             let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                if let Some(job) = first.take() {
+                while let Some(job) = queue.next(&running, self.config.max_running) {
                     self.admit(job, &mut running);
-                }
-                while running.len() < self.config.max_running {
-                    match jobs.try_recv() {
-                        Ok(job) => self.admit(job, &mut running),
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                    }
                 }
                 self.step_all(&mut running);
             }));

@@ -6,7 +6,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -16,7 +16,8 @@ use super::constraint::{Constraint, GrammarCompiler, GrammarSpec};
 use super::step_model::StepModel;
 use super::worker::{Job, Worker};
 use super::{
-    EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
+    EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Priority,
+    SamplingParams,
 };
 use crate::lora::UnmergedAdapter;
 use crate::models::SequenceModel;
@@ -67,15 +68,21 @@ struct FakeModel {
     tokenizer: Tokenizer,
     /// The most tokens fed to one sequence in one forward pass.
     widest_feed: Arc<AtomicUsize>,
+    /// Each prompt's first token, in the order prompts were first fed.
+    prompts_fed: Arc<Mutex<Vec<u32>>>,
 }
 
 struct FakeSequence {
     position: usize,
     widest_feed: Arc<AtomicUsize>,
+    prompts_fed: Arc<Mutex<Vec<u32>>>,
 }
 
 impl SequenceModel for FakeSequence {
     fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        if self.position == 0 {
+            self.prompts_fed.lock().unwrap().extend(tokens.first());
+        }
         self.position += tokens.len();
         self.widest_feed.fetch_max(tokens.len(), Ordering::SeqCst);
         // Lower ids slightly preferred, so masked draws are deterministic.
@@ -92,6 +99,7 @@ impl SequenceModel for FakeSequence {
         Box::new(FakeSequence {
             position: self.position,
             widest_feed: self.widest_feed.clone(),
+            prompts_fed: self.prompts_fed.clone(),
         })
     }
 
@@ -112,6 +120,7 @@ impl StepModel for FakeModel {
         Ok(Box::new(FakeSequence {
             position: 0,
             widest_feed: self.widest_feed.clone(),
+            prompts_fed: self.prompts_fed.clone(),
         }))
     }
 
@@ -162,13 +171,25 @@ type Outcome = Vec<(String, FinishReason)>;
 /// Runs the requests in one worker (all admitted in its first loop, so they
 /// share every batch) and returns each one's choices; also the widest feed.
 fn run(requests: Vec<GenerationRequest>) -> (Vec<Outcome>, usize) {
+    let (outcomes, widest_feed, _) = run_with(requests, EngineConfig::default());
+    (outcomes, widest_feed)
+}
+
+/// `run` with this config; also returns each prompt's first token in the
+/// order the worker admitted them.
+fn run_with(
+    requests: Vec<GenerationRequest>,
+    config: EngineConfig,
+) -> (Vec<Outcome>, usize, Vec<u32>) {
     let widest_feed = Arc::new(AtomicUsize::new(0));
+    let prompts_fed = Arc::new(Mutex::new(Vec::new()));
     let model = FakeModel {
         tokenizer: byte_tokenizer(),
         widest_feed: widest_feed.clone(),
+        prompts_fed: prompts_fed.clone(),
     };
     let stats = Arc::new(EngineStats::new("fake"));
-    let worker = Worker::new(Arc::new(model), EngineConfig::default(), stats.clone());
+    let worker = Worker::new(Arc::new(model), config, stats.clone());
     let (jobs, queue) = mpsc::sync_channel(requests.len());
     let mut receivers = Vec::new();
     for request in requests {
@@ -209,7 +230,8 @@ fn run(requests: Vec<GenerationRequest>) -> (Vec<Outcome>, usize) {
                 .collect()
         })
         .collect();
-    (outcomes, widest_feed.load(Ordering::SeqCst))
+    let admitted = prompts_fed.lock().unwrap().clone();
+    (outcomes, widest_feed.load(Ordering::SeqCst), admitted)
 }
 
 fn object_schema() -> Value {
@@ -308,4 +330,32 @@ fn forced_tokens_save_draws_but_change_nothing() {
     assert_eq!(forced.0, drawn.0);
     assert!(forced.1 > 1);
     assert_eq!(drawn.1, 1, "every token fed on its own");
+}
+
+#[test]
+fn live_requests_are_admitted_before_batch_work_and_keep_a_slot() {
+    let prompt = |byte: u8, priority| GenerationRequest {
+        priority,
+        ..GenerationRequest::greedy(vec![u32::from(byte)], 3)
+    };
+    let config = EngineConfig {
+        max_running: 2,
+        ..EngineConfig::default()
+    };
+    // Queued in this order; all waiting when the worker starts.
+    let requests = vec![
+        prompt(b'a', Priority::Batch),
+        prompt(b'b', Priority::Batch),
+        prompt(b'L', Priority::Live),
+        prompt(b'M', Priority::Live),
+    ];
+    let (outcomes, _, admitted) = run_with(requests, config);
+    assert_eq!(outcomes.len(), 4);
+    assert!(outcomes.iter().all(|o| o[0].0 == "zzz"), "{outcomes:?}");
+    // Both live requests first; batch work never held both slots, so one
+    // batch line waited for the other.
+    assert_eq!(admitted, [b'L', b'M', b'a', b'b'].map(u32::from));
+    assert_eq!(super::worker::batch_slots(2), 1);
+    assert_eq!(super::worker::batch_slots(8), 6);
+    assert_eq!(super::worker::batch_slots(1), 1);
 }

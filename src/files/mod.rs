@@ -150,6 +150,17 @@ impl Files {
     /// Stores `file` for `tenant`: the content first, then its record, so
     /// that a record always has its content.
     pub async fn create(&self, tenant: &str, file: NewFile) -> ApiResult<FileObject> {
+        let id = format!("file-{}", uuid::Uuid::new_v4().simple());
+        self.store(tenant, id, file).await
+    }
+
+    /// Stores a file qpai writes under a fixed `id` (a batch's output):
+    /// writing it again, after a restart, leaves one file.
+    pub async fn write_as(&self, tenant: &str, id: &str, file: NewFile) -> ApiResult<FileObject> {
+        self.store(tenant, id.to_string(), file).await
+    }
+
+    async fn store(&self, tenant: &str, id: String, file: NewFile) -> ApiResult<FileObject> {
         if file.content.len() > MAX_FILE_BYTES {
             return Err(ApiError::invalid_param(
                 "file",
@@ -178,7 +189,6 @@ impl Files {
                 ),
             ));
         }
-        let id = format!("file-{}", uuid::Uuid::new_v4().simple());
         let created_ms = now_ms();
         let expires_ms = file.expires_after_s.map(|s| created_ms + s as i64 * 1000);
         let sha256 = hex::encode(Sha256::digest(&file.content));
@@ -190,7 +200,7 @@ impl Files {
         self.db
             .execute(
                 "INSERT INTO files (id, tenant, filename, purpose, bytes, sha256, created_ms, expires_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
                 vec![
                     id.as_str().into(),
                     tenant.into(),

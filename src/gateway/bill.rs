@@ -4,7 +4,7 @@
 //! the request was refused, the caller left while it waited), as an error
 //! that cost nothing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -35,6 +35,30 @@ impl Metered {
     }
 }
 
+/// The billing of one batch line: tagged with its batch, priced at the
+/// deployment's batch prices, and its row handed back (not sent to the
+/// ledger's writer) so the batch runner writes it in the same transaction
+/// as the line's result: a line is billed exactly when its result is kept.
+#[derive(Debug, Clone)]
+pub struct BatchBilling {
+    pub batch_id: String,
+    row: Arc<Mutex<Option<UsageRecord>>>,
+}
+
+impl BatchBilling {
+    pub fn new(batch_id: &str) -> Self {
+        Self {
+            batch_id: batch_id.to_string(),
+            row: Arc::default(),
+        }
+    }
+
+    /// The line's usage row, once its bill is written.
+    pub fn take_row(&self) -> Option<UsageRecord> {
+        self.row.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// A request's bill.
 pub struct Bill {
     tenancy: Option<Arc<Tenancy>>,
@@ -43,6 +67,8 @@ pub struct Bill {
     prices: Prices,
     /// Counts produced text when no usage comes.
     counter: Option<TokenCounter>,
+    /// Set for a batch line: where its row goes.
+    batch: Option<BatchBilling>,
     written: bool,
 }
 
@@ -62,6 +88,7 @@ impl Bill {
         endpoint: Endpoint,
         requested_model: &str,
         stream: bool,
+        batch: Option<BatchBilling>,
     ) -> Bill {
         Bill {
             tenancy,
@@ -83,9 +110,11 @@ impl Bill {
                 attempts: 0,
                 stream,
                 usage_source: UsageSource::Counted,
+                batch_id: batch.as_ref().map(|b| b.batch_id.clone()),
             },
             prices: Prices::FREE,
             counter: None,
+            batch,
             written: false,
         }
     }
@@ -103,7 +132,10 @@ impl Bill {
         self.record.provider = Some(deployment.provider);
         self.record.model = deployment.model.clone();
         self.record.prompt_tokens = candidate.prompt_tokens;
-        self.prices = deployment.prices;
+        self.prices = match self.batch {
+            Some(_) => deployment.batch_prices,
+            None => deployment.prices,
+        };
         self.counter = Some(counter);
         self.reservation = reservation;
     }
@@ -154,8 +186,12 @@ impl Bill {
         if let Some(reservation) = self.reservation.take() {
             reservation.settle(cost);
         }
-        if let Some(tenancy) = &self.tenancy {
-            tenancy.ledger.record(self.record.clone());
+        match (&self.batch, &self.tenancy) {
+            (Some(batch), _) => {
+                *batch.row.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.record.clone());
+            }
+            (None, Some(tenancy)) => tenancy.ledger.record(self.record.clone()),
+            (None, None) => {}
         }
         cost
     }

@@ -13,6 +13,7 @@ use super::drive::{AttemptError, Attempts, Plan, Reply, Standing, rank_prepared}
 use super::local_chat::{LocalChat, PreparedChat};
 use super::wire::ChatCompletionRequest;
 use super::{Answer, Gateway, Hints, validate};
+use crate::engine::Priority;
 use crate::error::{ApiError, ApiResult};
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
@@ -99,6 +100,7 @@ impl Gateway {
             requested,
             candidates,
             stream,
+            batch: hints.batch.clone(),
         };
         let attempts = ChatAttempts {
             gateway: self,
@@ -106,6 +108,7 @@ impl Gateway {
             local: local.and_then(Result::ok),
             remote_body,
             include_usage: validate::include_usage(&request.sampling()).unwrap_or(false),
+            priority: hints.priority(),
         };
         self.drive(
             principal,
@@ -174,6 +177,7 @@ struct ChatAttempts<'a> {
     /// The request as upstreams get it.
     remote_body: Option<Value>,
     include_usage: bool,
+    priority: Priority,
 }
 
 impl Attempts<PreparedChat> for ChatAttempts<'_> {
@@ -188,7 +192,9 @@ impl Attempts<PreparedChat> for ChatAttempts<'_> {
                 let (Some(chat), Some(job)) = (&self.local, job) else {
                     return Err(ApiError::internal("a local route without its prompt").into());
                 };
-                return chat.run(self.request, job, &deployment.model).await;
+                return chat
+                    .run(self.request, job, &deployment.model, self.priority)
+                    .await;
             }
             self.gateway
                 .upstream_reply(

@@ -16,7 +16,7 @@ use super::wire::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
 };
 use super::{Answer, Gateway, Hints, Whole, submit_error, unix_now, validate};
-use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs};
+use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs, Priority};
 use crate::error::{ApiError, ApiResult};
 use crate::lora::UnmergedAdapter;
 use crate::models::{LoadedModel, ModelKind};
@@ -145,11 +145,13 @@ impl Gateway {
             requested,
             candidates,
             stream,
+            batch: hints.batch.clone(),
         };
         let attempts = TextAttempts {
             gateway: self,
             request: &request,
             remote_body,
+            priority: hints.priority(),
         };
         self.drive(principal, Endpoint::Completions, standing, plan, &attempts)
             .await
@@ -160,6 +162,7 @@ struct TextAttempts<'a> {
     gateway: &'a Gateway,
     request: &'a CompletionRequest,
     remote_body: Option<Value>,
+    priority: Priority,
 }
 
 impl Attempts<PreparedText> for TextAttempts<'_> {
@@ -173,7 +176,7 @@ impl Attempts<PreparedText> for TextAttempts<'_> {
             if deployment.provider == ProviderKind::Local {
                 let job =
                     job.ok_or_else(|| ApiError::internal("a local route without its prompt"))?;
-                return run_local(self.request, job, &deployment.model).await;
+                return run_local(self.request, job, &deployment.model, self.priority).await;
             }
             let include_usage = validate::include_usage(&self.request.sampling()).unwrap_or(false);
             self.gateway
@@ -194,6 +197,7 @@ async fn run_local(
     request: &CompletionRequest,
     job: &PreparedText,
     model_name: &str,
+    priority: Priority,
 ) -> Result<Reply, AttemptError> {
     let model = job.engine.model();
     let fields = &request.sampling();
@@ -230,6 +234,7 @@ async fn run_local(
             model.tokenizer.get_vocab_size(true),
         )?,
         constraint: None,
+        priority,
     };
     validate::log_caller(fields);
     let prompt_tokens = generation.prompt_ids.len();

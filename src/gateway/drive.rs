@@ -7,7 +7,7 @@
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use super::bill::{Bill, Metered};
+use super::bill::{BatchBilling, Bill, Metered};
 use super::events::{ChunkStream, upstream_stream};
 use super::{Answer, AnswerBody, Gateway, RouteTaken, Whole};
 use crate::error::{ApiError, ApiResult, ErrorKind};
@@ -117,6 +117,8 @@ pub struct Plan<L> {
     pub requested: String,
     pub candidates: Vec<(Candidate, Option<L>)>,
     pub stream: bool,
+    /// Set for a batch line.
+    pub batch: Option<BatchBilling>,
 }
 
 /// The tenant's standing, read once per request.
@@ -171,11 +173,15 @@ impl Gateway {
         prompt_tokens: u64,
         needs: &Needs,
     ) -> Candidate {
-        let deployment = Deployment::local(
+        let priced = self.router.local_deployment(base);
+        let mut deployment = Deployment::local(
             requested,
-            self.router.local_prices(base).unwrap_or(Prices::FREE),
+            priced.map_or(Prices::FREE, |d| d.prices),
             context_length,
         );
+        if let Some(priced) = priced {
+            deployment.batch_prices = priced.batch_prices;
+        }
         let room = (context_length as u64).saturating_sub(prompt_tokens);
         let max_completion = needs.max_tokens.unwrap_or(room).min(room);
         Candidate {
@@ -223,6 +229,7 @@ impl Gateway {
             endpoint,
             &plan.requested,
             plan.stream,
+            plan.batch.clone(),
         );
         let mut tries = 0u32;
         let mut over_budget: Option<OverBudget> = None;
@@ -242,6 +249,11 @@ impl Gateway {
                     continue;
                 }
             }
+            // A batch line waits for a slot within the deployment's cap.
+            let _batch_slot = match plan.batch {
+                Some(_) => router.batch_slots.acquire(&candidate.deployment).await,
+                None => None,
+            };
             let reservation = match tenancy {
                 Some(t) => match t.budgets.reserve(&principal.tenant, candidate.max_cost) {
                     Ok(r) => Some(r),

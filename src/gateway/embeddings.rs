@@ -203,6 +203,7 @@ impl Gateway {
             requested,
             candidates,
             stream: false,
+            batch: hints.batch.clone(),
         };
         let attempts = EmbeddingAttempts {
             gateway: self,

@@ -17,7 +17,7 @@ use super::wire::{
 };
 use super::{Whole, submit_error, unix_now, validate};
 use crate::engine::constraint::{Constraint, ConstraintError, GrammarSpec};
-use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs, TokenLogprob};
+use crate::engine::{Engine, FinishReason, GenerationRequest, Logprobs, Priority, TokenLogprob};
 use crate::error::{ApiError, ApiResult};
 use crate::lora::UnmergedAdapter;
 use crate::models::chat_template::TemplateError;
@@ -106,6 +106,7 @@ impl LocalChat {
         request: &ChatCompletionRequest,
         job: &PreparedChat,
         model_name: &str,
+        priority: Priority,
     ) -> Result<Reply, AttemptError> {
         let engine = &job.engine;
         let model = engine.model();
@@ -157,6 +158,7 @@ impl LocalChat {
             adapter: job.adapter.clone(),
             logit_bias,
             constraint,
+            priority,
         };
         validate::log_caller(&fields);
         let prompt_tokens = generation.prompt_ids.len();

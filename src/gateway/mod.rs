@@ -47,6 +47,19 @@ pub struct Hints {
     pub task: Option<String>,
     /// The lowest quality (0 to 1) a route may have; else the tenant's.
     pub min_quality: Option<f64>,
+    /// Set for a batch line: billed at batch prices (its row handed back),
+    /// run below live traffic, within each deployment's batch cap.
+    pub batch: Option<bill::BatchBilling>,
+}
+
+impl Hints {
+    /// How a local engine ranks this request.
+    pub fn priority(&self) -> crate::engine::Priority {
+        match self.batch {
+            Some(_) => crate::engine::Priority::Batch,
+            None => crate::engine::Priority::Live,
+        }
+    }
 }
 
 /// The route that answered.

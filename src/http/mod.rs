@@ -3,6 +3,7 @@
 //! endpoint family.
 
 mod adapters;
+mod batches;
 pub mod extract;
 mod files;
 mod health;
@@ -47,9 +48,11 @@ impl Default for HttpConfig {
     }
 }
 
-/// What the handlers share: the gateway and the HTTP limits.
+/// What the handlers share: the gateway, the batches (when the server
+/// runs them) and the HTTP limits.
 pub struct AppState {
     pub gateway: Arc<Gateway>,
+    pub batches: Option<crate::batches::Batches>,
     pub config: HttpConfig,
 }
 
@@ -68,8 +71,8 @@ impl IntoResponse for ApiError {
 }
 
 /// The whole HTTP application; tests drive it in-process.
-pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
-    let state = Arc::new(AppState { gateway, config });
+pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     let request_id = HeaderName::from_static("x-request-id");
     let limit = state.config.max_body_bytes;
     let api = Router::new()
@@ -104,6 +107,9 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", get(batches::list).post(batches::create))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/router/health", get(usage::router_health))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()

@@ -122,6 +122,7 @@ const MIGRATION_LOCK: i64 = 0x7170_6169;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("schema/0001_ledger.sql")),
     (2, include_str!("schema/0002_files.sql")),
+    (3, include_str!("schema/0003_batches.sql")),
 ];
 
 impl Db {
@@ -271,6 +272,53 @@ impl Db {
                     tx.execute(*sql, &pg_params(params)).await?;
                 }
                 Ok(tx.commit().await?)
+            }
+        }
+    }
+}
+
+impl Db {
+    /// Runs `guard`; when it changed a row, runs `then` after it, all in
+    /// one transaction; when it changed none, changes nothing. Returns
+    /// whether the guard changed a row (a claim still held, a state still
+    /// as expected).
+    pub async fn transaction_when(
+        &self,
+        guard: Statement,
+        then: Vec<Statement>,
+    ) -> Result<bool, DbError> {
+        match self {
+            Db::Sqlite(conn) => {
+                let conn = conn.clone();
+                blocking(move || {
+                    let mut conn = lock(&conn)?;
+                    let tx = conn.transaction()?;
+                    let changed = tx
+                        .prepare_cached(&sqlite_sql(guard.0))?
+                        .execute(rusqlite::params_from_iter(guard.1.iter()))?;
+                    if changed == 0 {
+                        return Ok(false);
+                    }
+                    for (sql, params) in &then {
+                        tx.prepare_cached(&sqlite_sql(sql))?
+                            .execute(rusqlite::params_from_iter(params.iter()))?;
+                    }
+                    tx.commit()?;
+                    Ok(true)
+                })
+                .await
+            }
+            Db::Postgres { transactions, .. } => {
+                let mut client = transactions.lock().await;
+                let tx = client.transaction().await?;
+                if tx.execute(guard.0, &pg_params(&guard.1)).await? == 0 {
+                    return Ok(false);
+                }
+                for (sql, params) in &then {
+                    tx.execute(*sql, &pg_params(params)).await?;
+                }
+                tx.commit().await?;
+                Ok(true)
             }
         }
     }

@@ -76,6 +76,8 @@ pub struct UsageRecord {
     pub attempts: u32,
     pub stream: bool,
     pub usage_source: UsageSource,
+    /// The batch a batch line's row belongs to.
+    pub batch_id: Option<String>,
 }
 
 /// UTC day of a timestamp, `YYYY-MM-DD`.
@@ -86,13 +88,15 @@ pub fn day_of(ts_ms: i64) -> String {
         .to_string()
 }
 
-fn insert(record: &UsageRecord) -> Statement {
+/// The statement that writes `record` (once: a second write of the same
+/// request id changes nothing).
+pub fn insert(record: &UsageRecord) -> Statement {
     let int = |v: u64| Value::Int(i64::try_from(v).unwrap_or(i64::MAX));
     (
         "INSERT INTO usage_ledger (request_id, ts_ms, day, tenant, key_id, endpoint, \
          requested_model, deployment, provider, model, prompt_tokens, completion_tokens, \
-         cost_pico, outcome, attempts, stream, usage_source) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+         cost_pico, outcome, attempts, stream, usage_source, batch_id) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          ON CONFLICT (request_id) DO NOTHING",
         vec![
             record.request_id.as_str().into(),
@@ -112,6 +116,7 @@ fn insert(record: &UsageRecord) -> Statement {
             i64::from(record.attempts).into(),
             i64::from(record.stream).into(),
             record.usage_source.as_str().into(),
+            record.batch_id.clone().into(),
         ],
     )
 }

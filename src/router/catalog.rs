@@ -14,6 +14,8 @@
 //! context_window = 128000
 //! capabilities = ["streaming", "json", "tools"]
 //! quality = { general = 0.80, product_copy = 0.85 }
+//! batch_discount = 0.5                   # batch lines pay half (or batch_*_usd_per_1m)
+//! batch_concurrency = 4                  # batch requests in flight here at most
 //!
 //! [[deployment]]
 //! name = "smollm2-local"
@@ -102,7 +104,19 @@ struct DeploymentFile {
     quality: BTreeMap<String, f64>,
     /// An embedder's vector length.
     dimensions: Option<usize>,
+    /// Batch prices: given outright, or as the fraction of the prices
+    /// that batch lines pay (OpenAI and Azure: 0.5).
+    batch_input_usd_per_1m: Option<Usd>,
+    batch_output_usd_per_1m: Option<Usd>,
+    batch_discount: Option<f64>,
+    /// Batch requests in flight on this deployment at most.
+    batch_concurrency: Option<usize>,
 }
+
+/// Batch requests in flight on one upstream deployment when the catalog
+/// sets no cap: enough to keep a batch moving, far below the rate limits
+/// live traffic needs.
+pub const DEFAULT_BATCH_CONCURRENCY: usize = 4;
 
 fn default_prefill_speedup() -> f64 {
     4.0
@@ -125,6 +139,10 @@ pub struct Deployment {
     pub quality: BTreeMap<String, f64>,
     /// An embedder's vector length (None for chat deployments).
     pub dimensions: Option<usize>,
+    /// What batch lines pay here (the prices unless the catalog sets them).
+    pub batch_prices: Prices,
+    /// Batch requests in flight here at most.
+    pub batch_concurrency: usize,
 }
 
 impl Deployment {
@@ -143,6 +161,8 @@ impl Deployment {
             capabilities: Default::default(),
             quality: Default::default(),
             dimensions: None,
+            batch_prices: prices,
+            batch_concurrency: DEFAULT_BATCH_CONCURRENCY,
         }
     }
 
@@ -237,6 +257,12 @@ fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
         }
         _ => {}
     }
+    let batch_prices = batch_prices(name, &file, prices)?;
+    if file.batch_concurrency == Some(0) {
+        return Err(format!(
+            "deployment {name:?}: batch_concurrency must be > 0"
+        ));
+    }
     if let Some((tag, q)) = file.quality.iter().find(|(_, q)| !(0.0..=1.0).contains(*q)) {
         return Err(format!(
             "deployment {name:?}: quality {tag} = {q} is outside 0..1"
@@ -255,7 +281,38 @@ fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
         capabilities: file.capabilities,
         quality: file.quality,
         dimensions: file.dimensions,
+        batch_prices,
+        batch_concurrency: file.batch_concurrency.unwrap_or(DEFAULT_BATCH_CONCURRENCY),
     })
+}
+
+/// A deployment's batch prices: set outright, a fraction of its prices,
+/// or (neither given) its prices.
+fn batch_prices(name: &str, file: &DeploymentFile, prices: Prices) -> Result<Prices, String> {
+    match (
+        file.batch_input_usd_per_1m,
+        file.batch_output_usd_per_1m,
+        file.batch_discount,
+    ) {
+        (None, None, None) => Ok(prices),
+        (Some(input), Some(output), None) => Ok(Prices {
+            input_per_1m: input,
+            output_per_1m: output,
+        }),
+        (None, None, Some(fraction)) if (0.0..=1.0).contains(&fraction) => {
+            let scaled = |price: Usd| Usd((price.0 as f64 * fraction).round() as u64);
+            Ok(Prices {
+                input_per_1m: scaled(prices.input_per_1m),
+                output_per_1m: scaled(prices.output_per_1m),
+            })
+        }
+        (None, None, Some(fraction)) => Err(format!(
+            "deployment {name:?}: batch_discount {fraction} is outside 0..1 (the fraction of the price batch lines pay)"
+        )),
+        _ => Err(format!(
+            "deployment {name:?}: give batch_input_usd_per_1m and batch_output_usd_per_1m, or batch_discount, not both"
+        )),
+    }
 }
 
 /// A logical model's deployments must all answer the same endpoint, and

@@ -85,6 +85,40 @@ pub struct ModelRouter {
     pub upstreams: Upstreams,
     pub breakers: Breakers,
     pub retry: RetryPolicy,
+    /// Caps batch requests in flight per upstream deployment.
+    pub batch_slots: BatchSlots,
+}
+
+/// Batch requests in flight per upstream deployment, capped at each
+/// deployment's `batch_concurrency`, so that a batch never takes the rate
+/// limit live traffic needs. Local models need none: their engines admit
+/// batch work below live requests.
+#[derive(Default)]
+pub struct BatchSlots {
+    slots:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
+}
+
+impl BatchSlots {
+    /// Waits for a batch slot on `deployment` (none needed for a local one).
+    pub async fn acquire(
+        &self,
+        deployment: &Deployment,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if deployment.provider == ProviderKind::Local {
+            return None;
+        }
+        let semaphore = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots
+                .entry(deployment.name.clone())
+                .or_insert_with(|| {
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(deployment.batch_concurrency))
+                })
+                .clone()
+        };
+        semaphore.acquire_owned().await.ok()
+    }
 }
 
 impl ModelRouter {
@@ -99,6 +133,7 @@ impl ModelRouter {
             upstreams: Upstreams::new(timeouts)?,
             breakers: Breakers::new(breaker),
             retry,
+            batch_slots: BatchSlots::default(),
         })
     }
 
@@ -109,14 +144,13 @@ impl ModelRouter {
         RouterCatalog::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
-    /// The price of local model `id` (a `local` deployment serving it), if
-    /// the catalog gives one.
-    pub fn local_prices(&self, id: &str) -> Option<Prices> {
+    /// The catalog's `local` deployment serving local model `id` (its
+    /// prices), if it has one.
+    pub fn local_deployment(&self, id: &str) -> Option<&Deployment> {
         self.catalog
             .deployments
             .iter()
             .find(|d| d.provider == ProviderKind::Local && d.model == id)
-            .map(|d| d.prices)
     }
 }
 
