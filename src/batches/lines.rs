@@ -164,7 +164,7 @@ pub async fn settle(
 ) -> Result<bool, DbError> {
     let guard: Statement = (
         "UPDATE batch_lines SET state = 'done', result = $1, status_code = $2, \
-         prompt_tokens = $3, completion_tokens = $4, lease_owner = NULL \
+         prompt_tokens = $3, completion_tokens = $4 \
          WHERE batch_id = $5 AND line = $6 AND state = 'pending' AND lease_owner = $7",
         vec![
             settled.result.into(),

@@ -38,6 +38,11 @@ pub enum Behaviour {
     },
     /// Closes the connection without answering.
     Reset,
+    /// Answers like `Answer`, after `ms` milliseconds.
+    SlowAnswer {
+        completion_tokens: u64,
+        ms: u64,
+    },
 }
 
 #[derive(Default)]
@@ -45,6 +50,9 @@ struct Script {
     default: Option<Behaviour>,
     requests: u64,
     last_body: Option<Value>,
+    /// Chat requests being answered now, and the most at once.
+    in_flight: u64,
+    most_in_flight: u64,
 }
 
 /// The upstream: script per deployment, counters.
@@ -90,6 +98,22 @@ impl FakeUpstream {
             .unwrap()
             .get(name)
             .map_or(0, |s| s.requests)
+    }
+
+    /// The most chat requests `name` answered at once.
+    pub fn most_in_flight(&self, name: &str) -> u64 {
+        self.scripts
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |s| s.most_in_flight)
+    }
+
+    fn in_flight(&self, name: &str, delta: i64) {
+        let mut scripts = self.scripts.lock().unwrap();
+        let script = scripts.entry(name.into()).or_default();
+        script.in_flight = script.in_flight.saturating_add_signed(delta);
+        script.most_in_flight = script.most_in_flight.max(script.in_flight);
     }
 
     pub fn last_body(&self, name: &str) -> Option<Value> {
@@ -183,7 +207,17 @@ async fn chat(
     Path(name): Path<String>,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    let behaviour = upstream.take(name, &body);
+    let mut behaviour = upstream.take(name.clone(), &body);
+    if let Behaviour::SlowAnswer {
+        completion_tokens,
+        ms,
+    } = behaviour
+    {
+        upstream.in_flight(&name, 1);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        upstream.in_flight(&name, -1);
+        behaviour = Behaviour::Answer { completion_tokens };
+    }
     let stream = body["stream"] == true;
     let model = body["model"].clone();
     let error = |status: StatusCode, message: &str| {
@@ -228,6 +262,7 @@ async fn chat(
         Behaviour::Answer { completion_tokens } => sse(model, completion_tokens, true, true),
         Behaviour::NoUsage => sse(model, 3, false, true),
         Behaviour::CutAfter { chunks } => sse(model, chunks, false, false),
+        Behaviour::SlowAnswer { .. } => unreachable!("answered above"),
     }
 }
 

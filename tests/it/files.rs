@@ -10,10 +10,10 @@ use tower::ServiceExt;
 
 use crate::router::{RouterApp, call, keys, router_app_on};
 
-const BOUNDARY: &str = "qpai-test-boundary";
+pub const BOUNDARY: &str = "qpai-test-boundary";
 
 /// A multipart form of text fields and one file part.
-fn form(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> Vec<u8> {
+pub fn form(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> Vec<u8> {
     let mut body = Vec::new();
     for (name, value) in fields {
         body.extend_from_slice(
@@ -34,7 +34,7 @@ fn form(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> Vec<u8> {
     body
 }
 
-async fn upload(r: &RouterApp, key: &str, body: Vec<u8>) -> (StatusCode, Value) {
+pub async fn upload(r: &RouterApp, key: &str, body: Vec<u8>) -> (StatusCode, Value) {
     let request = Request::post("/v1/files")
         .header("authorization", format!("Bearer {key}"))
         .header(

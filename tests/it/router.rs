@@ -46,6 +46,8 @@ output_usd_per_1m = 2
 context_window = 4096
 capabilities = ["streaming", "tools", "json"]
 quality = { general = 0.9 }
+batch_discount = 0.5
+batch_concurrency = 2
 
 [[deployment]]
 name = "local-small"
@@ -91,6 +93,7 @@ fn steady_cost(completion: u64) -> Usd {
 pub struct RouterApp {
     pub app: axum::Router,
     pub gateway: Arc<Gateway>,
+    pub batches: qpai::batches::Batches,
     pub ledger: Ledger,
     pub tenancy: Arc<Tenancy>,
     pub upstream: FakeUpstream,
@@ -122,6 +125,7 @@ pub async fn router_app_on(database_url: Option<String>, breaker: BreakerConfig)
         &ledger,
         Arc::new(qpai::files::LocalBlobs::new(dir.path().join("files"))),
     );
+    let batches = qpai::batches::Batches::new(&ledger, files.clone());
     let gateway = Gateway::builder()
         .files(files)
         .tenancy(tenancy.clone())
@@ -133,8 +137,13 @@ pub async fn router_app_on(database_url: Option<String>, breaker: BreakerConfig)
         .models
         .add(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
     RouterApp {
-        app: qpai::app(gateway.clone(), HttpConfig::default()),
+        app: qpai::app_with_batches(
+            gateway.clone(),
+            Some(batches.clone()),
+            HttpConfig::default(),
+        ),
         gateway,
+        batches,
         ledger,
         tenancy,
         upstream,

@@ -49,6 +49,7 @@ CREATE TABLE batch_lines (
     -- pending | done (a response, 2xx or not) | failed (no response:
     -- expired, cancelled, or tried too often)
     state TEXT NOT NULL,
+    -- The runner that holds (or, once settled, held) the line's claim.
     lease_owner TEXT,
     lease_until_ms BIGINT NOT NULL DEFAULT 0,
     tries BIGINT NOT NULL DEFAULT 0,
