@@ -5,6 +5,7 @@
 
 mod api;
 mod bad_input;
+mod batch_processes;
 mod batches;
 mod catalog;
 mod common;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use crate::common::*;
 
-fn qpai(data_dir: &Path, args: &[&str]) -> String {
+pub fn qpai(data_dir: &Path, args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_qpai"))
         .args(args)
         .env("QPAI_DATA_DIR", data_dir)
@@ -25,13 +25,13 @@ fn qpai(data_dir: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-fn key(data_dir: &Path, args: &[&str]) -> String {
+pub fn key(data_dir: &Path, args: &[&str]) -> String {
     let mut all = vec!["keys", "create"];
     all.extend_from_slice(args);
     qpai(data_dir, &all).trim().to_string()
 }
 
-fn serve(data_dir: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> KillOnDrop {
+pub fn serve(data_dir: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> KillOnDrop {
     let mut command = Command::new(env!("CARGO_BIN_EXE_qpai"));
     command
         .args([
