@@ -188,6 +188,8 @@ pub enum GroupKey {
     Day,
     Tenant,
     Deployment,
+    /// The batch a row's request was a line of (empty for live requests).
+    Batch,
 }
 
 impl GroupKey {
@@ -199,6 +201,7 @@ impl GroupKey {
             "day" => GroupKey::Day,
             "tenant" => GroupKey::Tenant,
             "deployment" => GroupKey::Deployment,
+            "batch" => GroupKey::Batch,
             _ => return None,
         })
     }
@@ -211,12 +214,14 @@ impl GroupKey {
             GroupKey::Day => "day",
             GroupKey::Tenant => "tenant",
             GroupKey::Deployment => "deployment",
+            GroupKey::Batch => "batch_id",
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             GroupKey::Key => "key",
+            GroupKey::Batch => "batch",
             other => other.column(),
         }
     }

@@ -94,6 +94,7 @@ input_usd_per_1m = 1
 output_usd_per_1m = 2
 context_window = 8192
 capabilities = ["streaming"]
+batch_discount = 0.5
 
 [[model]]
 name = "writer"
@@ -164,8 +165,9 @@ deployments = ["edge"]
         .find(|r| r["deployment"] == "edge")
         .expect("edge row")
         .clone();
-    // 1 + 3 + 3 answered requests of acme in the Python tests.
-    assert_eq!(edge["requests"], 7, "{usage}");
+    // 1 + 3 + 3 answered requests of acme in the Python tests, and a
+    // batch of 3 lines.
+    assert_eq!(edge["requests"], 10, "{usage}");
     // The upstream billed its own tenant for the same requests.
     let upstream_usage = qpai(
         upstream_dir.path(),

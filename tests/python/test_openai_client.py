@@ -7,6 +7,7 @@ sets QPAI_BASE_URL and QPAI_MODEL).
 import os
 
 import json
+import time
 import urllib.request
 
 import openai
@@ -255,3 +256,86 @@ def test_files_upload_list_retrieve_content_and_delete(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.files.create(file=("empty.jsonl", b""), purpose="batch")
     assert err.value.param == "file"
+
+
+def batch_input(count, model=MODEL, max_tokens=8):
+    return b"".join(
+        json.dumps(
+            {"custom_id": f"row-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                      "messages": [{"role": "user", "content": f"Name colour number {i}."}]}}
+        ).encode()
+        + b"\n"
+        for i in range(count)
+    )
+
+
+def wait_for_batch(client, batch_id, done=("completed", "failed", "expired", "cancelled")):
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in done:
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} still {batch.status}")
+
+
+def test_batch_flow_on_a_local_model(client):
+    source = client.files.create(file=("rows.jsonl", batch_input(4)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=source.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"site": "planters"},
+    )
+    assert (batch.object, batch.status, batch.metadata) == ("batch", "validating", {"site": "planters"})
+    batch = wait_for_batch(client, batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (4, 4, 0)
+    assert batch.error_file_id is None
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == [f"row-{i}" for i in range(4)]
+    first = next(line for line in lines if line["custom_id"] == "row-0")
+    live = client.chat.completions.create(
+        model=MODEL, max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Name colour number 0."}],
+    )
+    assert first["response"]["status_code"] == 200
+    assert first["response"]["body"]["choices"][0]["message"]["content"] == live.choices[0].message.content
+    completion_tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
+    assert batch.usage.output_tokens == completion_tokens
+    output = client.files.retrieve(batch.output_file_id)
+    assert output.purpose == "batch_output"
+    assert batch.id in [b.id for b in client.batches.list(limit=5)]
+
+
+def test_batch_cancel_and_bad_batches(client):
+    source = client.files.create(file=("many.jsonl", batch_input(40, max_tokens=32)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = wait_for_batch(client, batch.id)
+    assert batch.status == "cancelled"
+    counts = batch.request_counts
+    assert counts.completed + counts.failed == counts.total
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id=source.id, endpoint="/v1/images", completion_window="24h")
+    assert err.value.param == "endpoint"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.batches.create(input_file_id="file-absent", endpoint="/v1/chat/completions", completion_window="24h")
+    assert err.value.param == "input_file_id"
+    streamed = json.dumps(
+        {"custom_id": "s", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": MODEL, "messages": MESSAGES, "stream": True}}
+    ).encode()
+    bad = client.files.create(file=("stream.jsonl", streamed), purpose="batch")
+    failed = wait_for_batch(
+        client,
+        client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h").id,
+    )
+    assert failed.status == "failed"
+    assert [(e.code, e.line, e.param) for e in failed.errors.data] == [("stream_not_supported", 1, "body.stream")]

@@ -11,6 +11,7 @@ minute), QPAI_UPSTREAM_URL and QPAI_UPSTREAM_KEY, QPAI_MODEL.
 
 import json
 import os
+import time
 import urllib.request
 from decimal import Decimal
 
@@ -39,8 +40,8 @@ def upstream():
     return client(os.environ["QPAI_UPSTREAM_KEY"], os.environ["QPAI_UPSTREAM_URL"])
 
 
-def usage_total(key, tenant=None):
-    query = "?group_by=tenant" + (f"&tenant={tenant}" if tenant else "")
+def usage_total(key, tenant=None, group_by="tenant"):
+    query = f"?group_by={group_by}" + (f"&tenant={tenant}" if tenant else "")
     request = urllib.request.Request(
         f"{BASE_URL}/usage{query}", headers={"Authorization": f"Bearer {key}"}
     )
@@ -146,3 +147,34 @@ def test_router_health_lists_the_deployment(acme):
     assert edge["successes"] >= 1
     ids = [m.id for m in acme.models.list()]
     assert "writer" in ids and "edge" in ids and "auto" in ids
+
+
+def test_a_batch_on_the_routed_deployment_is_billed_at_its_batch_price(acme):
+    rows = b"".join(
+        json.dumps(
+            {"custom_id": f"p{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "writer", "messages": MESSAGES, "max_tokens": 4 + i, "temperature": 0}}
+        ).encode()
+        + b"\n"
+        for i in range(3)
+    )
+    source = acme.files.create(file=("rows.jsonl", rows), purpose="batch")
+    batch = acme.batches.create(
+        input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.time() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled") and time.time() < deadline:
+        time.sleep(0.2)
+        batch = acme.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.id in [b.id for b in acme.batches.list()]
+    lines = [json.loads(line) for line in acme.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["p0", "p1", "p2"]
+    prompt = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in lines)
+    completion = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
+    assert (batch.usage.input_tokens, batch.usage.output_tokens) == (prompt, completion)
+    grouped = usage_total(os.environ["QPAI_KEY"], group_by="batch")
+    mine = [row for row in grouped["data"] if row["batch"] == batch.id]
+    assert len(mine) == 1 and mine[0]["requests"] == 3
+    # The catalog's batch_discount = 0.5: half of $1 / $2 per 1M tokens.
+    assert Decimal(mine[0]["cost_usd"]) == (prompt * PRICE_IN + completion * PRICE_OUT) / 2
