@@ -255,4 +255,6 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+impl std::error::Error for ApiError {}
+
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,6 +1,6 @@
 use clap::{CommandFactory, FromArgMatches};
 
-use qpai::config::{Cli, Command, EvalCommand};
+use qpai::config::{BatchCommand, Cli, Command, EvalCommand};
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new()
@@ -35,7 +35,12 @@ fn main() -> anyhow::Result<()> {
         | Command::Keys { .. }
         | Command::Usage(_)
         | Command::BenchUpstream(_)
-        | Command::BenchRouter(_) => None,
+        | Command::BenchRouter(_)
+        | Command::Prompts { .. } => None,
+        Command::Batch {
+            command: BatchCommand::Run(args),
+        } => args.threads,
+        Command::Batch { .. } => None,
     };
     if let Some(threads) = threads {
         // SAFETY: still single-threaded here; candle reads this when its
@@ -73,5 +78,9 @@ fn main() -> anyhow::Result<()> {
         Command::Usage(args) => runtime()?.block_on(qpai::tenancy::cli::usage(args, &cli.global)),
         Command::BenchUpstream(args) => runtime()?.block_on(qpai::router::bench::upstream(args)),
         Command::BenchRouter(args) => runtime()?.block_on(qpai::router::bench::load(args)),
+        Command::Prompts { command } => qpai::prompts::cli::run(command, &cli.global),
+        Command::Batch { command } => {
+            runtime()?.block_on(qpai::batches::cli::run(command, &cli.global))
+        }
     }
 }

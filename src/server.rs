@@ -23,7 +23,20 @@ use crate::router::{
     BreakerConfig, ModelRouter, ProviderKind, RetryPolicy, RouterCatalog, Timeouts,
 };
 
-pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
+/// What `qpai serve` and `qpai batch` run on: the gateway (its models
+/// loading in the background), the ledger and the batches.
+pub struct Stack {
+    pub gateway: Arc<Gateway>,
+    pub ledger: crate::ledger::Ledger,
+    pub batches: crate::batches::Batches,
+    pub runner_config: crate::batches::runner::RunnerConfig,
+    /// Ends when every model has loaded (or one failed).
+    pub loading: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens the databases and stores, builds the gateway, and starts loading
+/// the models of `args`.
+pub async fn build(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<Stack> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
     let store = ModelStore::new(global.models_dir());
     let loras: Vec<LoraArg> = args
@@ -68,10 +81,16 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let batches = crate::batches::Batches::new(&ledger, files.clone());
     let runner_config = crate::batches::runner::RunnerConfig {
         concurrency: args.batch_concurrency,
-        lease: std::time::Duration::from_secs(args.batch_lease_s.max(3)),
+        lease: Duration::from_secs(args.batch_lease_s.max(3)),
         ..Default::default()
     };
+    let prompts_dir = args
+        .prompts_dir
+        .clone()
+        .unwrap_or_else(|| global.data_dir().join("prompts"));
+    let prompts = crate::prompts::Prompts::load(&prompts_dir)?;
     let gateway = builder
+        .prompts(prompts)
         .files(files)
         .rag_store(rag_store)
         .tenancy(tenancy)
@@ -85,14 +104,6 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     if args.merge {
         gateway.models.expect(loras.iter().map(|l| l.name.clone()));
     }
-    let config = HttpConfig {
-        max_body_bytes: args.max_body_bytes,
-    };
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-    let address = listener.local_addr()?;
-    tracing::info!(%address, data_dir = %global.data_dir().display(), "listening");
     let loading = tokio::task::spawn_blocking({
         let gateway = gateway.clone();
         let engine_config = EngineConfig {
@@ -111,11 +122,37 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             )
         }
     });
+    let loading = tokio::spawn(async move {
+        loading
+            .await
+            .unwrap_or_else(|join| Err(anyhow::anyhow!("model loading task: {join}")))
+    });
+    Ok(Stack {
+        gateway,
+        ledger,
+        batches,
+        runner_config,
+        loading,
+    })
+}
+
+pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
+    let config = HttpConfig {
+        max_body_bytes: args.max_body_bytes,
+    };
+    let (host, port) = (args.host.clone(), args.port);
+    let stack = build(args, &global).await?;
+    let listener = TcpListener::bind((host.as_str(), port))
+        .await
+        .with_context(|| format!("binding {host}:{port}"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, data_dir = %global.data_dir().display(), "listening");
     // A model that fails to load stops the server with that error.
     let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let failed = Arc::new(Notify::new());
     tokio::spawn({
         let (failure, failed) = (failure.clone(), failed.clone());
+        let loading = stack.loading;
         async move {
             let outcome = match loading.await {
                 Ok(result) => result,
@@ -132,8 +169,10 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let runner = (runner_config.concurrency > 0)
-        .then(|| crate::batches::runner::spawn(batches.clone(), gateway.clone(), runner_config));
+    let (gateway, batches) = (stack.gateway, stack.batches);
+    let runner = (stack.runner_config.concurrency > 0).then(|| {
+        crate::batches::runner::spawn(batches.clone(), gateway.clone(), stack.runner_config)
+    });
     let app = crate::app_with_batches(gateway, Some(batches), config);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -147,7 +186,7 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     if let Some(runner) = runner {
         runner.stop().await;
     }
-    ledger.flush().await;
+    stack.ledger.flush().await;
     match failure.lock().ok().and_then(|mut slot| slot.take()) {
         Some(error) => Err(error),
         None => Ok(()),

@@ -64,6 +64,8 @@ pub struct Settled {
     pub status_code: u16,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// How long the line took to run.
+    pub run_ms: i64,
     /// Its one usage row, written with it.
     pub usage: Option<UsageRecord>,
 }
@@ -164,7 +166,7 @@ pub async fn settle(
 ) -> Result<bool, DbError> {
     let guard: Statement = (
         "UPDATE batch_lines SET state = 'done', result = $1, status_code = $2, \
-         prompt_tokens = $3, completion_tokens = $4 \
+         prompt_tokens = $3, completion_tokens = $4, run_ms = $8 \
          WHERE batch_id = $5 AND line = $6 AND state = 'pending' AND lease_owner = $7",
         vec![
             settled.result.into(),
@@ -174,6 +176,7 @@ pub async fn settle(
             line.batch_id.as_str().into(),
             line.line.into(),
             owner.into(),
+            settled.run_ms.into(),
         ],
     );
     let usage = settled

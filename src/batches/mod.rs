@@ -7,9 +7,11 @@
 //! process killed mid-batch loses nothing: its claims expire and are taken
 //! over.
 
+pub mod cli;
 pub mod input;
 pub mod lines;
 mod output;
+mod rows;
 pub mod runner;
 
 use serde::{Deserialize, Serialize};
@@ -413,6 +415,31 @@ impl Batches {
             data,
             has_more,
         })
+    }
+
+    /// `tenant`'s newest batch whose metadata holds `key` = `value`.
+    pub async fn find_by_metadata(
+        &self,
+        tenant: &str,
+        key: &str,
+        value: &str,
+    ) -> ApiResult<Option<BatchObject>> {
+        let pair = serde_json::to_string(&serde_json::json!({ key: value }))
+            .map_err(ApiError::internal)?;
+        let pattern = format!("%{}%", pair.trim_start_matches('{').trim_end_matches('}'));
+        let rows = self
+            .db
+            .query(
+                "SELECT id FROM batches WHERE tenant = $1 AND metadata LIKE $2 \
+                 ORDER BY created_ms DESC LIMIT 1",
+                vec![tenant.into(), pattern.into()],
+            )
+            .await
+            .map_err(ApiError::internal)?;
+        match rows.first().and_then(|r| r[0].text()) {
+            Some(id) => Ok(Some(self.get(tenant, id).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Cancels `tenant`'s batch `id`: no more of its lines start; lines in

@@ -29,6 +29,8 @@ use crate::tenancy::Principal;
 const MAX_TRIES: i64 = 8;
 /// The longest wait before a busy line is tried again.
 const MAX_BACKOFF_MS: i64 = 60_000;
+/// How often expired files are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 pub struct RunnerConfig {
@@ -115,9 +117,18 @@ pub fn spawn(batches: Batches, gateway: Arc<Gateway>, config: RunnerConfig) -> R
     });
     let task = tokio::spawn(async move {
         tracing::info!(owner = %runner.owner, "batch runner started");
+        let mut last_sweep = std::time::Instant::now() - SWEEP_EVERY;
         loop {
             if let Err(error) = runner.round().await {
                 tracing::warn!(%error, "batch runner round failed");
+            }
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = std::time::Instant::now();
+                match runner.batches.files().sweep_expired(1000).await {
+                    Ok(0) => {}
+                    Ok(swept) => tracing::info!(swept, "expired files deleted"),
+                    Err(error) => tracing::warn!(error = %error.message, "sweeping expired files"),
+                }
             }
             tokio::select! {
                 _ = runner.batches.wake().notified() => {}
@@ -277,7 +288,9 @@ impl Runner {
     async fn run_line(&self, job: &BatchJob, line: ClaimedLine) {
         let db = self.batches.db();
         let billing = BatchBilling::new(&job.id);
+        let started = std::time::Instant::now();
         let answer = self.answer(job, &line, billing.clone()).await;
+        let run_ms = started.elapsed().as_millis() as i64;
         let (status_code, body) = match answer {
             Ok(body) => (200, body),
             Err(error) if busy(&error) && line.tries < MAX_TRIES => {
@@ -301,6 +314,7 @@ impl Runner {
             status_code,
             prompt_tokens: usage.as_ref().map_or(0, |u| u.prompt_tokens),
             completion_tokens: usage.as_ref().map_or(0, |u| u.completion_tokens),
+            run_ms,
             usage,
         };
         let outcome = if (200..300).contains(&status_code) {

@@ -10,9 +10,11 @@ use serde::Deserialize;
 
 use crate::telemetry::LogFormat;
 
+mod jobs;
 mod rag;
 mod router;
 
+pub use jobs::{BatchCommand, BatchRunArgs, BatchTenant, PromptsCommand, PromptsDir};
 pub use rag::{
     BenchSearchArgs, EmbeddingArgs, EvalRetrievalArgs, IngestArgs, SearchArgs, SitesCommand,
 };
@@ -140,6 +142,16 @@ pub enum Command {
     BenchUpstream(BenchUpstreamArgs),
     /// Load a chat endpoint with many connections: requests/s and latency percentiles.
     BenchRouter(BenchRouterArgs),
+    /// Versioned prompts: list, show, render, diff.
+    Prompts {
+        #[command(subcommand)]
+        command: PromptsCommand,
+    },
+    /// Bulk jobs: a prompt over a table of rows, durable and resumable.
+    Batch {
+        #[command(subcommand)]
+        command: BatchCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -363,6 +375,10 @@ pub struct ServeArgs {
     /// the lines of a process that died wait before another takes them.
     #[arg(long, env = "QPAI_BATCH_LEASE_S", default_value_t = 60)]
     pub batch_lease_s: u64,
+    /// More versioned prompts (`NAME.vN.j2`), beside the built-in ones
+    /// (default: <data-dir>/prompts).
+    #[arg(long, env = "QPAI_PROMPTS_DIR")]
+    pub prompts_dir: Option<PathBuf>,
 }
 
 /// `[BASE:]NAME=PATH` of --lora.
@@ -416,6 +432,7 @@ pub struct ServeFile {
     pub router_config: Option<PathBuf>,
     pub batch_concurrency: Option<usize>,
     pub batch_lease_s: Option<u64>,
+    pub prompts_dir: Option<PathBuf>,
 }
 
 fn is_default(matches: &ArgMatches, id: &str) -> bool {
@@ -466,6 +483,11 @@ impl ServeArgs {
             && is_default(matches, "router_config")
         {
             self.router_config = Some(path);
+        }
+        if let Some(path) = file.prompts_dir
+            && is_default(matches, "prompts_dir")
+        {
+            self.prompts_dir = Some(path);
         }
         Ok(())
     }

@@ -347,6 +347,35 @@ impl Files {
             .ok_or_else(|| not_found(id))
     }
 
+    /// Deletes up to `limit` files past their expiry, record then
+    /// content; returns how many. (They are hidden from the API already.)
+    pub async fn sweep_expired(&self, limit: usize) -> ApiResult<usize> {
+        let rows = self
+            .db
+            .query(
+                "SELECT id FROM files WHERE expires_ms <= $1 ORDER BY expires_ms LIMIT $2",
+                vec![now_ms().into(), (limit as i64).into()],
+            )
+            .await
+            .map_err(ApiError::internal)?;
+        let mut swept = 0;
+        for id in rows.iter().filter_map(|r| r[0].text()) {
+            let removed = self
+                .db
+                .execute("DELETE FROM files WHERE id = $1", vec![id.into()])
+                .await
+                .map_err(ApiError::internal)?;
+            if removed == 1 {
+                self.blobs
+                    .delete(id)
+                    .await
+                    .map_err(|e| ApiError::internal(format!("deleting file {id}: {e}")))?;
+                swept += 1;
+            }
+        }
+        Ok(swept)
+    }
+
     /// Deletes `tenant`'s file `id`: its record, then its content.
     pub async fn delete(&self, tenant: &str, id: &str) -> ApiResult<()> {
         let removed = self
@@ -534,5 +563,17 @@ mod tests {
                 .data
                 .is_empty()
         );
+        // The sweeper deletes it: record and content.
+        assert!(files.sweep_expired(1000).await.unwrap() >= 1);
+        assert!(files.blobs.get(&kept.id).await.is_err());
+        let left = ledger
+            .db()
+            .query(
+                "SELECT id FROM files WHERE id = $1",
+                vec![kept.id.as_str().into()],
+            )
+            .await
+            .unwrap();
+        assert!(left.is_empty());
     }
 }

@@ -111,6 +111,7 @@ impl Bill {
                 stream,
                 usage_source: UsageSource::Counted,
                 batch_id: batch.as_ref().map(|b| b.batch_id.clone()),
+                prompt: None,
             },
             prices: Prices::FREE,
             counter: None,
@@ -149,6 +150,11 @@ impl Bill {
         self.prices = Prices::FREE;
         self.counter = None;
         self.reservation = None;
+    }
+
+    /// The versioned prompt the request named.
+    pub fn tag_prompt(&mut self, prompt: Option<String>) {
+        self.record.prompt = prompt;
     }
 
     /// Tries made so far.

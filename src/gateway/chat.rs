@@ -28,25 +28,63 @@ impl Gateway {
         request: ChatCompletionRequest,
         hints: &Hints,
     ) -> ApiResult<Answer> {
+        let (request, prompt) = self.apply_prompt(request)?;
         let standing = self.standing(principal).await?;
         let requested = self.requested_model(&request.model, &standing);
         let needs = chat_needs(&request, hints, &standing);
         let stream = request.stream == Some(true);
+        let (candidates, local, remote_body) = self
+            .chat_candidates(principal, &request, &requested, &needs)
+            .await?;
+        let plan = Plan {
+            requested,
+            candidates,
+            stream,
+            batch: hints.batch.clone(),
+            prompt,
+        };
+        let attempts = ChatAttempts {
+            gateway: self,
+            request: &request,
+            local,
+            remote_body,
+            include_usage: validate::include_usage(&request.sampling()).unwrap_or(false),
+            priority: hints.priority(),
+        };
+        self.drive(
+            principal,
+            Endpoint::ChatCompletions,
+            standing,
+            plan,
+            &attempts,
+        )
+        .await
+    }
+    /// The candidates of a chat request, cheapest first, with what was
+    /// prepared for local ones; also the request as qpai's own models read
+    /// it and as upstreams get it (when any candidate needs them).
+    async fn chat_candidates(
+        &self,
+        principal: &Principal,
+        request: &ChatCompletionRequest,
+        requested: &str,
+        needs: &Needs,
+    ) -> ApiResult<ChatCandidates> {
         let mut local: Option<ApiResult<LocalChat>> = None;
         let mut remote_body: Option<Value> = None;
-        let candidates = match policy::offered(&self.router.catalog, &requested) {
+        let candidates = match policy::offered(&self.router.catalog, requested) {
             None => {
                 // Not a routed name: one of qpai's own models (or adapters).
-                let (engine, adapter) = self.models.target(principal, &requested).await?;
-                let chat = self.read_local_chat(principal, &request).await?;
+                let (engine, adapter) = self.models.target(principal, requested).await?;
+                let chat = self.read_local_chat(principal, request).await?;
                 let prompt_ids = chat.prompt_ids(engine.model())?;
                 let model = engine.model();
                 let candidate = self.local_candidate(
-                    &requested,
+                    requested,
                     model.parent.as_deref().unwrap_or(&model.id),
                     model.context_length,
                     prompt_ids.len() as u64,
-                    &needs,
+                    needs,
                 );
                 local = Some(Ok(chat));
                 let job = PreparedChat {
@@ -59,13 +97,13 @@ impl Gateway {
             Some((offered, _pinned)) => {
                 let offered: Vec<_> = offered.into_iter().filter(|d| !d.is_embedder()).collect();
                 if offered.iter().any(|d| d.provider == ProviderKind::Local) {
-                    local = Some(self.read_local_chat(principal, &request).await);
+                    local = Some(self.read_local_chat(principal, request).await);
                 }
                 if offered.iter().any(|d| d.provider != ProviderKind::Local) {
-                    remote_body = Some(serde_json::to_value(&request).map_err(ApiError::internal)?);
+                    remote_body = Some(serde_json::to_value(request).map_err(ApiError::internal)?);
                 }
                 let grounded = request.rag.is_some();
-                rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
+                rank_prepared(requested, &offered, needs, |deployment, local_errors| {
                     if deployment.provider != ProviderKind::Local {
                         if grounded {
                             return Err("'rag' is answered by qpai's own models only".into());
@@ -96,30 +134,35 @@ impl Gateway {
                 })?
             }
         };
-        let plan = Plan {
-            requested,
-            candidates,
-            stream,
-            batch: hints.batch.clone(),
-        };
-        let attempts = ChatAttempts {
-            gateway: self,
-            request: &request,
-            local: local.and_then(Result::ok),
-            remote_body,
-            include_usage: validate::include_usage(&request.sampling()).unwrap_or(false),
-            priority: hints.priority(),
-        };
-        self.drive(
-            principal,
-            Endpoint::ChatCompletions,
-            standing,
-            plan,
-            &attempts,
-        )
-        .await
+        Ok((candidates, local.and_then(Result::ok), remote_body))
+    }
+
+    /// Where a chat request would go, and what each route would cost at
+    /// most, without running it (dry runs, estimates).
+    pub async fn estimate_chat(
+        &self,
+        principal: &Principal,
+        request: ChatCompletionRequest,
+        hints: &Hints,
+    ) -> ApiResult<Vec<Candidate>> {
+        let (request, _) = self.apply_prompt(request)?;
+        let standing = self.standing(principal).await?;
+        let requested = self.requested_model(&request.model, &standing);
+        let needs = chat_needs(&request, hints, &standing);
+        let (candidates, ..) = self
+            .chat_candidates(principal, &request, &requested, &needs)
+            .await?;
+        Ok(candidates.into_iter().map(|(c, _)| c).collect())
     }
 }
+
+/// Candidates with their prepared local jobs, the local reading of the
+/// request, and its upstream body.
+type ChatCandidates = (
+    Vec<(Candidate, Option<PreparedChat>)>,
+    Option<LocalChat>,
+    Option<Value>,
+);
 
 /// A chat prompt as OpenAI counts it on `model`, tool definitions
 /// included (an estimate: OpenAI renders them in a format of its own).

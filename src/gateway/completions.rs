@@ -146,6 +146,7 @@ impl Gateway {
             candidates,
             stream,
             batch: hints.batch.clone(),
+            prompt: None,
         };
         let attempts = TextAttempts {
             gateway: self,

@@ -119,6 +119,8 @@ pub struct Plan<L> {
     pub stream: bool,
     /// Set for a batch line.
     pub batch: Option<BatchBilling>,
+    /// The versioned prompt the request named (`NAME@VERSION`).
+    pub prompt: Option<String>,
 }
 
 /// The tenant's standing, read once per request.
@@ -231,6 +233,7 @@ impl Gateway {
             plan.stream,
             plan.batch.clone(),
         );
+        bill.tag_prompt(plan.prompt.clone());
         let mut tries = 0u32;
         let mut over_budget: Option<OverBudget> = None;
         let mut failures: Vec<String> = Vec::new();

@@ -204,6 +204,7 @@ impl Gateway {
             candidates,
             stream: false,
             batch: hints.batch.clone(),
+            prompt: None,
         };
         let attempts = EmbeddingAttempts {
             gateway: self,

@@ -16,6 +16,7 @@ pub mod events;
 mod grounding;
 mod local_chat;
 pub mod models;
+mod named_prompt;
 pub mod tool_calls;
 pub mod validate;
 pub mod wire;
@@ -123,6 +124,8 @@ pub struct Gateway {
     pub tenancy: Option<Arc<Tenancy>>,
     rag_store: Option<crate::rag::Store>,
     files: Option<crate::files::Files>,
+    /// The versioned prompts requests may name.
+    pub prompts: Arc<crate::prompts::Prompts>,
     embedding_permits: Arc<tokio::sync::Semaphore>,
     pub started_at: Instant,
 }
@@ -136,9 +139,16 @@ pub struct GatewayBuilder {
     tenancy: Option<Arc<Tenancy>>,
     rag_store: Option<crate::rag::Store>,
     files: Option<crate::files::Files>,
+    prompts: Option<crate::prompts::Prompts>,
 }
 
 impl GatewayBuilder {
+    /// The versioned prompts (the built-in ones when not given).
+    pub fn prompts(mut self, prompts: crate::prompts::Prompts) -> Self {
+        self.prompts = Some(prompts);
+        self
+    }
+
     /// Files (batch inputs and outputs).
     pub fn files(mut self, files: crate::files::Files) -> Self {
         self.files = Some(files);
@@ -194,6 +204,10 @@ impl GatewayBuilder {
             tenancy: self.tenancy,
             rag_store: self.rag_store,
             files: self.files,
+            prompts: Arc::new(
+                self.prompts
+                    .unwrap_or_else(crate::prompts::Prompts::built_in),
+            ),
             embedding_permits: Arc::new(tokio::sync::Semaphore::new(EMBEDDING_REQUESTS_AT_ONCE)),
             started_at: Instant::now(),
         }))

@@ -168,7 +168,13 @@ request_with_sampling! {
     #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct ChatCompletionRequest {
         pub model: String,
+        /// May be left out when `prompt` gives the turns.
+        #[serde(default)]
         pub messages: Vec<ChatMessage>,
+        /// A versioned prompt (`prompts/`) whose turns come before
+        /// `messages`; qpai's own, never sent upstream.
+        #[serde(skip_serializing)]
+        pub prompt: Option<PromptRef>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub max_completion_tokens: Option<i64>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -191,6 +197,33 @@ request_with_sampling! {
         /// Token id (as a string) to a bias from -100 to 100.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub logit_bias: Option<Value>,
+    }
+}
+
+/// A prompt named in a request, as OpenAI's Responses API names one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptRef {
+    pub id: String,
+    /// A number or a string ("3"); the newest when absent.
+    #[serde(default)]
+    pub version: Option<Value>,
+    #[serde(default)]
+    pub variables: serde_json::Map<String, Value>,
+}
+
+impl ChatMessage {
+    /// A plain text turn.
+    pub fn text(role: Role, text: String) -> ChatMessage {
+        ChatMessage {
+            role,
+            content: Some(MessageContent::Text(text)),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            refusal: None,
+            other: BTreeMap::new(),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod files;
 mod health;
 mod inference;
 mod models;
+mod prompts;
 mod sites;
 mod usage;
 
@@ -110,6 +111,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches", get(batches::list).post(batches::create))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/prompts", get(prompts::list))
+        .route("/v1/prompts/{name}", get(prompts::get))
         .route("/v1/router/health", get(usage::router_health))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()

@@ -123,6 +123,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("schema/0001_ledger.sql")),
     (2, include_str!("schema/0002_files.sql")),
     (3, include_str!("schema/0003_batches.sql")),
+    (4, include_str!("schema/0004_prompts.sql")),
 ];
 
 impl Db {
@@ -152,21 +153,35 @@ impl Db {
     }
 
     async fn migrate(&self) -> Result<(), DbError> {
-        // Processes starting together on one PostgreSQL migrate one at a
-        // time (a session lock on the shared connection, which runs them).
-        if let Db::Postgres { .. } = self {
-            self.batch(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-                .await?;
+        // Processes starting together migrate one at a time: on PostgreSQL
+        // under a session lock on the shared connection (which runs the
+        // migrations); on SQLite in one write transaction taken up front,
+        // so the versions read are still true when the migrations run.
+        match self {
+            Db::Postgres { .. } => {
+                self.batch(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                    .await?;
+                let migrated = self.migrate_unlocked(false).await;
+                self.batch(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+                    .await?;
+                migrated
+            }
+            Db::Sqlite(_) => {
+                self.batch("BEGIN IMMEDIATE").await?;
+                match self.migrate_unlocked(true).await {
+                    Ok(()) => self.batch("COMMIT").await,
+                    Err(error) => {
+                        let _ = self.batch("ROLLBACK").await;
+                        Err(error)
+                    }
+                }
+            }
         }
-        let migrated = self.migrate_unlocked().await;
-        if let Db::Postgres { .. } = self {
-            self.batch(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
-                .await?;
-        }
-        migrated
     }
 
-    async fn migrate_unlocked(&self) -> Result<(), DbError> {
+    /// Runs the migrations not yet applied, each in a transaction of its
+    /// own unless `in_transaction` (one is open around them all).
+    async fn migrate_unlocked(&self, in_transaction: bool) -> Result<(), DbError> {
         self.batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations \
              (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
@@ -186,7 +201,11 @@ impl Db {
                 "{sql};\nINSERT INTO schema_migrations (version, applied_ms) VALUES ({version}, {})",
                 crate::ledger::now_ms()
             );
-            self.batch(&format!("BEGIN;\n{record};\nCOMMIT;")).await?;
+            if in_transaction {
+                self.batch(&record).await?;
+            } else {
+                self.batch(&format!("BEGIN;\n{record};\nCOMMIT;")).await?;
+            }
             tracing::info!(version, backend = self.backend(), "database migrated");
         }
         Ok(())

@@ -78,6 +78,8 @@ pub struct UsageRecord {
     pub usage_source: UsageSource,
     /// The batch a batch line's row belongs to.
     pub batch_id: Option<String>,
+    /// The versioned prompt the request named, `NAME@VERSION`.
+    pub prompt: Option<String>,
 }
 
 /// UTC day of a timestamp, `YYYY-MM-DD`.
@@ -95,8 +97,8 @@ pub fn insert(record: &UsageRecord) -> Statement {
     (
         "INSERT INTO usage_ledger (request_id, ts_ms, day, tenant, key_id, endpoint, \
          requested_model, deployment, provider, model, prompt_tokens, completion_tokens, \
-         cost_pico, outcome, attempts, stream, usage_source, batch_id) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         cost_pico, outcome, attempts, stream, usage_source, batch_id, prompt) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
          ON CONFLICT (request_id) DO NOTHING",
         vec![
             record.request_id.as_str().into(),
@@ -117,6 +119,7 @@ pub fn insert(record: &UsageRecord) -> Statement {
             i64::from(record.stream).into(),
             record.usage_source.as_str().into(),
             record.batch_id.clone().into(),
+            record.prompt.clone().into(),
         ],
     )
 }
@@ -190,6 +193,8 @@ pub enum GroupKey {
     Deployment,
     /// The batch a row's request was a line of (empty for live requests).
     Batch,
+    /// The versioned prompt a request named (empty when none).
+    Prompt,
 }
 
 impl GroupKey {
@@ -202,6 +207,7 @@ impl GroupKey {
             "tenant" => GroupKey::Tenant,
             "deployment" => GroupKey::Deployment,
             "batch" => GroupKey::Batch,
+            "prompt" => GroupKey::Prompt,
             _ => return None,
         })
     }
@@ -215,6 +221,7 @@ impl GroupKey {
             GroupKey::Tenant => "tenant",
             GroupKey::Deployment => "deployment",
             GroupKey::Batch => "batch_id",
+            GroupKey::Prompt => "prompt",
         }
     }
 

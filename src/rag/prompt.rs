@@ -32,7 +32,7 @@ pub fn render(question: &str, sources: &[SearchHit]) -> Result<String, minijinja
         .collect();
     crate::prompts::render(
         TEMPLATE_NAME,
-        TEMPLATE,
+        crate::prompts::template::body(TEMPLATE),
         context! { question, sources => minijinja::value::Serde(&sources) },
     )
 }

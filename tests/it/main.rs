@@ -5,6 +5,7 @@
 
 mod api;
 mod bad_input;
+mod batch_cli;
 mod batch_processes;
 mod batches;
 mod catalog;
@@ -18,6 +19,7 @@ mod ledger;
 mod lora;
 mod lora_api;
 mod openai_client;
+mod prompts;
 mod rag;
 mod rag_api;
 #[cfg(feature = "s3")]

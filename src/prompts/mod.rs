@@ -1,6 +1,14 @@
-//! qpai's own prompt templates (`prompts/*.j2`, minijinja, versioned by
-//! file name), rendered the same way wherever qpai writes a prompt itself:
-//! grounded answers, tool lists.
+//! Prompt templates (`prompts/*.j2`, minijinja, versioned by file name),
+//! rendered the same way wherever qpai writes a prompt: the versioned
+//! prompts clients name in requests and batch jobs (registry.rs,
+//! template.rs), grounded answers, tool lists.
+
+pub mod cli;
+pub mod registry;
+pub mod template;
+
+pub use registry::{PromptSummary, Prompts};
+pub use template::{PromptTemplate, Rendered};
 
 use minijinja::Environment;
 use minijinja::syntax::SyntaxConfig;

@@ -1,0 +1,121 @@
+//! Flags of the bulk-content commands: `qpai prompts` and `qpai batch`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Subcommand)]
+pub enum PromptsCommand {
+    /// Every prompt: name, versions, description.
+    List(PromptsDir),
+    /// A prompt's file (NAME@VERSION, or NAME: the newest).
+    Show {
+        prompt: String,
+        #[command(flatten)]
+        dir: PromptsDir,
+    },
+    /// A prompt's turns with these variables.
+    Render {
+        prompt: String,
+        /// A variable, NAME=VALUE (read as the variable's type); repeat.
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        /// A JSON object of variables.
+        #[arg(long)]
+        vars_file: Option<PathBuf>,
+        #[command(flatten)]
+        dir: PromptsDir,
+    },
+    /// What changed between two versions: NAME@A NAME@B.
+    Diff {
+        old: String,
+        new: String,
+        #[command(flatten)]
+        dir: PromptsDir,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PromptsDir {
+    /// More prompts beside the built-in ones (default: <data-dir>/prompts).
+    #[arg(long, env = "QPAI_PROMPTS_DIR")]
+    pub prompts_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Runs a prompt over every row of a table (one request per row),
+    /// durably: re-run after a kill, it resumes the same job.
+    Run(Box<BatchRunArgs>),
+    /// A batch's state, counts and files.
+    Status {
+        id: String,
+        #[command(flatten)]
+        tenant: BatchTenant,
+    },
+    /// The newest batches.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        tenant: BatchTenant,
+    },
+    /// Stops a batch: no new lines start; what ran is kept.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        tenant: BatchTenant,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BatchTenant {
+    /// The tenant whose batches these are (the open server's by default).
+    #[arg(long, default_value = crate::tenancy::OPEN_TENANT)]
+    pub tenant: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BatchRunArgs {
+    /// The rows: JSONL (an object per line) or CSV with a header line.
+    /// Each row's fields are the prompt's variables; an `id` field names
+    /// the row in the output.
+    pub rows: PathBuf,
+    /// The prompt: NAME@VERSION, or NAME for the newest.
+    #[arg(long)]
+    pub prompt: String,
+    /// The model: one of qpai's own, a deployment, a logical model, or auto.
+    #[arg(long)]
+    pub model: String,
+    /// A LoRA adapter of the model, applied per request.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// A JSON Schema file the answers must match (strict structured output).
+    #[arg(long)]
+    pub response_format: Option<PathBuf>,
+    /// Where the answers go: a JSON line per row, in row order.
+    #[arg(long, required_unless_present = "dry_run")]
+    pub out: Option<PathBuf>,
+    /// Prints each route's token counts and cost estimate; runs nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Completion tokens per row at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Rows run at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Routing catalog (remote deployments, logical models).
+    #[arg(long, env = "QPAI_ROUTER_CONFIG")]
+    pub router_config: Option<PathBuf>,
+    /// CPU threads for the model kernels.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub dir: PromptsDir,
+    #[command(flatten)]
+    pub tenant: BatchTenant,
+}
