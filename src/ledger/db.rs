@@ -270,33 +270,9 @@ impl Db {
 
     /// Runs statements in one transaction: all or none.
     pub async fn transaction(&self, statements: Vec<Statement>) -> Result<(), DbError> {
-        match self {
-            Db::Sqlite(conn) => {
-                let conn = conn.clone();
-                blocking(move || {
-                    let mut conn = lock(&conn)?;
-                    let tx = conn.transaction()?;
-                    for (sql, params) in &statements {
-                        tx.prepare_cached(&sqlite_sql(sql))?
-                            .execute(rusqlite::params_from_iter(params.iter()))?;
-                    }
-                    Ok(tx.commit()?)
-                })
-                .await
-            }
-            Db::Postgres { transactions, .. } => {
-                let mut client = transactions.lock().await;
-                let tx = client.transaction().await?;
-                for (sql, params) in &statements {
-                    tx.execute(*sql, &pg_params(params)).await?;
-                }
-                Ok(tx.commit().await?)
-            }
-        }
+        self.run_transaction(None, statements).await.map(|_| ())
     }
-}
 
-impl Db {
     /// Runs `guard`; when it changed a row, runs `then` after it, all in
     /// one transaction; when it changed none, changes nothing. Returns
     /// whether the guard changed a row (a claim still held, a state still
@@ -306,19 +282,31 @@ impl Db {
         guard: Statement,
         then: Vec<Statement>,
     ) -> Result<bool, DbError> {
+        self.run_transaction(Some(guard), then).await
+    }
+
+    /// One transaction: the guard (when given) must change a row, else
+    /// nothing is done and the answer is false.
+    async fn run_transaction(
+        &self,
+        guard: Option<Statement>,
+        statements: Vec<Statement>,
+    ) -> Result<bool, DbError> {
         match self {
             Db::Sqlite(conn) => {
                 let conn = conn.clone();
                 blocking(move || {
                     let mut conn = lock(&conn)?;
                     let tx = conn.transaction()?;
-                    let changed = tx
-                        .prepare_cached(&sqlite_sql(guard.0))?
-                        .execute(rusqlite::params_from_iter(guard.1.iter()))?;
-                    if changed == 0 {
-                        return Ok(false);
+                    if let Some((sql, params)) = &guard {
+                        let changed = tx
+                            .prepare_cached(&sqlite_sql(sql))?
+                            .execute(rusqlite::params_from_iter(params.iter()))?;
+                        if changed == 0 {
+                            return Ok(false);
+                        }
                     }
-                    for (sql, params) in &then {
+                    for (sql, params) in &statements {
                         tx.prepare_cached(&sqlite_sql(sql))?
                             .execute(rusqlite::params_from_iter(params.iter()))?;
                     }
@@ -330,10 +318,12 @@ impl Db {
             Db::Postgres { transactions, .. } => {
                 let mut client = transactions.lock().await;
                 let tx = client.transaction().await?;
-                if tx.execute(guard.0, &pg_params(&guard.1)).await? == 0 {
+                if let Some((sql, params)) = &guard
+                    && tx.execute(*sql, &pg_params(params)).await? == 0
+                {
                     return Ok(false);
                 }
-                for (sql, params) in &then {
+                for (sql, params) in &statements {
                     tx.execute(*sql, &pg_params(params)).await?;
                 }
                 tx.commit().await?;

@@ -423,8 +423,8 @@ async fn bad_batches_get_clear_errors_and_tenants_stay_apart() {
     runner.stop().await;
 }
 
-#[tokio::test]
-async fn a_cancelled_batch_keeps_what_ran_and_names_what_did_not() {
+/// A batch of 30 lines on a slow upstream, once `done` lines have run.
+async fn slow_batch_under_way(done: u64) -> (RouterApp, String, RunnerHandle, String) {
     let r = router_app_on(None, Default::default()).await;
     let (acme, _, _) = keys(&r, None, None).await;
     r.upstream.set(
@@ -436,13 +436,19 @@ async fn a_cancelled_batch_keeps_what_ran_and_names_what_did_not() {
     );
     let runner = quick_runner(&r);
     let lines: Vec<Value> = (0..30)
-        .map(|i| chat_line(&format!("c{i}"), "steady"))
+        .map(|i| chat_line(&format!("line-{i}"), "steady"))
         .collect();
     let id = start_batch(&r, &acme, "/v1/chat/completions", &lines).await;
     wait_for(&r, &acme, &id, |b| {
-        b["request_counts"]["completed"].as_u64() >= Some(2)
+        b["request_counts"]["completed"].as_u64() >= Some(done)
     })
     .await;
+    (r, acme, runner, id)
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_keeps_what_ran_and_names_what_did_not() {
+    let (r, acme, runner, id) = slow_batch_under_way(2).await;
     let cancel = call(
         &r.app,
         "POST",
@@ -480,24 +486,7 @@ async fn a_cancelled_batch_keeps_what_ran_and_names_what_did_not() {
 
 #[tokio::test]
 async fn lines_left_at_the_end_of_the_window_expire() {
-    let r = router_app_on(None, Default::default()).await;
-    let (acme, _, _) = keys(&r, None, None).await;
-    r.upstream.set(
-        "steady",
-        Behaviour::SlowAnswer {
-            completion_tokens: 2,
-            ms: 150,
-        },
-    );
-    let runner = quick_runner(&r);
-    let lines: Vec<Value> = (0..30)
-        .map(|i| chat_line(&format!("x{i}"), "steady"))
-        .collect();
-    let id = start_batch(&r, &acme, "/v1/chat/completions", &lines).await;
-    wait_for(&r, &acme, &id, |b| {
-        b["request_counts"]["completed"].as_u64() >= Some(1)
-    })
-    .await;
+    let (r, acme, runner, id) = slow_batch_under_way(1).await;
     // The 24 hours pass.
     r.ledger
         .db()
