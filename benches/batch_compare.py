@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,31 +34,14 @@ import tempfile
 import time
 import urllib.request
 
+from router_compare import free_port, wait_for
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QPAI = os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target")), "debug", "qpai"
 )
 MODEL = "smollm2-135m-instruct"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    started = time.time()
-    while time.time() - started < timeout:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except Exception:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer in {timeout} s")
 
 
 def cpu_seconds(pid: int) -> float:
