@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod files;
 pub mod gateway;
 pub mod http;

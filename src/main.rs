@@ -30,6 +30,9 @@ fn main() -> anyhow::Result<()> {
         Command::Eval {
             command: EvalCommand::Retrieval(args),
         } => args.embedding.threads,
+        Command::Eval {
+            command: EvalCommand::Run(args),
+        } => args.threads,
         Command::Models { .. }
         | Command::Sites { .. }
         | Command::Keys { .. }
@@ -69,6 +72,9 @@ fn main() -> anyhow::Result<()> {
         Command::Eval {
             command: EvalCommand::Retrieval(args),
         } => runtime()?.block_on(qpai::rag::cli::eval_retrieval(args, &cli.global)),
+        Command::Eval {
+            command: EvalCommand::Run(args),
+        } => runtime()?.block_on(qpai::eval::cli::run(*args, &cli.global)),
         Command::Sites { command } => {
             runtime()?.block_on(qpai::rag::cli::sites(command, &cli.global))
         }

@@ -34,6 +34,78 @@ pub struct Stack {
     pub loading: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// What a command-line job (`qpai batch run`, `qpai eval run`) needs of
+/// the serving stack.
+pub struct JobSettings {
+    /// The models the job names: loaded when no route names them, else the
+    /// routing catalog's local deployments are.
+    pub models: Vec<String>,
+    /// Whether the embedding model is loaded.
+    pub embeddings: bool,
+    pub router_config: Option<std::path::PathBuf>,
+    pub prompts_dir: Option<std::path::PathBuf>,
+    /// Batch lines run at once.
+    pub concurrency: usize,
+}
+
+/// `serve`'s settings, parsed as its flags are.
+#[derive(clap::Parser)]
+struct ServeSettings {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl JobSettings {
+    /// The serving settings of the job.
+    pub fn serve_args(&self) -> anyhow::Result<ServeArgs> {
+        use clap::Parser;
+        let mut argv: Vec<String> = vec!["serve".into()];
+        if !self.embeddings {
+            argv.extend(["--embedding-model".into(), String::new()]);
+        }
+        for model in self.local_models()? {
+            argv.extend(["--model".into(), model]);
+        }
+        let concurrency = self.concurrency.max(1).to_string();
+        argv.extend(["--batch-concurrency".into(), concurrency]);
+        if let Some(path) = &self.router_config {
+            argv.extend(["--router-config".into(), path.display().to_string()]);
+        }
+        if let Some(path) = &self.prompts_dir {
+            argv.extend(["--prompts-dir".into(), path.display().to_string()]);
+        }
+        Ok(ServeSettings::try_parse_from(argv)?.serve)
+    }
+
+    /// The local models to load: each named model no route names, and the
+    /// catalog's local deployments when a route is named.
+    fn local_models(&self) -> anyhow::Result<Vec<String>> {
+        let catalog = match &self.router_config {
+            Some(path) => Some(crate::router::ModelRouter::load_catalog(path)?),
+            None => None,
+        };
+        let mut models = Vec::new();
+        for name in &self.models {
+            let routed = catalog
+                .as_ref()
+                .filter(|c| crate::router::policy::offered(c, name).is_some());
+            match routed {
+                None => models.push(name.clone()),
+                Some(catalog) => models.extend(
+                    catalog
+                        .deployments
+                        .iter()
+                        .filter(|d| d.provider == crate::router::ProviderKind::Local)
+                        .map(|d| d.model.clone()),
+                ),
+            }
+        }
+        models.sort();
+        models.dedup();
+        Ok(models)
+    }
+}
+
 /// Opens the databases and stores, builds the gateway, and starts loading
 /// the models of `args`.
 pub async fn build(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<Stack> {

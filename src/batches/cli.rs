@@ -12,13 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Parser;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::rows::{Row, read_rows};
 use super::{BatchObject, Batches, NewBatch};
-use crate::config::{BatchCommand, BatchRunArgs, GlobalArgs, ServeArgs};
+use crate::config::{BatchCommand, BatchRunArgs, GlobalArgs};
 use crate::files::{Files, LocalBlobs, NewFile, Purpose};
 use crate::gateway::wire::ChatCompletionRequest;
 use crate::gateway::{Gateway, Hints};
@@ -78,49 +77,6 @@ fn files(ledger: &Ledger, global: &GlobalArgs) -> Files {
     )
 }
 
-/// `serve`'s settings for a job: its models, routes and prompts.
-#[derive(Parser)]
-struct ServeSettings {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
-fn serve_args(args: &BatchRunArgs, local_models: &[String]) -> anyhow::Result<ServeArgs> {
-    let mut argv: Vec<String> = vec!["serve".into(), "--embedding-model".into(), String::new()];
-    for model in local_models {
-        argv.extend(["--model".into(), model.clone()]);
-    }
-    let concurrency = args.concurrency.max(1).to_string();
-    argv.extend(["--batch-concurrency".into(), concurrency]);
-    if let Some(path) = &args.router_config {
-        argv.extend(["--router-config".into(), path.display().to_string()]);
-    }
-    if let Some(path) = &args.dir.prompts_dir {
-        argv.extend(["--prompts-dir".into(), path.display().to_string()]);
-    }
-    Ok(ServeSettings::try_parse_from(argv)?.serve)
-}
-
-/// The local models a job needs: its model when no route names it, else
-/// the catalog's local deployments.
-fn local_models(args: &BatchRunArgs) -> anyhow::Result<Vec<String>> {
-    let Some(path) = &args.router_config else {
-        return Ok(vec![args.model.clone()]);
-    };
-    let catalog = crate::router::ModelRouter::load_catalog(path)?;
-    if crate::router::policy::offered(&catalog, &args.model).is_none() {
-        return Ok(vec![args.model.clone()]);
-    }
-    let mut models: Vec<String> = catalog
-        .deployments
-        .iter()
-        .filter(|d| d.provider == crate::router::ProviderKind::Local)
-        .map(|d| d.model.clone())
-        .collect();
-    models.dedup();
-    Ok(models)
-}
-
 fn response_format(path: &Path) -> anyhow::Result<Value> {
     let value: Value = serde_json::from_str(&std::fs::read_to_string(path)?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -173,7 +129,14 @@ async fn run_rows(args: BatchRunArgs, global: &GlobalArgs) -> anyhow::Result<()>
         input.push_str(&line.to_string());
         input.push('\n');
     }
-    let stack = crate::server::build(serve_args(&args, &local_models(&args)?)?, global).await?;
+    let job = crate::server::JobSettings {
+        models: vec![args.model.clone()],
+        embeddings: false,
+        router_config: args.router_config.clone(),
+        prompts_dir: args.dir.prompts_dir.clone(),
+        concurrency: args.concurrency,
+    };
+    let stack = crate::server::build(job.serve_args()?, global).await?;
     eprintln!("loading models…");
     stack.loading.await??;
     let principal = Principal {

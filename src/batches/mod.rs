@@ -11,7 +11,7 @@ pub mod cli;
 pub mod input;
 pub mod lines;
 mod output;
-mod rows;
+pub mod rows;
 pub mod runner;
 
 use serde::{Deserialize, Serialize};

@@ -34,7 +34,7 @@ pub fn read_rows(
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let records = if csv {
-        csv_records(content, template)?
+        csv_records(content, Some(template))?
     } else {
         jsonl_records(content)?
     };
@@ -79,6 +79,19 @@ pub fn read_rows(
     Ok(rows)
 }
 
+/// The records of a JSONL or CSV table (by `path`'s extension), each with
+/// its 1-based line; CSV cells are strings.
+pub fn read_table(path: &Path, content: &[u8]) -> anyhow::Result<Vec<(usize, Map<String, Value>)>> {
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if csv {
+        csv_records(content, None)
+    } else {
+        jsonl_records(content)
+    }
+}
+
 /// JSONL: one object per non-blank line.
 fn jsonl_records(content: &[u8]) -> anyhow::Result<Vec<(usize, Map<String, Value>)>> {
     let text = std::str::from_utf8(content).map_err(|e| anyhow::anyhow!("not UTF-8: {e}"))?;
@@ -96,12 +109,12 @@ fn jsonl_records(content: &[u8]) -> anyhow::Result<Vec<(usize, Map<String, Value
     Ok(records)
 }
 
-/// CSV with a header: each required variable must have a column; cells
-/// are read as their variable's type (an empty cell of a variable with a
-/// default takes the default).
+/// CSV with a header: each required variable of `template` must have a
+/// column; cells are read as their variable's type (an empty cell of a
+/// variable with a default takes the default), other cells as strings.
 fn csv_records(
     content: &[u8],
-    template: &PromptTemplate,
+    template: Option<&PromptTemplate>,
 ) -> anyhow::Result<Vec<(usize, Map<String, Value>)>> {
     let mut reader = csv::ReaderBuilder::new().from_reader(content);
     let header: Vec<String> = reader
@@ -111,8 +124,8 @@ fn csv_records(
         .map(|h| h.trim().to_string())
         .collect();
     let missing: Vec<&String> = template
-        .variables
         .iter()
+        .flat_map(|t| t.variables.iter())
         .filter(|(name, v)| v.default.is_none() && !header.contains(name))
         .map(|(name, _)| name)
         .collect();
@@ -124,7 +137,7 @@ fn csv_records(
                 .map(|m| format!("'{m}'"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            template.reference(),
+            template.map(|t| t.reference()).unwrap_or_default(),
             if missing.len() == 1 { "it" } else { "them" },
             header.join(", ")
         );
@@ -135,7 +148,7 @@ fn csv_records(
         let line = record.position().map_or(0, |p| p.line() as usize);
         let mut fields = Map::new();
         for (name, cell) in header.iter().zip(record.iter()) {
-            let value = match template.variables.get(name) {
+            let value = match template.and_then(|t| t.variables.get(name)) {
                 Some(variable) if cell.is_empty() && variable.default.is_some() => continue,
                 Some(variable) => variable.kind.from_text(cell).ok_or_else(|| {
                     anyhow::anyhow!(

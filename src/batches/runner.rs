@@ -385,7 +385,7 @@ impl Runner {
 
 /// A refusal worth trying again later: a full queue, a rate limit, no
 /// route up just now.
-fn busy(error: &ApiError) -> bool {
+pub fn busy(error: &ApiError) -> bool {
     matches!(error.kind, ErrorKind::RateLimited | ErrorKind::Unavailable)
 }
 

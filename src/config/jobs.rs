@@ -1,4 +1,5 @@
-//! Flags of the bulk-content commands: `qpai prompts` and `qpai batch`.
+//! Flags of the bulk-content commands: `qpai prompts`, `qpai batch` and
+//! `qpai eval run`.
 
 use std::path::PathBuf;
 
@@ -109,6 +110,48 @@ pub struct BatchRunArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Routing catalog (remote deployments, logical models).
+    #[arg(long, env = "QPAI_ROUTER_CONFIG")]
+    pub router_config: Option<PathBuf>,
+    /// CPU threads for the model kernels.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub dir: PromptsDir,
+    #[command(flatten)]
+    pub tenant: BatchTenant,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalRunArgs {
+    /// The suite: a TOML file naming its dataset, variants and assertions
+    /// (see eval/suites/).
+    pub suite: PathBuf,
+    /// Where results.jsonl, results.json, summary.md and report.html go.
+    #[arg(long, default_value = "eval-results")]
+    pub out: PathBuf,
+    /// Cases run at once (default: the suite's, else 4).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Runs each case this many times (sampled variants vary).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Asks again what was asked before (answers are cached by content).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Prints each variant's cost estimate; asks nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The first cases of the dataset only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// An earlier run's results.json: regressions and improvements marked
+    /// per variant and per case.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Fails (exit 1) when a variant's pass rate is below this (0 to 1).
+    #[arg(long)]
+    pub fail_under: Option<f64>,
+    /// Routing catalog (remote deployments, logical models, auto).
     #[arg(long, env = "QPAI_ROUTER_CONFIG")]
     pub router_config: Option<PathBuf>,
     /// CPU threads for the model kernels.

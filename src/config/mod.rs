@@ -14,7 +14,7 @@ mod jobs;
 mod rag;
 mod router;
 
-pub use jobs::{BatchCommand, BatchRunArgs, BatchTenant, PromptsCommand, PromptsDir};
+pub use jobs::{BatchCommand, BatchRunArgs, BatchTenant, EvalRunArgs, PromptsCommand, PromptsDir};
 pub use rag::{
     BenchSearchArgs, EmbeddingArgs, EvalRetrievalArgs, IngestArgs, SearchArgs, SitesCommand,
 };
@@ -156,6 +156,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
+    /// Runs a suite: its dataset through its variants, every answer
+    /// checked by its assertions; writes JSONL, JSON, Markdown and HTML.
+    Run(Box<EvalRunArgs>),
     /// recall@5, recall@10 and MRR@10 of every search mode on a query set.
     Retrieval(EvalRetrievalArgs),
     /// Format adherence and exact match of a model with and without a LoRA

@@ -81,7 +81,8 @@ pub struct KeyCreateArgs {
 pub struct UsageArgs {
     #[arg(long)]
     pub tenant: Option<String>,
-    /// Comma-separated: model, provider, key, day, tenant, deployment.
+    /// Comma-separated: model, provider, key, day, tenant, deployment, batch,
+    /// prompt, eval.
     #[arg(long, default_value = "tenant,model")]
     pub group_by: String,
     /// First day, YYYY-MM-DD.

@@ -59,6 +59,32 @@ impl BatchBilling {
     }
 }
 
+/// The billing of one eval case: its row tagged with the run and written
+/// to the ledger as usual, and a copy kept for the harness (the exact cost
+/// of a streamed answer).
+#[derive(Debug, Clone)]
+pub struct EvalBilling {
+    pub run_id: String,
+    receipt: Arc<Mutex<Option<UsageRecord>>>,
+}
+
+impl EvalBilling {
+    pub fn new(run_id: &str) -> Self {
+        Self {
+            run_id: run_id.to_string(),
+            receipt: Arc::default(),
+        }
+    }
+
+    /// The case's usage row, once its bill is written.
+    pub fn receipt(&self) -> Option<UsageRecord> {
+        self.receipt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// A request's bill.
 pub struct Bill {
     tenancy: Option<Arc<Tenancy>>,
@@ -69,6 +95,8 @@ pub struct Bill {
     counter: Option<TokenCounter>,
     /// Set for a batch line: where its row goes.
     batch: Option<BatchBilling>,
+    /// Set for an eval case: where a copy of its row goes.
+    eval: Option<EvalBilling>,
     written: bool,
 }
 
@@ -112,10 +140,12 @@ impl Bill {
                 usage_source: UsageSource::Counted,
                 batch_id: batch.as_ref().map(|b| b.batch_id.clone()),
                 prompt: None,
+                eval_run: None,
             },
             prices: Prices::FREE,
             counter: None,
             batch,
+            eval: None,
             written: false,
         }
     }
@@ -150,6 +180,12 @@ impl Bill {
         self.prices = Prices::FREE;
         self.counter = None;
         self.reservation = None;
+    }
+
+    /// Tags the row with its eval run; a copy goes to the harness.
+    pub fn tag_eval(&mut self, eval: Option<EvalBilling>) {
+        self.record.eval_run = eval.as_ref().map(|e| e.run_id.clone());
+        self.eval = eval;
     }
 
     /// The versioned prompt the request named.
@@ -191,6 +227,9 @@ impl Bill {
         self.record.usage_source = source;
         if let Some(reservation) = self.reservation.take() {
             reservation.settle(cost);
+        }
+        if let Some(eval) = &self.eval {
+            *eval.receipt.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.record.clone());
         }
         match (&self.batch, &self.tenancy) {
             (Some(batch), _) => {

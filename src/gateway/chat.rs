@@ -41,6 +41,7 @@ impl Gateway {
             candidates,
             stream,
             batch: hints.batch.clone(),
+            eval: hints.eval.clone(),
             prompt,
         };
         let attempts = ChatAttempts {

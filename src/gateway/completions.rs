@@ -146,6 +146,7 @@ impl Gateway {
             candidates,
             stream,
             batch: hints.batch.clone(),
+            eval: hints.eval.clone(),
             prompt: None,
         };
         let attempts = TextAttempts {

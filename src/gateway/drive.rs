@@ -7,7 +7,7 @@
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use super::bill::{BatchBilling, Bill, Metered};
+use super::bill::{BatchBilling, Bill, EvalBilling, Metered};
 use super::events::{ChunkStream, upstream_stream};
 use super::{Answer, AnswerBody, Gateway, RouteTaken, Whole};
 use crate::error::{ApiError, ApiResult, ErrorKind};
@@ -121,6 +121,8 @@ pub struct Plan<L> {
     pub batch: Option<BatchBilling>,
     /// The versioned prompt the request named (`NAME@VERSION`).
     pub prompt: Option<String>,
+    /// Set for an eval case.
+    pub eval: Option<EvalBilling>,
 }
 
 /// The tenant's standing, read once per request.
@@ -234,6 +236,7 @@ impl Gateway {
             plan.batch.clone(),
         );
         bill.tag_prompt(plan.prompt.clone());
+        bill.tag_eval(plan.eval.clone());
         let mut tries = 0u32;
         let mut over_budget: Option<OverBudget> = None;
         let mut failures: Vec<String> = Vec::new();

@@ -204,6 +204,7 @@ impl Gateway {
             candidates,
             stream: false,
             batch: hints.batch.clone(),
+            eval: hints.eval.clone(),
             prompt: None,
         };
         let attempts = EmbeddingAttempts {

@@ -51,6 +51,8 @@ pub struct Hints {
     /// Set for a batch line: billed at batch prices (its row handed back),
     /// run below live traffic, within each deployment's batch cap.
     pub batch: Option<bill::BatchBilling>,
+    /// Set for an eval case: tagged with its run in the ledger.
+    pub eval: Option<bill::EvalBilling>,
 }
 
 impl Hints {

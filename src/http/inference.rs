@@ -85,7 +85,7 @@ fn hints(headers: &HeaderMap) -> ApiResult<Hints> {
     Ok(Hints {
         task: header(TASK_HEADER).map(str::to_string),
         min_quality,
-        batch: None,
+        ..Hints::default()
     })
 }
 

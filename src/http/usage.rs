@@ -48,7 +48,7 @@ pub fn group_keys(text: Option<&str>) -> Result<Vec<GroupKey>, String> {
         .map(|name| {
             GroupKey::parse(name).ok_or_else(|| {
                 format!(
-                    "cannot group by {name:?}: use model, provider, key, day, tenant, deployment, batch or prompt"
+                    "cannot group by {name:?}: use model, provider, key, day, tenant, deployment, batch, prompt or eval"
                 )
             })
         })

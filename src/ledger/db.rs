@@ -124,6 +124,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("schema/0002_files.sql")),
     (3, include_str!("schema/0003_batches.sql")),
     (4, include_str!("schema/0004_prompts.sql")),
+    (5, include_str!("schema/0005_evals.sql")),
 ];
 
 impl Db {

@@ -80,6 +80,8 @@ pub struct UsageRecord {
     pub batch_id: Option<String>,
     /// The versioned prompt the request named, `NAME@VERSION`.
     pub prompt: Option<String>,
+    /// The eval run the request was a case of.
+    pub eval_run: Option<String>,
 }
 
 /// UTC day of a timestamp, `YYYY-MM-DD`.
@@ -97,8 +99,9 @@ pub fn insert(record: &UsageRecord) -> Statement {
     (
         "INSERT INTO usage_ledger (request_id, ts_ms, day, tenant, key_id, endpoint, \
          requested_model, deployment, provider, model, prompt_tokens, completion_tokens, \
-         cost_pico, outcome, attempts, stream, usage_source, batch_id, prompt) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
+         cost_pico, outcome, attempts, stream, usage_source, batch_id, prompt, eval_run) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+         $19, $20) \
          ON CONFLICT (request_id) DO NOTHING",
         vec![
             record.request_id.as_str().into(),
@@ -120,6 +123,7 @@ pub fn insert(record: &UsageRecord) -> Statement {
             record.usage_source.as_str().into(),
             record.batch_id.clone().into(),
             record.prompt.clone().into(),
+            record.eval_run.clone().into(),
         ],
     )
 }
@@ -195,6 +199,8 @@ pub enum GroupKey {
     Batch,
     /// The versioned prompt a request named (empty when none).
     Prompt,
+    /// The eval run a request was a case of (empty for other traffic).
+    Eval,
 }
 
 impl GroupKey {
@@ -208,6 +214,7 @@ impl GroupKey {
             "deployment" => GroupKey::Deployment,
             "batch" => GroupKey::Batch,
             "prompt" => GroupKey::Prompt,
+            "eval" => GroupKey::Eval,
             _ => return None,
         })
     }
@@ -222,6 +229,7 @@ impl GroupKey {
             GroupKey::Deployment => "deployment",
             GroupKey::Batch => "batch_id",
             GroupKey::Prompt => "prompt",
+            GroupKey::Eval => "eval_run",
         }
     }
 
@@ -229,6 +237,7 @@ impl GroupKey {
         match self {
             GroupKey::Key => "key",
             GroupKey::Batch => "batch",
+            GroupKey::Eval => "eval",
             other => other.column(),
         }
     }

@@ -36,7 +36,7 @@ impl VariableType {
         }
     }
 
-    fn admits(self, value: &Value) -> bool {
+    pub fn admits(self, value: &Value) -> bool {
         match self {
             VariableType::String => value.is_string(),
             VariableType::Integer => value.is_i64() || value.is_u64(),

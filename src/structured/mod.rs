@@ -5,6 +5,7 @@
 //! same pieces.
 
 pub mod bench;
+pub mod instance;
 pub mod response_format;
 pub mod schema;
 pub mod tool_answer;

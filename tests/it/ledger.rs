@@ -64,6 +64,7 @@ fn record(i: usize, tenant: &str, rng: &mut rand::rngs::StdRng) -> UsageRecord {
         usage_source: UsageSource::Upstream,
         batch_id: None,
         prompt: None,
+        eval_run: None,
     }
 }
 
