@@ -115,7 +115,7 @@ pub async fn run(args: EvalRunArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     if let Some(baseline) = &args.baseline {
         summary.baseline = Some(report::compare(&summary, &results, baseline)?);
     }
-    write_reports(&summary, &args.out)?;
+    write_reports(&summary, &args.out, &results)?;
     let markdown = report::markdown(&summary);
     println!("{markdown}");
     eprintln!("results in {}", args.out.display());
@@ -137,7 +137,7 @@ pub async fn run(args: EvalRunArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_reports(summary: &RunSummary, out: &Path) -> anyhow::Result<()> {
+fn write_reports(summary: &RunSummary, out: &Path, results: &Path) -> anyhow::Result<()> {
     let write = |name: &str, content: String| -> anyhow::Result<()> {
         let path = out.join(name);
         let partial = path.with_extension("partial");
@@ -147,6 +147,7 @@ fn write_reports(summary: &RunSummary, out: &Path) -> anyhow::Result<()> {
     };
     write("results.json", serde_json::to_string_pretty(summary)?)?;
     write("summary.md", report::markdown(summary))?;
+    write("report.html", super::html::render(summary, results)?)?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod call;
 pub mod check;
 pub mod cli;
+pub mod html;
 pub mod judged;
 pub mod output;
 pub mod report;
