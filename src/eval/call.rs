@@ -93,16 +93,20 @@ pub fn hints(shared: &Shared, run_id: &str) -> Hints {
     }
 }
 
-/// Asks the gateway; the error is the gateway's (for retry decisions).
+/// Asks the gateway, as a stream when `stream` (to time the first
+/// token); the error is the gateway's (for retry decisions).
 pub async fn ask(
     gateway: &Gateway,
     principal: &Principal,
     hints: &Hints,
     body: &Value,
+    stream: bool,
 ) -> ApiResult<Output> {
     let mut body = body.clone();
-    body["stream"] = Value::Bool(true);
-    body["stream_options"] = json!({"include_usage": true});
+    if stream {
+        body["stream"] = Value::Bool(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
     let request: ChatCompletionRequest =
         serde_json::from_value(body).map_err(|e| ApiError::bad_body(e.to_string(), None))?;
     let started = Instant::now();

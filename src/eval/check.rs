@@ -17,8 +17,13 @@ use crate::tenancy::Principal;
 /// Problems listed at most.
 const MAX_PROBLEMS: usize = 20;
 
-/// Checks what can be checked without asking a model.
-pub async fn check(suite: &Suite, gateway: &Gateway, principal: &Principal) -> anyhow::Result<()> {
+/// Checks what can be checked without asking a model; notes which chat
+/// variants cannot stream on their routes (they are asked whole).
+pub async fn check(
+    suite: &mut Suite,
+    gateway: &Gateway,
+    principal: &Principal,
+) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     'cases: for case in &suite.cases {
         for variant in &suite.variants {
@@ -55,8 +60,8 @@ pub async fn check(suite: &Suite, gateway: &Gateway, principal: &Principal) -> a
     }
     let first = &suite.cases[0];
     let hints = call::hints(&suite.shared, "check");
-    for variant in &suite.variants {
-        match &variant.kind {
+    for variant in &mut suite.variants {
+        match &mut variant.kind {
             VariantKind::Chat(chat) => {
                 let body =
                     call::chat_body(&suite.shared, chat, first).map_err(anyhow::Error::msg)?;
@@ -65,6 +70,11 @@ pub async fn check(suite: &Suite, gateway: &Gateway, principal: &Principal) -> a
                     .map_err(|e| {
                         anyhow::anyhow!("{}: variant {}: {e}", suite.path.display(), variant.label)
                     })?;
+                let mut streamed = body;
+                streamed["stream"] = Value::Bool(true);
+                chat.stream = estimate(gateway, principal, &hints, &streamed)
+                    .await
+                    .is_ok();
             }
             VariantKind::Search(search) => {
                 call::search(gateway, principal, search, first)

@@ -45,7 +45,22 @@ pub async fn run(args: EvalRunArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     };
     let stack = crate::server::build(job.serve_args()?, global).await?;
     eprintln!("loading models…");
-    stack.loading.await??;
+    if let Err(error) = stack.loading.await? {
+        let text = format!("{error:#}");
+        let judge = suite.judge.as_ref().map(|j| (j.model.clone(), "[judge]"));
+        let models = suite.models().into_iter().map(|m| (m, "variants.models"));
+        let place = judge
+            .into_iter()
+            .chain(models)
+            .find(|(model, _)| text.contains(&format!("`{model}`")));
+        return Err(match place {
+            Some((model, place)) => anyhow::anyhow!(
+                "{}: {place}: {model:?} is not routable: {text}",
+                suite.path.display()
+            ),
+            None => error,
+        });
+    }
     let principal = Principal {
         key_id: "cli".into(),
         tenant: args.tenant.tenant.clone(),
@@ -53,7 +68,7 @@ pub async fn run(args: EvalRunArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         rpm: None,
         tpm: None,
     };
-    super::check::check(&suite, &stack.gateway, &principal).await?;
+    super::check::check(&mut suite, &stack.gateway, &principal).await?;
     let cache = (!args.no_cache).then(|| Cache::new(&stack.ledger));
     let repeat = args.repeat.max(1);
     if args.dry_run {

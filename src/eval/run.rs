@@ -129,7 +129,7 @@ impl Harness {
         let hints = call::hints(&suite.shared, &self.run_id);
         let (output, cached, busy_retries) = match &variant.kind {
             VariantKind::Chat(chat) => match call::chat_body(&suite.shared, chat, case) {
-                Ok(body) => self.ask_cached(&hints, &body, repeat).await?,
+                Ok(body) => self.ask_cached(&hints, &body, repeat, chat.stream).await?,
                 Err(error) => (failed(error), false, 0),
             },
             VariantKind::Search(search) => {
@@ -144,7 +144,12 @@ impl Harness {
         let mut verdicts = Vec::with_capacity(suite.assertions.len());
         for assertion in &suite.assertions {
             if let Some(error) = &output.error {
-                verdicts.push(assertion.judged(false, 0.0, format!("the call failed: {error}")));
+                verdicts.push(Verdict {
+                    assertion: assertion.label.clone(),
+                    pass: false,
+                    score: 0.0,
+                    reason: format!("the call failed: {error}"),
+                });
                 continue;
             }
             let verdict = match assertion.check(&output, &case.columns, &suite.shared) {
@@ -154,7 +159,8 @@ impl Harness {
                     match judged::rubric(assertion, &case.columns) {
                         Ok(rubric) => {
                             let body = judged::judge_body(judge, &rubric, &output.text);
-                            let (grade, was_cached, _) = self.ask_cached(&hints, &body, 0).await?;
+                            let (grade, was_cached, _) =
+                                self.ask_cached(&hints, &body, 0, false).await?;
                             judge_cost = judge_cost.saturating_add(grade.cost);
                             if !was_cached {
                                 spent = spent.saturating_add(grade.cost);
@@ -214,6 +220,7 @@ impl Harness {
         hints: &Hints,
         body: &Value,
         repeat: usize,
+        stream: bool,
     ) -> anyhow::Result<(Output, bool, u32)> {
         let key = cache::key(&self.principal.tenant, body, repeat);
         if let Some(cache) = &self.cache
@@ -225,7 +232,7 @@ impl Harness {
             eval: Some(crate::gateway::bill::EvalBilling::new(&self.run_id)),
             ..hints.clone()
         };
-        let (result, retries) = self.ask_with_backoff(&fresh, body).await;
+        let (result, retries) = self.ask_with_backoff(&fresh, body, stream).await;
         let output = result.unwrap_or_else(|e| failed(e.message));
         if let Some(cache) = &self.cache {
             cache.put(&key, &self.principal.tenant, &output).await?;
@@ -233,11 +240,16 @@ impl Harness {
         Ok((output, false, retries))
     }
 
-    async fn ask_with_backoff(&self, hints: &Hints, body: &Value) -> (ApiResult<Output>, u32) {
+    async fn ask_with_backoff(
+        &self,
+        hints: &Hints,
+        body: &Value,
+        stream: bool,
+    ) -> (ApiResult<Output>, u32) {
         let mut tries = 0;
         loop {
             tries += 1;
-            match call::ask(&self.gateway, &self.principal, hints, body).await {
+            match call::ask(&self.gateway, &self.principal, hints, body, stream).await {
                 Err(error) if busy(&error) && tries < MAX_TRIES => {
                     let wait = error.retry_after.map_or_else(
                         || Duration::from_millis(250 << tries.min(6)),

@@ -153,6 +153,9 @@ pub struct ChatVariant {
     /// Request settings (defaults, then the variant's own).
     pub settings: Map<String, Value>,
     pub settings_label: Option<String>,
+    /// Asked as a stream (to time the first token) where its routes can
+    /// stream; the check before a run clears it where they cannot.
+    pub stream: bool,
 }
 
 impl ChatVariant {
@@ -431,6 +434,7 @@ fn variants(
                         adapter: adapter.clone(),
                         settings: merged,
                         settings_label,
+                        stream: true,
                     };
                     let mut label = format!("{} · {}", prompt.label(), chat.request_model());
                     if let Some(extra) = &chat.settings_label {

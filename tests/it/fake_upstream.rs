@@ -47,6 +47,8 @@ pub enum Behaviour {
 
 #[derive(Default)]
 struct Script {
+    /// Behaviours for the next requests, in order, before the default.
+    queued: std::collections::VecDeque<Behaviour>,
     default: Option<Behaviour>,
     requests: u64,
     last_body: Option<Value>,
@@ -90,6 +92,17 @@ impl FakeUpstream {
             .entry(name.into())
             .or_default()
             .default = Some(default);
+    }
+
+    /// The next requests to `name` behave like these, in order.
+    pub fn queue(&self, name: &str, behaviours: &[Behaviour]) {
+        self.scripts
+            .lock()
+            .unwrap()
+            .entry(name.into())
+            .or_default()
+            .queued
+            .extend(behaviours.iter().copied());
     }
 
     pub fn requests(&self, name: &str) -> u64 {
@@ -136,6 +149,9 @@ impl FakeUpstream {
         let script = scripts.entry(name).or_default();
         script.requests += 1;
         script.last_body = Some(body.clone());
+        if let Some(next) = script.queued.pop_front() {
+            return next;
+        }
         script.default.unwrap_or(Behaviour::Answer {
             completion_tokens: 3,
         })

@@ -12,6 +12,7 @@ mod catalog;
 mod common;
 mod concurrency;
 mod embeddings;
+mod eval_cli;
 mod fake_upstream;
 mod files;
 mod gateway;
