@@ -21,15 +21,9 @@ fn main() -> anyhow::Result<()> {
         Command::BenchEmbeddings(args) => args.threads,
         Command::BenchLora(args) => args.threads,
         Command::BenchStructured(args) => args.threads,
-        Command::Eval {
-            command: EvalCommand::Adapter(args),
-        } => args.threads,
         Command::Ingest(args) => args.embedding.threads,
         Command::BenchSearch(args) => args.embedding.threads,
         Command::Search(args) => args.embedding.threads,
-        Command::Eval {
-            command: EvalCommand::Retrieval(args),
-        } => args.embedding.threads,
         Command::Eval {
             command: EvalCommand::Run(args),
         } => args.threads,
@@ -61,17 +55,11 @@ fn main() -> anyhow::Result<()> {
         Command::BenchStructured(args) => {
             runtime()?.block_on(qpai::structured::bench::run(args, &cli.global))
         }
-        Command::Eval {
-            command: EvalCommand::Adapter(args),
-        } => runtime()?.block_on(qpai::adapters::eval::run(args, &cli.global)),
         Command::Ingest(args) => runtime()?.block_on(qpai::rag::cli::ingest(args, &cli.global)),
         Command::BenchSearch(args) => {
             runtime()?.block_on(qpai::rag::cli::bench_search(args, &cli.global))
         }
         Command::Search(args) => runtime()?.block_on(qpai::rag::cli::search(args, &cli.global)),
-        Command::Eval {
-            command: EvalCommand::Retrieval(args),
-        } => runtime()?.block_on(qpai::rag::cli::eval_retrieval(args, &cli.global)),
         Command::Eval {
             command: EvalCommand::Run(args),
         } => runtime()?.block_on(qpai::eval::cli::run(*args, &cli.global)),

@@ -4,5 +4,4 @@
 //! weights and their math are `crate::lora`, which knows no model.
 
 pub mod bench;
-pub mod eval;
 pub mod registry;

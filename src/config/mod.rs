@@ -15,9 +15,7 @@ mod rag;
 mod router;
 
 pub use jobs::{BatchCommand, BatchRunArgs, BatchTenant, EvalRunArgs, PromptsCommand, PromptsDir};
-pub use rag::{
-    BenchSearchArgs, EmbeddingArgs, EvalRetrievalArgs, IngestArgs, SearchArgs, SitesCommand,
-};
+pub use rag::{BenchSearchArgs, EmbeddingArgs, IngestArgs, SearchArgs, SitesCommand};
 pub use router::{BenchRouterArgs, BenchUpstreamArgs, KeyCreateArgs, KeysCommand, UsageArgs};
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -121,7 +119,7 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Search a site.
     Search(SearchArgs),
-    /// Evaluate retrieval or generation quality.
+    /// Evaluate prompts, models, adapters and search (suites).
     Eval {
         #[command(subcommand)]
         command: EvalCommand,
@@ -159,11 +157,6 @@ pub enum EvalCommand {
     /// Runs a suite: its dataset through its variants, every answer
     /// checked by its assertions; writes JSONL, JSON, Markdown and HTML.
     Run(Box<EvalRunArgs>),
-    /// recall@5, recall@10 and MRR@10 of every search mode on a query set.
-    Retrieval(EvalRetrievalArgs),
-    /// Format adherence and exact match of a model with and without a LoRA
-    /// adapter on held-out prompts.
-    Adapter(EvalAdapterArgs),
 }
 
 /// A base model and a LoRA adapter on it.
@@ -175,31 +168,6 @@ pub struct AdapterTarget {
     /// The adapter: a catalog adapter id or a PEFT directory.
     #[arg(long, default_value = "house-style")]
     pub adapter: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct EvalAdapterArgs {
-    #[command(flatten)]
-    pub target: AdapterTarget,
-    /// JSONL of {"id", "prompt", "completion"} records.
-    #[arg(long, default_value = "data/house-style/heldout.jsonl")]
-    pub data: PathBuf,
-    /// JSON file whose "format_regex" a reply must match whole (default:
-    /// manifest.json beside --data).
-    #[arg(long)]
-    pub format: Option<PathBuf>,
-    /// Records evaluated (the first ones of the file).
-    #[arg(long, default_value_t = 200)]
-    pub limit: usize,
-    /// Tokens generated per reply (greedy).
-    #[arg(long, default_value_t = 160)]
-    pub max_tokens: usize,
-    /// CPU threads.
-    #[arg(long, env = "QPAI_THREADS")]
-    pub threads: Option<usize>,
-    /// Write the scores and every reply as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,26 +1,11 @@
 //! Flags of the site commands: `qpai ingest`, `qpai search`, `qpai sites`,
-//! `qpai bench-search` and `qpai eval retrieval`.
+//! and `qpai bench-search`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
 use super::DEFAULT_EMBEDDING_MODEL;
-
-#[derive(Debug, Clone, Args)]
-pub struct EvalRetrievalArgs {
-    /// The site to search (ingested beforehand).
-    #[arg(long)]
-    pub site: String,
-    /// Query set: JSONL of {"id", "query", "targets": [page URLs], "kind"}.
-    #[arg(long)]
-    pub queries: PathBuf,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    #[command(flatten)]
-    pub embedding: EmbeddingArgs,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum SitesCommand {

@@ -61,10 +61,12 @@ pub async fn run(args: EvalRunArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             None => error,
         });
     }
+    // The open tenant is the machine's operator, as on a server without
+    // keys; a named tenant sees only its own sites.
     let principal = Principal {
         key_id: "cli".into(),
         tenant: args.tenant.tenant.clone(),
-        admin: false,
+        admin: args.tenant.tenant == crate::tenancy::OPEN_TENANT,
         rpm: None,
         tpm: None,
     };

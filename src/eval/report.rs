@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::run::CaseResult;
-use super::summary::VariantSummary;
+use super::summary::{AssertionSummary, VariantSummary};
 use crate::money::Usd;
 
 /// The name of the per-case results beside results.json.
@@ -252,15 +252,31 @@ pub fn markdown(summary: &RunSummary) -> String {
     }
     out.push_str("\n◆ on the quality/cost Pareto front.\n\n");
     if !summary.assertions.is_empty() {
+        out.push_str(
+            "Mean score per assertion (a pass/fail assertion's mean is its pass rate):\n\n",
+        );
         out.push_str(&format!(
-            "| variant | {} |\n|---|",
+            "| variant | cases | {} |\n|---|---|",
             summary.assertions.join(" | ")
         ));
         out.push_str(&"---|".repeat(summary.assertions.len()));
         out.push('\n');
         for v in &summary.variants {
-            let cells: Vec<String> = v.assertions.iter().map(|a| percent(a.pass_rate)).collect();
-            out.push_str(&format!("| {} | {} |\n", v.label, cells.join(" | ")));
+            let mut row = |label: String, cases: u64, assertions: &[AssertionSummary]| {
+                let cells: Vec<String> = assertions
+                    .iter()
+                    .map(|a| format!("{:.3}", a.mean_score))
+                    .collect();
+                out.push_str(&format!("| {label} | {cases} | {} |\n", cells.join(" | ")));
+            };
+            row(v.label.clone(), v.cases, &v.assertions);
+            for group in &v.groups {
+                row(
+                    format!("{} ({})", v.label, group.group),
+                    group.cases,
+                    &group.assertions,
+                );
+            }
         }
         out.push('\n');
     }

@@ -37,6 +37,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseResult {
     pub case: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub line: usize,
     pub variant: String,
     pub repeat: usize,
@@ -200,6 +202,7 @@ impl Harness {
         };
         Ok(CaseResult {
             case: case.id.clone(),
+            group: case.group.clone(),
             line: case.line,
             variant: variant.label.clone(),
             repeat,

@@ -53,6 +53,8 @@ struct DatasetFile {
     limit: Option<usize>,
     /// The column naming a case (default `id`; else `case-N`).
     id: Option<String>,
+    /// A column whose values split the results into groups (e.g. `kind`).
+    group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +212,8 @@ pub struct Judge {
 #[derive(Debug, Clone)]
 pub struct Case {
     pub id: String,
+    /// Its value of the suite's group column, if any.
+    pub group: Option<String>,
     pub line: usize,
     pub columns: Map<String, Value>,
 }
@@ -266,7 +270,12 @@ impl Suite {
         check_settings(path, "defaults", &file.defaults)?;
         let variants = variants(path, &file.variants, &file.defaults, prompts)?;
         let dataset = base.join(&file.dataset.path);
-        let cases = read_cases(&dataset, file.dataset.id.as_deref(), file.dataset.limit)?;
+        let cases = read_cases(
+            &dataset,
+            file.dataset.id.as_deref(),
+            file.dataset.group.as_deref(),
+            file.dataset.limit,
+        )?;
         let variants_file = file.variants;
         Ok(Suite {
             name: file.name,
@@ -471,6 +480,7 @@ pub fn mode_name(mode: SearchMode) -> &'static str {
 fn read_cases(
     path: &Path,
     id_column: Option<&str>,
+    group_column: Option<&str>,
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<Case>> {
     let content =
@@ -496,7 +506,17 @@ fn read_cases(
                 path.display()
             );
         }
-        cases.push(Case { id, line, columns });
+        let group = group_column.map(|name| match columns.get(name) {
+            Some(Value::String(text)) => text.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        });
+        cases.push(Case {
+            id,
+            group,
+            line,
+            columns,
+        });
     }
     if cases.is_empty() {
         anyhow::bail!("{} has no rows", path.display());

@@ -20,6 +20,26 @@ struct AssertionTally {
     score_sum: f64,
 }
 
+/// A group's results so far (the suite's group column).
+#[derive(Debug, Clone, Default)]
+struct GroupTally {
+    cases: u64,
+    passes: u64,
+    score_sum: f64,
+    assertion_passes: Vec<u64>,
+    assertion_scores: Vec<f64>,
+}
+
+/// What a group's results sum to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub group: String,
+    pub cases: u64,
+    pub pass_rate: f64,
+    pub mean_score: f64,
+    pub assertions: Vec<AssertionSummary>,
+}
+
 /// A variant's results so far.
 #[derive(Debug, Clone)]
 pub struct Tally {
@@ -38,6 +58,7 @@ pub struct Tally {
     latencies: Vec<f32>,
     ttfts: Vec<f32>,
     assertions: Vec<AssertionTally>,
+    groups: std::collections::BTreeMap<String, GroupTally>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -91,6 +112,9 @@ pub struct VariantSummary {
     pub ttft_ms: Option<Percentiles>,
     pub latency_histogram: Histogram,
     pub assertions: Vec<AssertionSummary>,
+    /// The same, per group of the suite's group column.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupSummary>,
     /// No other variant scores higher at a lower or equal cost per case.
     #[serde(default)]
     pub pareto: bool,
@@ -121,6 +145,7 @@ impl Tally {
                     score_sum: 0.0,
                 })
                 .collect(),
+            groups: Default::default(),
         }
     }
 
@@ -146,10 +171,50 @@ impl Tally {
             tally.passes += u64::from(verdict.pass);
             tally.score_sum += verdict.score;
         }
+        if let Some(group) = &result.group {
+            let count = self.assertions.len();
+            let tally = self
+                .groups
+                .entry(group.clone())
+                .or_insert_with(|| GroupTally {
+                    assertion_passes: vec![0; count],
+                    assertion_scores: vec![0.0; count],
+                    ..GroupTally::default()
+                });
+            tally.cases += 1;
+            tally.passes += u64::from(result.pass);
+            tally.score_sum += result.score;
+            for (index, verdict) in result.verdicts.iter().enumerate().take(count) {
+                tally.assertion_passes[index] += u64::from(verdict.pass);
+                tally.assertion_scores[index] += verdict.score;
+            }
+        }
     }
 
     pub fn finish(mut self) -> VariantSummary {
         let n = self.cases.max(1) as f64;
+        let labels: Vec<String> = self.assertions.iter().map(|a| a.label.clone()).collect();
+        let groups = std::mem::take(&mut self.groups)
+            .into_iter()
+            .map(|(group, tally)| {
+                let cases = tally.cases.max(1) as f64;
+                GroupSummary {
+                    group,
+                    cases: tally.cases,
+                    pass_rate: tally.passes as f64 / cases,
+                    mean_score: tally.score_sum / cases,
+                    assertions: labels
+                        .iter()
+                        .enumerate()
+                        .map(|(i, label)| AssertionSummary {
+                            assertion: label.clone(),
+                            pass_rate: tally.assertion_passes[i] as f64 / cases,
+                            mean_score: tally.assertion_scores[i] / cases,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
         self.latencies.sort_by(f32::total_cmp);
         self.ttfts.sort_by(f32::total_cmp);
         VariantSummary {
@@ -181,6 +246,7 @@ impl Tally {
                     mean_score: a.score_sum / n,
                 })
                 .collect(),
+            groups,
             pareto: false,
         }
     }

@@ -10,7 +10,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::eval::load_queries;
 use super::search::search;
 use super::store::ChunkRow;
 use super::{Rag, SearchFilter, SearchMode, SearchRequest, SiteName};
@@ -95,20 +94,33 @@ pub async fn grow(
     Ok(())
 }
 
+/// The `query` of each line of a JSONL query set.
+fn query_texts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let content =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    crate::batches::rows::read_table(path, &content)?
+        .into_iter()
+        .map(|(line, fields)| match fields.get("query") {
+            Some(serde_json::Value::String(query)) => Ok(query.clone()),
+            _ => anyhow::bail!("{}:{line}: no \"query\" string", path.display()),
+        })
+        .collect()
+}
+
 pub async fn latencies(
     rag: &Rag,
     site: &SiteName,
     queries_path: &std::path::Path,
     top_k: usize,
 ) -> anyhow::Result<Vec<LatencyResult>> {
-    let queries = load_queries(queries_path)?;
+    let queries = query_texts(queries_path)?;
     let rows = rag.store.stats(site).await?.chunks;
     let mut results = Vec::new();
     // The query embedding alone (part of the vector and hybrid times).
     let mut times = Vec::with_capacity(queries.len());
     for query in &queries {
         let started = Instant::now();
-        rag.embed(vec![query.query.clone()]).await?;
+        rag.embed(vec![query.clone()]).await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     results.push(summary(None, rows, times));
@@ -118,7 +130,7 @@ pub async fn latencies(
         for timed in [false, true] {
             for query in &queries {
                 let request = SearchRequest {
-                    query: query.query.clone(),
+                    query: query.clone(),
                     top_k,
                     mode,
                     filter: SearchFilter::default(),

@@ -198,31 +198,6 @@ pub async fn sites(command: SitesCommand, global: &GlobalArgs) -> anyhow::Result
     Ok(())
 }
 
-pub async fn eval_retrieval(
-    args: crate::config::EvalRetrievalArgs,
-    global: &GlobalArgs,
-) -> anyhow::Result<()> {
-    let site = SiteName::parse(&args.site)?;
-    let rag = rag(global, &args.embedding).await?;
-    let queries = super::eval::load_queries(&args.queries)?;
-    anyhow::ensure!(
-        !queries.is_empty(),
-        "{} holds no queries",
-        args.queries.display()
-    );
-    let modes = [
-        super::SearchMode::Vector,
-        super::SearchMode::Fulltext,
-        super::SearchMode::Hybrid,
-    ];
-    let results = super::eval::evaluate(&rag, &site, &queries, &modes).await?;
-    println!("{}", super::eval::table(&results));
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
-    }
-    Ok(())
-}
-
 pub async fn bench_search(
     args: crate::config::BenchSearchArgs,
     global: &GlobalArgs,

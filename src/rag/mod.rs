@@ -7,7 +7,6 @@ pub mod bench;
 pub mod chunk;
 pub mod cli;
 pub mod document;
-pub mod eval;
 pub mod ingest;
 pub mod prompt;
 pub mod search;

@@ -324,10 +324,8 @@ async fn the_html_report_draws_its_charts_and_pages_its_failing_cases() {
         "2",
         "both variants on the scatter"
     );
-    assert_eq!(
-        attribute(&dom, "id=\"assertions\" width=\"560\" height=\"").is_empty(),
-        false
-    );
+    let assertions = &dom[dom.find("id=\"assertions\"").unwrap()..];
+    assert_eq!(attribute(assertions, "data-bars=\""), "4", "2 assertions × 2 variants");
     assert!(
         dom.matches("class=\"histogram\"").count() == 2,
         "a latency histogram per variant"
@@ -439,4 +437,73 @@ async fn a_suite_with_a_mistake_is_refused_by_name_before_anything_runs() {
     );
     assert!(!out.exists(), "nothing was written");
     assert_eq!(upstream.requests("steady"), 0, "nothing was asked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_suite_scores_each_mode_by_query_kind() {
+    use crate::rag::{ingest_source, rag, write_site};
+    let dir = tempfile::tempdir().unwrap();
+    let site_dir = dir.path().join("site");
+    write_site(&site_dir);
+    let store = rag(dir.path()).await;
+    ingest_source(&store, "evalsite", &site_dir, Default::default()).await;
+    let queries = [
+        r#"{"id": "q1", "query": "when do orders ship", "targets": ["shipping/index.html"], "kind": "faq"}"#,
+        r#"{"id": "q2", "query": "watering tomato plants", "targets": ["guides/tomatoes"], "kind": "faq"}"#,
+        r#"{"id": "q3", "query": "a page that does not exist", "targets": ["nowhere.html"], "kind": "miss"}"#,
+    ];
+    std::fs::write(dir.path().join("queries.jsonl"), queries.join("\n")).unwrap();
+    let suite = dir.path().join("search.toml");
+    std::fs::write(
+        &suite,
+        "name = \"search\"\n[dataset]\npath = \"queries.jsonl\"\ngroup = \"kind\"\n\
+         [variants.search]\nsite = \"evalsite\"\nmodes = [\"vector\", \"fulltext\", \"hybrid\"]\nquery = \"{{ query }}\"\n\
+         [[assert]]\ntype = \"recall-at-k\"\nk = 10\nvalue = \"{{ targets }}\"\n\
+         [[assert]]\ntype = \"mrr\"\nvalue = \"{{ targets }}\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    succeeded(
+        qpai(
+            dir.path(),
+            &[
+                "eval",
+                "run",
+                suite.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap(),
+    );
+    let summary = read_json(&out.join("results.json"));
+    let variants = summary["variants"].as_array().unwrap();
+    let labels: Vec<&str> = variants
+        .iter()
+        .map(|v| v["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        ["evalsite/vector", "evalsite/fulltext", "evalsite/hybrid"]
+    );
+    for variant in variants {
+        let recall = variant["assertions"][0]["mean_score"].as_f64().unwrap();
+        assert!((recall - 2.0 / 3.0).abs() < 1e-9, "{variant}");
+        let groups = variant["groups"].as_array().unwrap();
+        let group = |name: &str| groups.iter().find(|g| g["group"] == name).unwrap().clone();
+        assert_eq!(group("faq")["cases"], 2);
+        assert_eq!(
+            group("faq")["assertions"][0]["mean_score"],
+            1.0,
+            "{variant}"
+        );
+        assert_eq!(group("miss")["assertions"][0]["mean_score"], 0.0);
+        assert_eq!(group("miss")["assertions"][1]["mean_score"], 0.0);
+    }
+    let markdown = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(
+        markdown.contains("| evalsite/hybrid (faq) | 2 | 1.000 |"),
+        "{markdown}"
+    );
 }

@@ -342,39 +342,3 @@ async fn an_ingest_cut_between_write_and_cleanup_converges() {
     assert_eq!(report.chunks_written, 0, "{report:#?}");
     assert_eq!(chunk_ids(&rag, "shop").await, clean);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retrieval_eval_scores_a_site() {
-    let tmp = tempfile::tempdir().unwrap();
-    let site_dir = tmp.path().join("site");
-    write_site(&site_dir);
-    let rag = rag(tmp.path()).await;
-    ingest_source(&rag, "evalsite", &site_dir, ReadOptions::default()).await;
-    let queries_path = tmp.path().join("queries.jsonl");
-    std::fs::write(
-        &queries_path,
-        [
-            r#"{"id": "q1", "query": "when do orders ship", "targets": ["shipping/index.html"], "kind": "faq"}"#,
-            r#"{"id": "q2", "query": "watering tomato plants", "targets": ["guides/tomatoes"], "kind": "faq"}"#,
-            r#"{"id": "q3", "query": "a page that does not exist", "targets": ["nowhere.html"], "kind": "miss"}"#,
-        ]
-        .join("\n"),
-    )
-    .unwrap();
-    let queries = qpai::rag::eval::load_queries(&queries_path).unwrap();
-    let site = SiteName::parse("evalsite").unwrap();
-    let modes = [SearchMode::Vector, SearchMode::Fulltext, SearchMode::Hybrid];
-    let results = qpai::rag::eval::evaluate(&rag, &site, &queries, &modes)
-        .await
-        .unwrap();
-    assert_eq!(results.len(), 3);
-    for result in &results {
-        assert_eq!(result.all.queries, 3);
-        let faq = &result.by_kind["faq"];
-        assert_eq!(faq.recall_at_10, 1.0, "{:?}: {result:?}", result.mode);
-        assert_eq!(result.by_kind["miss"].recall_at_10, 0.0);
-        assert!((result.all.recall_at_10 - 2.0 / 3.0).abs() < 1e-9);
-    }
-    let table = qpai::rag::eval::table(&results);
-    assert!(table.contains("| hybrid (faq) | 2 | "), "{table}");
-}
