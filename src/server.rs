@@ -63,7 +63,12 @@ impl JobSettings {
         if !self.embeddings {
             argv.extend(["--embedding-model".into(), String::new()]);
         }
-        for model in self.local_models()? {
+        let models = self.local_models()?;
+        if models.is_empty() {
+            // Routes only: no local model (not even the default one).
+            argv.extend(["--model".into(), String::new()]);
+        }
+        for model in models {
             argv.extend(["--model".into(), model]);
         }
         let concurrency = self.concurrency.max(1).to_string();
@@ -329,7 +334,8 @@ fn load_all(
     engine_config: EngineConfig,
 ) -> anyhow::Result<()> {
     let mut bases = Vec::new();
-    for spec in &args.models {
+    // An empty name loads nothing (a server of routes only).
+    for spec in args.models.iter().filter(|m| !m.is_empty()) {
         let loaded = resolve(spec, catalog, store).and_then(|mut resolved| {
             if let Some(cap) = args.max_context {
                 resolved.options.max_context =

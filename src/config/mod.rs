@@ -265,7 +265,8 @@ pub struct ServeArgs {
     #[arg(long, env = "QPAI_PORT", default_value_t = 8080)]
     pub port: u16,
     /// Models to serve: catalog ids, paths (.gguf file or checkpoint dir) or
-    /// hub repos (owner/name). Repeat or separate with commas.
+    /// hub repos (owner/name). Repeat or separate with commas; "" serves
+    /// none (routes only).
     #[arg(long = "model", env = "QPAI_MODEL", value_delimiter = ',', default_value = DEFAULT_MODEL)]
     pub models: Vec<String>,
     /// Embedding model served at /v1/embeddings, loaded (and pulled) on first

@@ -325,7 +325,11 @@ async fn the_html_report_draws_its_charts_and_pages_its_failing_cases() {
         "both variants on the scatter"
     );
     let assertions = &dom[dom.find("id=\"assertions\"").unwrap()..];
-    assert_eq!(attribute(assertions, "data-bars=\""), "4", "2 assertions × 2 variants");
+    assert_eq!(
+        attribute(assertions, "data-bars=\""),
+        "4",
+        "2 assertions × 2 variants"
+    );
     assert!(
         dom.matches("class=\"histogram\"").count() == 2,
         "a latency histogram per variant"

@@ -13,6 +13,7 @@ mod common;
 mod concurrency;
 mod embeddings;
 mod eval_cli;
+mod eval_local;
 mod fake_upstream;
 mod files;
 mod gateway;
