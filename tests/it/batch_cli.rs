@@ -5,31 +5,13 @@
 //! lacks a column the prompt needs.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use qpai::ledger::Db;
 use serde_json::Value;
 
-use crate::common::{CHAT_MODEL, chat_model, models_dir};
-
-fn qpai(data_dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_qpai"));
-    command
-        .args(args)
-        .env("QPAI_DATA_DIR", data_dir)
-        .env("QPAI_MODELS_DIR", models_dir())
-        .env_remove("QPAI_DATABASE_URL")
-        .env_remove("QPAI_ROUTER_CONFIG");
-    command
-}
-
-fn finished(output: Output) -> (String, String) {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    (stdout, stderr)
-}
+use crate::common::{CHAT_MODEL, chat_model, qpai, succeeded};
 
 fn products(rows: usize) -> String {
     let mut csv = String::from("id,product,features,words\n");
@@ -100,7 +82,7 @@ async fn a_killed_batch_run_resumes_and_answers_every_row_once() {
     })
     .await
     .unwrap();
-    let (_, stderr) = finished(output);
+    let (_, stderr) = succeeded(output);
     assert!(stderr.contains("resuming batch_"), "{stderr}");
     let answers: Vec<Value> = std::fs::read_to_string(&out)
         .unwrap()
@@ -128,7 +110,7 @@ async fn a_killed_batch_run_resumes_and_answers_every_row_once() {
     assert_eq!(billed[0][1].int(), Some(16));
     assert_eq!(billed[0][2].text(), Some("product_description@2"));
     assert_eq!(billed[0][3].text(), Some("product_description@2"));
-    let list = finished(qpai(dir.path(), &["batch", "list"]).output().unwrap()).0;
+    let list = succeeded(qpai(dir.path(), &["batch", "list"]).output().unwrap()).0;
     assert!(
         list.contains("completed") && list.contains("16/16 done"),
         "{list}"
@@ -153,7 +135,7 @@ fn a_dry_run_estimates_and_a_bad_table_runs_nothing() {
     ];
     let mut dry: Vec<&str> = base.to_vec();
     dry.push("--dry-run");
-    let (table, _) = finished(qpai(dir.path(), &dry).output().unwrap());
+    let (table, _) = succeeded(qpai(dir.path(), &dry).output().unwrap());
     let route = table
         .lines()
         .find(|l| l.starts_with(CHAT_MODEL))
@@ -176,7 +158,7 @@ fn a_dry_run_estimates_and_a_bad_table_runs_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no column for 'product'"), "{stderr}");
 
-    let (diff, _) = finished(
+    let (diff, _) = succeeded(
         qpai(
             dir.path(),
             &[
@@ -193,7 +175,7 @@ fn a_dry_run_estimates_and_a_bad_table_runs_nothing() {
         diff.contains("- version = 1") && diff.contains("+ version = 2"),
         "{diff}"
     );
-    let (rendered, _) = finished(
+    let (rendered, _) = succeeded(
         qpai(
             dir.path(),
             &[

@@ -1,7 +1,8 @@
 //! Shared test helpers: models loaded once per process, an in-process app,
 //! request helpers and an SSE parser.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use axum::body::Body;
@@ -192,4 +193,23 @@ pub fn wait_ready(port: u16) {
 /// own in `dir`, never the user's database.
 pub fn test_database(dir: &std::path::Path) -> String {
     format!("sqlite://{}", dir.join("qpai.db").display())
+}
+
+/// The qpai binary with its data in `data_dir` and the shared models.
+pub fn qpai(data_dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_qpai"));
+    command
+        .args(args)
+        .env("QPAI_DATA_DIR", data_dir)
+        .env("QPAI_MODELS_DIR", models_dir())
+        .env_remove("QPAI_DATABASE_URL")
+        .env_remove("QPAI_ROUTER_CONFIG");
+    command
+}
+
+pub fn succeeded(output: Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
 }

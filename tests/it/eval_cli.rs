@@ -10,26 +10,8 @@ use std::process::{Command, Output};
 use qpai::ledger::Db;
 use serde_json::Value;
 
-use crate::common::models_dir;
+use crate::common::{qpai, succeeded};
 use crate::fake_upstream::{Behaviour, FakeUpstream};
-
-pub fn qpai(data_dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_qpai"));
-    command
-        .args(args)
-        .env("QPAI_DATA_DIR", data_dir)
-        .env("QPAI_MODELS_DIR", models_dir())
-        .env_remove("QPAI_DATABASE_URL")
-        .env_remove("QPAI_ROUTER_CONFIG");
-    command
-}
-
-pub fn succeeded(output: Output) -> (String, String) {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    (stdout, stderr)
-}
 
 fn failed(output: Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -73,6 +55,23 @@ fn write_suite(dir: &Path, rows: usize, models: &[&str], assertions: &str) -> Pa
     let path = dir.join("suite.toml");
     std::fs::write(&path, suite).unwrap();
     path
+}
+
+/// `qpai eval run SUITE` routed by `catalog` for the tenant acme, written to `out`.
+fn eval_run(dir: &Path, suite: &Path, catalog: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        "run",
+        suite.to_str().unwrap(),
+        "--router-config",
+        catalog.to_str().unwrap(),
+        "--tenant",
+        "acme",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    qpai(dir, &args).output().unwrap()
 }
 
 fn read_json(path: &Path) -> Value {
@@ -120,21 +119,9 @@ async fn a_remote_suite_is_billed_exactly_backs_off_and_reruns_from_the_cache() 
     upstream.queue("steady", &[busy, busy, busy]);
     let out = dir.path().join("run1");
     let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "run",
-            suite.to_str().unwrap(),
-            "--router-config",
-            catalog.to_str().unwrap(),
-            "--tenant",
-            "acme",
-            "--out",
-            out.to_str().unwrap(),
-            "--concurrency",
-            "4",
-        ];
+        let mut args = vec!["--concurrency", "4"];
         args.extend_from_slice(extra);
-        qpai(dir.path(), &args).output().unwrap()
+        eval_run(dir.path(), &suite, &catalog, out, &args)
     };
     let (stdout, _) = succeeded(run(&out, &[]));
     assert!(stdout.contains("| variant | pass rate"), "{stdout}");
@@ -286,26 +273,13 @@ async fn the_html_report_draws_its_charts_and_pages_its_failing_cases() {
                       [[assert]]\ntype = \"contains\"\nvalue = \"absent\"\n";
     let suite = write_suite(dir.path(), 120, &["steady", "cheap"], assertions);
     let out = dir.path().join("out");
-    succeeded(
-        qpai(
-            dir.path(),
-            &[
-                "eval",
-                "run",
-                suite.to_str().unwrap(),
-                "--router-config",
-                catalog.to_str().unwrap(),
-                "--tenant",
-                "acme",
-                "--out",
-                out.to_str().unwrap(),
-                "--concurrency",
-                "16",
-            ],
-        )
-        .output()
-        .unwrap(),
-    );
+    succeeded(eval_run(
+        dir.path(),
+        &suite,
+        &catalog,
+        &out,
+        &["--concurrency", "16"],
+    ));
     let report = out.join("report.html");
     let html = std::fs::read_to_string(&report).unwrap();
     for outside in ["<script src", "<link", "@import", "url(http"] {
@@ -351,22 +325,7 @@ async fn a_suite_with_a_mistake_is_refused_by_name_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = write_catalog(dir.path(), &upstream);
     let out = dir.path().join("out");
-    let attempt = |suite: &Path| {
-        qpai(
-            dir.path(),
-            &[
-                "eval",
-                "run",
-                suite.to_str().unwrap(),
-                "--router-config",
-                catalog.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        )
-        .output()
-        .unwrap()
-    };
+    let attempt = |suite: &Path| eval_run(dir.path(), suite, &catalog, &out, &[]);
     let cases = [
         (
             (

@@ -9,8 +9,7 @@ use std::process::Command;
 use qpai::ledger::Db;
 use serde_json::{Value, json};
 
-use crate::common::{CHAT_MODEL, chat_model};
-use crate::eval_cli::{qpai, succeeded};
+use crate::common::{CHAT_MODEL, chat_model, qpai, succeeded};
 
 fn python() -> String {
     std::env::var("QPAI_TEST_PYTHON")
