@@ -288,7 +288,7 @@ impl Assertion {
             Check::Equals(value) => {
                 let expected = or_fail!(resolve_text(value, columns));
                 self.binary(text == expected.trim_end(), || {
-                    format!("expected {expected:?}")
+                    format!("expected {:?}", clip(&expected, 200))
                 })
             }
             Check::Contains {
@@ -338,7 +338,7 @@ impl Assertion {
                 })
             }
             Check::Regex(regex) => self.binary(regex.is_match(text), || {
-                format!("does not match /{}/", shorten(regex.as_str()))
+                format!("does not match /{}/", clip(regex.as_str(), 60))
             }),
             Check::IsJson => {
                 let parsed = serde_json::from_str::<Value>(text.trim());
@@ -431,9 +431,9 @@ impl Assertion {
     }
 }
 
-/// A pattern cut to a readable length for a reason.
-fn shorten(text: &str) -> String {
-    match text.char_indices().nth(60) {
+/// `text` cut to at most `chars` characters (an ellipsis marks a cut).
+pub fn clip(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_string(),
     }

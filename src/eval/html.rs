@@ -47,13 +47,6 @@ fn escape_text(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn clip(text: &str) -> String {
-    match text.char_indices().nth(MAX_ANSWER_CHARS) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_string(),
-    }
-}
-
 /// The report of a run whose per-case results are in `results`.
 pub fn render(summary: &RunSummary, results: &Path) -> anyhow::Result<String> {
     let mut failures = Failures {
@@ -73,7 +66,7 @@ pub fn render(summary: &RunSummary, results: &Path) -> anyhow::Result<String> {
             variant: result.variant,
             repeat: result.repeat,
             score: result.score,
-            text: clip(&result.output.text),
+            text: super::assertions::clip(&result.output.text, MAX_ANSWER_CHARS),
             error: result.output.error,
             reasons: result
                 .verdicts

@@ -74,11 +74,11 @@ fn eval_run(dir: &Path, suite: &Path, catalog: &Path, out: &Path, extra: &[&str]
     qpai(dir, &args).output().unwrap()
 }
 
-fn read_json(path: &Path) -> Value {
+pub fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn result_lines(dir: &Path) -> Vec<Value> {
+pub fn result_lines(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("results.jsonl"))
         .unwrap()
         .lines()

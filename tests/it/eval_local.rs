@@ -10,6 +10,7 @@ use qpai::ledger::Db;
 use serde_json::{Value, json};
 
 use crate::common::{CHAT_MODEL, chat_model, qpai, succeeded};
+use crate::eval_cli::{read_json, result_lines};
 
 fn python() -> String {
     std::env::var("QPAI_TEST_PYTHON")
@@ -151,11 +152,7 @@ threshold = -1.0
         .output()
         .unwrap(),
     );
-    let lines: Vec<Value> = std::fs::read_to_string(out.join("results.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = result_lines(&out);
     assert_eq!(lines.len(), 2);
     let schema = json!({"type": "object", "additionalProperties": false, "required": ["name", "in_stock"],
         "properties": {"name": {"type": "string", "maxLength": 24}, "in_stock": {"type": "boolean"}}});
@@ -183,8 +180,7 @@ threshold = -1.0
             "{similar}"
         );
     }
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let summary = read_json(&out.join("results.json"));
     let run = summary["run_id"].as_str().unwrap();
     let db = Db::open(&format!(
         "sqlite://{}",
