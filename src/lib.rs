@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod experiments;
 pub mod files;
 pub mod gateway;
 pub mod http;

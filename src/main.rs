@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         Command::Batch {
             command: BatchCommand::Run(args),
         } => args.threads,
-        Command::Batch { .. } => None,
+        Command::Batch { .. } | Command::Eval { .. } => None,
     };
     if let Some(threads) = threads {
         // SAFETY: still single-threaded here; candle reads this when its
@@ -63,6 +63,9 @@ fn main() -> anyhow::Result<()> {
         Command::Eval {
             command: EvalCommand::Run(args),
         } => runtime()?.block_on(qpai::eval::cli::run(*args, &cli.global)),
+        Command::Eval {
+            command: EvalCommand::Calibrate(args),
+        } => qpai::eval::calibrate::run(args),
         Command::Sites { command } => {
             runtime()?.block_on(qpai::rag::cli::sites(command, &cli.global))
         }

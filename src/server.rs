@@ -101,7 +101,7 @@ impl JobSettings {
                         .deployments
                         .iter()
                         .filter(|d| d.provider == crate::router::ProviderKind::Local)
-                        .map(|d| d.model.clone()),
+                        .map(|d| d.base_model().to_string()),
                 ),
             }
         }

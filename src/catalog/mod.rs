@@ -99,6 +99,9 @@ pub struct CatalogEntry {
     pub license: String,
     #[serde(default)]
     pub description: String,
+    /// A chat template (Jinja) for a model whose file carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     pub source: Source,
 }
 

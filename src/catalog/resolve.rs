@@ -26,6 +26,7 @@ pub fn resolve(spec: &str, catalog: &Catalog, store: &ModelStore) -> anyhow::Res
         let mut options = LoadOptions::new(&entry.id);
         options.kind = Some(entry.kind);
         options.max_context = Some(entry.context_length);
+        options.chat_template = entry.chat_template.clone();
         return Ok(ResolvedModel {
             source: ModelSource::from_path(&path)?,
             options,

@@ -144,6 +144,12 @@ pub struct EvalRunArgs {
     /// The first cases of the dataset only.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Only the cases of this group (the dataset's group column); repeatable.
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// Only the variants on this model; repeatable.
+    #[arg(long = "model")]
+    pub models: Vec<String>,
     /// An earlier run's results.json: regressions and improvements marked
     /// per variant and per case.
     #[arg(long)]
@@ -161,4 +167,38 @@ pub struct EvalRunArgs {
     pub dir: PromptsDir,
     #[command(flatten)]
     pub tenant: BatchTenant,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalCalibrateArgs {
+    /// results.json files of `qpai eval run`; cases of one route pool.
+    #[arg(required = true)]
+    pub results: Vec<PathBuf>,
+    /// The task tag (`x-qpai-task`) the runs measured.
+    #[arg(long)]
+    pub task: String,
+    /// The routing catalog to write the measured quality into.
+    #[arg(long, env = "QPAI_ROUTER_CONFIG")]
+    pub router_config: Option<PathBuf>,
+    /// Only the cases of this group (e.g. the calibration split).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// A case counts its assertion score, or 1 when it passed.
+    #[arg(long, value_enum, default_value = "score")]
+    pub metric: CalibrationMetric,
+    /// Sets the task's quality floor.
+    #[arg(long, conflicts_with = "floor_of_best")]
+    pub floor: Option<f64>,
+    /// Sets the task's floor to this fraction of the best measured score.
+    #[arg(long)]
+    pub floor_of_best: Option<f64>,
+    /// Prints what would be written; writes nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CalibrationMetric {
+    Score,
+    Pass,
 }

@@ -14,7 +14,10 @@ mod jobs;
 mod rag;
 mod router;
 
-pub use jobs::{BatchCommand, BatchRunArgs, BatchTenant, EvalRunArgs, PromptsCommand, PromptsDir};
+pub use jobs::{
+    BatchCommand, BatchRunArgs, BatchTenant, CalibrationMetric, EvalCalibrateArgs, EvalRunArgs,
+    PromptsCommand, PromptsDir,
+};
 pub use rag::{BenchSearchArgs, EmbeddingArgs, IngestArgs, SearchArgs, SitesCommand};
 pub use router::{BenchRouterArgs, BenchUpstreamArgs, KeyCreateArgs, KeysCommand, UsageArgs};
 
@@ -157,6 +160,9 @@ pub enum EvalCommand {
     /// Runs a suite: its dataset through its variants, every answer
     /// checked by its assertions; writes JSONL, JSON, Markdown and HTML.
     Run(Box<EvalRunArgs>),
+    /// Writes the quality that eval runs measured per route into the
+    /// routing catalog, for `auto` with `x-qpai-task`.
+    Calibrate(EvalCalibrateArgs),
 }
 
 /// A base model and a LoRA adapter on it.

@@ -36,6 +36,7 @@ pub const TYPES: &[&str] = &[
     "regex",
     "is-json",
     "json-schema",
+    "json-fields",
     "tool-call",
     "levenshtein",
     "rouge-l",
@@ -63,6 +64,8 @@ pub enum Check {
     IsJson,
     /// Against this schema, else the suite's `response_format` schema.
     JsonSchema(Option<Value>),
+    /// The share of this object's fields the JSON answer has, equal.
+    JsonFields(Value),
     /// A call of this function (any, when None) with valid arguments.
     ToolCall(Option<String>),
     Levenshtein(Value),
@@ -170,6 +173,7 @@ impl Assertion {
                 }
                 (None, None) => None,
             }),
+            "json-fields" => Check::JsonFields(needs_value()?),
             "tool-call" => Check::ToolCall(file.value.as_ref().map(|_| text_value()).transpose()?),
             "levenshtein" => Check::Levenshtein(needs_value()?),
             "rouge-l" => Check::RougeL(needs_value()?),
@@ -237,6 +241,7 @@ impl Assertion {
             | Check::Bleu(v)
             | Check::Similar(v)
             | Check::LlmRubric(v)
+            | Check::JsonFields(v)
             | Check::Contains { values: v, .. }
             | Check::RecallAtK { gold: v, .. }
             | Check::Mrr { gold: v, .. } => vec![v],
@@ -365,6 +370,22 @@ impl Assertion {
                             .map_err(|m| m.to_string())
                     });
                 self.binary(result.is_ok(), || result.err().unwrap_or_default())
+            }
+            Check::JsonFields(value) => {
+                let expected = match or_fail!(resolve(value, columns)) {
+                    Value::Object(fields) => fields,
+                    other => {
+                        return Some(Err(format!("json-fields expects an object, not {other}")));
+                    }
+                };
+                let answer = serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::Null);
+                let (score, wrong) = similarity::json_fields(&answer, &expected);
+                let reason = if wrong.is_empty() {
+                    String::new()
+                } else {
+                    format!("wrong or missing: {}", wrong.join(", "))
+                };
+                self.verdict(score, 1.0, reason)
             }
             Check::ToolCall(name) => {
                 let result = check_tool_call(output, name.as_deref(), shared);

@@ -7,6 +7,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::output::Output;
+use crate::gateway::{Gateway, Hints};
 use crate::ledger::Ledger;
 use crate::ledger::now_ms;
 
@@ -15,15 +16,39 @@ pub struct Cache {
     ledger: Ledger,
 }
 
-/// The key of one ask.
-pub fn key(tenant: &str, body: &Value, repeat: usize) -> String {
+/// The key of one ask. `routing` is what else picks its route (see
+/// [`routing`]).
+pub fn key(tenant: &str, body: &Value, repeat: usize, routing: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(tenant.as_bytes());
+    hasher.update([0]);
+    hasher.update(routing.as_bytes());
     hasher.update([0]);
     hasher.update(body.to_string().as_bytes());
     hasher.update([0]);
     hasher.update(repeat.to_le_bytes());
     hex::encode(hasher.finalize())
+}
+
+/// For a model the router knows (a deployment, a logical model, `auto`):
+/// the routing catalog as read (its prices, its calibrated quality) and the
+/// task and floor the ask carries, so that an answer is reused only while
+/// its route and price would be the same. Empty for qpai's own models.
+pub fn routing(gateway: &Gateway, body: &Value, hints: &Hints) -> String {
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let catalog = &gateway.router.catalog;
+    if crate::router::policy::offered(catalog, model).is_none() {
+        return String::new();
+    }
+    format!(
+        "{}|{}|{:?}",
+        catalog.fingerprint,
+        hints.task.as_deref().unwrap_or_default(),
+        hints.min_quality
+    )
 }
 
 impl Cache {

@@ -88,8 +88,8 @@ pub fn hints(shared: &Shared, run_id: &str) -> Hints {
     Hints {
         task: shared.task.clone(),
         min_quality: shared.min_quality,
-        batch: None,
         eval: Some(EvalBilling::new(run_id)),
+        ..Hints::default()
     }
 }
 

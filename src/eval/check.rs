@@ -173,7 +173,8 @@ pub async fn dry_run(
                 .map_err(|e| anyhow::anyhow!("line {}: {e}", case.line))?;
             for index in 0..repeat {
                 cases += 1;
-                let key = super::cache::key(&principal.tenant, &body, index);
+                let routing = super::cache::routing(gateway, &body, &hints);
+                let key = super::cache::key(&principal.tenant, &body, index, &routing);
                 if let Some(cache) = cache
                     && cache.get(&key).await?.is_some()
                 {

@@ -29,9 +29,7 @@ pub async fn run(args: EvalRunArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| global.data_dir().join("prompts"));
     let mut suite = Suite::load(&args.suite, &Prompts::load(&prompts_dir)?)?;
-    if let Some(limit) = args.limit {
-        suite.cases.truncate(limit.max(1));
-    }
+    narrow(&mut suite, &args)?;
     let concurrency = args
         .concurrency
         .or(suite.concurrency)
@@ -188,4 +186,41 @@ fn details(variant: &Variant) -> serde_json::Value {
             "top_k": search.top_k,
         }),
     }
+}
+
+/// Keeps the cases of `--group` and the variants of `--model`, and the
+/// first `--limit` cases.
+fn narrow(suite: &mut Suite, args: &EvalRunArgs) -> anyhow::Result<()> {
+    if !args.groups.is_empty() {
+        suite
+            .cases
+            .retain(|c| c.group.as_ref().is_some_and(|g| args.groups.contains(g)));
+        if suite.cases.is_empty() {
+            anyhow::bail!(
+                "--group: no case of {} is in group {}",
+                suite.dataset.display(),
+                args.groups.join(", ")
+            );
+        }
+    }
+    if let Some(model) = args.models.iter().find(|m| {
+        !suite
+            .variants
+            .iter()
+            .any(|v| matches!(&v.kind, VariantKind::Chat(c) if &c.model == *m))
+    }) {
+        anyhow::bail!(
+            "--model: no variant of {} runs on {model:?}",
+            suite.path.display()
+        );
+    }
+    if !args.models.is_empty() {
+        suite
+            .variants
+            .retain(|v| matches!(&v.kind, VariantKind::Chat(c) if args.models.contains(&c.model)));
+    }
+    if let Some(limit) = args.limit {
+        suite.cases.truncate(limit.max(1));
+    }
+    Ok(())
 }

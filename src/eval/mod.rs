@@ -8,6 +8,7 @@
 
 pub mod assertions;
 pub mod cache;
+pub mod calibrate;
 pub mod call;
 pub mod check;
 pub mod cli;

@@ -225,7 +225,8 @@ impl Harness {
         repeat: usize,
         stream: bool,
     ) -> anyhow::Result<(Output, bool, u32)> {
-        let key = cache::key(&self.principal.tenant, body, repeat);
+        let routing = cache::routing(&self.gateway, body, hints);
+        let key = cache::key(&self.principal.tenant, body, repeat, &routing);
         if let Some(cache) = &self.cache
             && let Some(output) = cache.get(&key).await?
         {

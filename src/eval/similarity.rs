@@ -4,6 +4,30 @@
 
 use std::collections::HashMap;
 
+use serde_json::{Map, Value};
+
+/// The share of `expected`'s fields that `answer` (a JSON object) has with
+/// equal values (numbers by value, strings trimmed), and the names of the
+/// others.
+pub fn json_fields(answer: &Value, expected: &Map<String, Value>) -> (f64, Vec<String>) {
+    let equal = |a: &Value, b: &Value| match (a, b) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (Value::String(a), Value::String(b)) => a.trim() == b.trim(),
+        _ => a == b,
+    };
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter(|(name, value)| !answer.get(name).is_some_and(|a| equal(a, value)))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let share = if expected.is_empty() {
+        1.0
+    } else {
+        1.0 - wrong.len() as f64 / expected.len() as f64
+    };
+    (share, wrong)
+}
+
 /// Edit distance in Unicode scalar values.
 pub fn levenshtein(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
@@ -149,6 +173,22 @@ mod tests {
         let far = bleu("watering can made of steel", reference);
         assert!(close > 0.5 && close < 1.0, "{close}");
         assert_eq!(far, 0.0);
+    }
+
+    #[test]
+    fn json_fields_counts_equal_fields() {
+        let expected = serde_json::json!({"brand": "Acme", "price": 12.5, "city": "Lyon"});
+        let expected = expected.as_object().unwrap();
+        let answer =
+            serde_json::json!({"brand": " Acme ", "price": 12.50, "city": "Paris", "extra": 1});
+        let (share, wrong) = json_fields(&answer, expected);
+        assert!((share - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(wrong, ["city"]);
+        assert_eq!(json_fields(&serde_json::json!("text"), expected).0, 0.0);
+        assert_eq!(
+            json_fields(&serde_json::json!({"price": "12.5"}), expected).0,
+            0.0
+        );
     }
 
     #[test]

@@ -109,6 +109,16 @@ impl Drop for Bill {
 }
 
 impl Bill {
+    /// The request's id in the ledger.
+    pub fn request_id(&self) -> &str {
+        &self.record.request_id
+    }
+
+    /// Gives the request the id chosen for it beforehand.
+    pub fn set_request_id(&mut self, id: &str) {
+        self.record.request_id = id.to_string();
+    }
+
     /// The bill of a request for `requested_model`, before any route.
     pub fn open(
         tenancy: Option<Arc<Tenancy>>,

@@ -9,12 +9,13 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use super::drive::{AttemptError, Attempts, Plan, Reply, Standing, rank_prepared};
+use super::drive::{AttemptError, Attempts, Plan, Reply, rank_prepared};
 use super::local_chat::{LocalChat, PreparedChat};
-use super::wire::ChatCompletionRequest;
+use super::wire::{ChatCompletionRequest, PromptRef};
 use super::{Answer, Gateway, Hints, validate};
 use crate::engine::Priority;
 use crate::error::{ApiError, ApiResult};
+use crate::experiments::{Assignment, ExperimentCall};
 use crate::router::policy::{self, Candidate, Needs};
 use crate::router::tokens::TokenCounter;
 use crate::router::{Capability, Endpoint, ProviderKind};
@@ -25,13 +26,17 @@ impl Gateway {
     pub async fn chat(
         &self,
         principal: &Principal,
-        request: ChatCompletionRequest,
+        mut request: ChatCompletionRequest,
         hints: &Hints,
     ) -> ApiResult<Answer> {
+        let assignment = match &hints.experiment {
+            Some(call) => Some(self.join_experiment(principal, call, &mut request).await?),
+            None => None,
+        };
         let (request, prompt) = self.apply_prompt(request)?;
         let standing = self.standing(principal).await?;
         let requested = self.requested_model(&request.model, &standing);
-        let needs = chat_needs(&request, hints, &standing);
+        let needs = chat_needs(&request, hints, self.quality_floor(hints, &standing));
         let stream = request.stream == Some(true);
         let (candidates, local, remote_body) = self
             .chat_candidates(principal, &request, &requested, &needs)
@@ -43,6 +48,7 @@ impl Gateway {
             batch: hints.batch.clone(),
             eval: hints.eval.clone(),
             prompt,
+            request_id: assignment.as_ref().map(|a| a.request_id.clone()),
         };
         let attempts = ChatAttempts {
             gateway: self,
@@ -52,14 +58,62 @@ impl Gateway {
             include_usage: validate::include_usage(&request.sampling()).unwrap_or(false),
             priority: hints.priority(),
         };
-        self.drive(
-            principal,
-            Endpoint::ChatCompletions,
-            standing,
-            plan,
-            &attempts,
-        )
-        .await
+        let mut answer = self
+            .drive(
+                principal,
+                Endpoint::ChatCompletions,
+                standing,
+                plan,
+                &attempts,
+            )
+            .await?;
+        if let (Some(assignment), Some(call), Some(experiments)) =
+            (assignment, &hints.experiment, &self.experiments)
+        {
+            experiments
+                .record(&principal.tenant, &assignment, call.unit.as_deref())
+                .await?;
+            answer.route.experiment = Some((assignment.experiment, assignment.variant.name));
+        }
+        Ok(answer)
+    }
+
+    /// Assigns the request a variant of its experiment and applies it: its
+    /// model, its prompt version (the request's variables fill it).
+    async fn join_experiment(
+        &self,
+        principal: &Principal,
+        call: &ExperimentCall,
+        request: &mut ChatCompletionRequest,
+    ) -> ApiResult<Assignment> {
+        let Some(experiments) = &self.experiments else {
+            return Err(ApiError::invalid_param(
+                "x-qpai-experiment",
+                "Experiments need the ledger database, which this server runs without.",
+            ));
+        };
+        let assignment = experiments.assign(&principal.tenant, call).await?;
+        let variant = &assignment.variant;
+        if let Some(model) = &variant.model {
+            request.model = model.clone();
+        }
+        if let Some(reference) = &variant.prompt {
+            let (id, version) = match reference.split_once('@') {
+                Some((id, version)) => (id, Some(Value::String(version.to_string()))),
+                None => (reference.as_str(), None),
+            };
+            let variables = request
+                .prompt
+                .take()
+                .map(|p| p.variables)
+                .unwrap_or_default();
+            request.prompt = Some(PromptRef {
+                id: id.to_string(),
+                version,
+                variables,
+            });
+        }
+        Ok(assignment)
     }
     /// The candidates of a chat request, cheapest first, with what was
     /// prepared for local ones; also the request as qpai's own models read
@@ -100,6 +154,7 @@ impl Gateway {
                 if offered.iter().any(|d| d.provider == ProviderKind::Local) {
                     local = Some(self.read_local_chat(principal, request).await);
                 }
+                let mut targets = self.models.local_targets(principal, &offered).await;
                 if offered.iter().any(|d| d.provider != ProviderKind::Local) {
                     remote_body = Some(serde_json::to_value(request).map_err(ApiError::internal)?);
                 }
@@ -112,9 +167,9 @@ impl Gateway {
                         let tokens = remote_prompt_tokens(&deployment.model, remote_body.as_ref());
                         return Ok((tokens, None));
                     }
-                    let engine = self
-                        .models
-                        .engine(&deployment.model)
+                    let (engine, adapter) = targets
+                        .remove(&deployment.name)
+                        .unwrap_or_else(|| Err(ApiError::model_not_found(&deployment.model)))
                         .map_err(|e| e.message)?;
                     let prompt_ids = match &local {
                         Some(Ok(chat)) => chat.prompt_ids(engine.model()),
@@ -128,7 +183,7 @@ impl Gateway {
                     let tokens = prompt_ids.len() as u64;
                     let job = PreparedChat {
                         engine,
-                        adapter: None,
+                        adapter,
                         prompt_ids,
                     };
                     Ok((tokens, Some(job)))
@@ -149,7 +204,7 @@ impl Gateway {
         let (request, _) = self.apply_prompt(request)?;
         let standing = self.standing(principal).await?;
         let requested = self.requested_model(&request.model, &standing);
-        let needs = chat_needs(&request, hints, &standing);
+        let needs = chat_needs(&request, hints, self.quality_floor(hints, &standing));
         let (candidates, ..) = self
             .chat_candidates(principal, &request, &requested, &needs)
             .await?;
@@ -181,7 +236,7 @@ fn remote_prompt_tokens(model: &str, body: Option<&Value>) -> u64 {
 }
 
 /// What a chat request needs from its route.
-fn chat_needs(request: &ChatCompletionRequest, hints: &Hints, standing: &Standing) -> Needs {
+fn chat_needs(request: &ChatCompletionRequest, hints: &Hints, min_quality: Option<f64>) -> Needs {
     let mut capabilities = BTreeSet::new();
     if request.stream == Some(true) {
         capabilities.insert(Capability::Streaming);
@@ -205,9 +260,7 @@ fn chat_needs(request: &ChatCompletionRequest, hints: &Hints, standing: &Standin
     Needs {
         capabilities,
         task: hints.task.clone(),
-        min_quality: hints
-            .min_quality
-            .or_else(|| standing.tenant.as_ref().and_then(|t| t.min_quality)),
+        min_quality,
         max_tokens,
         choices: request.n.unwrap_or(1).max(1) as u64,
     }

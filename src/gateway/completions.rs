@@ -79,9 +79,7 @@ impl Gateway {
         let needs = Needs {
             capabilities,
             task: hints.task.clone(),
-            min_quality: hints
-                .min_quality
-                .or_else(|| standing.tenant.as_ref().and_then(|t| t.min_quality)),
+            min_quality: self.quality_floor(hints, &standing),
             max_tokens: request.max_tokens.map(|n| n.max(0) as u64),
             choices: request.n.unwrap_or(1).max(1) as u64,
         };
@@ -111,6 +109,7 @@ impl Gateway {
                     remote_body = Some(serde_json::to_value(&request).map_err(ApiError::internal)?);
                 }
                 let unknown = validate::reject_unknown_fields(&request.other, "").err();
+                let mut targets = self.models.local_targets(principal, &offered).await;
                 rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
                     if deployment.provider != ProviderKind::Local {
                         if !deployment.capabilities.contains(&Capability::Completions) {
@@ -125,13 +124,13 @@ impl Gateway {
                         };
                         return Ok((tokens, None));
                     }
-                    let engine = self
-                        .models
-                        .engine(&deployment.model)
+                    let (engine, adapter) = targets
+                        .remove(&deployment.name)
+                        .unwrap_or_else(|| Err(ApiError::model_not_found(&deployment.model)))
                         .map_err(|e| e.message)?;
                     let job = match &unknown {
                         Some(error) => Err(error.clone()),
-                        None => PreparedText::new(engine, None, &request.prompt),
+                        None => PreparedText::new(engine, adapter, &request.prompt),
                     }
                     .map_err(|e| {
                         local_errors.push(e.clone());
@@ -147,6 +146,7 @@ impl Gateway {
             stream,
             batch: hints.batch.clone(),
             eval: hints.eval.clone(),
+            request_id: None,
             prompt: None,
         };
         let attempts = TextAttempts {

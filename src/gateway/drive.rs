@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::bill::{BatchBilling, Bill, EvalBilling, Metered};
 use super::events::{ChunkStream, upstream_stream};
-use super::{Answer, AnswerBody, Gateway, RouteTaken, Whole};
+use super::{Answer, AnswerBody, Gateway, Hints, RouteTaken, Whole};
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::ledger::{Outcome, TenantRecord};
 use crate::money::Usd;
@@ -123,6 +123,8 @@ pub struct Plan<L> {
     pub prompt: Option<String>,
     /// Set for an eval case.
     pub eval: Option<EvalBilling>,
+    /// The ledger id given beforehand (an experiment's request).
+    pub request_id: Option<String>,
 }
 
 /// The tenant's standing, read once per request.
@@ -150,6 +152,23 @@ impl Gateway {
             warning: standing.warning(),
             tenant: tenancy.budgets.settings(&principal.tenant),
         })
+    }
+
+    /// The quality a request's route needs: the request's own floor, else
+    /// the stricter of its tenant's and its task's (from calibration).
+    pub(super) fn quality_floor(&self, hints: &Hints, standing: &Standing) -> Option<f64> {
+        if hints.min_quality.is_some() {
+            return hints.min_quality;
+        }
+        let tenant = standing.tenant.as_ref().and_then(|t| t.min_quality);
+        let task = hints
+            .task
+            .as_deref()
+            .and_then(|t| self.router.catalog.floor(t));
+        match (tenant, task) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The model a request asks for: `auto` is the tenant's default model
@@ -235,6 +254,9 @@ impl Gateway {
             plan.stream,
             plan.batch.clone(),
         );
+        if let Some(id) = &plan.request_id {
+            bill.set_request_id(id);
+        }
         bill.tag_prompt(plan.prompt.clone());
         bill.tag_eval(plan.eval.clone());
         let mut tries = 0u32;
@@ -283,6 +305,7 @@ impl Gateway {
                 match attempts.attempt(candidate, local.as_ref()).await {
                     Ok(reply) => {
                         router.breakers.success(name);
+                        let request_id = bill.request_id().to_string();
                         let body = match reply {
                             Reply::Whole { body, usage } => {
                                 let cost = bill.settle(usage, Outcome::Ok);
@@ -299,6 +322,8 @@ impl Gateway {
                                 attempts: tries,
                                 max_cost: candidate.max_cost,
                                 budget_warning: standing.warning,
+                                request_id,
+                                experiment: None,
                             },
                             body,
                         });

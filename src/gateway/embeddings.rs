@@ -129,9 +129,7 @@ impl Gateway {
         }
         let needs = Needs {
             task: hints.task.clone(),
-            min_quality: hints
-                .min_quality
-                .or_else(|| standing.tenant.as_ref().and_then(|t| t.min_quality)),
+            min_quality: self.quality_floor(hints, &standing),
             max_tokens: Some(0),
             choices: 1,
             ..Needs::default()
@@ -205,6 +203,7 @@ impl Gateway {
             stream: false,
             batch: hints.batch.clone(),
             eval: hints.eval.clone(),
+            request_id: None,
             prompt: None,
         };
         let attempts = EmbeddingAttempts {

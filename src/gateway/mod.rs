@@ -53,6 +53,8 @@ pub struct Hints {
     pub batch: Option<bill::BatchBilling>,
     /// Set for an eval case: tagged with its run in the ledger.
     pub eval: Option<bill::EvalBilling>,
+    /// The experiment the request takes part in (chat only).
+    pub experiment: Option<crate::experiments::ExperimentCall>,
 }
 
 impl Hints {
@@ -78,6 +80,10 @@ pub struct RouteTaken {
     pub max_cost: Usd,
     /// The tenant's budget is nearly spent.
     pub budget_warning: Option<String>,
+    /// The request's id in the usage ledger.
+    pub request_id: String,
+    /// The experiment and variant the request got.
+    pub experiment: Option<(String, String)>,
 }
 
 /// An answer: its route and its body.
@@ -128,6 +134,8 @@ pub struct Gateway {
     files: Option<crate::files::Files>,
     /// The versioned prompts requests may name.
     pub prompts: Arc<crate::prompts::Prompts>,
+    /// Online experiments (kept in the ledger database).
+    pub experiments: Option<crate::experiments::Experiments>,
     embedding_permits: Arc<tokio::sync::Semaphore>,
     pub started_at: Instant,
 }
@@ -203,6 +211,10 @@ impl GatewayBuilder {
         Ok(Arc::new(Gateway {
             models: LocalModels::new(self.embedding, adapters),
             router: Arc::new(router),
+            experiments: self
+                .tenancy
+                .as_ref()
+                .map(|t| crate::experiments::Experiments::new(&t.ledger)),
             tenancy: self.tenancy,
             rag_store: self.rag_store,
             files: self.files,

@@ -4,6 +4,7 @@
 //! the engines per request. Engines come and go as the server loads them;
 //! everything else is fixed when the gateway is built.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::adapters::registry::{AdapterRegistry, RegistryError};
@@ -11,6 +12,7 @@ use crate::engine::{Engine, SubmitError};
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::lora::UnmergedAdapter;
 use crate::models::embedding::EmbeddingModel;
+use crate::router::{Deployment, ProviderKind};
 use crate::tenancy::Principal;
 
 /// An embedding model served on first use: loaded (and pulled) by `load`
@@ -36,6 +38,9 @@ impl EmbeddingSlot {
         }
     }
 }
+
+/// A local model's engine and the adapter to run with it.
+pub type Target = (Engine, Option<Arc<UnmergedAdapter>>);
 
 /// The local models: engines, the embedding model, adapters.
 pub struct LocalModels {
@@ -128,11 +133,7 @@ impl LocalModels {
     /// id, a merged adapter's name or `BASE:NAME`, or an adapter as
     /// `BASE:ADAPTER` or by its own name (loaded on first use).
     /// A tenant's adapters are found for that tenant only.
-    pub async fn target(
-        &self,
-        principal: &Principal,
-        id: &str,
-    ) -> ApiResult<(Engine, Option<Arc<UnmergedAdapter>>)> {
+    pub async fn target(&self, principal: &Principal, id: &str) -> ApiResult<Target> {
         let engines = self.engines();
         if let Some(engine) = engines.iter().find(|e| e.model().id == id) {
             return Ok((engine.clone(), None));
@@ -190,6 +191,23 @@ impl LocalModels {
             .map_err(ApiError::internal)?
             .map_err(|e| adapter_error(e, "model"))?;
         Ok((engine, Some(weights)))
+    }
+
+    /// The engine and adapter of each local deployment among `offered`
+    /// (whose model may name an adapter as `BASE:ADAPTER`), by name.
+    pub async fn local_targets(
+        &self,
+        principal: &Principal,
+        offered: &[&Deployment],
+    ) -> HashMap<String, ApiResult<Target>> {
+        let mut targets = HashMap::new();
+        for deployment in offered {
+            if deployment.provider == ProviderKind::Local {
+                let target = self.target(principal, &deployment.model).await;
+                targets.insert(deployment.name.clone(), target);
+            }
+        }
+        targets
     }
 
     /// The engine of model `id` (503 while it loads).

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use super::AppState;
 use super::extract::{ApiBody, parse_json};
 use crate::error::{ApiError, ApiResult};
+use crate::experiments::ExperimentCall;
 use crate::gateway::wire::{ChatCompletionRequest, CompletionRequest};
 use crate::gateway::{Answer, AnswerBody, EmbeddingRequest, Hints, StreamItem};
 use crate::tenancy::Principal;
@@ -23,6 +24,10 @@ use crate::tenancy::Principal;
 /// Request headers that steer the route.
 const TASK_HEADER: &str = "x-qpai-task";
 const MIN_QUALITY_HEADER: &str = "x-qpai-min-quality";
+/// The experiment a chat request takes part in, and its episode (else
+/// its `user`): the unit its variant sticks to.
+const EXPERIMENT_HEADER: &str = "x-qpai-experiment";
+const EPISODE_HEADER: &str = "x-qpai-episode-id";
 
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
@@ -33,7 +38,16 @@ pub async fn chat_completions(
 ) -> ApiResult<Response> {
     let request: ChatCompletionRequest = parse_json(&body)?;
     tracing::Span::current().record("model", request.model.as_str());
-    let hints = hints(&headers)?;
+    let mut hints = hints(&headers)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(experiment) = header(EXPERIMENT_HEADER) {
+        hints.experiment = Some(ExperimentCall {
+            experiment: experiment.to_string(),
+            unit: header(EPISODE_HEADER)
+                .map(str::to_string)
+                .or_else(|| request.user.clone()),
+        });
+    }
     let answer = state.gateway.chat(&principal, request, &hints).await?;
     Ok(respond(answer))
 }
@@ -102,7 +116,12 @@ fn respond(answer: Answer) -> Response {
         ("x-qpai-deployment", route.deployment),
         ("x-qpai-attempts", route.attempts.to_string()),
         ("x-qpai-max-cost-usd", route.max_cost.to_string()),
+        ("x-qpai-request-id", route.request_id),
     ];
+    if let Some((experiment, variant)) = route.experiment {
+        pairs.push(("x-qpai-experiment", experiment));
+        pairs.push(("x-qpai-variant", variant));
+    }
     if let Some(cost) = cost {
         pairs.push(("x-qpai-cost-usd", cost.to_string()));
     }

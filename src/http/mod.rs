@@ -4,6 +4,7 @@
 
 mod adapters;
 mod batches;
+mod experiments;
 pub mod extract;
 mod files;
 mod health;
@@ -111,6 +112,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches", get(batches::list).post(batches::create))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route(
+            "/v1/experiments",
+            get(experiments::list).post(experiments::create),
+        )
+        .route("/v1/experiments/{id}", get(experiments::get))
+        .route("/v1/feedback", post(experiments::feedback))
         .route("/v1/prompts", get(prompts::list))
         .route("/v1/prompts/{name}", get(prompts::get))
         .route("/v1/router/health", get(usage::router_health))

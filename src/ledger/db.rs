@@ -125,6 +125,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("schema/0003_batches.sql")),
     (4, include_str!("schema/0004_prompts.sql")),
     (5, include_str!("schema/0005_evals.sql")),
+    (6, include_str!("schema/0006_experiments.sql")),
 ];
 
 impl Db {

@@ -57,6 +57,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// A LoRA adapter merged into the weights at load.
     pub merge: Option<Arc<Adapter>>,
+    /// A chat template (Jinja) for a model whose files carry none.
+    pub chat_template: Option<String>,
 }
 
 impl LoadOptions {
@@ -68,6 +70,7 @@ impl LoadOptions {
             dtype: None,
             device: super::default_device(),
             merge: None,
+            chat_template: None,
         }
     }
 }
@@ -148,7 +151,8 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
     let template_source = content
         .metadata
         .get("tokenizer.chat_template")
-        .and_then(|v| v.to_string().ok().cloned());
+        .and_then(|v| v.to_string().ok().cloned())
+        .or_else(|| options.chat_template.clone());
     let file_context = content
         .metadata
         .get(&format!("{architecture}.context_length"))
@@ -318,6 +322,7 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
     let template_file = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
     let chat_template = template_file
         .or_else(|| template_source(&tokenizer_config.chat_template))
+        .or_else(|| options.chat_template.clone())
         .map(|source| {
             ChatTemplate::new(
                 source,

@@ -20,7 +20,7 @@
 //! [[deployment]]
 //! name = "smollm2-local"
 //! provider = "local"
-//! model = "smollm2-135m-instruct"
+//! model = "smollm2-135m-instruct"        # or BASE:ADAPTER, a LoRA adapter of it
 //! host_usd_per_hour = 0.05               # priced from the host and its measured speed
 //! tokens_per_s = 100
 //! context_window = 8192
@@ -51,6 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
+use super::calibration::{Measured, TaskFloor};
 use super::cost::Prices;
 use crate::money::Usd;
 
@@ -137,6 +138,8 @@ pub struct Deployment {
     pub capabilities: BTreeSet<Capability>,
     /// Quality per task tag, 0 to 1; `general` applies to untagged requests.
     pub quality: BTreeMap<String, f64>,
+    /// Quality per task tag as the evals measured it (over `quality`).
+    pub measured: BTreeMap<String, Measured>,
     /// An embedder's vector length (None for chat deployments).
     pub dimensions: Option<usize>,
     /// What batch lines pay here (the prices unless the catalog sets them).
@@ -160,10 +163,18 @@ impl Deployment {
             context_window,
             capabilities: Default::default(),
             quality: Default::default(),
+            measured: Default::default(),
             dimensions: None,
             batch_prices: prices,
             batch_concurrency: DEFAULT_BATCH_CONCURRENCY,
         }
+    }
+
+    /// The model a local deployment loads: its model, without an adapter.
+    pub fn base_model(&self) -> &str {
+        self.model
+            .split_once(':')
+            .map_or(self.model.as_str(), |(base, _)| base)
     }
 
     /// Whether this deployment answers embeddings (and only embeddings).
@@ -171,11 +182,17 @@ impl Deployment {
         self.capabilities.contains(&Capability::Embeddings)
     }
 
-    /// Quality for `task` (its own score, else `general`, else 0).
+    /// Quality for `task` (its own score, else `general`, else 0); a
+    /// measured score counts over a typed-in one.
     pub fn quality_for(&self, task: Option<&str>) -> f64 {
-        task.and_then(|t| self.quality.get(t))
-            .or_else(|| self.quality.get("general"))
-            .copied()
+        let scored = |tag: &str| {
+            self.measured
+                .get(tag)
+                .map(|m| m.score)
+                .or_else(|| self.quality.get(tag).copied())
+        };
+        task.and_then(scored)
+            .or_else(|| scored("general"))
             .unwrap_or(0.0)
     }
 }
@@ -194,6 +211,12 @@ struct RouterFile {
     deployment: Vec<DeploymentFile>,
     #[serde(default)]
     model: Vec<LogicalModelFile>,
+    /// What the evals measured (written by `qpai eval calibrate`).
+    #[serde(default)]
+    measured: Vec<Measured>,
+    /// Quality floors per task.
+    #[serde(default)]
+    task: Vec<TaskFloor>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -201,6 +224,10 @@ pub struct RouterCatalog {
     pub deployments: Vec<Deployment>,
     /// Logical name -> candidate deployments (indexes into `deployments`).
     pub models: BTreeMap<String, Vec<usize>>,
+    /// Task tag -> the quality its requests need when they set none.
+    pub floors: BTreeMap<String, f64>,
+    /// A hash of the catalog's text: what answers cached under it assume.
+    pub fingerprint: String,
 }
 
 fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
@@ -280,6 +307,7 @@ fn check_deployment(file: DeploymentFile) -> Result<Deployment, String> {
         context_window: file.context_window,
         capabilities: file.capabilities,
         quality: file.quality,
+        measured: BTreeMap::new(),
         dimensions: file.dimensions,
         batch_prices,
         batch_concurrency: file.batch_concurrency.unwrap_or(DEFAULT_BATCH_CONCURRENCY),
@@ -313,6 +341,44 @@ fn batch_prices(name: &str, file: &DeploymentFile, prices: Prices) -> Result<Pri
             "deployment {name:?}: give batch_input_usd_per_1m and batch_output_usd_per_1m, or batch_discount, not both"
         )),
     }
+}
+
+/// Puts each measured score on its deployment, and returns the floors;
+/// each is checked.
+fn calibrated(
+    deployments: &mut [Deployment],
+    measured: Vec<Measured>,
+    tasks: Vec<TaskFloor>,
+) -> Result<BTreeMap<String, f64>, String> {
+    for entry in measured {
+        entry.check()?;
+        let Some(deployment) = deployments.iter_mut().find(|d| d.name == entry.deployment) else {
+            return Err(format!(
+                "measured {:?} on {:?}: no deployment {:?}",
+                entry.deployment, entry.task, entry.deployment
+            ));
+        };
+        let task = entry.task.clone();
+        if deployment.measured.insert(task.clone(), entry).is_some() {
+            return Err(format!(
+                "deployment {:?} is measured on {task:?} twice",
+                deployment.name
+            ));
+        }
+    }
+    let mut floors = BTreeMap::new();
+    for task in tasks {
+        if !(0.0..=1.0).contains(&task.min_quality) {
+            return Err(format!(
+                "task {:?}: min_quality {} is outside 0..1",
+                task.name, task.min_quality
+            ));
+        }
+        if floors.insert(task.name.clone(), task.min_quality).is_some() {
+            return Err(format!("task {:?} is defined twice", task.name));
+        }
+    }
+    Ok(floors)
 }
 
 /// A logical model's deployments must all answer the same endpoint, and
@@ -372,10 +438,21 @@ impl RouterCatalog {
                 return Err(format!("model {:?} is defined twice", model.name));
             }
         }
+        let floors = calibrated(&mut deployments, file.measured, file.task)?;
         Ok(Self {
             deployments,
             models,
+            floors,
+            fingerprint: {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(text.as_bytes()))
+            },
         })
+    }
+
+    /// The quality floor of `task`, if the catalog sets one.
+    pub fn floor(&self, task: &str) -> Option<f64> {
+        self.floors.get(task).copied()
     }
 
     pub fn deployment(&self, name: &str) -> Option<&Deployment> {

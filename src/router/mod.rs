@@ -5,6 +5,7 @@
 //! usage metering. The gateway (src/gateway/) drives it.
 
 pub mod bench;
+pub mod calibration;
 pub mod catalog;
 pub mod cost;
 pub mod health;

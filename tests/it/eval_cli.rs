@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::common::{qpai, succeeded};
 use crate::fake_upstream::{Behaviour, FakeUpstream};
 
-fn failed(output: Output) -> String {
+pub fn failed(output: Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(!output.status.success(), "should have failed:\n{stderr}");
     stderr
@@ -21,7 +21,7 @@ fn failed(output: Output) -> String {
 
 /// Two remote deployments on the scripted upstream: "steady" at $1/$2
 /// per 1M tokens, "cheap" at $0.5/$1.
-fn write_catalog(dir: &Path, upstream: &FakeUpstream) -> PathBuf {
+pub fn write_catalog(dir: &Path, upstream: &FakeUpstream) -> PathBuf {
     let path = dir.join("router.toml");
     let mut text = String::new();
     for (name, input, output) in [("steady", "1", "2"), ("cheap", "0.5", "1")] {
@@ -58,7 +58,7 @@ fn write_suite(dir: &Path, rows: usize, models: &[&str], assertions: &str) -> Pa
 }
 
 /// `qpai eval run SUITE` routed by `catalog` for the tenant acme, written to `out`.
-fn eval_run(dir: &Path, suite: &Path, catalog: &Path, out: &Path, extra: &[&str]) -> Output {
+pub fn eval_run(dir: &Path, suite: &Path, catalog: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "eval",
         "run",
