@@ -213,3 +213,27 @@ pub fn succeeded(output: Output) -> (String, String) {
     assert!(output.status.success(), "{stdout}\n{stderr}");
     (stdout, stderr)
 }
+
+/// Runs pytest on `files` (under tests/python/) with the test venv's
+/// Python and `env`; fails the test unless every test passed. Returns the
+/// report.
+pub fn pytest(files: &[&str], env: &[(&str, String)]) -> String {
+    let python = std::env::var("QPAI_TEST_PYTHON").expect(
+        "QPAI_TEST_PYTHON is not set: run the tests with scripts/test.sh, which installs the openai client",
+    );
+    let output = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .args(files)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running pytest");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "pytest failed:\n{report}");
+    assert!(report.contains(" passed"), "pytest ran no test:\n{report}");
+    report
+}

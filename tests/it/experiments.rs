@@ -343,8 +343,6 @@ async fn tenants_are_kept_apart_and_mistakes_are_named() {
 async fn experiments_over_http_for_the_python_client() {
     use crate::common::{free_port, wait_ready};
     use crate::router_serve::{key, serve};
-    let python = std::env::var("QPAI_TEST_PYTHON")
-        .expect("QPAI_TEST_PYTHON is not set: run the tests with scripts/test.sh");
     let upstream = crate::fake_upstream::FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let catalog = crate::eval_cli::write_catalog(dir.path(), &upstream);
@@ -357,30 +355,17 @@ async fn experiments_over_http_for_the_python_client() {
         &["--router-config", catalog.to_str().unwrap()],
         &[],
     );
-    let output = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         wait_ready(port);
-        std::process::Command::new(&python)
-            .args([
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/python/test_experiments_client.py",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("QPAI_BASE_URL", format!("http://127.0.0.1:{port}/v1"))
-            .env("QPAI_KEY", &acme)
-            .env("QPAI_RIVAL_KEY", &rival)
-            .output()
-            .expect("running pytest")
+        crate::common::pytest(
+            &["tests/python/test_experiments_client.py"],
+            &[
+                ("QPAI_BASE_URL", format!("http://127.0.0.1:{port}/v1")),
+                ("QPAI_KEY", acme),
+                ("QPAI_RIVAL_KEY", rival),
+            ],
+        )
     })
     .await
     .unwrap();
-    assert!(
-        output.status.success(),
-        "pytest failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

@@ -8,9 +8,6 @@ use crate::common::*;
 
 #[test]
 fn official_python_client_against_qpai_serve() {
-    let python = std::env::var("QPAI_TEST_PYTHON").expect(
-        "QPAI_TEST_PYTHON is not set: run the tests with scripts/test.sh, which installs the openai client",
-    );
     chat_model(); // makes sure the model is in the cache before the server starts
     let port = free_port();
     let rag_dir = tempfile::tempdir().unwrap();
@@ -36,30 +33,15 @@ fn official_python_client_against_qpai_serve() {
             .expect("starting qpai serve"),
     );
     wait_ready(port);
-    let output = Command::new(&python)
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
+    pytest(
+        &[
             "tests/python/test_openai_client.py",
             "tests/python/test_structured_outputs.py",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("QPAI_BASE_URL", format!("http://127.0.0.1:{port}/v1"))
-        .env("QPAI_MODEL", CHAT_MODEL)
-        .output()
-        .expect("running pytest");
+        ],
+        &[
+            ("QPAI_BASE_URL", format!("http://127.0.0.1:{port}/v1")),
+            ("QPAI_MODEL", CHAT_MODEL.to_string()),
+        ],
+    );
     drop(server);
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "openai client tests failed:\n{report}"
-    );
-    assert!(report.contains(" passed"), "pytest ran no test:\n{report}");
 }

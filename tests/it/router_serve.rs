@@ -57,8 +57,6 @@ pub fn serve(data_dir: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -
 
 #[test]
 fn the_router_fronts_another_qpai_for_the_python_client() {
-    let python = std::env::var("QPAI_TEST_PYTHON")
-        .expect("QPAI_TEST_PYTHON is not set: run the tests with scripts/test.sh");
     chat_model();
     let upstream_dir = tempfile::tempdir().unwrap();
     let router_dir = tempfile::tempdir().unwrap();
@@ -112,38 +110,25 @@ deployments = ["edge"]
     );
     wait_ready(upstream_port);
     wait_ready(router_port);
-    let output = Command::new(&python)
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/python/test_router_client.py",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env(
-            "QPAI_BASE_URL",
-            format!("http://127.0.0.1:{router_port}/v1"),
-        )
-        .env(
-            "QPAI_UPSTREAM_URL",
-            format!("http://127.0.0.1:{upstream_port}/v1"),
-        )
-        .env("QPAI_UPSTREAM_KEY", &upstream_key)
-        .env("QPAI_KEY", &acme)
-        .env("QPAI_ADMIN_KEY", &admin)
-        .env("QPAI_POOR_KEY", &poor)
-        .env("QPAI_LIMITED_KEY", &limited)
-        .env("QPAI_MODEL", CHAT_MODEL)
-        .output()
-        .expect("running pytest");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    pytest(
+        &["tests/python/test_router_client.py"],
+        &[
+            (
+                "QPAI_BASE_URL",
+                format!("http://127.0.0.1:{router_port}/v1"),
+            ),
+            (
+                "QPAI_UPSTREAM_URL",
+                format!("http://127.0.0.1:{upstream_port}/v1"),
+            ),
+            ("QPAI_UPSTREAM_KEY", upstream_key.clone()),
+            ("QPAI_KEY", acme.clone()),
+            ("QPAI_ADMIN_KEY", admin),
+            ("QPAI_POOR_KEY", poor),
+            ("QPAI_LIMITED_KEY", limited),
+            ("QPAI_MODEL", CHAT_MODEL.to_string()),
+        ],
     );
-    assert!(output.status.success(), "pytest failed:\n{report}");
     // The router writes rows as requests end; the CLI reads the same database.
     drop(router);
     let usage = qpai(
