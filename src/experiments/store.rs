@@ -27,6 +27,8 @@ pub struct Assignment {
     pub variant: Variant,
     /// The request's id in the ledger: what feedback names.
     pub request_id: String,
+    /// The experiment's task tag.
+    pub task: Option<String>,
 }
 
 /// What feedback is about.
@@ -277,6 +279,7 @@ impl Experiments {
             experiment: id.to_string(),
             variant,
             request_id: format!("req_{}", uuid::Uuid::new_v4().simple()),
+            task: stored.spec.task.clone(),
         })
     }
 

@@ -33,6 +33,18 @@ impl Gateway {
             Some(call) => Some(self.join_experiment(principal, call, &mut request).await?),
             None => None,
         };
+        // An experiment's task routes its requests that name none.
+        let task_hints;
+        let hints = match assignment.as_ref().and_then(|a| a.task.clone()) {
+            Some(task) if hints.task.is_none() => {
+                task_hints = Hints {
+                    task: Some(task),
+                    ..hints.clone()
+                };
+                &task_hints
+            }
+            _ => hints,
+        };
         let (request, prompt) = self.apply_prompt(request)?;
         let standing = self.standing(principal).await?;
         let requested = self.requested_model(&request.model, &standing);
@@ -76,6 +88,35 @@ impl Gateway {
             answer.route.experiment = Some((assignment.experiment, assignment.variant.name));
         }
         Ok(answer)
+    }
+
+    /// Whether a variant's model and prompt can be served: a routed name or
+    /// one of qpai's own models (or adapters), and a registry prompt.
+    pub async fn check_variant(
+        &self,
+        principal: &Principal,
+        variant: &crate::experiments::Variant,
+        place: &str,
+    ) -> ApiResult<()> {
+        let named = |error: ApiError, field: &str| ApiError {
+            kind: crate::error::ErrorKind::InvalidRequest,
+            param: Some(format!("{place}.{field}")),
+            ..error
+        };
+        if let Some(model) = &variant.model
+            && policy::offered(&self.router.catalog, model).is_none()
+        {
+            self.models
+                .target(principal, model)
+                .await
+                .map_err(|e| named(e, "model"))?;
+        }
+        if let Some(reference) = &variant.prompt {
+            self.prompts
+                .get_reference(reference)
+                .map_err(|e| named(e, "prompt"))?;
+        }
+        Ok(())
     }
 
     /// Assigns the request a variant of its experiment and applies it: its

@@ -33,6 +33,12 @@ pub async fn create(
 ) -> ApiResult<impl IntoResponse> {
     let spec = ExperimentSpec::parse(parse_json(&body)?)?;
     let experiments = experiments(&state)?;
+    for (index, variant) in spec.variants.iter().enumerate() {
+        state
+            .gateway
+            .check_variant(&principal, variant, &format!("variants[{index}]"))
+            .await?;
+    }
     experiments.create(&principal.tenant, &spec).await?;
     let shown = experiments.describe(&principal.tenant, &spec.id).await?;
     Ok((StatusCode::CREATED, Json(shown)))

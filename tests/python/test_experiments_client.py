@@ -103,6 +103,18 @@ def test_mistakes_are_named_and_tenants_kept_apart():
             "id": "solo", "metric": {"name": "accepted", "type": "boolean"},
             "variants": [{"name": "steady", "model": "steady"}]})
     assert error.value.body["param"] == "variants"
+    with pytest.raises(openai.BadRequestError) as error:
+        acme.post("/experiments", cast_to=object, body={
+            "id": "ghost", "metric": {"name": "accepted", "type": "boolean"},
+            "variants": [{"name": "steady", "model": "steady"},
+                         {"name": "ghost", "model": "no-such-model"}]})
+    assert error.value.body["param"] == "variants[1].model"
+    with pytest.raises(openai.BadRequestError) as error:
+        acme.post("/experiments", cast_to=object, body={
+            "id": "ghost", "metric": {"name": "accepted", "type": "boolean"},
+            "variants": [{"name": "steady", "model": "steady"},
+                         {"name": "worded", "prompt": "no-such-prompt@1"}]})
+    assert error.value.body["param"] == "variants[1].prompt"
     with pytest.raises(openai.NotFoundError) as error:
         ask({"x-qpai-experiment": "nothing-here"})
     assert error.value.body["param"] == "experiment"
