@@ -169,7 +169,9 @@ impl Experiments {
             .collect())
     }
 
-    async fn arms(&self, tenant: &str, stored: &Stored) -> ApiResult<Vec<ArmState>> {
+    /// Each arm's sums, and its mean price when `priced` (a scan of the
+    /// experiment's requests joined with their ledger rows).
+    async fn arms(&self, tenant: &str, stored: &Stored, priced: bool) -> ApiResult<Vec<ArmState>> {
         let db = self.ledger.db();
         let id = stored.spec.id.as_str();
         let rows = db
@@ -180,15 +182,18 @@ impl Experiments {
             )
             .await
             .map_err(internal)?;
-        let costs = db
-            .query(
+        let costs = if !priced {
+            Vec::new()
+        } else {
+            db.query(
                 "SELECT r.arm, COUNT(*), COALESCE(SUM(u.cost_pico), 0) FROM experiment_requests r \
                  JOIN usage_ledger u ON u.request_id = r.request_id \
                  WHERE r.tenant = $1 AND r.experiment = $2 GROUP BY r.arm",
                 vec![tenant.into(), id.into()],
             )
             .await
-            .map_err(internal)?;
+            .map_err(internal)?
+        };
         let mut arms = Vec::new();
         for variant in &stored.spec.variants {
             let row = rows
@@ -315,7 +320,9 @@ impl Experiments {
     }
 
     async fn draw(&self, tenant: &str, stored: &Stored) -> ApiResult<String> {
-        let arms = self.arms(tenant, stored).await?;
+        let arms = self
+            .arms(tenant, stored, stored.spec.cost_weight > 0.0)
+            .await?;
         let bandit = Self::bandit_arms(&stored.spec, &arms);
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let chosen = bandit::choose(&bandit, stored.spec.cost_weight, &mut rng);
@@ -427,7 +434,9 @@ impl Experiments {
         let (Some(stop_at), None) = (stored.spec.stop_at, &stored.winner) else {
             return Ok(());
         };
-        let arms = self.arms(tenant, stored).await?;
+        let arms = self
+            .arms(tenant, stored, stored.spec.cost_weight > 0.0)
+            .await?;
         if arms.iter().map(|a| a.evidence.n).sum::<u64>() < stored.spec.min_feedback {
             return Ok(());
         }
@@ -460,7 +469,7 @@ impl Experiments {
     /// The experiment as `GET /v1/experiments/{id}` shows it.
     pub async fn describe(&self, tenant: &str, id: &str) -> ApiResult<Value> {
         let stored = self.load(tenant, id, "id").await?;
-        let arms = self.arms(tenant, &stored).await?;
+        let arms = self.arms(tenant, &stored, true).await?;
         let bandit = Self::bandit_arms(&stored.spec, &arms);
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut rng);

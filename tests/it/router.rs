@@ -1025,6 +1025,8 @@ async fn spend_recorded_by_another_process_counts_within_seconds() {
     // 3 x 0.000017 spent in all: B knows of its own 0.000017 only until it
     // re-reads the ledger (every 5 s); then it refuses like A does.
     assert_eq!(ask(&a).await.status, StatusCode::PAYMENT_REQUIRED);
+    // A's rows too are in the database before B re-reads it.
+    a.ledger.flush().await;
     tokio::time::sleep(Duration::from_millis(5100)).await;
     assert_eq!(ask(&b).await.status, StatusCode::PAYMENT_REQUIRED);
 }
