@@ -239,40 +239,22 @@ impl Experiments {
         let id = stored.spec.id.as_str();
         let arm = match (&stored.winner, &call.unit) {
             (Some(winner), _) => winner.clone(),
-            (None, Some(unit)) => {
-                let sticky = db
-                    .query(
-                        "SELECT arm FROM experiment_units WHERE tenant = $1 AND experiment = $2 AND unit = $3",
-                        vec![tenant.into(), id.into(), unit.as_str().into()],
+            (None, Some(unit)) => match self.unit_arm(tenant, id, unit).await? {
+                Some(arm) => arm,
+                None => {
+                    let drawn = self.draw(tenant, &stored).await?;
+                    // Two processes may draw for one new unit at once: the
+                    // first kept wins, and both use it.
+                    db.execute(
+                        "INSERT INTO experiment_units (tenant, experiment, unit, arm, created_ms) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, experiment, unit) DO NOTHING",
+                        vec![tenant.into(), id.into(), unit.as_str().into(), drawn.as_str().into(), now_ms().into()],
                     )
                     .await
                     .map_err(internal)?;
-                match sticky.first().and_then(|r| r[0].text()) {
-                    Some(arm) => arm.to_string(),
-                    None => {
-                        let drawn = self.draw(tenant, &stored).await?;
-                        // Two processes may draw for one new unit at once:
-                        // the first kept wins, and both use it.
-                        db.execute(
-                            "INSERT INTO experiment_units (tenant, experiment, unit, arm, created_ms) \
-                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, experiment, unit) DO NOTHING",
-                            vec![tenant.into(), id.into(), unit.as_str().into(), drawn.as_str().into(), now_ms().into()],
-                        )
-                        .await
-                        .map_err(internal)?;
-                        let kept = db
-                            .query(
-                                "SELECT arm FROM experiment_units WHERE tenant = $1 AND experiment = $2 AND unit = $3",
-                                vec![tenant.into(), id.into(), unit.as_str().into()],
-                            )
-                            .await
-                            .map_err(internal)?;
-                        kept.first()
-                            .and_then(|r| r[0].text())
-                            .map_or(drawn, str::to_string)
-                    }
+                    self.unit_arm(tenant, id, unit).await?.unwrap_or(drawn)
                 }
-            }
+            },
             (None, None) => self.draw(tenant, &stored).await?,
         };
         let variant = stored
@@ -317,6 +299,20 @@ impl Experiments {
             ])
             .await
             .map_err(internal)
+    }
+
+    /// The variant a unit sticks to, if it has one.
+    async fn unit_arm(&self, tenant: &str, id: &str, unit: &str) -> ApiResult<Option<String>> {
+        let rows = self
+            .ledger
+            .db()
+            .query(
+                "SELECT arm FROM experiment_units WHERE tenant = $1 AND experiment = $2 AND unit = $3",
+                vec![tenant.into(), id.into(), unit.into()],
+            )
+            .await
+            .map_err(internal)?;
+        Ok(rows.first().and_then(|r| r[0].text()).map(str::to_string))
     }
 
     async fn draw(&self, tenant: &str, stored: &Stored) -> ApiResult<String> {
