@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::output::Output;
+use super::rag_checks::{check_citations, gold_urls, ranking_scores};
 use super::similarity;
 use super::suite::Shared;
 
@@ -460,7 +461,7 @@ pub fn clip(text: &str, chars: usize) -> String {
     }
 }
 
-fn as_text(value: &Value) -> String {
+pub(super) fn as_text(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         other => other.to_string(),
@@ -525,27 +526,6 @@ pub fn render_template(text: &str, columns: &Map<String, Value>) -> Result<Strin
     })
 }
 
-fn gold_urls(gold: &Value, columns: &Map<String, Value>) -> Result<Vec<String>, String> {
-    match resolve(gold, columns)? {
-        Value::Array(items) => Ok(items.iter().map(as_text).collect()),
-        Value::String(text) => Ok(vec![text]),
-        other => Err(format!("gold URLs must be a list, not {other}")),
-    }
-}
-
-/// (recall within k, reciprocal rank of the first gold within k) of a
-/// ranked list of pages.
-pub fn ranking_scores(ranked: &[String], gold: &[String], k: usize) -> (f64, f64) {
-    let top = &ranked[..ranked.len().min(k)];
-    let found = gold.iter().filter(|g| top.contains(g)).count();
-    let recall = found as f64 / gold.len().max(1) as f64;
-    let reciprocal = top
-        .iter()
-        .position(|p| gold.contains(p))
-        .map_or(0.0, |r| 1.0 / (r as f64 + 1.0));
-    (recall, reciprocal)
-}
-
 fn check_tool_call(output: &Output, name: Option<&str>, shared: &Shared) -> Result<(), String> {
     if output.tool_calls.is_empty() {
         return Err("the answer calls no function".into());
@@ -580,30 +560,4 @@ fn check_tool_call(output: &Output, name: Option<&str>, shared: &Shared) -> Resu
         }
     }
     Err(problems.join("; "))
-}
-
-/// Every `[n]` marker names a source given, and at least one is cited.
-fn check_citations(output: &Output) -> Result<(), String> {
-    if output.citations.is_empty() {
-        return Err("the answer was given no sources".into());
-    }
-    let marker = regex::Regex::new(r"\[(\d+)\]").map_err(|e| e.to_string())?;
-    let cited: Vec<usize> = marker
-        .captures_iter(&output.text)
-        .filter_map(|c| c[1].parse().ok())
-        .collect();
-    if cited.is_empty() {
-        return Err("the answer cites no source".into());
-    }
-    let unknown: Vec<usize> = cited
-        .into_iter()
-        .filter(|n| !output.citations.iter().any(|c| c.index == *n))
-        .collect();
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "cites sources that were not retrieved: {unknown:?}"
-        ))
-    }
 }

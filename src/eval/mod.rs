@@ -15,6 +15,7 @@ pub mod cli;
 pub mod html;
 pub mod judged;
 pub mod output;
+pub mod rag_checks;
 pub mod report;
 pub mod run;
 pub mod similarity;

@@ -25,6 +25,7 @@
 //! task; a task's floor applies when a request names the task and sets no
 //! floor of its own.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -110,6 +111,44 @@ impl Calibration {
         });
         self.task.sort_by(|a, b| a.name.cmp(&b.name));
     }
+}
+
+/// Puts each measured score on its deployment, and returns the floors;
+/// each is checked.
+pub(super) fn calibrated(
+    deployments: &mut [super::Deployment],
+    measured: Vec<Measured>,
+    tasks: Vec<TaskFloor>,
+) -> Result<BTreeMap<String, f64>, String> {
+    for entry in measured {
+        entry.check()?;
+        let Some(deployment) = deployments.iter_mut().find(|d| d.name == entry.deployment) else {
+            return Err(format!(
+                "measured {:?} on {:?}: no deployment {:?}",
+                entry.deployment, entry.task, entry.deployment
+            ));
+        };
+        let task = entry.task.clone();
+        if deployment.measured.insert(task.clone(), entry).is_some() {
+            return Err(format!(
+                "deployment {:?} is measured on {task:?} twice",
+                deployment.name
+            ));
+        }
+    }
+    let mut floors = BTreeMap::new();
+    for task in tasks {
+        if !(0.0..=1.0).contains(&task.min_quality) {
+            return Err(format!(
+                "task {:?}: min_quality {} is outside 0..1",
+                task.name, task.min_quality
+            ));
+        }
+        if floors.insert(task.name.clone(), task.min_quality).is_some() {
+            return Err(format!("task {:?} is defined twice", task.name));
+        }
+    }
+    Ok(floors)
 }
 
 /// A catalog's text split at the marker: the hand-written part and the

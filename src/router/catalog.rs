@@ -51,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use super::calibration::{Measured, TaskFloor};
+use super::calibration::{Measured, TaskFloor, calibrated};
 use super::cost::Prices;
 use crate::money::Usd;
 
@@ -341,44 +341,6 @@ fn batch_prices(name: &str, file: &DeploymentFile, prices: Prices) -> Result<Pri
             "deployment {name:?}: give batch_input_usd_per_1m and batch_output_usd_per_1m, or batch_discount, not both"
         )),
     }
-}
-
-/// Puts each measured score on its deployment, and returns the floors;
-/// each is checked.
-fn calibrated(
-    deployments: &mut [Deployment],
-    measured: Vec<Measured>,
-    tasks: Vec<TaskFloor>,
-) -> Result<BTreeMap<String, f64>, String> {
-    for entry in measured {
-        entry.check()?;
-        let Some(deployment) = deployments.iter_mut().find(|d| d.name == entry.deployment) else {
-            return Err(format!(
-                "measured {:?} on {:?}: no deployment {:?}",
-                entry.deployment, entry.task, entry.deployment
-            ));
-        };
-        let task = entry.task.clone();
-        if deployment.measured.insert(task.clone(), entry).is_some() {
-            return Err(format!(
-                "deployment {:?} is measured on {task:?} twice",
-                deployment.name
-            ));
-        }
-    }
-    let mut floors = BTreeMap::new();
-    for task in tasks {
-        if !(0.0..=1.0).contains(&task.min_quality) {
-            return Err(format!(
-                "task {:?}: min_quality {} is outside 0..1",
-                task.name, task.min_quality
-            ));
-        }
-        if floors.insert(task.name.clone(), task.min_quality).is_some() {
-            return Err(format!("task {:?} is defined twice", task.name));
-        }
-    }
-    Ok(floors)
 }
 
 /// A logical model's deployments must all answer the same endpoint, and

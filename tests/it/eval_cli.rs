@@ -74,6 +74,20 @@ pub fn eval_run(dir: &Path, suite: &Path, catalog: &Path, out: &Path, extra: &[&
     qpai(dir, &args).output().unwrap()
 }
 
+/// `qpai eval run SUITE --out DIR/out` in `dir`, which must succeed; the out folder.
+pub fn run_suite(dir: &Path, suite: &Path) -> PathBuf {
+    let out = dir.join("out");
+    let args = [
+        "eval",
+        "run",
+        suite.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    succeeded(qpai(dir, &args).output().unwrap());
+    out
+}
+
 pub fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -425,21 +439,7 @@ async fn a_search_suite_scores_each_mode_by_query_kind() {
          [[assert]]\ntype = \"mrr\"\nvalue = \"{{ targets }}\"\n",
     )
     .unwrap();
-    let out = dir.path().join("out");
-    succeeded(
-        qpai(
-            dir.path(),
-            &[
-                "eval",
-                "run",
-                suite.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        )
-        .output()
-        .unwrap(),
-    );
+    let out = run_suite(dir.path(), &suite);
     let summary = read_json(&out.join("results.json"));
     let variants = summary["variants"].as_array().unwrap();
     let labels: Vec<&str> = variants

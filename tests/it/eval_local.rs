@@ -9,7 +9,7 @@ use std::process::Command;
 use qpai::ledger::Db;
 use serde_json::{Value, json};
 
-use crate::common::{CHAT_MODEL, chat_model, qpai, succeeded};
+use crate::common::{CHAT_MODEL, chat_model};
 use crate::eval_cli::{read_json, result_lines};
 
 fn python() -> String {
@@ -137,21 +137,7 @@ threshold = -1.0
     );
     let suite_path = dir.path().join("suite.toml");
     std::fs::write(&suite_path, suite).unwrap();
-    let out = dir.path().join("out");
-    succeeded(
-        qpai(
-            dir.path(),
-            &[
-                "eval",
-                "run",
-                suite_path.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        )
-        .output()
-        .unwrap(),
-    );
+    let out = crate::eval_cli::run_suite(dir.path(), &suite_path);
     let lines = result_lines(&out);
     assert_eq!(lines.len(), 2);
     let schema = json!({"type": "object", "additionalProperties": false, "required": ["name", "in_stock"],
