@@ -5,9 +5,15 @@ Runs `qpai bench` (prefill, decode, time to first token from qpai's own
 forward pass) and then llama.cpp through llama-cpp-python on exactly the same
 prompt token ids, greedy, and prints a Markdown table with the ratios.
 
+Build llama-cpp-python from source with explicit ISA flags, never
+-march=native (llama.cpp's native build crashes in its AMX path on CPUs that
+report AMX); drop the AVX-512 / VNNI options on CPUs without them.
+
 Usage (see docs/perf.md):
     python3 -m venv ~/.cache/qpai-bench-venv
-    ~/.cache/qpai-bench-venv/bin/pip install -r benches/requirements.txt   # builds llama.cpp
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON" \
+        ~/.cache/qpai-bench-venv/bin/pip install -r benches/requirements.txt   # builds llama.cpp
     ~/.cache/qpai-bench-venv/bin/python benches/llama_cpp_compare.py --threads 2
 """
 
@@ -74,6 +80,14 @@ def run_llama_cpp(path, ids, decode_tokens, threads, runs):
     }
 
 
+def llama_cpp_isa():
+    """The CPU features llama.cpp reports it was built with and uses."""
+    import llama_cpp
+    info = llama_cpp.llama_print_system_info().decode()
+    used = [part.strip() for part in info.replace("|", ";").split(";") if part.strip().endswith("= 1")]
+    return ", ".join(p.split(" =")[0] for p in used) or info
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -96,12 +110,18 @@ def main():
     ]
     print(f"model {args.model}, {len(ids)} prompt tokens, {args.decode_tokens} decoded, "
           f"{args.threads} threads, median of {args.runs} runs")
+    print(f"qpai kernels: {qpai['kernels']}; llama.cpp: {llama_cpp_isa()}")
     print()
     print("| metric | qpai | llama.cpp | qpai / llama.cpp |")
     print("|---|---|---|---|")
     for label, key, higher_better in rows:
         ratio = qpai[key] / peer[key] if higher_better else peer[key] / qpai[key]
         print(f"| {label} | {qpai[key]:.1f} | {peer[key]:.1f} | {ratio:.2f}x |")
+    bandwidth = qpai["memory_bandwidth_gb_s"] * 1e9
+    per_token = qpai["weight_bytes"]
+    print(f"| decode share of the bandwidth bound ({per_token / 1e6:.1f} MB a token, "
+          f"{bandwidth / 1e9:.1f} GB/s) | {qpai['decode_tokens_per_s'] * per_token / bandwidth:.0%} "
+          f"| {peer['decode_tokens_per_s'] * per_token / bandwidth:.0%} | |")
     print()
     print("(ratios: higher is better for qpai; for time to first token the ratio is llama.cpp time / qpai time)")
 

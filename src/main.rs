@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         | Command::Usage(_)
         | Command::BenchUpstream(_)
         | Command::BenchRouter(_)
+        | Command::BenchServe(_)
         | Command::Prompts { .. } => None,
         Command::Batch {
             command: BatchCommand::Run(args),
@@ -75,6 +76,9 @@ fn main() -> anyhow::Result<()> {
         Command::Usage(args) => runtime()?.block_on(qpai::tenancy::cli::usage(args, &cli.global)),
         Command::BenchUpstream(args) => runtime()?.block_on(qpai::router::bench::upstream(args)),
         Command::BenchRouter(args) => runtime()?.block_on(qpai::router::bench::load(args)),
+        Command::BenchServe(args) => runtime()?
+            .block_on(qpai::bench::serve::run(args))
+            .map(|_| ()),
         Command::Prompts { command } => qpai::prompts::cli::run(command, &cli.global),
         Command::Batch { command } => {
             runtime()?.block_on(qpai::batches::cli::run(command, &cli.global))

@@ -341,6 +341,7 @@ fn load_all(
                 resolved.options.max_context =
                     Some(resolved.options.max_context.map_or(cap, |c| c.min(cap)));
             }
+            resolved.options.kv_cache = args.kv_cache();
             let model = load_model(&resolved.source, &resolved.options)?;
             Ok((model, resolved))
         });

@@ -8,11 +8,15 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::models::kv_cache::{KvCacheConfig, KvDType};
 use crate::telemetry::LogFormat;
 
+mod bench;
 mod jobs;
 mod rag;
 mod router;
+
+pub use bench::BenchServeArgs;
 
 pub use jobs::{
     BatchCommand, BatchRunArgs, BatchTenant, CalibrationMetric, EvalCalibrateArgs, EvalRunArgs,
@@ -143,6 +147,9 @@ pub enum Command {
     BenchUpstream(BenchUpstreamArgs),
     /// Load a chat endpoint with many connections: requests/s and latency percentiles.
     BenchRouter(BenchRouterArgs),
+    /// Load an OpenAI-compatible server with streamed completions at several
+    /// concurrency levels: TTFT, TPOT, latency percentiles, tokens/s.
+    BenchServe(BenchServeArgs),
     /// Versioned prompts: list, show, render, diff.
     Prompts {
         #[command(subcommand)]
@@ -289,6 +296,19 @@ pub struct ServeArgs {
     /// several steps while other requests keep decoding.
     #[arg(long, env = "QPAI_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Memory for each model's KV cache, in MiB (llama GGUF models on the
+    /// CPU). Requests are admitted only while the blocks they may need
+    /// (prompt plus n times max_tokens) are free; the rest wait in the
+    /// queue. Default: room for --max-running sequences at the full context.
+    #[arg(long, env = "QPAI_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
+    /// How keys and values are stored: f32, f16 (half the memory) or q8_0
+    /// (about a quarter), see docs/perf.md for each one's logit error.
+    #[arg(long, env = "QPAI_KV_CACHE_DTYPE", default_value = "f32")]
+    pub kv_cache_dtype: KvDType,
+    /// Don't reuse the KV blocks of earlier prompts (the prefix cache).
+    #[arg(long, env = "QPAI_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
     /// Largest request body in bytes; beyond: 413.
     #[arg(long, env = "QPAI_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -399,6 +419,9 @@ pub struct ServeFile {
     pub max_running: Option<usize>,
     pub max_in_flight: Option<usize>,
     pub prefill_chunk: Option<usize>,
+    pub kv_cache_mb: Option<usize>,
+    pub kv_cache_dtype: Option<KvDType>,
+    pub no_prefix_cache: Option<bool>,
     pub max_body_bytes: Option<usize>,
     pub max_context: Option<usize>,
     pub threads: Option<usize>,
@@ -421,6 +444,16 @@ fn is_default(matches: &ArgMatches, id: &str) -> bool {
 }
 
 impl ServeArgs {
+    /// The KV cache budget of each served model.
+    pub fn kv_cache(&self) -> KvCacheConfig {
+        KvCacheConfig {
+            megabytes: self.kv_cache_mb,
+            dtype: self.kv_cache_dtype,
+            sequences: self.max_running.max(1),
+            prefix_cache: !self.no_prefix_cache,
+        }
+    }
+
     /// Fills in values from the `--config` file where neither a flag nor an
     /// environment variable gave one.
     pub fn apply_file(&mut self, matches: &ArgMatches) -> anyhow::Result<()> {
@@ -447,6 +480,9 @@ impl ServeArgs {
         layer!(max_running, "max_running");
         layer!(max_in_flight, "max_in_flight");
         layer!(prefill_chunk, "prefill_chunk");
+        layer!(kv_cache_mb, "kv_cache_mb");
+        layer!(kv_cache_dtype, "kv_cache_dtype");
+        layer!(no_prefix_cache, "no_prefix_cache");
         layer!(max_body_bytes, "max_body_bytes");
         layer!(max_context, "max_context");
         layer!(threads, "threads");

@@ -102,6 +102,15 @@ pub enum SubmitError {
     Overloaded,
     #[error("the model worker has stopped")]
     Stopped,
+    /// The request could never be admitted: the blocks it may need (prompt
+    /// plus `n` times `max_tokens`) exceed the whole KV cache.
+    #[error(
+        "this request may need {needed_tokens} tokens of KV cache (the prompt plus n times max_tokens), more than this server's {capacity_tokens} (--kv-cache-mb); lower max_tokens or n"
+    )]
+    KvCacheTooSmall {
+        needed_tokens: usize,
+        capacity_tokens: usize,
+    },
 }
 
 struct EngineInner {
@@ -179,6 +188,20 @@ impl Engine {
 
     /// Queues a checked request. Fails at once when the engine is full.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, SubmitError> {
+        if let Some(budget) = self.inner.model.kv_budget() {
+            let needed = crate::models::kv_cache::blocks_needed(
+                budget.block_tokens,
+                request.prompt_ids.len(),
+                request.n,
+                request.max_new_tokens,
+            );
+            if needed > budget.total_blocks {
+                return Err(SubmitError::KvCacheTooSmall {
+                    needed_tokens: needed * budget.block_tokens,
+                    capacity_tokens: budget.total_blocks * budget.block_tokens,
+                });
+            }
+        }
         let permit = self
             .inner
             .permits

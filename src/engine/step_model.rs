@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use crate::lora::UnmergedAdapter;
+use crate::models::kv_cache::{KvBudget, KvUsage};
 use crate::models::{LoadedModel, SequenceModel};
 
 pub trait StepModel: Send + Sync + 'static {
@@ -17,17 +18,34 @@ pub trait StepModel: Send + Sync + 'static {
         &self,
         adapter: Option<&Arc<UnmergedAdapter>>,
     ) -> candle_core::Result<Box<dyn SequenceModel>>;
-    /// Feeds `tokens[i]` to `sequences[i]`; each one's next-token logits.
-    fn decode_batch(
+    /// Feeds `inputs[i]` (one token or more) to `sequences[i]`; each one's
+    /// next-token logits, or why its feed failed. One forward pass for all
+    /// where the model supports it, each sequence alone otherwise.
+    fn forward_batch(
         &self,
         sequences: &mut [&mut Box<dyn SequenceModel>],
-        tokens: &[u32],
-    ) -> candle_core::Result<Vec<Vec<f32>>>;
+        inputs: &[&[u32]],
+    ) -> Vec<candle_core::Result<Vec<f32>>> {
+        sequences
+            .iter_mut()
+            .zip(inputs)
+            .map(|(sequence, input)| sequence.forward(input))
+            .collect()
+    }
     fn tokenizer(&self) -> &Tokenizer;
     /// Tokens that end generation.
     fn eos_token_ids(&self) -> &[u32];
     /// Positions (prompt + completion) a sequence may use.
     fn context_length(&self) -> usize;
+    /// The paged KV cache's budget, for models that have one: admission then
+    /// reserves blocks for each request.
+    fn kv_budget(&self) -> Option<KvBudget> {
+        None
+    }
+    /// The paged KV cache's blocks and prefix-cache counters (`/metrics`).
+    fn kv_usage(&self) -> Option<KvUsage> {
+        None
+    }
 }
 
 impl StepModel for LoadedModel {
@@ -42,12 +60,12 @@ impl StepModel for LoadedModel {
         self.new_sequence_with(adapter)
     }
 
-    fn decode_batch(
+    fn forward_batch(
         &self,
         sequences: &mut [&mut Box<dyn SequenceModel>],
-        tokens: &[u32],
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        LoadedModel::decode_batch(self, sequences, tokens)
+        inputs: &[&[u32]],
+    ) -> Vec<candle_core::Result<Vec<f32>>> {
+        LoadedModel::forward_batch(self, sequences, inputs)
     }
 
     fn tokenizer(&self) -> &Tokenizer {
@@ -60,5 +78,13 @@ impl StepModel for LoadedModel {
 
     fn context_length(&self) -> usize {
         self.context_length
+    }
+
+    fn kv_budget(&self) -> Option<KvBudget> {
+        LoadedModel::kv_budget(self).cloned()
+    }
+
+    fn kv_usage(&self) -> Option<KvUsage> {
+        LoadedModel::kv_usage(self)
     }
 }

@@ -49,6 +49,9 @@ pub struct GenerationRequest {
     pub constraint: Option<super::constraint::Constraint>,
     /// Live requests are admitted before batch work.
     pub priority: Priority,
+    /// End-of-sequence tokens don't end generation (load tests that need a
+    /// fixed output length).
+    pub ignore_eos: bool,
 }
 
 /// Whose work a request is: a caller waiting on it, or a batch line.
@@ -78,6 +81,7 @@ impl GenerationRequest {
             logit_bias: Vec::new(),
             constraint: None,
             priority: Priority::Live,
+            ignore_eos: false,
         }
     }
 }

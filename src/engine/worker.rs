@@ -23,9 +23,19 @@ use super::types::{
 };
 use super::{EngineConfig, EngineStats};
 use crate::models::SequenceModel;
+use crate::models::kv_cache::{KvBudget, KvReservation, KvUsage};
 
 /// A choice's place in the running list: (request, choice).
 type Place = (usize, usize);
+
+/// What a sequence fed in a step belongs to.
+#[derive(Clone, Copy)]
+enum Feed {
+    /// The prompt of a request still being prefilled.
+    Prefill,
+    /// A choice of a request being decoded.
+    Choice(usize),
+}
 /// Next-token scores over the vocabulary.
 type Logits = Vec<f32>;
 
@@ -52,11 +62,16 @@ struct Choice {
     finished: bool,
 }
 
+/// A request being run. Fields drop in order: the sequences give their KV
+/// blocks back before the reservation ends and before the event stream
+/// closes (a caller that sees its stream end finds the blocks free).
 struct Running {
-    job: Job,
     /// The prompt's sequence while the prompt is fed chunk by chunk.
     prefill: Option<Box<dyn SequenceModel>>,
     choices: Vec<Choice>,
+    /// KV blocks reserved for this request while it runs.
+    _kv: Option<KvReservation>,
+    job: Job,
     first_token_at: Instant,
     tokens_sent: usize,
 }
@@ -93,22 +108,43 @@ impl Admission {
         self.live.is_empty() && self.batch.is_empty()
     }
 
-    /// The next request to admit beside `running`, if any may be.
-    fn next(&mut self, running: &[Running], max_running: usize) -> Option<Job> {
+    /// The next request to admit beside `running`, if any may be: a slot
+    /// must be free, and `reserve` must get what it needs (the KV blocks it
+    /// may come to hold); otherwise it waits, first in line.
+    fn next<R>(
+        &mut self,
+        running: &[Running],
+        max_running: usize,
+        reserve: impl Fn(&Job) -> Option<R>,
+    ) -> Option<(Job, R)> {
         if running.len() >= max_running {
             return None;
         }
-        if let Some(job) = self.live.pop_front() {
-            return Some(job);
-        }
-        let batch_running = running
-            .iter()
-            .filter(|r| r.job.request.priority == Priority::Batch)
-            .count();
-        (batch_running < batch_slots(max_running))
-            .then(|| self.batch.pop_front())
-            .flatten()
+        let queue = if self.live.is_empty() {
+            let batch_running = running
+                .iter()
+                .filter(|r| r.job.request.priority == Priority::Batch)
+                .count();
+            if batch_running >= batch_slots(max_running) {
+                return None;
+            }
+            &mut self.batch
+        } else {
+            &mut self.live
+        };
+        let reserved = reserve(queue.front()?)?;
+        queue.pop_front().map(|job| (job, reserved))
     }
+}
+
+/// The KV blocks a request may come to hold.
+fn kv_blocks_for(request: &GenerationRequest, block_tokens: usize) -> usize {
+    crate::models::kv_cache::blocks_needed(
+        block_tokens,
+        request.prompt_ids.len(),
+        request.n,
+        request.max_new_tokens,
+    )
 }
 
 /// How many of `max_running` slots batch work may hold.
@@ -125,11 +161,14 @@ pub(crate) struct Worker {
     model: Arc<dyn StepModel>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
+    /// The model's KV budget, when it has a paged cache.
+    kv: Option<KvBudget>,
 }
 
 impl Worker {
     pub fn new(model: Arc<dyn StepModel>, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
         Self {
+            kv: model.kv_budget(),
             model,
             config,
             stats,
@@ -151,8 +190,10 @@ impl Worker {
             }
             // A bug in one step fails the requests in flight, not the model.
             let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                while let Some(job) = queue.next(&running, self.config.max_running) {
-                    self.admit(job, &mut running);
+                while let Some((job, kv)) = queue.next(&running, self.config.max_running, |job| {
+                    self.reserve_kv(job)
+                }) {
+                    self.admit(job, kv, &mut running);
                 }
                 self.step_all(&mut running);
             }));
@@ -172,11 +213,26 @@ impl Worker {
                 self.stats.running.fetch_sub(1, Ordering::SeqCst);
             }
             self.stats.publish_gauges();
+            if let Some(usage) = self.model.kv_usage() {
+                publish_kv(self.model.id(), usage);
+            }
         }
     }
 
-    /// Takes a new request in and feeds it the first chunk of its prompt.
-    fn admit(&self, job: Job, running: &mut Vec<Running>) {
+    /// Reserves the KV blocks `job` may come to hold: Some(None) for models
+    /// without a paged cache, None while the blocks are not free.
+    fn reserve_kv(&self, job: &Job) -> Option<Option<KvReservation>> {
+        let Some(budget) = &self.kv else {
+            return Some(None);
+        };
+        budget
+            .try_reserve(kv_blocks_for(&job.request, budget.block_tokens))
+            .map(Some)
+    }
+
+    /// Takes a new request in, starting it from the prefix cache when an
+    /// earlier prompt began the same way; its prompt is fed by `step_all`.
+    fn admit(&self, job: Job, kv: Option<KvReservation>, running: &mut Vec<Running>) {
         self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
         if job.events.is_closed() {
             self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
@@ -189,44 +245,48 @@ impl Worker {
             .record(job.enqueued_at.elapsed().as_secs_f64());
         metrics::counter!("qpai_prompt_tokens_total", "model" => self.model.id().to_string())
             .increment(job.request.prompt_ids.len() as u64);
-        let mut request = match self.model.new_sequence(job.request.adapter.as_ref()) {
-            Ok(sequence) => Running {
-                job,
-                prefill: Some(sequence),
-                choices: Vec::new(),
-                first_token_at: Instant::now(),
-                tokens_sent: 0,
-            },
+        let request = match self.model.new_sequence(job.request.adapter.as_ref()) {
+            Ok(mut sequence) => {
+                let reused = sequence.reuse_prefix(&job.request.prompt_ids);
+                if reused > 0 {
+                    tracing::debug!(reused, "prompt prefix found in the KV cache");
+                }
+                Running {
+                    prefill: Some(sequence),
+                    choices: Vec::new(),
+                    _kv: kv,
+                    job,
+                    first_token_at: Instant::now(),
+                    tokens_sent: 0,
+                }
+            }
             Err(error) => {
                 let _ = job.events.send(GenerationEvent::Error(error.to_string()));
                 return;
             }
         };
-        self.advance_prefill(&mut request);
-        if !request.finished() {
-            self.stats.running.fetch_add(1, Ordering::SeqCst);
-            running.push(request);
-        }
+        self.stats.running.fetch_add(1, Ordering::SeqCst);
+        running.push(request);
         self.stats.publish_gauges();
     }
 
-    /// Feeds the next chunk of the prompt (at most `prefill_chunk` tokens, so
-    /// that a long prompt does not stall the other requests); after the last
-    /// one, samples the first token of each choice.
-    fn advance_prefill(&self, request: &mut Running) {
-        let Some(sequence) = request.prefill.as_mut() else {
-            return;
-        };
-        let prompt_len = request.job.request.prompt_ids.len();
-        let start = sequence.position();
-        let end = (start + self.config.prefill_chunk).min(prompt_len);
-        let chunk = &request.job.request.prompt_ids[start..end];
-        let outcome = sequence.forward(chunk).and_then(|logits| {
-            if end < prompt_len {
+    /// After a chunk of a request's prompt was fed: once the whole prompt
+    /// is in, samples the first token of each choice.
+    fn after_prefill(&self, request: &mut Running, logits: Result<Logits, String>) {
+        let _enter = request.job.span.clone().entered();
+        let outcome = logits.and_then(|logits| {
+            let prompt_len = request.job.request.prompt_ids.len();
+            if request
+                .prefill
+                .as_ref()
+                .is_none_or(|s| s.position() < prompt_len)
+            {
                 return Ok(());
             }
             if let Some(sequence) = request.prefill.take() {
-                request.choices = self.first_tokens(&request.job, sequence, logits)?;
+                request.choices = self
+                    .first_tokens(&request.job, sequence, logits)
+                    .map_err(|e| e.to_string())?;
                 request.first_token_at = Instant::now();
                 request.tokens_sent = request.choices.len();
                 metrics::histogram!("qpai_time_to_first_token_seconds", "model" => self.model.id().to_string())
@@ -237,12 +297,9 @@ impl Worker {
             }
             Ok(())
         });
-        if let Err(error) = outcome {
-            tracing::error!(parent: &request.job.span, %error, "prefill failed");
-            let _ = request
-                .job
-                .events
-                .send(GenerationEvent::Error(error.to_string()));
+        if let Err(message) = outcome {
+            tracing::error!(%message, "prefill failed");
+            let _ = request.job.events.send(GenerationEvent::Error(message));
             request.stop();
         }
     }
@@ -281,10 +338,12 @@ impl Worker {
         Ok(choices)
     }
 
-    /// One decode step for every unfinished choice of every running request,
-    /// batched into shared matmuls where the model supports it. A choice
-    /// with several tokens to feed (tokens its grammar forced) is fed on its
-    /// own, all of them in one forward pass.
+    /// One step of the model for every running request, in one forward
+    /// pass where the model supports it: the next chunk of the prompts still
+    /// being prefilled (`prefill_chunk` tokens in all, so a long prompt
+    /// never stalls the decoding streams by more than one chunk), and the
+    /// next token of every unfinished choice (or the tokens its grammar
+    /// forced after it).
     fn step_all(&self, running: &mut [Running]) {
         for request in running.iter_mut() {
             if !request.finished() && request.job.events.is_closed() {
@@ -293,49 +352,52 @@ impl Worker {
                 request.stop();
             }
         }
-        for request in running.iter_mut() {
-            let _enter = request.job.span.clone().entered();
-            self.advance_prefill(request);
-        }
-        let mut owners = Vec::new();
-        let mut tokens = Vec::new();
+        let mut feeds: Vec<(usize, Feed)> = Vec::new();
         let mut sequences: Vec<&mut Box<dyn SequenceModel>> = Vec::new();
-        let mut fed_alone = Vec::new();
+        let mut inputs: Vec<&[u32]> = Vec::new();
+        let mut budget = self.config.prefill_chunk;
         for (r, request) in running.iter_mut().enumerate() {
-            for (c, choice) in request.choices.iter_mut().enumerate() {
-                match choice.next_input.as_slice() {
-                    _ if choice.finished => {}
-                    [token] => {
-                        owners.push((r, c));
-                        tokens.push(*token);
-                        sequences.push(&mut choice.sequence);
-                    }
-                    _ => fed_alone.push((r, c)),
+            let Running {
+                job,
+                prefill,
+                choices,
+                ..
+            } = request;
+            if let Some(sequence) = prefill.as_mut() {
+                let prompt = &job.request.prompt_ids;
+                let start = sequence.position().min(prompt.len());
+                let end = (start + budget).min(prompt.len());
+                if budget == 0 {
+                    continue;
                 }
+                budget -= end - start;
+                feeds.push((r, Feed::Prefill));
+                inputs.push(&prompt[start..end]);
+                sequences.push(sequence);
+                continue;
+            }
+            for (c, choice) in choices.iter_mut().enumerate() {
+                if choice.finished || choice.next_input.is_empty() {
+                    continue;
+                }
+                feeds.push((r, Feed::Choice(c)));
+                inputs.push(&choice.next_input);
+                sequences.push(&mut choice.sequence);
             }
         }
-        if owners.is_empty() && fed_alone.is_empty() {
+        if feeds.is_empty() {
             return;
         }
+        let outcomes = self.model.forward_batch(&mut sequences, &inputs);
+        drop((sequences, inputs));
         // Each choice's logits, or why its step failed.
         let mut results: Vec<(Place, Result<Logits, String>)> = Vec::new();
-        if !owners.is_empty() {
-            let batched = self.model.decode_batch(&mut sequences, &tokens);
-            drop(sequences);
-            match batched {
-                Ok(all_logits) => {
-                    results.extend(owners.iter().copied().zip(all_logits.into_iter().map(Ok)))
-                }
-                Err(error) => {
-                    let message = error.to_string();
-                    results.extend(owners.iter().map(|&owner| (owner, Err(message.clone()))));
-                }
+        for ((r, feed), outcome) in feeds.into_iter().zip(outcomes) {
+            let outcome = outcome.map_err(|e| e.to_string());
+            match feed {
+                Feed::Prefill => self.after_prefill(&mut running[r], outcome),
+                Feed::Choice(c) => results.push(((r, c), outcome)),
             }
-        }
-        for &(r, c) in &fed_alone {
-            let choice = &mut running[r].choices[c];
-            let logits = choice.sequence.forward(&choice.next_input);
-            results.push(((r, c), logits.map_err(|e| e.to_string())));
         }
         let mut stepped = Vec::with_capacity(results.len());
         for ((r, c), logits) in results {
@@ -390,7 +452,7 @@ impl Worker {
     /// which they would not have.
     fn accept(&self, choice: &mut Choice, sampled: Sampled, job: &Job) -> Result<(), String> {
         choice.next_input.clear();
-        let is_eos = self.model.eos_token_ids().contains(&sampled.id);
+        let is_eos = self.is_eos(sampled.id, job);
         let logprobs = (!is_eos).then(|| self.logprobs(&sampled)).flatten();
         self.take_token(choice, sampled.id, logprobs, job)?;
         if choice.finished || job.request.top_logprobs.is_some() {
@@ -426,7 +488,7 @@ impl Worker {
         choice.generated += 1;
         choice.next_input.push(id);
         let tokenizer = self.model.tokenizer();
-        let is_eos = self.model.eos_token_ids().contains(&id);
+        let is_eos = self.is_eos(id, job);
         let mut grammar_done = false;
         if let Some(constraint) = choice.constraint.as_mut()
             && !is_eos
@@ -478,6 +540,11 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether `id` ends this request's generation.
+    fn is_eos(&self, id: u32, job: &Job) -> bool {
+        !job.request.ignore_eos && self.model.eos_token_ids().contains(&id)
+    }
+
     fn logprobs(&self, sampled: &Sampled) -> Option<Logprobs> {
         let token = |id: u32, logprob: f32| TokenLogprob {
             id,
@@ -507,4 +574,30 @@ fn sample(
         &request.logit_bias,
         choice.constraint.as_mut(),
     )
+}
+
+/// The KV cache's blocks and the prefix cache's counters, per model.
+fn publish_kv(model: &str, usage: KvUsage) {
+    let free = usage.total_blocks - usage.used_blocks - usage.cached_blocks;
+    for (state, blocks) in [
+        ("used", usage.used_blocks),
+        ("cached", usage.cached_blocks),
+        ("free", free),
+    ] {
+        metrics::gauge!("qpai_kv_cache_blocks", "model" => model.to_string(), "state" => state)
+            .set(blocks as f64);
+    }
+    let model = model.to_string();
+    metrics::counter!("qpai_prefix_cache_queried_tokens_total", "model" => model.clone())
+        .absolute(usage.prefix.queried_tokens);
+    metrics::counter!("qpai_prefix_cache_hit_tokens_total", "model" => model.clone())
+        .absolute(usage.prefix.hit_tokens);
+    metrics::counter!("qpai_prefix_cache_evicted_blocks_total", "model" => model.clone())
+        .absolute(usage.prefix.evicted_blocks);
+    let rate = if usage.prefix.queried_tokens > 0 {
+        usage.prefix.hit_tokens as f64 / usage.prefix.queried_tokens as f64
+    } else {
+        0.0
+    };
+    metrics::gauge!("qpai_prefix_cache_hit_rate", "model" => model).set(rate);
 }

@@ -124,18 +124,6 @@ impl StepModel for FakeModel {
         }))
     }
 
-    fn decode_batch(
-        &self,
-        sequences: &mut [&mut Box<dyn SequenceModel>],
-        tokens: &[u32],
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        sequences
-            .iter_mut()
-            .zip(tokens)
-            .map(|(sequence, &token)| sequence.forward(&[token]))
-            .collect()
-    }
-
     fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

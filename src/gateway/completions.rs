@@ -237,6 +237,7 @@ async fn run_local(
         )?,
         constraint: None,
         priority,
+        ignore_eos: fields.ignore_eos.unwrap_or(false),
     };
     validate::log_caller(fields);
     let prompt_tokens = generation.prompt_ids.len();

@@ -159,6 +159,7 @@ impl LocalChat {
             logit_bias,
             constraint,
             priority,
+            ignore_eos: fields.ignore_eos.unwrap_or(false),
         };
         validate::log_caller(&fields);
         let prompt_tokens = generation.prompt_ids.len();

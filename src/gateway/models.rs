@@ -252,5 +252,9 @@ pub fn submit_error(error: SubmitError) -> ApiError {
     match error {
         SubmitError::Overloaded => ApiError::overloaded(),
         SubmitError::Stopped => ApiError::internal("model worker stopped"),
+        SubmitError::KvCacheTooSmall { .. } => ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param("max_tokens", error.to_string())
+        },
     }
 }

@@ -40,6 +40,9 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// Not in OpenAI's API: generate past end-of-sequence tokens up to
+    /// max_tokens (vLLM's and llama.cpp's `ignore_eos`, for load tests).
+    pub ignore_eos: Option<bool>,
     pub user: Option<String>,
     pub metadata: Option<BTreeMap<String, Value>>,
 }
@@ -75,6 +78,8 @@ macro_rules! request_with_sampling {
             #[serde(skip_serializing_if = "Option::is_none")]
             pub presence_penalty: Option<f32>,
             #[serde(skip_serializing_if = "Option::is_none")]
+            pub ignore_eos: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             pub user: Option<String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             pub metadata: Option<BTreeMap<String, Value>>,
@@ -97,6 +102,7 @@ macro_rules! request_with_sampling {
                     stream_options: self.stream_options.clone(),
                     frequency_penalty: self.frequency_penalty,
                     presence_penalty: self.presence_penalty,
+                    ignore_eos: self.ignore_eos,
                     user: self.user.clone(),
                     metadata: self.metadata.clone(),
                 }

@@ -125,7 +125,13 @@ pub struct UnmergedAdapter {
     data: Factors,
     /// `slots[layer][projection]`.
     slots: Vec<[Option<Slot>; 7]>,
+    /// Names this adapter in the prefix cache's hashes: unique for the
+    /// process's life, so a reloaded adapter never meets an earlier one's blocks.
+    cache_seed: u64,
 }
+
+/// The next adapter's `cache_seed` (0 is the base model's).
+static NEXT_CACHE_SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for UnmergedAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,7 +198,13 @@ impl UnmergedAdapter {
             scale: adapter.scale as f32,
             data,
             slots,
+            cache_seed: NEXT_CACHE_SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Where this adapter's prefix-cache hash chains start.
+    pub fn cache_seed(&self) -> u64 {
+        self.cache_seed
     }
 
     /// Bytes of factors held.

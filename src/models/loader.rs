@@ -15,6 +15,7 @@ use tokenizers::Tokenizer;
 
 use super::gemma3::Gemma3Weights;
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
+use super::kv_cache::KvCacheConfig;
 use super::llama::LlamaWeights;
 use super::llama_gguf::LlamaGgufWeights;
 use super::qwen2::Qwen2Weights;
@@ -59,6 +60,8 @@ pub struct LoadOptions {
     pub merge: Option<Arc<Adapter>>,
     /// A chat template (Jinja) for a model whose files carry none.
     pub chat_template: Option<String>,
+    /// The paged KV cache's budget (llama GGUF models on the CPU).
+    pub kv_cache: KvCacheConfig,
 }
 
 impl LoadOptions {
@@ -71,6 +74,7 @@ impl LoadOptions {
             device: super::default_device(),
             merge: None,
             chat_template: None,
+            kv_cache: KvCacheConfig::default(),
         }
     }
 }
@@ -174,6 +178,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
                 &mut file,
                 positions,
                 options.merge.as_deref(),
+                options.kv_cache,
             )?;
             let positions = weights.max_positions();
             (Weights::LlamaGguf(Arc::new(weights)), positions)

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod embedding;
 pub mod gemma3;
 pub mod gguf_tokenizer;
+pub mod kv_cache;
 pub mod llama;
 pub mod llama_gguf;
 pub mod loader;
@@ -135,14 +136,28 @@ impl LoadedModel {
     }
 
     /// One decode step for several sequences of this model: `tokens[i]` is
-    /// fed to `sequences[i]`; returns each one's next-token logits. Batched
-    /// into shared matmuls where the architecture supports it, one sequence
-    /// after the other otherwise; the results are the same either way.
+    /// fed to `sequences[i]`; returns each one's next-token logits.
     pub fn decode_batch(
         &self,
         sequences: &mut [&mut Box<dyn SequenceModel>],
         tokens: &[u32],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let inputs: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        self.forward_batch(sequences, &inputs).into_iter().collect()
+    }
+
+    /// Feeds `inputs[i]` (one token, or a chunk of a prompt) to
+    /// `sequences[i]` and returns each one's next-token logits. On the llama
+    /// engine every row of every sequence goes through one forward pass, so
+    /// prompt chunks and decode steps share each read of the weights; other
+    /// architectures feed one sequence after the other. The results are the
+    /// same either way. A failed batch (nothing was stored) is retried one
+    /// sequence at a time, so that only the sequence at fault fails.
+    pub fn forward_batch(
+        &self,
+        sequences: &mut [&mut Box<dyn SequenceModel>],
+        inputs: &[&[u32]],
+    ) -> Vec<candle_core::Result<Vec<f32>>> {
         if let Weights::LlamaGguf(weights) = &self.weights
             && sequences.len() > 1
         {
@@ -150,15 +165,36 @@ impl LoadedModel {
                 .iter_mut()
                 .filter_map(|s| s.as_any_mut().downcast_mut())
                 .collect();
-            if typed.len() == tokens.len() {
-                return weights.decode_batch(&mut typed, tokens);
+            if typed.len() == inputs.len() {
+                match weights.forward_batch(&mut typed, inputs) {
+                    Ok(logits) => return logits.into_iter().map(Ok).collect(),
+                    Err(error) => {
+                        tracing::warn!(%error, "batched step failed; feeding each sequence alone")
+                    }
+                }
             }
         }
         sequences
             .iter_mut()
-            .zip(tokens)
-            .map(|(sequence, &token)| sequence.forward(&[token]))
+            .zip(inputs)
+            .map(|(sequence, input)| sequence.forward(input))
             .collect()
+    }
+
+    /// The paged KV cache's size and reservations, for models that have one.
+    pub fn kv_budget(&self) -> Option<&kv_cache::KvBudget> {
+        match &self.weights {
+            Weights::LlamaGguf(w) => Some(&w.kv_cache().budget),
+            _ => None,
+        }
+    }
+
+    /// The paged KV cache's state, for models that have one.
+    pub fn kv_usage(&self) -> Option<kv_cache::KvUsage> {
+        match &self.weights {
+            Weights::LlamaGguf(w) => Some(w.kv_cache().usage()),
+            _ => None,
+        }
     }
 
     /// Token ids of a plain-text prompt, with BOS when the model wants it.
@@ -185,4 +221,12 @@ pub trait SequenceModel: Send {
     fn fork(&self) -> Box<dyn SequenceModel>;
     /// For batching: the concrete sequence type behind the trait object.
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+    /// On a fresh sequence: starts from the cached keys and values of an
+    /// earlier prompt that `prompt` begins with, and returns how many of
+    /// its tokens that covers (the rest are still to be fed). Models
+    /// without a prefix cache reuse nothing.
+    fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        let _ = prompt;
+        0
+    }
 }

@@ -219,6 +219,9 @@ async fn models_health_ready_and_metrics() {
         "qpai_time_per_output_token_seconds",
         "qpai_queue_depth",
         "qpai_running_requests",
+        "qpai_kv_cache_blocks{",
+        "qpai_prefix_cache_queried_tokens_total",
+        "qpai_prefix_cache_hit_rate",
     ] {
         assert!(text.contains(name), "missing {name} in /metrics");
     }

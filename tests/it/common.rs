@@ -12,6 +12,7 @@ use qpai::catalog::Catalog;
 use qpai::catalog::fetch::ModelStore;
 use qpai::catalog::resolve::resolve;
 use qpai::engine::{Engine, EngineConfig};
+use qpai::models::kv_cache::KvCacheConfig;
 use qpai::models::{LoadedModel, load_model};
 use qpai::{Gateway, HttpConfig};
 use serde_json::Value;
@@ -43,11 +44,26 @@ pub fn fixture(name: &str) -> Value {
 }
 
 fn load_catalog_model(id: &str) -> LoadedModel {
+    load_catalog_model_with(id, KvCacheConfig::default())
+}
+
+/// A catalog model loaded anew (own weights, own KV cache) with `kv_cache`.
+pub fn load_catalog_model_with(id: &str, kv_cache: KvCacheConfig) -> LoadedModel {
     let catalog = Catalog::load(None).unwrap();
     let store = ModelStore::new(models_dir()).with_progress(false);
-    let resolved = resolve(id, &catalog, &store).unwrap_or_else(|e| panic!("pulling {id}: {e:#}"));
+    let mut resolved =
+        resolve(id, &catalog, &store).unwrap_or_else(|e| panic!("pulling {id}: {e:#}"));
+    resolved.options.kv_cache = kv_cache;
     load_model(&resolved.source, &resolved.options)
         .unwrap_or_else(|e| panic!("loading {id}: {e:#}"))
+}
+
+/// An app serving `model` alone, on an engine of its own.
+pub fn app_for(model: LoadedModel, config: EngineConfig) -> (axum::Router, Engine) {
+    let engine = Engine::start(model, config).unwrap();
+    let gateway = Gateway::builder().build().unwrap();
+    gateway.models.add(engine.clone());
+    (qpai::app(gateway, HttpConfig::default()), engine)
 }
 
 /// The default chat model, loaded once for the whole test binary.

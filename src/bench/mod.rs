@@ -2,6 +2,8 @@
 //! the engine's own forward pass (no HTTP). `scripts/bench.py` runs it beside
 //! llama.cpp on the same GGUF file and token ids.
 
+pub mod serve;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +25,8 @@ summaries and replies in the voice of the business, and the engine drafts them q
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
     pub model: String,
+    /// The quantized matmul kernels this CPU ran (`CpuLevel`).
+    pub kernels: String,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
@@ -33,6 +37,15 @@ pub struct BenchResult {
     pub concurrency: usize,
     /// Decode tokens/s summed over the `concurrency` sequences.
     pub batched_decode_tokens_per_s: Option<f64>,
+    /// Bytes of the model file: what one decode step reads (every matrix
+    /// once; the tied embedding is the output matrix).
+    pub weight_bytes: u64,
+    /// Memory read bandwidth measured on this machine with the same threads
+    /// (GB/s, best of several passes over 1 GiB).
+    pub memory_bandwidth_gb_s: f64,
+    /// Decode's share of the bandwidth bound: tokens/s x bytes per token
+    /// over the bandwidth.
+    pub decode_bandwidth_share: f64,
     pub prompt_ids: Vec<u32>,
 }
 
@@ -88,27 +101,52 @@ pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> 
             )
         })
         .transpose()?;
+    let weight_bytes = match &resolved.source {
+        crate::models::ModelSource::Gguf(path) => std::fs::metadata(path)?.len(),
+        crate::models::ModelSource::SafetensorsDir(dir) => std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+    };
+    let memory_bandwidth_gb_s = memory_bandwidth() / 1e9;
+    let decode_tokens_per_s = median(decode);
     let result = BenchResult {
         model: model.id.clone(),
+        kernels: qpai_kernels(),
         threads: candle_core::utils::get_num_threads(),
         prompt_tokens: ids.len(),
         decode_tokens: args.decode_tokens,
         prefill_tokens_per_s: median(prefill),
-        decode_tokens_per_s: median(decode),
+        decode_tokens_per_s,
         time_to_first_token_ms: median(ttft),
         concurrency: args.concurrency,
         batched_decode_tokens_per_s,
+        weight_bytes,
+        memory_bandwidth_gb_s,
+        decode_bandwidth_share: decode_tokens_per_s * weight_bytes as f64
+            / (memory_bandwidth_gb_s * 1e9),
         prompt_ids: ids,
     };
     println!(
-        "{}: prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), TTFT {:.0} ms, {} threads",
+        "{}: prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), TTFT {:.0} ms, {} threads, {} kernels",
         result.model,
         result.prefill_tokens_per_s,
         result.prompt_tokens,
         result.decode_tokens_per_s,
         result.decode_tokens,
         result.time_to_first_token_ms,
-        result.threads
+        result.threads,
+        result.kernels
+    );
+    println!(
+        "{}: decode reads {:.1} MB a token: {:.1} GB/s of the {:.1} GB/s measured ({:.0}% of the bandwidth bound)",
+        result.model,
+        result.weight_bytes as f64 / 1e6,
+        result.decode_tokens_per_s * result.weight_bytes as f64 / 1e9,
+        result.memory_bandwidth_gb_s,
+        result.decode_bandwidth_share * 100.0
     );
     if let Some(rate) = result.batched_decode_tokens_per_s {
         println!(
@@ -213,4 +251,32 @@ pub fn embeddings(
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
+}
+
+fn qpai_kernels() -> String {
+    crate::models::quant_matmul::CpuLevel::current()
+        .name()
+        .to_string()
+}
+
+/// Read bandwidth in bytes/s: the best of five parallel passes summing a
+/// 1 GiB buffer (far beyond any cache) on the kernel threads.
+fn memory_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buffer: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
+    let bytes = (buffer.len() * 8) as f64;
+    let mut best = f64::INFINITY;
+    let mut total = 0u64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        total = total.wrapping_add(
+            buffer
+                .par_chunks(1 << 16)
+                .map(|chunk| chunk.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .reduce(|| 0, u64::wrapping_add),
+        );
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(total);
+    bytes / best
 }

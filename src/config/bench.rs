@@ -1,0 +1,69 @@
+//! Flags of the serving benchmark.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchServeArgs {
+    /// The API base URL (`http://HOST:PORT/v1`).
+    #[arg(long)]
+    pub url: String,
+    /// The model to ask for.
+    #[arg(long, default_value = super::DEFAULT_MODEL)]
+    pub model: String,
+    /// Bearer key to send.
+    #[arg(long, env = "QPAI_BENCH_KEY")]
+    pub key: Option<String>,
+    /// Concurrency levels, each run in turn: streams kept in flight.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub concurrency: Vec<usize>,
+    /// Requests per level (default: four per stream, at least 16).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Requests sent first, all at once, and not measured.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Mean prompt length in tokens (after the shared prefix).
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Prompt lengths are drawn uniformly from mean * (1 ± spread).
+    #[arg(long, default_value_t = 0.25)]
+    pub prompt_spread: f64,
+    /// Mean output length in tokens (forced with `ignore_eos`).
+    #[arg(long, default_value_t = 128)]
+    pub output_tokens: usize,
+    /// Output lengths are drawn uniformly from mean * (1 ± spread).
+    #[arg(long, default_value_t = 0.25)]
+    pub output_spread: f64,
+    /// Tokens every prompt starts with (the same random ids for all): a
+    /// shared system prompt or template, for the prefix cache.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_tokens: usize,
+    /// Prompt token ids are drawn from [min, max) (below the special tokens
+    /// at the start of most vocabularies, within the smallest vocabulary used).
+    #[arg(long, default_value_t = 1000)]
+    pub min_token_id: u32,
+    #[arg(long, default_value_t = 20000)]
+    pub max_token_id: u32,
+    /// Once per level, a request with a prompt this long (and one output
+    /// token) arrives mid-run and is not counted: how much it stalls the
+    /// streams shows in their inter-token latency (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub interrupt_prompt_tokens: usize,
+    /// Seconds into each level when that long prompt arrives.
+    #[arg(long, default_value_t = 2.0)]
+    pub interrupt_after_s: f64,
+    /// Seed of the prompt and length draws: same seed, same workload.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seconds a request may take.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout_s: u64,
+    /// Name of the server in the report (default: the URL).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}

@@ -1,0 +1,168 @@
+//! Which kernels this CPU runs, chosen once at run time from its features
+//! (the binary is built for x86-64-v3, so AVX2 is the floor on x86), and the
+//! kernel table of each level. `QPAI_CPU_KERNELS` caps the level, to measure
+//! or test a lower one on a CPU that has more.
+
+use std::sync::OnceLock;
+
+use super::blocks::{self, ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+use super::{Dot4, Kernel};
+
+/// Kernel levels, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuLevel {
+    /// Plain Rust: the reference, and the fallback off x86.
+    Scalar,
+    Avx2,
+    /// AVX2 with the 256-bit VNNI dot product (Alder Lake, Zen 5 without AVX-512).
+    AvxVnni,
+    /// AVX-512 F/BW with VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later).
+    Avx512Vnni,
+}
+
+impl CpuLevel {
+    pub const ALL: [CpuLevel; 4] = [
+        CpuLevel::Scalar,
+        CpuLevel::Avx2,
+        CpuLevel::AvxVnni,
+        CpuLevel::Avx512Vnni,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Avx2 => "avx2",
+            Self::AvxVnni => "avx-vnni",
+            Self::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Whether this CPU can run the level's kernels.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match self {
+                Self::Scalar => true,
+                Self::Avx2 => avx2,
+                Self::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
+                Self::Avx512Vnni => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Scalar
+        }
+    }
+
+    /// The best level this CPU supports, at most `QPAI_CPU_KERNELS` when
+    /// that names one; decided once per process.
+    pub fn current() -> Self {
+        static LEVEL: OnceLock<CpuLevel> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let cap = std::env::var("QPAI_CPU_KERNELS").ok();
+            let cap = cap.as_deref().and_then(|name| {
+                let found = Self::ALL.into_iter().find(|l| l.name() == name);
+                if found.is_none() {
+                    tracing::warn!(name, "QPAI_CPU_KERNELS names no kernel level; ignored");
+                }
+                found
+            });
+            let level = Self::ALL
+                .into_iter()
+                .filter(|l| l.supported() && cap.is_none_or(|cap| *l <= cap))
+                .max()
+                .unwrap_or(Self::Scalar);
+            tracing::info!(kernels = level.name(), "quantized matmul kernels");
+            level
+        })
+    }
+
+    pub(super) fn q4_1(self) -> Kernel<BlockQ4_1> {
+        #[cfg(not(target_arch = "x86_64"))]
+        return scalar(blocks::dot_q4_1);
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            Self::Scalar => scalar(blocks::dot_q4_1),
+            Self::Avx2 => kernel(x86::avx2_dot_q4_1, Some(x86::avx2_dot4_q4_1)),
+            Self::AvxVnni => kernel(x86::vnni_dot_q4_1, Some(x86::vnni_dot4_q4_1)),
+            Self::Avx512Vnni => kernel(x86::avx512_dot_q4_1, Some(x86::avx512_dot4_q4_1)),
+        }
+    }
+
+    pub(super) fn q5_0(self) -> Kernel<BlockQ5_0> {
+        #[cfg(not(target_arch = "x86_64"))]
+        return scalar(blocks::dot_q5_0);
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            Self::Scalar => scalar(blocks::dot_q5_0),
+            Self::Avx2 => kernel(x86::avx2_dot_q5_0, None),
+            Self::AvxVnni => kernel(x86::vnni_dot_q5_0, None),
+            Self::Avx512Vnni => kernel(x86::avx512_dot_q5_0, Some(x86::avx512_dot4_q5_0)),
+        }
+    }
+
+    pub(super) fn q8_0(self) -> Kernel<BlockQ8_0> {
+        #[cfg(not(target_arch = "x86_64"))]
+        return scalar(blocks::dot_q8_0);
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            Self::Scalar => scalar(blocks::dot_q8_0),
+            Self::Avx2 => kernel(x86::avx2_dot_q8_0, None),
+            Self::AvxVnni => kernel(x86::vnni_dot_q8_0, None),
+            Self::Avx512Vnni => kernel(x86::avx512_dot_q8_0, Some(x86::avx512_dot4_q8_0)),
+        }
+    }
+}
+
+fn scalar<B>(dot: fn(&[B], &[ActivationBlock]) -> f32) -> Kernel<B> {
+    Kernel { dot, dot4: None }
+}
+
+fn kernel<B>(dot: fn(&[B], &[ActivationBlock]) -> f32, dot4: Option<Dot4<B>>) -> Kernel<B> {
+    Kernel { dot, dot4 }
+}
+
+/// Safe entry points to the `#[target_feature]` kernels. Each is only put in
+/// a level's table, and a level is only used once `supported` said the CPU
+/// has its features; that is the safety argument of every `unsafe` below.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::avx2::{avx_vnni, avx2};
+    use super::super::avx512;
+    use super::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+
+    macro_rules! entry {
+        ($name:ident, $kernel:path, $block:ty) => {
+            pub fn $name(w: &[$block], a: &[ActivationBlock]) -> f32 {
+                // SAFETY: see the module comment.
+                unsafe { $kernel(w, a) }
+            }
+        };
+        ($name:ident, $kernel:path, $block:ty, 4) => {
+            pub fn $name(w: &[$block], a: [&[ActivationBlock]; 4]) -> [f32; 4] {
+                // SAFETY: see the module comment.
+                unsafe { $kernel(w, a) }
+            }
+        };
+    }
+
+    entry!(avx2_dot_q4_1, avx2::dot_q4_1, BlockQ4_1);
+    entry!(avx2_dot4_q4_1, avx2::dot4_q4_1, BlockQ4_1, 4);
+    entry!(avx2_dot_q5_0, avx2::dot_q5_0, BlockQ5_0);
+    entry!(avx2_dot_q8_0, avx2::dot_q8_0, BlockQ8_0);
+    entry!(vnni_dot_q4_1, avx_vnni::dot_q4_1, BlockQ4_1);
+    entry!(vnni_dot4_q4_1, avx_vnni::dot4_q4_1, BlockQ4_1, 4);
+    entry!(vnni_dot_q5_0, avx_vnni::dot_q5_0, BlockQ5_0);
+    entry!(vnni_dot_q8_0, avx_vnni::dot_q8_0, BlockQ8_0);
+    entry!(avx512_dot_q4_1, avx512::dot_q4_1, BlockQ4_1);
+    entry!(avx512_dot4_q4_1, avx512::dot4_q4_1, BlockQ4_1, 4);
+    entry!(avx512_dot_q5_0, avx512::dot_q5_0, BlockQ5_0);
+    entry!(avx512_dot4_q5_0, avx512::dot4_q5_0, BlockQ5_0, 4);
+    entry!(avx512_dot_q8_0, avx512::dot_q8_0, BlockQ8_0);
+    entry!(avx512_dot4_q8_0, avx512::dot4_q8_0, BlockQ8_0, 4);
+}
