@@ -83,13 +83,19 @@ impl LlamaGgufWeights {
         let mut out = vec![0f32; rows.len() * n_head * hd];
         let work = |(index, out): (usize, &mut [f32])| {
             let (row, head) = (&rows[index / n_head], index % n_head);
-            let table = tables[row.seq];
-            let slot =
-                |t: usize| table[t / block_tokens] as usize * block_tokens + t % block_tokens;
+            // The slots of positions 0..=position, block by block.
+            let slots = tables[row.seq]
+                .iter()
+                .flat_map(|&block| {
+                    let first = block as usize * block_tokens;
+                    first..first + block_tokens
+                })
+                .take(row.position + 1);
             let kv = head / group;
             let query = &q[index * hd..][..hd];
-            let mut scores: Vec<f32> = (0..=row.position)
-                .map(|t| layer.key_dot(slot(t), kv, query) * scale)
+            let mut scores: Vec<f32> = slots
+                .clone()
+                .map(|slot| layer.key_dot(slot, kv, query) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut total = 0.0;
@@ -97,8 +103,8 @@ impl LlamaGgufWeights {
                 *s = (*s - max).exp();
                 total += *s;
             }
-            for (t, s) in scores.iter().enumerate() {
-                layer.add_value(slot(t), kv, s / total, out);
+            for (slot, s) in slots.zip(&scores) {
+                layer.add_value(slot, kv, s / total, out);
             }
         };
         // Share the work once it outweighs handing it to the thread pool.

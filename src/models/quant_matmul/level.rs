@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use super::blocks::{self, ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
-use super::{Dot4, Kernel};
+use super::{Dot4, Kernel, Rows4};
 
 /// Kernel levels, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -90,7 +90,10 @@ impl CpuLevel {
             Self::Scalar => scalar(blocks::dot_q4_1),
             Self::Avx2 => kernel(x86::avx2_dot_q4_1, Some(x86::avx2_dot4_q4_1)),
             Self::AvxVnni => kernel(x86::vnni_dot_q4_1, Some(x86::vnni_dot4_q4_1)),
-            Self::Avx512Vnni => kernel(x86::avx512_dot_q4_1, Some(x86::avx512_dot4_q4_1)),
+            Self::Avx512Vnni => with_rows4(
+                kernel(x86::avx512_dot_q4_1, Some(x86::avx512_dot4_q4_1)),
+                x86::avx512_rows4_q4_1,
+            ),
         }
     }
 
@@ -114,17 +117,35 @@ impl CpuLevel {
             Self::Scalar => scalar(blocks::dot_q8_0),
             Self::Avx2 => kernel(x86::avx2_dot_q8_0, None),
             Self::AvxVnni => kernel(x86::vnni_dot_q8_0, None),
-            Self::Avx512Vnni => kernel(x86::avx512_dot_q8_0, Some(x86::avx512_dot4_q8_0)),
+            Self::Avx512Vnni => with_rows4(
+                kernel(x86::avx512_dot_q8_0, Some(x86::avx512_dot4_q8_0)),
+                x86::avx512_rows4_q8_0,
+            ),
         }
     }
 }
 
 fn scalar<B>(dot: fn(&[B], &[ActivationBlock]) -> f32) -> Kernel<B> {
-    Kernel { dot, dot4: None }
+    Kernel {
+        dot,
+        dot4: None,
+        rows4: None,
+    }
 }
 
 fn kernel<B>(dot: fn(&[B], &[ActivationBlock]) -> f32, dot4: Option<Dot4<B>>) -> Kernel<B> {
-    Kernel { dot, dot4 }
+    Kernel {
+        dot,
+        dot4,
+        rows4: None,
+    }
+}
+
+fn with_rows4<B>(kernel: Kernel<B>, rows4: Rows4<B>) -> Kernel<B> {
+    Kernel {
+        rows4: Some(rows4),
+        ..kernel
+    }
 }
 
 /// Safe entry points to the `#[target_feature]` kernels. Each is only put in
@@ -141,6 +162,12 @@ mod x86 {
             pub fn $name(w: &[$block], a: &[ActivationBlock]) -> f32 {
                 // SAFETY: see the module comment.
                 unsafe { $kernel(w, a) }
+            }
+        };
+        ($name:ident, $kernel:path, $block:ty, rows) => {
+            pub fn $name(w: &[$block], per_row: usize, a: &[ActivationBlock]) -> [f32; 4] {
+                // SAFETY: see the module comment.
+                unsafe { $kernel(w, per_row, a) }
             }
         };
         ($name:ident, $kernel:path, $block:ty, 4) => {
@@ -165,4 +192,6 @@ mod x86 {
     entry!(avx512_dot4_q5_0, avx512::dot4_q5_0, BlockQ5_0, 4);
     entry!(avx512_dot_q8_0, avx512::dot_q8_0, BlockQ8_0);
     entry!(avx512_dot4_q8_0, avx512::dot4_q8_0, BlockQ8_0, 4);
+    entry!(avx512_rows4_q4_1, avx512::rows4_q4_1, BlockQ4_1, rows);
+    entry!(avx512_rows4_q8_0, avx512::rows4_q8_0, BlockQ8_0, rows);
 }

@@ -160,6 +160,25 @@ impl QuantMatrix {
             .enumerate()
             .for_each(|(task, out)| {
                 let first_row = task * ROWS_PER_TASK;
+                if m == 1
+                    && let Some(rows4) = kernel.rows4
+                {
+                    let rows = &weights[first_row * per_row..];
+                    let done = out.len() / 4 * 4;
+                    let mut quads = out.chunks_exact_mut(4);
+                    for (quad, values) in (&mut quads).enumerate() {
+                        values.copy_from_slice(&rows4(
+                            &rows[quad * 4 * per_row..],
+                            per_row,
+                            &activations,
+                        ));
+                    }
+                    for (offset, value) in quads.into_remainder().iter_mut().enumerate() {
+                        let row = &rows[(done + offset) * per_row..][..per_row];
+                        *value = (kernel.dot)(row, &activations);
+                    }
+                    return;
+                }
                 for (offset, row_out) in out.chunks_exact_mut(m).enumerate() {
                     let row = &weights[(first_row + offset) * per_row..][..per_row];
                     let activation = |i: usize| &activations[i * per_row..][..per_row];
@@ -205,11 +224,17 @@ impl QuantMatrix {
 
 /// A weight row against four activation rows at once.
 type Dot4<B> = fn(&[B], [&[ActivationBlock]; 4]) -> [f32; 4];
+/// Four weight rows (one after the other, `per_row` blocks each) against
+/// one activation row.
+type Rows4<B> = fn(&[B], usize, &[ActivationBlock]) -> [f32; 4];
 
-/// A weight row against one activation row, and optionally against four.
+/// A weight row against one activation row, and optionally against four
+/// (prefill), or four weight rows against one (decode). Every variant sums
+/// a row exactly as `dot` does.
 struct Kernel<B> {
     dot: fn(&[B], &[ActivationBlock]) -> f32,
     dot4: Option<Dot4<B>>,
+    rows4: Option<Rows4<B>>,
 }
 
 #[cfg(test)]
