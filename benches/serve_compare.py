@@ -31,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target"))
@@ -80,18 +81,26 @@ def build_llama_server():
     shutil.rmtree(CACHE, ignore_errors=True)
     os.makedirs(CACHE)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "-d", tmp, f"llama-cpp-python=={version}"], check=True)
-        sdist = glob.glob(os.path.join(tmp, "llama_cpp_python-*.tar.gz"))[0]
+        # The sdist straight from PyPI's simple index (pip download would
+        # build its metadata, and with it the build dependencies).
+        with urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/") as r:
+            index = r.read().decode()
+        name = f"llama_cpp_python-{version}.tar.gz"
+        url = next(u for u in re.findall(r'href="([^"]+)"', index) if u.split("#")[0].endswith(name))
+        url = urllib.parse.urljoin("https://pypi.org/simple/llama-cpp-python/", url.split("#")[0])
+        sdist = os.path.join(tmp, name)
+        urllib.request.urlretrieve(url, sdist)
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
         source = glob.glob(os.path.join(tmp, "llama_cpp_python-*", "vendor", "llama.cpp"))[0]
         shutil.copytree(source, os.path.join(CACHE, "src"))
     build = os.path.join(CACHE, "build")
-    subprocess.run(["cmake", "-S", os.path.join(CACHE, "src"), "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+    # cmake from PATH, else the one pip put beside this Python (benches/requirements.txt).
+    cmake = shutil.which("cmake") or os.path.join(os.path.dirname(sys.executable), "cmake")
+    subprocess.run([cmake, "-S", os.path.join(CACHE, "src"), "-B", build, "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DLLAMA_BUILD_SERVER=ON", *flags], check=True)
-    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count())], check=True)
+    subprocess.run([cmake, "--build", build, "--target", "llama-server", "-j", str(os.cpu_count())], check=True)
     json.dump(wanted, open(stamp, "w"))
     return binary, flags
 
@@ -190,7 +199,10 @@ def main():
         port = free_port()
         process = serve_qpai(args, port) if name == "qpai" else serve_llama(args, binary, gguf, port)
         try:
-            wait_ready(f"http://127.0.0.1:{port}/health", process)
+            # qpai's /ready (its /health answers before the model is loaded);
+            # llama-server's /health turns 200 once its model is loaded.
+            probe = "ready" if name == "qpai" else "health"
+            wait_ready(f"http://127.0.0.1:{port}/{probe}", process)
             results[name] = median_levels(
                 [bench(f"http://127.0.0.1:{port}/v1", name, args, run) for run in range(args.runs)])
         finally:

@@ -205,11 +205,14 @@ async fn measure(client: &reqwest::Client, args: &BenchServeArgs, work: &Workloa
     measured
 }
 
+/// Runs `work` with `concurrency` streams in flight; `interrupt`, when
+/// given, is sent `--interrupt-after-s` into the run and not counted.
 async fn run_level(
     client: &reqwest::Client,
     args: &BenchServeArgs,
     concurrency: usize,
     work: &[Workload],
+    interrupt: Option<Workload>,
 ) -> LevelResult {
     let started = Instant::now();
     let measured = async {
@@ -221,15 +224,8 @@ async fn run_level(
         (results, started.elapsed().as_secs_f64())
     };
     let interrupt = async {
-        if args.interrupt_prompt_tokens == 0 {
-            return None;
-        }
+        let long = interrupt?;
         tokio::time::sleep(Duration::from_secs_f64(args.interrupt_after_s)).await;
-        let mut rng = StdRng::seed_from_u64(args.seed ^ 0x1_0000);
-        let long = Workload {
-            prompt: random_ids(args, args.interrupt_prompt_tokens, &mut rng),
-            output_tokens: 1,
-        };
         let result = measure(client, args, &long).await;
         result.ok.then_some(result.ttft * 1e3)
     };
@@ -333,8 +329,11 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<Vec<LevelResult>> {
         args.min_token_id < args.max_token_id,
         "--min-token-id must be below --max-token-id"
     );
+    // A connection per request: servers that close idle keep-alive
+    // connections (llama-server) would otherwise fail the next request sent on one.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.timeout_s))
+        .pool_max_idle_per_host(0)
         .build()?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     // One shared prefix for the whole run, warm-up included.
@@ -343,13 +342,18 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<Vec<LevelResult>> {
     if args.warmup > 0 {
         let mut warm_rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
         let warm = workload(&args, &shared, args.warmup, &mut warm_rng);
-        run_level(&client, &args, args.warmup, &warm).await;
+        run_level(&client, &args, args.warmup, &warm, None).await;
     }
     let mut results = Vec::new();
     for &concurrency in &args.concurrency {
         let count = args.requests.unwrap_or((concurrency * 4).max(16));
         let work = workload(&args, &shared, count, &mut rng);
-        let level = run_level(&client, &args, concurrency.max(1), &work).await;
+        // A long prompt of its own per level: never a prefix-cache hit.
+        let interrupt = (args.interrupt_prompt_tokens > 0).then(|| Workload {
+            prompt: random_ids(&args, args.interrupt_prompt_tokens, &mut rng),
+            output_tokens: 1,
+        });
+        let level = run_level(&client, &args, concurrency.max(1), &work, interrupt).await;
         print!("{}", report(&label, &level));
         results.push(level);
     }
