@@ -225,7 +225,10 @@ WEATHER_PARAMS = {
 SEARCH_PARAMS = {
     "type": "object",
     "properties": {
-        "query": {"type": "string", "description": "What to look for"},
+        # Bounded: a 135M model forced to this tool for a weather question can
+        # repeat itself in the query until max_tokens (greedy paths differ with
+        # the CPU's kernel level); the grammar then ends the string in time.
+        "query": {"type": "string", "description": "What to look for", "maxLength": 80},
         "max_results": {"type": "integer", "minimum": 1, "maximum": 10},
     },
     "required": ["query"],

@@ -64,6 +64,27 @@ avx512! {
         products(_mm512_abs_epi8(x), y)
     }
 
+    /// A pair of signed weight blocks `x` (with their two scales) against
+    /// pair `p` of four activation rows: |x| once, each row given x's sign
+    /// (what `signed_products` computes for one row).
+    fn signed_pair4(
+        acc: &mut [__m512; 4],
+        x: __m512i,
+        (d0, d1): (f32, f32),
+        activations: [&[ActivationBlock]; 4],
+        p: usize,
+    ) {
+        let negative = _mm512_movepi8_mask(x);
+        let magnitude = _mm512_abs_epi8(x);
+        for r in 0..4 {
+            let (a0, a1) = (&activations[r][2 * p], &activations[r][2 * p + 1]);
+            let y = load_x2(&a0.qs, &a1.qs);
+            let y = _mm512_mask_sub_epi8(y, negative, _mm512_setzero_si512(), y);
+            let scale = scales_x2(d0 * a0.d, d1 * a1.d);
+            acc[r] = _mm512_fmadd_ps(scale, products(magnitude, y), acc[r]);
+        }
+    }
+
     /// Two Q5_0 blocks as signed bytes q - 16.
     fn q5_0_x2(first: &BlockQ5_0, second: &BlockQ5_0) -> __m512i {
         let fifth = u32::from_le_bytes(first.qh) as u64 | (u32::from_le_bytes(second.qh) as u64) << 32;
@@ -132,17 +153,8 @@ avx512! {
         let mut acc = [_mm512_setzero_ps(); 4];
         for p in 0..pairs {
             let (w0, w1) = (&weights[2 * p], &weights[2 * p + 1]);
-            let x = q5_0_x2(w0, w1);
-            let negative = _mm512_movepi8_mask(x);
-            let magnitude = _mm512_abs_epi8(x);
-            let (d0, d1) = (w0.d.to_f32(), w1.d.to_f32());
-            for r in 0..4 {
-                let (a0, a1) = (&activations[r][2 * p], &activations[r][2 * p + 1]);
-                let y = load_x2(&a0.qs, &a1.qs);
-                let y = _mm512_mask_sub_epi8(y, negative, _mm512_setzero_si512(), y);
-                let scale = scales_x2(d0 * a0.d, d1 * a1.d);
-                acc[r] = _mm512_fmadd_ps(scale, products(magnitude, y), acc[r]);
-            }
+            let scales = (w0.d.to_f32(), w1.d.to_f32());
+            signed_pair4(&mut acc, q5_0_x2(w0, w1), scales, activations, p);
         }
         [0, 1, 2, 3].map(|r| {
             let rest = tail::dot_q5_0(&weights[2 * pairs..], &activations[r][2 * pairs..]);
@@ -169,17 +181,8 @@ avx512! {
         let mut acc = [_mm512_setzero_ps(); 4];
         for p in 0..pairs {
             let (w0, w1) = (&weights[2 * p], &weights[2 * p + 1]);
-            let x = load_x2(&w0.qs, &w1.qs);
-            let negative = _mm512_movepi8_mask(x);
-            let magnitude = _mm512_abs_epi8(x);
-            let (d0, d1) = (w0.d.to_f32(), w1.d.to_f32());
-            for r in 0..4 {
-                let (a0, a1) = (&activations[r][2 * p], &activations[r][2 * p + 1]);
-                let y = load_x2(&a0.qs, &a1.qs);
-                let y = _mm512_mask_sub_epi8(y, negative, _mm512_setzero_si512(), y);
-                let scale = scales_x2(d0 * a0.d, d1 * a1.d);
-                acc[r] = _mm512_fmadd_ps(scale, products(magnitude, y), acc[r]);
-            }
+            let scales = (w0.d.to_f32(), w1.d.to_f32());
+            signed_pair4(&mut acc, load_x2(&w0.qs, &w1.qs), scales, activations, p);
         }
         [0, 1, 2, 3].map(|r| {
             let rest = tail::dot_q8_0(&weights[2 * pairs..], &activations[r][2 * pairs..]);
