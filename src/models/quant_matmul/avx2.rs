@@ -76,6 +76,58 @@ macro_rules! kernels_256 {
                 [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
             }
 
+            /// Four weight rows (`rows`, `per_row` blocks each, one after
+            /// the other) against one activation row: the decode step's
+            /// product. Four independent accumulator chains and a prefetch of
+            /// the next four rows keep more weights in flight; each row is
+            /// summed exactly as `dot_q4_1` sums it.
+            #[target_feature(enable = $features)]
+            pub fn rows4_q4_1(
+                rows: &[BlockQ4_1],
+                per_row: usize,
+                activations: &[ActivationBlock],
+            ) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut offsets = [0f32; 4];
+                for (b, a) in activations[..per_row].iter().enumerate() {
+                    let y = load(&a.qs);
+                    for r in 0..4 {
+                        let w = &rows[r * per_row + b..];
+                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
+                        let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
+                        acc[r] = _mm256_fmadd_ps(scale, products(nibbles(&w[0].qs), y), acc[r]);
+                        offsets[r] += w[0].m.to_f32() * a.s;
+                    }
+                }
+                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
+            }
+
+            /// `rows4_q4_1` for Q8_0, each row summed as `dot_q8_0` sums it.
+            #[target_feature(enable = $features)]
+            pub fn rows4_q8_0(
+                rows: &[BlockQ8_0],
+                per_row: usize,
+                activations: &[ActivationBlock],
+            ) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, a) in activations[..per_row].iter().enumerate() {
+                    let y = load(&a.qs);
+                    for r in 0..4 {
+                        let w = &rows[r * per_row + b..];
+                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
+                        let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
+                        acc[r] = _mm256_fmadd_ps(scale, signed_products(load(&w[0].qs), y), acc[r]);
+                    }
+                }
+                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
+            }
+
+            /// Asks for the cache line at `address` (a hint: never faults).
+            #[target_feature(enable = $features)]
+            fn prefetch(address: *const i8) {
+                _mm_prefetch::<_MM_HINT_T0>(address)
+            }
+
             /// 0xFF in byte k where bit k of `bits` is set, else 0.
             #[target_feature(enable = $features)]
             fn bytes_from_bits(bits: u32) -> __m256i {

@@ -1,7 +1,7 @@
 //! Which kernels this CPU runs, chosen once at run time from its features
 //! (the binary is built for x86-64-v3, so AVX2 is the floor on x86), and the
-//! kernel table of each level. `QPAI_CPU_KERNELS` caps the level, to measure
-//! or test a lower one on a CPU that has more.
+//! kernel table of each level. `QPAI_CPU_KERNELS` picks a level by name, to
+//! measure or test another one the CPU supports.
 
 use std::sync::OnceLock;
 
@@ -59,23 +59,37 @@ impl CpuLevel {
         }
     }
 
-    /// The best level this CPU supports, at most `QPAI_CPU_KERNELS` when
-    /// that names one; decided once per process.
+    /// Levels in the order they are preferred. The 256-bit VNNI kernels come
+    /// first: on a Xeon that has both, they decoded 100-107 tok/s against
+    /// 70-86 for the 512-bit ones, and prefilled faster too (docs/perf.md).
+    pub const PREFERRED: [CpuLevel; 4] = [
+        CpuLevel::AvxVnni,
+        CpuLevel::Avx512Vnni,
+        CpuLevel::Avx2,
+        CpuLevel::Scalar,
+    ];
+
+    /// The level the kernels use: the one `QPAI_CPU_KERNELS` names when the
+    /// CPU supports it, else the first supported of `PREFERRED`; decided
+    /// once per process.
     pub fn current() -> Self {
         static LEVEL: OnceLock<CpuLevel> = OnceLock::new();
         *LEVEL.get_or_init(|| {
-            let cap = std::env::var("QPAI_CPU_KERNELS").ok();
-            let cap = cap.as_deref().and_then(|name| {
-                let found = Self::ALL.into_iter().find(|l| l.name() == name);
+            let asked = std::env::var("QPAI_CPU_KERNELS").ok();
+            let asked = asked.as_deref().and_then(|name| {
+                let found = Self::ALL
+                    .into_iter()
+                    .find(|l| l.name() == name && l.supported());
                 if found.is_none() {
-                    tracing::warn!(name, "QPAI_CPU_KERNELS names no kernel level; ignored");
+                    tracing::warn!(
+                        name,
+                        "QPAI_CPU_KERNELS names no level this CPU runs; ignored"
+                    );
                 }
                 found
             });
-            let level = Self::ALL
-                .into_iter()
-                .filter(|l| l.supported() && cap.is_none_or(|cap| *l <= cap))
-                .max()
+            let level = asked
+                .or_else(|| Self::PREFERRED.into_iter().find(|l| l.supported()))
                 .unwrap_or(Self::Scalar);
             tracing::info!(kernels = level.name(), "quantized matmul kernels");
             level
@@ -88,8 +102,14 @@ impl CpuLevel {
         #[cfg(target_arch = "x86_64")]
         match self {
             Self::Scalar => scalar(blocks::dot_q4_1),
-            Self::Avx2 => kernel(x86::avx2_dot_q4_1, Some(x86::avx2_dot4_q4_1)),
-            Self::AvxVnni => kernel(x86::vnni_dot_q4_1, Some(x86::vnni_dot4_q4_1)),
+            Self::Avx2 => with_rows4(
+                kernel(x86::avx2_dot_q4_1, Some(x86::avx2_dot4_q4_1)),
+                x86::avx2_rows4_q4_1,
+            ),
+            Self::AvxVnni => with_rows4(
+                kernel(x86::vnni_dot_q4_1, Some(x86::vnni_dot4_q4_1)),
+                x86::vnni_rows4_q4_1,
+            ),
             Self::Avx512Vnni => with_rows4(
                 kernel(x86::avx512_dot_q4_1, Some(x86::avx512_dot4_q4_1)),
                 x86::avx512_rows4_q4_1,
@@ -115,8 +135,8 @@ impl CpuLevel {
         #[cfg(target_arch = "x86_64")]
         match self {
             Self::Scalar => scalar(blocks::dot_q8_0),
-            Self::Avx2 => kernel(x86::avx2_dot_q8_0, None),
-            Self::AvxVnni => kernel(x86::vnni_dot_q8_0, None),
+            Self::Avx2 => with_rows4(kernel(x86::avx2_dot_q8_0, None), x86::avx2_rows4_q8_0),
+            Self::AvxVnni => with_rows4(kernel(x86::vnni_dot_q8_0, None), x86::vnni_rows4_q8_0),
             Self::Avx512Vnni => with_rows4(
                 kernel(x86::avx512_dot_q8_0, Some(x86::avx512_dot4_q8_0)),
                 x86::avx512_rows4_q8_0,
@@ -186,6 +206,10 @@ mod x86 {
     entry!(vnni_dot4_q4_1, avx_vnni::dot4_q4_1, BlockQ4_1, 4);
     entry!(vnni_dot_q5_0, avx_vnni::dot_q5_0, BlockQ5_0);
     entry!(vnni_dot_q8_0, avx_vnni::dot_q8_0, BlockQ8_0);
+    entry!(avx2_rows4_q4_1, avx2::rows4_q4_1, BlockQ4_1, rows);
+    entry!(avx2_rows4_q8_0, avx2::rows4_q8_0, BlockQ8_0, rows);
+    entry!(vnni_rows4_q4_1, avx_vnni::rows4_q4_1, BlockQ4_1, rows);
+    entry!(vnni_rows4_q8_0, avx_vnni::rows4_q8_0, BlockQ8_0, rows);
     entry!(avx512_dot_q4_1, avx512::dot_q4_1, BlockQ4_1);
     entry!(avx512_dot4_q4_1, avx512::dot4_q4_1, BlockQ4_1, 4);
     entry!(avx512_dot_q5_0, avx512::dot_q5_0, BlockQ5_0);
