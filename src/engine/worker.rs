@@ -23,7 +23,7 @@ use super::types::{
 };
 use super::{EngineConfig, EngineStats};
 use crate::models::SequenceModel;
-use crate::models::kv_cache::{KvBudget, KvReservation, KvUsage};
+use crate::models::kv_cache::{KvBudget, KvReservation};
 
 /// A choice's place in the running list: (request, choice).
 type Place = (usize, usize);
@@ -214,7 +214,7 @@ impl Worker {
             }
             self.stats.publish_gauges();
             if let Some(usage) = self.model.kv_usage() {
-                publish_kv(self.model.id(), usage);
+                usage.publish(self.model.id());
             }
         }
     }
@@ -574,30 +574,4 @@ fn sample(
         &request.logit_bias,
         choice.constraint.as_mut(),
     )
-}
-
-/// The KV cache's blocks and the prefix cache's counters, per model.
-fn publish_kv(model: &str, usage: KvUsage) {
-    let free = usage.total_blocks - usage.used_blocks - usage.cached_blocks;
-    for (state, blocks) in [
-        ("used", usage.used_blocks),
-        ("cached", usage.cached_blocks),
-        ("free", free),
-    ] {
-        metrics::gauge!("qpai_kv_cache_blocks", "model" => model.to_string(), "state" => state)
-            .set(blocks as f64);
-    }
-    let model = model.to_string();
-    metrics::counter!("qpai_prefix_cache_queried_tokens_total", "model" => model.clone())
-        .absolute(usage.prefix.queried_tokens);
-    metrics::counter!("qpai_prefix_cache_hit_tokens_total", "model" => model.clone())
-        .absolute(usage.prefix.hit_tokens);
-    metrics::counter!("qpai_prefix_cache_evicted_blocks_total", "model" => model.clone())
-        .absolute(usage.prefix.evicted_blocks);
-    let rate = if usage.prefix.queried_tokens > 0 {
-        usage.prefix.hit_tokens as f64 / usage.prefix.queried_tokens as f64
-    } else {
-        0.0
-    };
-    metrics::gauge!("qpai_prefix_cache_hit_rate", "model" => model).set(rate);
 }

@@ -122,11 +122,6 @@ impl KvBudget {
         }
     }
 
-    /// Blocks promised to running requests.
-    pub fn reserved(&self) -> usize {
-        self.reserved.load(Ordering::SeqCst)
-    }
-
     /// Promises `blocks` blocks until the reservation is dropped; None when
     /// they are not free.
     pub fn try_reserve(&self, blocks: usize) -> Option<KvReservation> {
@@ -201,11 +196,6 @@ impl KvCache {
             prefix: state.blocks.counters,
         }
     }
-
-    /// Bytes the whole pool takes once every block has been written.
-    pub fn bytes(&self) -> usize {
-        self.lock().blocks.total() * BLOCK_TOKENS * self.shape.bytes_per_token(self.config.dtype)
-    }
 }
 
 /// Blocks a request may come to hold: its prompt's, plus for each of its
@@ -214,4 +204,32 @@ impl KvCache {
 /// not shared, so what admission reserves always covers what is allocated.
 pub fn blocks_needed(block_tokens: usize, prompt: usize, n: usize, max_new_tokens: usize) -> usize {
     prompt.div_ceil(block_tokens) + n * (max_new_tokens.div_ceil(block_tokens) + 1)
+}
+
+impl KvUsage {
+    /// The pool's blocks and the prefix cache's counters as `model`'s metrics.
+    pub fn publish(&self, model: &str) {
+        let free = self.total_blocks - self.used_blocks - self.cached_blocks;
+        for (state, blocks) in [
+            ("used", self.used_blocks),
+            ("cached", self.cached_blocks),
+            ("free", free),
+        ] {
+            metrics::gauge!("qpai_kv_cache_blocks", "model" => model.to_string(), "state" => state)
+                .set(blocks as f64);
+        }
+        let model = model.to_string();
+        metrics::counter!("qpai_prefix_cache_queried_tokens_total", "model" => model.clone())
+            .absolute(self.prefix.queried_tokens);
+        metrics::counter!("qpai_prefix_cache_hit_tokens_total", "model" => model.clone())
+            .absolute(self.prefix.hit_tokens);
+        metrics::counter!("qpai_prefix_cache_evicted_blocks_total", "model" => model.clone())
+            .absolute(self.prefix.evicted_blocks);
+        let rate = if self.prefix.queried_tokens > 0 {
+            self.prefix.hit_tokens as f64 / self.prefix.queried_tokens as f64
+        } else {
+            0.0
+        };
+        metrics::gauge!("qpai_prefix_cache_hit_rate", "model" => model).set(rate);
+    }
 }

@@ -170,115 +170,112 @@ impl KvStore {
 
     /// What attention reads of one layer.
     pub fn layer(&self, layer: usize) -> LayerView<'_> {
-        let shape = self.shape;
-        match &self.arrays {
-            Arrays::F32 { keys, values } => LayerView::F32 {
+        let arrays = match &self.arrays {
+            Arrays::F32 { keys, values } => LayerArrays::F32 {
                 keys: &keys[layer],
                 values: &values[layer],
-                shape,
             },
-            Arrays::F16 { keys, values } => LayerView::F16 {
+            Arrays::F16 { keys, values } => LayerArrays::F16 {
                 keys: &keys[layer],
                 values: &values[layer],
-                shape,
             },
             Arrays::Q8 {
                 keys,
                 values,
                 key_scales,
                 value_scales,
-            } => LayerView::Q8 {
+            } => LayerArrays::Q8 {
                 keys: &keys[layer],
                 values: &values[layer],
                 key_scales: &key_scales[layer],
                 value_scales: &value_scales[layer],
-                shape,
             },
+        };
+        LayerView {
+            shape: self.shape,
+            arrays,
         }
     }
 }
 
 /// One layer's keys and values, read by (slot, kv head).
 #[derive(Clone, Copy)]
-pub enum LayerView<'a> {
+pub struct LayerView<'a> {
+    shape: KvShape,
+    arrays: LayerArrays<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum LayerArrays<'a> {
     F32 {
         keys: &'a [f32],
         values: &'a [f32],
-        shape: KvShape,
     },
     F16 {
         keys: &'a [u16],
         values: &'a [u16],
-        shape: KvShape,
     },
     Q8 {
         keys: &'a [i8],
         values: &'a [i8],
         key_scales: &'a [f32],
         value_scales: &'a [f32],
-        shape: KvShape,
     },
 }
 
 impl LayerView<'_> {
+    /// Where kv head `head` of `slot` lies in a layer's array, and its scale's index.
+    fn place(&self, slot: usize, head: usize) -> (std::ops::Range<usize>, usize) {
+        let start = slot * self.shape.kv_width() + head * self.shape.head_dim;
+        (
+            start..start + self.shape.head_dim,
+            slot * self.shape.n_kv_head + head,
+        )
+    }
+
     /// `query · key` of kv head `head` at `slot`.
     pub fn key_dot(&self, slot: usize, head: usize, query: &[f32]) -> f32 {
-        match *self {
-            Self::F32 { keys, shape, .. } => {
-                let start = slot * shape.kv_width() + head * shape.head_dim;
-                crate::lora::unmerged::dot(query, &keys[start..start + shape.head_dim])
-            }
-            Self::F16 { keys, shape, .. } => {
-                let start = slot * shape.kv_width() + head * shape.head_dim;
-                let key = &keys[start..start + shape.head_dim];
-                query
-                    .iter()
-                    .zip(key)
-                    .map(|(q, k)| q * f16::from_bits(*k).to_f32())
-                    .sum()
-            }
-            Self::Q8 {
-                keys,
-                key_scales,
-                shape,
-                ..
+        let (range, scale) = self.place(slot, head);
+        match self.arrays {
+            LayerArrays::F32 { keys, .. } => crate::lora::unmerged::dot(query, &keys[range]),
+            LayerArrays::F16 { keys, .. } => query
+                .iter()
+                .zip(&keys[range])
+                .map(|(q, k)| q * f16::from_bits(*k).to_f32())
+                .sum(),
+            LayerArrays::Q8 {
+                keys, key_scales, ..
             } => {
-                let start = slot * shape.kv_width() + head * shape.head_dim;
-                let key = &keys[start..start + shape.head_dim];
-                let sum: f32 = query.iter().zip(key).map(|(q, k)| q * *k as f32).sum();
-                sum * key_scales[slot * shape.n_kv_head + head]
+                let sum: f32 = query
+                    .iter()
+                    .zip(&keys[range])
+                    .map(|(q, k)| q * *k as f32)
+                    .sum();
+                sum * key_scales[scale]
             }
         }
     }
 
     /// `out += weight * value` of kv head `head` at `slot`.
     pub fn add_value(&self, slot: usize, head: usize, weight: f32, out: &mut [f32]) {
-        match *self {
-            Self::F32 { values, shape, .. } => {
-                let start = slot * shape.kv_width() + head * shape.head_dim;
-                let value = &values[start..start + shape.head_dim];
-                out.iter_mut()
-                    .zip(value)
-                    .for_each(|(o, v)| *o += weight * v);
-            }
-            Self::F16 { values, shape, .. } => {
-                let start = slot * shape.kv_width() + head * shape.head_dim;
-                let value = &values[start..start + shape.head_dim];
-                out.iter_mut()
-                    .zip(value)
-                    .for_each(|(o, v)| *o += weight * f16::from_bits(*v).to_f32());
-            }
-            Self::Q8 {
+        let (range, scale) = self.place(slot, head);
+        match self.arrays {
+            LayerArrays::F32 { values, .. } => out
+                .iter_mut()
+                .zip(&values[range])
+                .for_each(|(o, v)| *o += weight * v),
+            LayerArrays::F16 { values, .. } => out
+                .iter_mut()
+                .zip(&values[range])
+                .for_each(|(o, v)| *o += weight * f16::from_bits(*v).to_f32()),
+            LayerArrays::Q8 {
                 values,
                 value_scales,
-                shape,
                 ..
             } => {
-                let start = slot * shape.kv_width() + head * shape.head_dim;
-                let value = &values[start..start + shape.head_dim];
-                let scaled = weight * value_scales[slot * shape.n_kv_head + head];
+                let scaled = weight * value_scales[scale];
                 out.iter_mut()
-                    .zip(value)
+                    .zip(&values[range])
                     .for_each(|(o, v)| *o += scaled * *v as f32);
             }
         }
