@@ -1,7 +1,9 @@
 //! Sentence embeddings, mean-pooled over the real tokens and L2-normalised as
-//! sentence-transformers computes them, from one of two backends:
-//! - candle's `bert` on a checkpoint directory (sentence-transformers layout:
-//!   config.json, model.safetensors, tokenizer.json, sentence_bert_config.json);
+//! sentence-transformers computes them, from one of three backends:
+//! - on the CPU, qpai's packed BERT encoder (`super::bert`) on a checkpoint
+//!   directory (sentence-transformers layout: config.json, model.safetensors,
+//!   tokenizer.json, sentence_bert_config.json);
+//! - on other devices, candle's `bert` on the same checkpoint;
 //! - ONNX Runtime (feature `onnx`) on a directory holding `model.onnx`, its
 //!   `tokenizer.json` and the `libonnxruntime` shared library it is run with.
 
@@ -12,10 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::Tokenizer;
 
-/// Texts embedded in one forward pass.
+/// Texts embedded in one padded forward pass (candle and ONNX Runtime).
 const BATCH: usize = 32;
+/// Tokens embedded in one packed pass of the CPU encoder.
+const PACKED_TOKENS: usize = 8192;
 
 enum Backend {
+    Packed(super::bert::BertEncoder),
     Candle {
         model: Box<BertModel>,
         device: Device,
@@ -47,6 +52,10 @@ impl EmbeddingModel {
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
                 .context("config.json is not a BERT config")?;
         let dimensions = config.hidden_size;
+        if device.is_cpu() {
+            let encoder = super::bert::BertEncoder::load(dir, &config)?;
+            return Self::with_tokenizer(dir, id, Backend::Packed(encoder), dimensions);
+        }
         let vb = super::checkpoint::checkpoint_vars(dir, DType::F32, device, None)?;
         let model = BertModel::load(vb, &config)?;
         let backend = Backend::Candle {
@@ -115,9 +124,11 @@ impl EmbeddingModel {
         })
     }
 
-    /// Which backend computes the vectors: "candle" or "onnx".
+    /// Which backend computes the vectors: "packed" (qpai's CPU encoder),
+    /// "candle" or "onnx".
     pub fn backend(&self) -> &'static str {
         match self.backend {
+            Backend::Packed(_) => "packed",
             Backend::Candle { .. } => "candle",
             #[cfg(feature = "onnx")]
             Backend::Onnx(_) => "onnx",
@@ -158,8 +169,25 @@ impl EmbeddingModel {
         self.tokenizer.get_vocab_size(true)
     }
 
-    /// Normalised embeddings of tokenized inputs, in batches of padded rows.
+    /// Normalised embeddings of tokenized inputs, in their order: packed
+    /// passes of up to `PACKED_TOKENS` tokens on the CPU encoder, else
+    /// batches of padded rows.
     pub fn embed(&self, inputs: &[Vec<u32>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        if let Backend::Packed(encoder) = &self.backend {
+            let mut out = Vec::with_capacity(inputs.len());
+            let mut start = 0;
+            while start < inputs.len() {
+                let mut end = start + 1;
+                let mut tokens = inputs[start].len();
+                while end < inputs.len() && tokens + inputs[end].len() <= PACKED_TOKENS {
+                    tokens += inputs[end].len();
+                    end += 1;
+                }
+                out.extend(encoder.embed(&inputs[start..end])?);
+                start = end;
+            }
+            return Ok(out);
+        }
         let mut out = Vec::with_capacity(inputs.len());
         for batch in inputs.chunks(BATCH) {
             let width = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -174,6 +202,7 @@ impl EmbeddingModel {
                 mask.extend((0..width).map(|i| u32::from(i < row.len())));
             }
             let hidden = match &self.backend {
+                Backend::Packed(_) => unreachable!("packed inputs return above"),
                 Backend::Candle { model, device } => {
                     let shape = (batch.len(), width);
                     let ids = Tensor::from_vec(ids, shape, device)?;

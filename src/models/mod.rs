@@ -1,6 +1,7 @@
 //! Models: loading weights, tokenizers and chat templates, and the per-sequence
 //! forward pass the engine drives. One file per architecture family.
 
+pub mod bert;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod embedding;

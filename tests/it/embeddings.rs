@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::common::*;
 
 const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
-/// The bar for candle f32 against sentence-transformers.
+/// The bar for the f32 model (qpai's packed CPU encoder) against sentence-transformers.
 const MIN_COSINE: f32 = 0.9999;
 
 /// The int8 ONNX model run by ONNX Runtime.
@@ -33,7 +33,7 @@ fn load() -> anyhow::Result<EmbeddingModel> {
     load_embedding(EMBEDDING_MODEL)
 }
 
-/// all-MiniLM-L6-v2 on candle, loaded once for the whole test binary.
+/// all-MiniLM-L6-v2 (f32), loaded once for the whole test binary.
 pub fn model() -> &'static Arc<EmbeddingModel> {
     static MODEL: OnceLock<Arc<EmbeddingModel>> = OnceLock::new();
     MODEL.get_or_init(|| Arc::new(load().unwrap()))

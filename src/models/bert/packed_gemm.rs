@@ -1,0 +1,315 @@
+//! `y = x Wᵀ + b` against a weight matrix that never changes: the weights
+//! are packed once, at load, into panels of 32 output columns laid out
+//! k-major, so the AVX-512 microkernel reads each panel as one contiguous
+//! stream and keeps up to 12 rows × 32 columns of sums in registers. Where
+//! AVX-512 is missing the `gemm` crate computes the same product from the
+//! unpacked matrix.
+
+use rayon::prelude::*;
+
+/// Output columns per panel: two 16-lane registers.
+const PANEL: usize = 32;
+/// Rows of `x` per microkernel call.
+const TILE_ROWS: usize = 12;
+/// Rows of `x` a task takes (several tiles, so a panel is reused from cache).
+const TASK_ROWS: usize = 96;
+
+pub struct PackedLinear {
+    /// `[outputs, inputs]`, row-major, for the fallback.
+    weight: Vec<f32>,
+    /// `[panels][inputs][PANEL]`, zero-padded past `outputs`; empty without AVX-512.
+    panels: Vec<f32>,
+    /// The bias, zero-padded to whole panels.
+    bias: Vec<f32>,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+impl PackedLinear {
+    /// `weight` is `[outputs, inputs]` row-major, `bias` has `outputs` values.
+    pub fn new(weight: Vec<f32>, bias: Vec<f32>, inputs: usize, outputs: usize) -> Self {
+        Self::with_kernel(weight, bias, inputs, outputs, avx512_available())
+    }
+
+    fn with_kernel(
+        weight: Vec<f32>,
+        mut bias: Vec<f32>,
+        inputs: usize,
+        outputs: usize,
+        packed: bool,
+    ) -> Self {
+        assert_eq!(weight.len(), inputs * outputs, "weight shape");
+        assert_eq!(bias.len(), outputs, "bias shape");
+        let panel_count = outputs.div_ceil(PANEL);
+        let mut panels = Vec::new();
+        if packed {
+            panels = vec![0f32; panel_count * inputs * PANEL];
+            for (o, row) in weight.chunks(inputs).enumerate() {
+                let (panel, column) = (o / PANEL, o % PANEL);
+                for (k, &w) in row.iter().enumerate() {
+                    panels[(panel * inputs + k) * PANEL + column] = w;
+                }
+            }
+        }
+        bias.resize(panel_count * PANEL, 0.0);
+        Self {
+            weight,
+            panels,
+            bias,
+            inputs,
+            outputs,
+        }
+    }
+
+    /// `x` is `[rows, inputs]` row-major; returns `[rows, outputs]`.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let rows = x.len() / self.inputs;
+        assert_eq!(rows * self.inputs, x.len(), "input width");
+        let mut out = vec![0f32; rows * self.outputs];
+        if self.panels.is_empty() {
+            self.forward_gemm(x, &mut out, rows);
+        } else {
+            self.forward_packed(x, &mut out, rows);
+        }
+        out
+    }
+
+    fn forward_gemm(&self, x: &[f32], out: &mut [f32], rows: usize) {
+        for row in out.chunks_mut(self.outputs) {
+            row.copy_from_slice(&self.bias[..self.outputs]);
+        }
+        let threads = rayon::current_num_threads();
+        let parallelism = if rows * self.outputs * self.inputs > 1 << 18 && threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: out is row-major [rows, outputs], x row-major [rows, inputs]
+        // and the right-hand side is Wᵀ read from W's rows ([outputs, inputs]):
+        // every index the strides produce lies inside those buffers.
+        unsafe {
+            gemm::gemm(
+                rows,
+                self.outputs,
+                self.inputs,
+                out.as_mut_ptr(),
+                1,
+                self.outputs as isize,
+                true,
+                x.as_ptr(),
+                1,
+                self.inputs as isize,
+                self.weight.as_ptr(),
+                self.inputs as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+
+    /// Tasks are row blocks of `TASK_ROWS`; with few rows the panels are
+    /// split between tasks instead, so short inputs use every thread too.
+    fn forward_packed(&self, x: &[f32], out: &mut [f32], rows: usize) {
+        let panel_count = self.bias.len() / PANEL;
+        let row_blocks = rows.div_ceil(TASK_ROWS);
+        let threads = rayon::current_num_threads();
+        let panel_groups = (threads * 2).div_ceil(row_blocks).clamp(1, panel_count);
+        let panels_per_group = panel_count.div_ceil(panel_groups);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..row_blocks * panel_groups)
+            .into_par_iter()
+            .for_each(|task| {
+                let (block, group) = (task / panel_groups, task % panel_groups);
+                let first_row = block * TASK_ROWS;
+                let block_rows = TASK_ROWS.min(rows - first_row);
+                let first_panel = group * panels_per_group;
+                let last_panel = (first_panel + panels_per_group).min(panel_count);
+                // The block's rows, packed tile by tile as [k][TILE_ROWS] (zeros
+                // past the last row), so the kernel broadcasts from one stream.
+                let tiles = block_rows.div_ceil(TILE_ROWS);
+                let mut packed = vec![0f32; tiles * self.inputs * TILE_ROWS];
+                for (r, row) in x[first_row * self.inputs..][..block_rows * self.inputs]
+                    .chunks(self.inputs)
+                    .enumerate()
+                {
+                    let tile = &mut packed[(r / TILE_ROWS) * self.inputs * TILE_ROWS..];
+                    for (k, &v) in row.iter().enumerate() {
+                        tile[k * TILE_ROWS + r % TILE_ROWS] = v;
+                    }
+                }
+                for panel in first_panel..last_panel {
+                    let columns = PANEL.min(self.outputs - panel * PANEL);
+                    for tile in 0..tiles {
+                        let row = first_row + tile * TILE_ROWS;
+                        let tile_rows = TILE_ROWS.min(first_row + block_rows - row);
+                        // SAFETY: AVX-512 F was detected when the panels were packed;
+                        // the tile reads inputs × TILE_ROWS packed floats and one
+                        // panel of inputs × PANEL floats, and writes rows
+                        // row..row+tile_rows, columns panel·PANEL.. +columns of out,
+                        // a region no other task writes (tasks differ in row block
+                        // or panel group).
+                        unsafe {
+                            avx512::tile(
+                                packed.as_ptr().add(tile * self.inputs * TILE_ROWS),
+                                self.inputs,
+                                self.panels.as_ptr().add(panel * self.inputs * PANEL),
+                                self.bias.as_ptr().add(panel * PANEL),
+                                out_ptr.get().add(row * self.outputs + panel * PANEL),
+                                self.outputs,
+                                tile_rows,
+                                columns,
+                            );
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// A pointer handed to tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every task writes a region of the buffer no other task touches.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && std::env::var("QPAI_CPU_KERNELS").map_or(true, |level| level == "avx512-vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{PANEL, TILE_ROWS};
+
+    /// Sums of TILE_ROWS packed rows against one panel, plus the bias;
+    /// stores the first `rows` rows and `columns` columns.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; `x` holds inputs × TILE_ROWS floats
+    /// ([k][row]), `panel` inputs × PANEL floats, `bias` PANEL floats, and
+    /// `out` has room for `rows` rows of `columns` floats at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile(
+        x: *const f32,
+        inputs: usize,
+        panel: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        ldc: usize,
+        rows: usize,
+        columns: usize,
+    ) {
+        // SAFETY: the contract above covers every offset below: k < inputs,
+        // r < TILE_ROWS, column halves < PANEL, stored rows < rows.
+        unsafe {
+            let bias_low = _mm512_loadu_ps(bias);
+            let bias_high = _mm512_loadu_ps(bias.add(16));
+            let mut low = [bias_low; TILE_ROWS];
+            let mut high = [bias_high; TILE_ROWS];
+            for k in 0..inputs {
+                let w_low = _mm512_loadu_ps(panel.add(k * PANEL));
+                let w_high = _mm512_loadu_ps(panel.add(k * PANEL + 16));
+                let xs = x.add(k * TILE_ROWS);
+                for r in 0..TILE_ROWS {
+                    let v = _mm512_set1_ps(*xs.add(r));
+                    low[r] = _mm512_fmadd_ps(v, w_low, low[r]);
+                    high[r] = _mm512_fmadd_ps(v, w_high, high[r]);
+                }
+            }
+            let mask = |from: usize| -> __mmask16 {
+                let n = columns.saturating_sub(from).min(16);
+                ((1u32 << n) - 1) as __mmask16
+            };
+            let (mask_low, mask_high) = (mask(0), mask(16));
+            for r in 0..rows.min(TILE_ROWS) {
+                let row = out.add(r * ldc);
+                _mm512_mask_storeu_ps(row, mask_low, low[r]);
+                _mm512_mask_storeu_ps(row.add(16), mask_high, high[r]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], weight: &[f32], bias: &[f32], inputs: usize) -> Vec<f32> {
+        x.chunks(inputs)
+            .flat_map(|row| {
+                weight.chunks(inputs).zip(bias).map(move |(w, b)| {
+                    b + row
+                        .iter()
+                        .zip(w)
+                        .map(|(a, w)| f64::from(a * w) as f32)
+                        .sum::<f32>()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_and_gemm_products_match_the_reference_at_every_shape_edge() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let kernels: &[bool] = if avx512_available() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &(rows, inputs, outputs) in &[(1, 17, 40), (13, 64, 32), (100, 33, 70), (250, 384, 96)]
+        {
+            let weight: Vec<f32> = (0..inputs * outputs).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..outputs).map(|_| next()).collect();
+            let x: Vec<f32> = (0..rows * inputs).map(|_| next()).collect();
+            let expected = reference(&x, &weight, &bias, inputs);
+            for &packed in kernels {
+                let linear = PackedLinear::with_kernel(
+                    weight.clone(),
+                    bias.clone(),
+                    inputs,
+                    outputs,
+                    packed,
+                );
+                let got = linear.forward(&x);
+                assert_eq!(got.len(), expected.len());
+                let worst = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "packed={packed} {rows}x{inputs}x{outputs}: {worst}"
+                );
+            }
+        }
+    }
+}
