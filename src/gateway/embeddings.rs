@@ -266,14 +266,12 @@ impl EmbeddingAttempts<'_> {
             .clone()
             .try_acquire_owned()
             .map_err(|_| AttemptError::local_busy(ApiError::overloaded()))?;
-        let (model, inputs) = (job.model.clone(), job.inputs.clone());
-        let vectors = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            model.embed(&inputs)
-        })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+        let vectors = job
+            .model
+            .embed_queued(job.inputs.clone())
+            .await
+            .map_err(ApiError::internal)?;
+        drop(permit);
         let data = vectors
             .into_iter()
             .enumerate()

@@ -37,9 +37,9 @@ use crate::money::Usd;
 use crate::router::{ModelRouter, ProviderKind};
 use crate::tenancy::Tenancy;
 
-/// Embedding requests computed at once; more are refused as overloaded
-/// (each already batches its inputs, and the kernels use every core).
-const EMBEDDING_REQUESTS_AT_ONCE: usize = 4;
+/// Local embedding requests queued or computing at once; more are refused
+/// as overloaded. The model's queue batches them into shared passes.
+const EMBEDDING_REQUESTS_AT_ONCE: usize = 256;
 
 /// How a caller steers the route of one request.
 #[derive(Debug, Clone, Default)]

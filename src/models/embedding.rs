@@ -8,6 +8,7 @@
 //!   `tokenizer.json` and the `libonnxruntime` shared library it is run with.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -40,6 +41,10 @@ pub struct EmbeddingModel {
     pub dimensions: usize,
     cls: u32,
     sep: u32,
+    /// The worker that batches callers' work (`embed_queued`), started on first use.
+    queue: OnceLock<std::sync::mpsc::Sender<super::embedding_queue::Job>>,
+    /// Passes the queue's worker has run.
+    pub(super) queue_passes: std::sync::atomic::AtomicU64,
 }
 
 impl EmbeddingModel {
@@ -121,6 +126,8 @@ impl EmbeddingModel {
             dimensions,
             cls,
             sep,
+            queue: OnceLock::new(),
+            queue_passes: Default::default(),
         })
     }
 
@@ -169,6 +176,23 @@ impl EmbeddingModel {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// `embed` through the model's queue: the pass may carry other callers'
+    /// inputs too (dynamic batching); the caller's thread is free meanwhile.
+    pub async fn embed_queued(
+        self: &Arc<Self>,
+        inputs: Vec<Vec<u32>>,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let sender = self
+            .queue
+            .get_or_init(|| super::embedding_queue::start(self));
+        super::embedding_queue::embed(sender, inputs).await
+    }
+
+    /// Passes `embed_queued` has run (each may have served several callers).
+    pub fn queue_passes(&self) -> u64 {
+        self.queue_passes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Normalised embeddings of tokenized inputs, in their order: packed
     /// passes of up to `PACKED_TOKENS` tokens on the CPU encoder, else
     /// batches of padded rows.
@@ -188,9 +212,14 @@ impl EmbeddingModel {
             }
             return Ok(out);
         }
-        let mut out = Vec::with_capacity(inputs.len());
-        for batch in inputs.chunks(BATCH) {
-            let width = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        // Padded batches of texts of similar length waste the least work:
+        // sorted by length, then put back in the callers' order.
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        order.sort_by_key(|&i| inputs[i].len());
+        let sorted: Vec<&Vec<u32>> = order.iter().map(|&i| &inputs[i]).collect();
+        let mut vectors = Vec::with_capacity(inputs.len());
+        for batch in sorted.chunks(BATCH) {
+            let width = batch.iter().map(|row| row.len()).max().unwrap_or(0).max(1);
             let mut ids = Vec::with_capacity(batch.len() * width);
             let mut mask = Vec::with_capacity(batch.len() * width);
             for row in batch {
@@ -213,7 +242,11 @@ impl EmbeddingModel {
                 #[cfg(feature = "onnx")]
                 Backend::Onnx(encoder) => encoder.forward(&ids, &mask, batch.len(), width)?,
             };
-            out.extend(mean_pool(&hidden, &mask, width, self.dimensions));
+            vectors.extend(mean_pool(&hidden, &mask, width, self.dimensions));
+        }
+        let mut out = vec![Vec::new(); inputs.len()];
+        for (vector, index) in vectors.into_iter().zip(order) {
+            out[index] = vector;
         }
         Ok(out)
     }

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod embedding;
+mod embedding_queue;
 pub mod gemma3;
 pub mod gguf_tokenizer;
 pub mod kv_cache;

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::chunk::ChunkConfig;
 use super::ingest::{IngestOptions, IngestReport, ingest as run_ingest, spawn_reader};
-use super::sources::{ReadOptions, fetch::FetchLimits};
+use super::sources::{self, ReadOptions, fetch::FetchLimits};
 use super::{Rag, SearchFilter, SearchRequest, SiteName, Store, search};
 use crate::catalog::Catalog;
 use crate::catalog::fetch::ModelStore;
@@ -78,10 +78,19 @@ pub async fn ingest(args: IngestArgs, global: &GlobalArgs) -> anyhow::Result<()>
         prune: !args.no_prune,
         ann_min_rows: args.ann_min_rows,
     };
-    let progress = ProgressBar::new_spinner();
+    // A bar with an ETA where the source knows its size, else a spinner.
+    let (progress, template) = match sources::page_count(&args.source) {
+        Some(total) => (
+            ProgressBar::new(total as u64),
+            "{bar:30} {pos}/{len} pages [{elapsed} < {eta}] {per_sec} {msg}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{spinner} {pos} pages [{elapsed}] {per_sec} {msg}",
+        ),
+    };
     progress.set_style(
-        ProgressStyle::with_template("{spinner} {pos} pages [{elapsed}] {per_sec} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     progress.enable_steady_tick(Duration::from_millis(200));
     let reader = spawn_reader(args.source.clone(), read_options);

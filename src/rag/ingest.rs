@@ -1,5 +1,8 @@
 //! Ingestion: pages from a source are chunked, embedded and written to the
-//! site's table in batches. Unchanged pages (same content hash) are skipped,
+//! site's table in batches, as a pipeline: the source is read and parsed on
+//! one thread, a batch is chunked and embedded while the batch before it is
+//! written to LanceDB, and all table changes go through the one writer, in
+//! order. Unchanged pages (same content hash) are skipped,
 //! changed ones replaced, and pages of the same source that are gone are
 //! deleted. A page that cannot be read is reported and keeps what the table
 //! had for it. Re-running a killed ingest converges to the same table.
@@ -11,16 +14,19 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::chunk::chunk_document;
+use super::chunk::{Chunk, ChunkConfig, chunk_document};
 use super::document::Document;
 use super::sources::{self, ReadOptions, ReadOutcome, SourceItem};
 use super::store::{ChunkRow, PageState};
 use super::{Rag, RagError, RagResult, SiteName};
+use crate::models::embedding::EmbeddingModel;
 
 /// Pages written per commit.
 const PAGES_PER_BATCH: usize = 64;
 /// Chunks embedded per commit.
 const CHUNKS_PER_BATCH: usize = 512;
+/// Chunks sent to the embedding queue at once.
+const EMBED_SLICE: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
@@ -88,6 +94,34 @@ struct Pending {
     document: Document,
     origin: String,
     hash: String,
+    /// The table held rows of another version of this page (deleted once
+    /// the new rows are in).
+    replaces: bool,
+}
+
+/// Pages handed from the reading loop to the embedding stage.
+#[derive(Default)]
+struct Batch {
+    pages: Vec<Pending>,
+    /// Pages whose new rows a dead run wrote in full: only the old rows go.
+    cleanups: Vec<(String, String)>,
+    /// Pages with a partial set of rows of this very version: deleted first.
+    purge: Vec<String>,
+    chunks: usize,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.pages.is_empty() && self.cleanups.is_empty() && self.purge.is_empty()
+    }
+}
+
+/// Rows handed from the embedding stage to the writer.
+struct Embedded {
+    rows: Vec<ChunkRow>,
+    /// (url, hash): rows of the url with another hash are deleted.
+    replaced: Vec<(String, String)>,
+    purge: Vec<String>,
 }
 
 pub async fn ingest(
@@ -111,75 +145,87 @@ pub async fn ingest(
     };
     let mut seen_urls: HashMap<String, String> = HashMap::new();
     let mut seen_origins: HashSet<String> = HashSet::new();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut cleanups: Vec<(String, String)> = Vec::new();
-    let mut pending_chunks = 0usize;
-    while let Some(item) = items.recv().await {
-        progress.inc(1);
-        seen_origins.insert(item.origin.clone());
-        let document = match item.document {
-            Ok(document) => document,
-            Err(error) => {
-                tracing::debug!(origin = %item.origin, %error, "page skipped");
+    // One batch is embedded while the one before it is written; the
+    // channels hold one more each, so reading runs at most a batch ahead.
+    let (embed_tx, embed_rx) = mpsc::channel::<Batch>(1);
+    let (write_tx, write_rx) = mpsc::channel::<Embedded>(1);
+    let classify = async {
+        let mut batch = Batch::default();
+        while let Some(item) = items.recv().await {
+            progress.inc(1);
+            seen_origins.insert(item.origin.clone());
+            let document = match item.document {
+                Ok(document) => document,
+                Err(error) => {
+                    tracing::debug!(origin = %item.origin, %error, "page skipped");
+                    report.failed += 1;
+                    report.errors.push(DocumentError {
+                        origin: item.origin,
+                        error,
+                    });
+                    continue;
+                }
+            };
+            if let Some(first) = seen_urls.get(&document.url) {
                 report.failed += 1;
                 report.errors.push(DocumentError {
+                    error: format!("duplicate URL {} (already read from {first})", document.url),
                     origin: item.origin,
-                    error,
                 });
                 continue;
             }
-        };
-        if let Some(first) = seen_urls.get(&document.url) {
-            report.failed += 1;
-            report.errors.push(DocumentError {
-                error: format!("duplicate URL {} (already read from {first})", document.url),
-                origin: item.origin,
-            });
-            continue;
-        }
-        seen_urls.insert(document.url.clone(), item.origin.clone());
-        report.pages += 1;
-        let hash = document.content_hash();
-        let state = states.get(&document.url);
-        match state {
-            Some(state) if state.is_current(&hash) => report.unchanged += 1,
-            Some(state) if complete(state, &hash) => {
-                // Written by a run that died before removing the old rows.
-                cleanups.push((document.url.clone(), hash));
-                report.updated += 1;
-            }
-            _ => {
-                if state.is_some_and(|s| s.rows_by_hash.contains_key(&hash)) {
-                    // Rows of this very hash but not all of them: start over.
-                    rag.store
-                        .delete_pages(&table, std::slice::from_ref(&document.url))
-                        .await?;
-                }
-                if state.is_some() {
+            seen_urls.insert(document.url.clone(), item.origin.clone());
+            report.pages += 1;
+            let hash = document.content_hash();
+            let state = states.get(&document.url);
+            match state {
+                Some(state) if state.is_current(&hash) => report.unchanged += 1,
+                Some(state) if complete(state, &hash) => {
+                    // Written by a run that died before removing the old rows.
+                    batch.cleanups.push((document.url.clone(), hash));
                     report.updated += 1;
-                } else {
-                    report.added += 1;
                 }
-                pending_chunks += document.sections.len();
-                pending.push(Pending {
-                    document,
-                    origin: item.origin,
-                    hash,
-                });
+                _ => {
+                    if state.is_some_and(|s| s.rows_by_hash.contains_key(&hash)) {
+                        // Rows of this very hash but not all of them: start over.
+                        batch.purge.push(document.url.clone());
+                    }
+                    if state.is_some() {
+                        report.updated += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                    batch.chunks += document.sections.len();
+                    batch.pages.push(Pending {
+                        document,
+                        origin: item.origin,
+                        hash,
+                        replaces: state.is_some(),
+                    });
+                }
+            }
+            progress.set_message(format!(
+                "{} new, {} changed, {} unchanged, {} failed",
+                report.added, report.updated, report.unchanged, report.failed
+            ));
+            if (batch.pages.len() >= PAGES_PER_BATCH || batch.chunks >= CHUNKS_PER_BATCH)
+                && embed_tx.send(std::mem::take(&mut batch)).await.is_err()
+            {
+                // A later stage failed; its error is reported below.
+                return;
             }
         }
-        progress.set_message(format!(
-            "{} new, {} changed, {} unchanged, {} failed",
-            report.added, report.updated, report.unchanged, report.failed
-        ));
-        if pending.len() >= PAGES_PER_BATCH || pending_chunks >= CHUNKS_PER_BATCH {
-            report.chunks_written +=
-                write(rag, &table, &options.source_id, &mut pending, &mut cleanups).await?;
-            pending_chunks = 0;
+        if !batch.is_empty() {
+            let _ = embed_tx.send(batch).await;
         }
-    }
-    report.chunks_written +=
-        write(rag, &table, &options.source_id, &mut pending, &mut cleanups).await?;
+        drop(embed_tx);
+    };
+    let embed = embed_stage(rag, &options.source_id, embed_rx, write_tx);
+    let write = write_stage(rag, &table, write_rx);
+    let ((), embedded, written) = tokio::join!(classify, embed, write);
+    // The writer's error first: it is the one that stopped the others.
+    report.chunks_written = written?;
+    embedded?;
     match reader
         .await
         .map_err(|e| anyhow::anyhow!("source reader: {e}"))?
@@ -236,38 +282,103 @@ fn complete(state: &PageState, hash: &str) -> bool {
         .is_some_and(|&n| Some(&n) == state.chunk_count.get(hash))
 }
 
-/// Embeds the pending pages' chunks and writes them in one commit.
-async fn write(
+/// A batch chunked and tokenized, waiting for its vectors.
+struct Prepared {
+    chunked: Vec<(Pending, Vec<Chunk>)>,
+    ids: Vec<Vec<u32>>,
+    cleanups: Vec<(String, String)>,
+    purge: Vec<String>,
+}
+
+/// Chunks and tokenizes each batch on the blocking pool while the batch
+/// before it is embedded, then embeds it through the model's queue (a
+/// slice at a time, so queries asked meanwhile are not stuck behind a
+/// whole batch) and hands its rows to the writer.
+async fn embed_stage(
     rag: &Rag,
-    table: &lancedb::Table,
     source: &str,
-    pending: &mut Vec<Pending>,
-    cleanups: &mut Vec<(String, String)>,
-) -> RagResult<usize> {
-    if pending.is_empty() && cleanups.is_empty() {
-        return Ok(0);
-    }
-    let pages = std::mem::take(pending);
-    let embedder = rag.embedder.clone();
-    let config = rag.chunking;
-    let chunked = tokio::task::spawn_blocking(move || {
-        pages
-            .into_iter()
-            .map(|p| {
-                let chunks = chunk_document(&p.document, &config, embedder.as_ref());
-                (p, chunks)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("chunking task: {e}"))?;
-    let texts: Vec<String> = chunked
-        .iter()
-        .flat_map(|(_, chunks)| chunks.iter().map(|c| c.text.clone()))
+    mut batches: mpsc::Receiver<Batch>,
+    rows_out: mpsc::Sender<Embedded>,
+) -> RagResult<()> {
+    let (prepared_tx, mut prepared_rx) = mpsc::channel::<Prepared>(1);
+    let prepare = async move {
+        while let Some(batch) = batches.recv().await {
+            let embedder = rag.embedder.clone();
+            let config = rag.chunking;
+            let prepared = tokio::task::spawn_blocking(move || prepare(batch, &config, &embedder))
+                .await
+                .map_err(|e| anyhow::anyhow!("chunking task: {e}"))??;
+            if prepared_tx.send(prepared).await.is_err() {
+                break;
+            }
+        }
+        RagResult::Ok(())
+    };
+    let embed = async {
+        while let Some(prepared) = prepared_rx.recv().await {
+            let mut vectors = Vec::with_capacity(prepared.ids.len());
+            let mut ids = prepared.ids.into_iter();
+            loop {
+                let slice: Vec<Vec<u32>> = ids.by_ref().take(EMBED_SLICE).collect();
+                if slice.is_empty() {
+                    break;
+                }
+                vectors.extend(rag.embedder.embed_queued(slice).await?);
+            }
+            let embedded = rows(
+                prepared.chunked,
+                vectors,
+                source,
+                prepared.cleanups,
+                prepared.purge,
+            )?;
+            if rows_out.send(embedded).await.is_err() {
+                break;
+            }
+        }
+        RagResult::Ok(())
+    };
+    let (prepared, embedded) = tokio::join!(prepare, embed);
+    embedded?;
+    prepared
+}
+
+fn prepare(
+    batch: Batch,
+    config: &ChunkConfig,
+    embedder: &EmbeddingModel,
+) -> anyhow::Result<Prepared> {
+    let chunked: Vec<_> = batch
+        .pages
+        .into_iter()
+        .map(|page| {
+            let chunks = chunk_document(&page.document, config, embedder);
+            (page, chunks)
+        })
         .collect();
-    let mut vectors = rag.embed(texts).await?.into_iter();
+    let ids = chunked
+        .iter()
+        .flat_map(|(_, chunks)| chunks.iter().map(|c| embedder.tokenize(&c.text)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Prepared {
+        chunked,
+        ids,
+        cleanups: batch.cleanups,
+        purge: batch.purge,
+    })
+}
+
+/// The table rows of a batch's chunks and vectors (in the same order).
+fn rows(
+    chunked: Vec<(Pending, Vec<Chunk>)>,
+    vectors: Vec<Vec<f32>>,
+    source: &str,
+    cleanups: Vec<(String, String)>,
+    purge: Vec<String>,
+) -> anyhow::Result<Embedded> {
+    let mut vectors = vectors.into_iter();
     let mut rows = Vec::new();
-    let mut replaced = std::mem::take(cleanups);
+    let mut replaced = cleanups;
     for (page, chunks) in chunked {
         let count = chunks.len() as i32;
         for chunk in chunks {
@@ -290,9 +401,31 @@ async fn write(
                 vector,
             });
         }
-        replaced.push((page.document.url.clone(), page.hash.clone()));
+        if page.replaces {
+            replaced.push((page.document.url.clone(), page.hash.clone()));
+        }
     }
-    let written = rows.len();
-    rag.store.write_pages(table, rows, &replaced).await?;
+    Ok(Embedded {
+        rows,
+        replaced,
+        purge,
+    })
+}
+
+/// Applies each batch to the table in order: purges, then the new rows in
+/// one commit, then the rows they replace. Returns the rows written.
+async fn write_stage(
+    rag: &Rag,
+    table: &lancedb::Table,
+    mut batches: mpsc::Receiver<Embedded>,
+) -> RagResult<usize> {
+    let mut written = 0;
+    while let Some(batch) = batches.recv().await {
+        rag.store.delete_pages(table, &batch.purge).await?;
+        written += batch.rows.len();
+        rag.store
+            .write_pages(table, batch.rows, &batch.replaced)
+            .await?;
+    }
     Ok(written)
 }

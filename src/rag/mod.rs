@@ -75,16 +75,15 @@ impl Rag {
     /// Embeds texts on a blocking thread (the model uses every core).
     pub async fn embed(&self, texts: Vec<String>) -> RagResult<Vec<Vec<f32>>> {
         let embedder = self.embedder.clone();
-        let vectors = tokio::task::spawn_blocking(move || {
-            let ids = texts
+        let ids = tokio::task::spawn_blocking(move || {
+            texts
                 .iter()
                 .map(|t| embedder.tokenize(t))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            embedder.embed(&ids)
+                .collect::<anyhow::Result<Vec<_>>>()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("embedding task: {e}"))??;
-        Ok(vectors)
+        .map_err(|e| anyhow::anyhow!("tokenizing task: {e}"))??;
+        Ok(self.embedder.embed_queued(ids).await?)
     }
 }
 

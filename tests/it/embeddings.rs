@@ -147,6 +147,53 @@ fn embedding_app() -> axum::Router {
     qpai::app(gateway, HttpConfig::default())
 }
 
+/// Callers that ask at the same time share the queue's passes, and each
+/// gets exactly the vectors it would get alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_passes_and_get_their_own_vectors() {
+    // A model of its own, so the pass count is this test's.
+    let model = Arc::new(load().unwrap());
+    let fixture = fixture("embeddings_minilm.json");
+    let texts: Vec<String> = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .cycle()
+        .take(48)
+        .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| model.tokenize(t).unwrap()).collect();
+    let alone: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|one| model.embed(std::slice::from_ref(one)).unwrap().remove(0))
+        .collect();
+    // Every request is queued before any is answered.
+    let answers = futures::future::join_all(
+        ids.iter()
+            .map(|one| model.embed_queued(vec![one.clone(), one.clone()])),
+    )
+    .await;
+    let passes = model.queue_passes();
+    for ((answer, expected), text) in answers.into_iter().zip(&alone).zip(&texts) {
+        let vectors = answer.unwrap();
+        assert_eq!(vectors.len(), 2, "{text:?}");
+        for vector in &vectors {
+            let diff = vector
+                .iter()
+                .zip(expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-6, "{text:?}: differs by {diff} when batched");
+        }
+    }
+    assert!(
+        passes < 12,
+        "48 requests queued together took {passes} passes"
+    );
+    assert!(passes >= 1);
+    assert!(model.embed_queued(Vec::new()).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn embeddings_endpoint_speaks_openai() {
     let app = embedding_app();

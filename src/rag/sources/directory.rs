@@ -24,6 +24,25 @@ fn format_of(path: &Path) -> Option<PageFormat> {
     }
 }
 
+/// How many pages `read` will meet under `root` (for a progress bar).
+pub fn count_pages(root: &Path) -> usize {
+    if root.is_file() {
+        return usize::from(format_of(root).is_some());
+    }
+    walker(root)
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file() && format_of(e.path()).is_some())
+        .count()
+}
+
+fn walker(root: &Path) -> impl Iterator<Item = walkdir::Result<walkdir::DirEntry>> {
+    walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'))
+}
+
 pub fn read(
     root: &Path,
     options: &ReadOptions,
@@ -37,12 +56,7 @@ pub fn read(
         return Ok(ReadOutcome::default());
     }
     let mut found = 0usize;
-    let walker = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
-    for entry in walker {
+    for entry in walker(root) {
         let entry = match entry {
             Ok(entry) => entry,
             Err(error) => {

@@ -114,6 +114,15 @@ pub fn read(
     }
 }
 
+/// How many pages reading `location` will give, where that is known before
+/// reading (a directory); None for other sources.
+pub fn page_count(location: &str) -> Option<usize> {
+    match detect(location).ok()? {
+        SourceKind::Directory => Some(directory::count_pages(Path::new(location))),
+        _ => None,
+    }
+}
+
 /// Text of a page's bytes: refuses what is too big, binary, or not UTF-8.
 pub fn decode_page(bytes: Vec<u8>, max_bytes: usize) -> Result<String, String> {
     if bytes.len() > max_bytes {
