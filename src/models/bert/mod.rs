@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 mod packed_gemm;
 
-use packed_gemm::PackedLinear;
+use packed_gemm::{PackedLinear, Panels};
 
 /// Loads one linear layer, or several side by side (Q, K and V as one).
 fn linear(
@@ -259,6 +259,9 @@ impl BertEncoder {
             .par_iter()
             .flat_map_iter(|&span| (0..self.heads).map(move |head| (span, head)))
             .map(|(span, head)| {
+                if packed_gemm::packed_kernels() {
+                    return (span, head, Self::head_packed(qkv, span, head, h, d, scale));
+                }
                 let mut scores = vec![0f32; span.len * span.len];
                 let mut out = vec![0f32; span.len * d];
                 let base = span.start * 3 * h + head * d;
@@ -329,6 +332,32 @@ impl BertEncoder {
         context
     }
 
+    /// One text's head through the packed AVX-512 kernel: K and V are
+    /// packed as right-hand matrices, Q is scaled on the way in.
+    fn head_packed(
+        qkv: &[f32],
+        span: Span,
+        head: usize,
+        h: usize,
+        d: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let at = |token: usize, part: usize, c: usize| {
+            qkv[(span.start + token) * 3 * h + part * h + head * d + c]
+        };
+        let q: Vec<f32> = (0..span.len)
+            .flat_map(|t| (0..d).map(move |c| at(t, 0, c) * scale))
+            .collect();
+        let keys = Panels::pack(span.len, d, |j, c| at(j, 1, c));
+        let mut scores = vec![0f32; span.len * span.len];
+        keys.multiply(&q, None, &mut scores, false);
+        scores.chunks_mut(span.len).for_each(softmax);
+        let values = Panels::pack(d, span.len, |c, j| at(j, 2, c));
+        let mut out = vec![0f32; span.len * d];
+        values.multiply(&scores, None, &mut out, false);
+        out
+    }
+
     fn mean_pool(&self, states: &[f32]) -> Vec<f32> {
         let mut sum = vec![0f32; self.hidden];
         let mut count = 0f32;
@@ -345,13 +374,27 @@ impl BertEncoder {
 
 fn softmax(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    row.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
+    let sum: f32 = row.iter().sum();
     let inverse = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inverse);
+}
+
+/// e^x for x ≤ 0 to about 2e-7 relative, branch-free so softmax
+/// vectorizes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to
+/// r⁶, 2ⁿ built in the exponent bits. Below -87 (where f32 turns
+/// subnormal) it returns e^-87, which a softmax sum cannot tell from 0.
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HIGH: f32 = 0.693_145_75;
+    const LN2_LOW: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * LN2_HIGH - n * LN2_LOW;
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * r + c;
+    }
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
 /// Exact GELU, `x · Φ(x)`, BERT's `gelu` (erf) activation.
@@ -398,6 +441,15 @@ mod tests {
             .map(|x| (f64::from(erf(x)) - candle_core::cpu::erf::erf_f64(f64::from(x))).abs())
             .fold(0.0, f64::max);
         assert!(worst < 1e-6, "worst erf error {worst}");
+    }
+
+    #[test]
+    fn exp_matches_the_standard_library() {
+        let worst = (0..=87_000)
+            .map(|i| -(i as f32) / 1000.0)
+            .map(|x| ((exp_nonpositive(x) - x.exp()) / x.exp()).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-6, "worst relative exp error {worst}");
     }
 
     #[test]

@@ -14,11 +14,128 @@ const TILE_ROWS: usize = 12;
 /// Rows of `x` a task takes (several tiles, so a panel is reused from cache).
 const TASK_ROWS: usize = 96;
 
+/// A right-hand matrix `B` (`[outputs, inputs]`) packed for the AVX-512
+/// kernel: `[panels][inputs][PANEL]`, zero-padded past `outputs`.
+pub struct Panels {
+    data: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl Panels {
+    /// Packs the matrix whose element (output o, input k) is `at(o, k)`.
+    pub fn pack(outputs: usize, inputs: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        let mut data = vec![0f32; outputs.div_ceil(PANEL) * inputs * PANEL];
+        for o in 0..outputs {
+            let (panel, column) = (o / PANEL, o % PANEL);
+            for k in 0..inputs {
+                data[(panel * inputs + k) * PANEL + column] = at(o, k);
+            }
+        }
+        Self {
+            data,
+            inputs,
+            outputs,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.outputs.div_ceil(PANEL)
+    }
+
+    /// `out = x · Bᵀ (+ bias)`: `x` is `[rows, inputs]`, `out` `[rows,
+    /// outputs]`, `bias` (if any) one value per output, padded to whole
+    /// panels. Tasks are row blocks of `TASK_ROWS`; with few rows the panels
+    /// are split between tasks instead, so short inputs use every thread
+    /// too. Without `parallel` it all runs on the calling thread.
+    ///
+    /// Only for CPUs with AVX-512 F (`packed_kernels`).
+    pub fn multiply(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
+        assert!(packed_kernels(), "the packed kernel needs AVX-512 F");
+        let (inputs, outputs) = (self.inputs, self.outputs);
+        let rows = x.len() / inputs;
+        assert_eq!(rows * inputs, x.len(), "input width");
+        assert_eq!(out.len(), rows * outputs, "output shape");
+        let panel_count = self.count();
+        let zeros = [0f32; PANEL];
+        if let Some(bias) = bias {
+            assert_eq!(
+                bias.len(),
+                panel_count * PANEL,
+                "bias padded to whole panels"
+            );
+        }
+        let row_blocks = rows.div_ceil(TASK_ROWS);
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let panel_groups = (threads * 2)
+            .div_ceil(row_blocks)
+            .clamp(1, panel_count.max(1));
+        let panels_per_group = panel_count.div_ceil(panel_groups);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let task = |task: usize| {
+            let (block, group) = (task / panel_groups, task % panel_groups);
+            let first_row = block * TASK_ROWS;
+            let block_rows = TASK_ROWS.min(rows - first_row);
+            let first_panel = group * panels_per_group;
+            let last_panel = (first_panel + panels_per_group).min(panel_count);
+            // The block's rows, packed tile by tile as [k][TILE_ROWS] (zeros
+            // past the last row), so the kernel broadcasts from one stream.
+            let tiles = block_rows.div_ceil(TILE_ROWS);
+            let mut packed = vec![0f32; tiles * inputs * TILE_ROWS];
+            for (r, row) in x[first_row * inputs..][..block_rows * inputs]
+                .chunks(inputs)
+                .enumerate()
+            {
+                let tile = &mut packed[(r / TILE_ROWS) * inputs * TILE_ROWS..];
+                for (k, &v) in row.iter().enumerate() {
+                    tile[k * TILE_ROWS + r % TILE_ROWS] = v;
+                }
+            }
+            for panel in first_panel..last_panel {
+                let columns = PANEL.min(outputs - panel * PANEL);
+                let bias = bias.map_or(zeros.as_ptr(), |b| b[panel * PANEL..].as_ptr());
+                for tile in 0..tiles {
+                    let row = first_row + tile * TILE_ROWS;
+                    let tile_rows = TILE_ROWS.min(first_row + block_rows - row);
+                    // SAFETY: AVX-512 F is present (asserted above); the tile
+                    // reads inputs × TILE_ROWS packed floats, one panel of
+                    // inputs × PANEL floats and PANEL bias values, and writes
+                    // rows row..row+tile_rows, columns panel·PANEL..+columns
+                    // of out (checked shape), a region no other task writes:
+                    // tasks differ in row block or panel group.
+                    unsafe {
+                        avx512::tile(
+                            packed.as_ptr().add(tile * inputs * TILE_ROWS),
+                            inputs,
+                            self.data.as_ptr().add(panel * inputs * PANEL),
+                            bias,
+                            out_ptr.get().add(row * outputs + panel * PANEL),
+                            outputs,
+                            tile_rows,
+                            columns,
+                        );
+                    }
+                }
+            }
+        };
+        let tasks = row_blocks * panel_groups;
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    }
+}
+
 pub struct PackedLinear {
     /// `[outputs, inputs]`, row-major, for the fallback.
     weight: Vec<f32>,
-    /// `[panels][inputs][PANEL]`, zero-padded past `outputs`; empty without AVX-512.
-    panels: Vec<f32>,
+    /// The weights packed, where the CPU has AVX-512 F.
+    panels: Option<Panels>,
     /// The bias, zero-padded to whole panels.
     bias: Vec<f32>,
     pub inputs: usize,
@@ -28,7 +145,7 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// `weight` is `[outputs, inputs]` row-major, `bias` has `outputs` values.
     pub fn new(weight: Vec<f32>, bias: Vec<f32>, inputs: usize, outputs: usize) -> Self {
-        Self::with_kernel(weight, bias, inputs, outputs, avx512_available())
+        Self::with_kernel(weight, bias, inputs, outputs, packed_kernels())
     }
 
     fn with_kernel(
@@ -40,18 +157,8 @@ impl PackedLinear {
     ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight shape");
         assert_eq!(bias.len(), outputs, "bias shape");
-        let panel_count = outputs.div_ceil(PANEL);
-        let mut panels = Vec::new();
-        if packed {
-            panels = vec![0f32; panel_count * inputs * PANEL];
-            for (o, row) in weight.chunks(inputs).enumerate() {
-                let (panel, column) = (o / PANEL, o % PANEL);
-                for (k, &w) in row.iter().enumerate() {
-                    panels[(panel * inputs + k) * PANEL + column] = w;
-                }
-            }
-        }
-        bias.resize(panel_count * PANEL, 0.0);
+        let panels = packed.then(|| Panels::pack(outputs, inputs, |o, k| weight[o * inputs + k]));
+        bias.resize(outputs.div_ceil(PANEL) * PANEL, 0.0);
         Self {
             weight,
             panels,
@@ -66,10 +173,9 @@ impl PackedLinear {
         let rows = x.len() / self.inputs;
         assert_eq!(rows * self.inputs, x.len(), "input width");
         let mut out = vec![0f32; rows * self.outputs];
-        if self.panels.is_empty() {
-            self.forward_gemm(x, &mut out, rows);
-        } else {
-            self.forward_packed(x, &mut out, rows);
+        match &self.panels {
+            Some(panels) => panels.multiply(x, Some(&self.bias), &mut out, true),
+            None => self.forward_gemm(x, &mut out, rows),
         }
         out
     }
@@ -111,64 +217,6 @@ impl PackedLinear {
             );
         }
     }
-
-    /// Tasks are row blocks of `TASK_ROWS`; with few rows the panels are
-    /// split between tasks instead, so short inputs use every thread too.
-    fn forward_packed(&self, x: &[f32], out: &mut [f32], rows: usize) {
-        let panel_count = self.bias.len() / PANEL;
-        let row_blocks = rows.div_ceil(TASK_ROWS);
-        let threads = rayon::current_num_threads();
-        let panel_groups = (threads * 2).div_ceil(row_blocks).clamp(1, panel_count);
-        let panels_per_group = panel_count.div_ceil(panel_groups);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..row_blocks * panel_groups)
-            .into_par_iter()
-            .for_each(|task| {
-                let (block, group) = (task / panel_groups, task % panel_groups);
-                let first_row = block * TASK_ROWS;
-                let block_rows = TASK_ROWS.min(rows - first_row);
-                let first_panel = group * panels_per_group;
-                let last_panel = (first_panel + panels_per_group).min(panel_count);
-                // The block's rows, packed tile by tile as [k][TILE_ROWS] (zeros
-                // past the last row), so the kernel broadcasts from one stream.
-                let tiles = block_rows.div_ceil(TILE_ROWS);
-                let mut packed = vec![0f32; tiles * self.inputs * TILE_ROWS];
-                for (r, row) in x[first_row * self.inputs..][..block_rows * self.inputs]
-                    .chunks(self.inputs)
-                    .enumerate()
-                {
-                    let tile = &mut packed[(r / TILE_ROWS) * self.inputs * TILE_ROWS..];
-                    for (k, &v) in row.iter().enumerate() {
-                        tile[k * TILE_ROWS + r % TILE_ROWS] = v;
-                    }
-                }
-                for panel in first_panel..last_panel {
-                    let columns = PANEL.min(self.outputs - panel * PANEL);
-                    for tile in 0..tiles {
-                        let row = first_row + tile * TILE_ROWS;
-                        let tile_rows = TILE_ROWS.min(first_row + block_rows - row);
-                        // SAFETY: AVX-512 F was detected when the panels were packed;
-                        // the tile reads inputs × TILE_ROWS packed floats and one
-                        // panel of inputs × PANEL floats, and writes rows
-                        // row..row+tile_rows, columns panel·PANEL.. +columns of out,
-                        // a region no other task writes (tasks differ in row block
-                        // or panel group).
-                        unsafe {
-                            avx512::tile(
-                                packed.as_ptr().add(tile * self.inputs * TILE_ROWS),
-                                self.inputs,
-                                self.panels.as_ptr().add(panel * self.inputs * PANEL),
-                                self.bias.as_ptr().add(panel * PANEL),
-                                out_ptr.get().add(row * self.outputs + panel * PANEL),
-                                self.outputs,
-                                tile_rows,
-                                columns,
-                            );
-                        }
-                    }
-                }
-            });
-    }
 }
 
 /// A pointer handed to tasks that write disjoint parts of one buffer.
@@ -184,16 +232,21 @@ impl SendPtr {
     }
 }
 
-fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && std::env::var("QPAI_CPU_KERNELS").map_or(true, |level| level == "avx512-vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether the packed AVX-512 kernel runs here: AVX-512 F is present and
+/// `QPAI_CPU_KERNELS` names no lower level. Decided once per process.
+pub fn packed_kernels() -> bool {
+    static PACKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PACKED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && std::env::var("QPAI_CPU_KERNELS").map_or(true, |level| level == "avx512-vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -279,7 +332,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        let kernels: &[bool] = if avx512_available() {
+        let kernels: &[bool] = if packed_kernels() {
             &[false, true]
         } else {
             &[false]
