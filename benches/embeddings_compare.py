@@ -11,7 +11,7 @@ get). qpai gets all texts in one call, as a request or an ingest batch
 hands them over, and batches them itself. Tokenization is outside the
 timed region on every side. Two text sets:
 `short`, the retrieval eval's queries (about 17 tokens), and `chunks`, runs of
-22 queries joined (about 200 tokens, the size of an ingest chunk).
+22 queries joined (about 145 tokens, up to 256: ingest chunks are up to 200).
 Prints a Markdown table with texts/s and the ratio to Python ONNX Runtime.
 
 Usage (see docs/perf.md):
