@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 mod packed_gemm;
 
-use packed_gemm::{PackedLinear, Panels};
+use packed_gemm::{PackedKernel, PackedLinear, Panels};
 
 /// Loads one linear layer, or several side by side (Q, K and V as one).
 fn linear(
@@ -259,8 +259,12 @@ impl BertEncoder {
             .par_iter()
             .flat_map_iter(|&span| (0..self.heads).map(move |head| (span, head)))
             .map(|(span, head)| {
-                if packed_gemm::packed_kernels() {
-                    return (span, head, Self::head_packed(qkv, span, head, h, d, scale));
+                if let Some(kernel) = packed_gemm::packed_kernel() {
+                    return (
+                        span,
+                        head,
+                        Self::head_packed(kernel, qkv, span, head, h, d, scale),
+                    );
                 }
                 let mut scores = vec![0f32; span.len * span.len];
                 let mut out = vec![0f32; span.len * d];
@@ -332,9 +336,10 @@ impl BertEncoder {
         context
     }
 
-    /// One text's head through the packed AVX-512 kernel: K and V are
+    /// One text's head through the packed kernel: K and V are
     /// packed as right-hand matrices, Q is scaled on the way in.
     fn head_packed(
+        kernel: PackedKernel,
         qkv: &[f32],
         span: Span,
         head: usize,
@@ -348,11 +353,11 @@ impl BertEncoder {
         let q: Vec<f32> = (0..span.len)
             .flat_map(|t| (0..d).map(move |c| at(t, 0, c) * scale))
             .collect();
-        let keys = Panels::pack(span.len, d, |j, c| at(j, 1, c));
+        let keys = Panels::pack(kernel, span.len, d, |j, c| at(j, 1, c));
         let mut scores = vec![0f32; span.len * span.len];
         keys.multiply(&q, None, &mut scores, false);
         scores.chunks_mut(span.len).for_each(softmax);
-        let values = Panels::pack(d, span.len, |c, j| at(j, 2, c));
+        let values = Panels::pack(kernel, d, span.len, |c, j| at(j, 2, c));
         let mut out = vec![0f32; span.len * d];
         values.multiply(&scores, None, &mut out, false);
         out

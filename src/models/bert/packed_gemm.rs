@@ -14,17 +14,67 @@ const TILE_ROWS: usize = 12;
 /// Rows of `x` a task takes (several tiles, so a panel is reused from cache).
 const TASK_ROWS: usize = 96;
 
-/// A right-hand matrix `B` (`[outputs, inputs]`) packed for the AVX-512
-/// kernel: `[panels][inputs][PANEL]`, zero-padded past `outputs`.
+/// The microkernel that reads packed panels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedKernel {
+    /// 12 rows × 32 columns of sums in 24 zmm registers.
+    Avx512,
+    /// 6 rows × 16 columns in 12 ymm registers, four passes per tile.
+    Avx2,
+}
+
+impl PackedKernel {
+    fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Self::Avx512 => is_x86_feature_detected!("avx512f"),
+                Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// The packed kernel this CPU runs: AVX-512 where present, else AVX2;
+/// `QPAI_CPU_KERNELS` caps it as it caps the quantized kernels (`avx2` and
+/// `avx-vnni` give AVX2, `scalar` none: the `gemm` crate computes the
+/// products). Decided once per process.
+pub fn packed_kernel() -> Option<PackedKernel> {
+    static KERNEL: std::sync::OnceLock<Option<PackedKernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let asked = std::env::var("QPAI_CPU_KERNELS").ok();
+        let allowed: &[PackedKernel] = match asked.as_deref() {
+            Some("scalar") => &[],
+            Some("avx2" | "avx-vnni") => &[PackedKernel::Avx2],
+            _ => &[PackedKernel::Avx512, PackedKernel::Avx2],
+        };
+        allowed.iter().copied().find(|k| k.supported())
+    })
+}
+
+/// A right-hand matrix `B` (`[outputs, inputs]`) packed for the
+/// microkernels: `[panels][inputs][PANEL]`, zero-padded past `outputs`.
 pub struct Panels {
     data: Vec<f32>,
     inputs: usize,
     outputs: usize,
+    kernel: PackedKernel,
 }
 
 impl Panels {
-    /// Packs the matrix whose element (output o, input k) is `at(o, k)`.
-    pub fn pack(outputs: usize, inputs: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+    /// Packs the matrix whose element (output o, input k) is `at(o, k)`,
+    /// for `kernel` (which the CPU must support).
+    pub fn pack(
+        kernel: PackedKernel,
+        outputs: usize,
+        inputs: usize,
+        at: impl Fn(usize, usize) -> f32,
+    ) -> Self {
+        assert!(kernel.supported(), "{kernel:?} is not supported here");
         let mut data = vec![0f32; outputs.div_ceil(PANEL) * inputs * PANEL];
         for o in 0..outputs {
             let (panel, column) = (o / PANEL, o % PANEL);
@@ -36,6 +86,7 @@ impl Panels {
             data,
             inputs,
             outputs,
+            kernel,
         }
     }
 
@@ -48,10 +99,7 @@ impl Panels {
     /// panels. Tasks are row blocks of `TASK_ROWS`; with few rows the panels
     /// are split between tasks instead, so short inputs use every thread
     /// too. Without `parallel` it all runs on the calling thread.
-    ///
-    /// Only for CPUs with AVX-512 F (`packed_kernels`).
     pub fn multiply(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
-        assert!(packed_kernels(), "the packed kernel needs AVX-512 F");
         let (inputs, outputs) = (self.inputs, self.outputs);
         let rows = x.len() / inputs;
         assert_eq!(rows * inputs, x.len(), "input width");
@@ -101,14 +149,19 @@ impl Panels {
                 for tile in 0..tiles {
                     let row = first_row + tile * TILE_ROWS;
                     let tile_rows = TILE_ROWS.min(first_row + block_rows - row);
-                    // SAFETY: AVX-512 F is present (asserted above); the tile
+                    let tile_kernel = match self.kernel {
+                        PackedKernel::Avx512 => avx512::tile,
+                        PackedKernel::Avx2 => avx2::tile,
+                    };
+                    // SAFETY: the kernel's instructions are present (checked
+                    // when the panels were packed); the tile
                     // reads inputs × TILE_ROWS packed floats, one panel of
                     // inputs × PANEL floats and PANEL bias values, and writes
                     // rows row..row+tile_rows, columns panel·PANEL..+columns
                     // of out (checked shape), a region no other task writes:
                     // tasks differ in row block or panel group.
                     unsafe {
-                        avx512::tile(
+                        tile_kernel(
                             packed.as_ptr().add(tile * inputs * TILE_ROWS),
                             inputs,
                             self.data.as_ptr().add(panel * inputs * PANEL),
@@ -145,7 +198,7 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// `weight` is `[outputs, inputs]` row-major, `bias` has `outputs` values.
     pub fn new(weight: Vec<f32>, bias: Vec<f32>, inputs: usize, outputs: usize) -> Self {
-        Self::with_kernel(weight, bias, inputs, outputs, packed_kernels())
+        Self::with_kernel(weight, bias, inputs, outputs, packed_kernel())
     }
 
     fn with_kernel(
@@ -153,11 +206,12 @@ impl PackedLinear {
         mut bias: Vec<f32>,
         inputs: usize,
         outputs: usize,
-        packed: bool,
+        kernel: Option<PackedKernel>,
     ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight shape");
         assert_eq!(bias.len(), outputs, "bias shape");
-        let panels = packed.then(|| Panels::pack(outputs, inputs, |o, k| weight[o * inputs + k]));
+        let panels = kernel
+            .map(|kernel| Panels::pack(kernel, outputs, inputs, |o, k| weight[o * inputs + k]));
         bias.resize(outputs.div_ceil(PANEL) * PANEL, 0.0);
         Self {
             weight,
@@ -232,23 +286,6 @@ impl SendPtr {
     }
 }
 
-/// Whether the packed AVX-512 kernel runs here: AVX-512 F is present and
-/// `QPAI_CPU_KERNELS` names no lower level. Decided once per process.
-pub fn packed_kernels() -> bool {
-    static PACKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PACKED.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-                && std::env::var("QPAI_CPU_KERNELS").map_or(true, |level| level == "avx512-vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -305,6 +342,68 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{PANEL, TILE_ROWS};
+
+    /// The AVX2 counterpart of `avx512::tile`, same contract (AVX2 and FMA
+    /// instead of AVX-512 F): each half panel of 16 columns times each group
+    /// of 6 rows is one pass over k with 12 sums in registers.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(
+        x: *const f32,
+        inputs: usize,
+        panel: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        ldc: usize,
+        rows: usize,
+        columns: usize,
+    ) {
+        const GROUP: usize = 6;
+        // SAFETY: as for `avx512::tile`: k < inputs, group rows < TILE_ROWS,
+        // columns < PANEL, stored rows < rows and stored columns < columns.
+        unsafe {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = |from: usize| {
+                let n = columns.saturating_sub(from).min(8) as i32;
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes)
+            };
+            for first_column in [0, 16] {
+                if first_column >= columns {
+                    break;
+                }
+                let (mask_low, mask_high) = (mask(first_column), mask(first_column + 8));
+                for first_row in (0..TILE_ROWS).step_by(GROUP) {
+                    if first_row >= rows {
+                        break;
+                    }
+                    let mut low = [_mm256_loadu_ps(bias.add(first_column)); GROUP];
+                    let mut high = [_mm256_loadu_ps(bias.add(first_column + 8)); GROUP];
+                    for k in 0..inputs {
+                        let w = panel.add(k * PANEL + first_column);
+                        let (w_low, w_high) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+                        let xs = x.add(k * TILE_ROWS + first_row);
+                        for r in 0..GROUP {
+                            let v = _mm256_set1_ps(*xs.add(r));
+                            low[r] = _mm256_fmadd_ps(v, w_low, low[r]);
+                            high[r] = _mm256_fmadd_ps(v, w_high, high[r]);
+                        }
+                    }
+                    for r in 0..GROUP.min(rows - first_row) {
+                        let row = out.add((first_row + r) * ldc + first_column);
+                        _mm256_maskstore_ps(row, mask_low, low[r]);
+                        _mm256_maskstore_ps(row.add(8), mask_high, high[r]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,24 +431,24 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        let kernels: &[bool] = if packed_kernels() {
-            &[false, true]
-        } else {
-            &[false]
-        };
+        let kernels: Vec<Option<PackedKernel>> =
+            [None, Some(PackedKernel::Avx2), Some(PackedKernel::Avx512)]
+                .into_iter()
+                .filter(|k| k.is_none_or(PackedKernel::supported))
+                .collect();
         for &(rows, inputs, outputs) in &[(1, 17, 40), (13, 64, 32), (100, 33, 70), (250, 384, 96)]
         {
             let weight: Vec<f32> = (0..inputs * outputs).map(|_| next()).collect();
             let bias: Vec<f32> = (0..outputs).map(|_| next()).collect();
             let x: Vec<f32> = (0..rows * inputs).map(|_| next()).collect();
             let expected = reference(&x, &weight, &bias, inputs);
-            for &packed in kernels {
+            for &kernel in &kernels {
                 let linear = PackedLinear::with_kernel(
                     weight.clone(),
                     bias.clone(),
                     inputs,
                     outputs,
-                    packed,
+                    kernel,
                 );
                 let got = linear.forward(&x);
                 assert_eq!(got.len(), expected.len());
@@ -360,7 +459,7 @@ mod tests {
                     .fold(0.0, f32::max);
                 assert!(
                     worst < 1e-4,
-                    "packed={packed} {rows}x{inputs}x{outputs}: {worst}"
+                    "{kernel:?} {rows}x{inputs}x{outputs}: {worst}"
                 );
             }
         }
