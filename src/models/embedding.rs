@@ -17,10 +17,6 @@ use tokenizers::Tokenizer;
 
 /// Texts embedded in one padded forward pass (candle and ONNX Runtime).
 const BATCH: usize = 32;
-/// Tokens embedded in one packed pass of the CPU encoder. Passes of 2,048
-/// keep the largest buffer ([tokens, 1536] f32 for MiniLM) at 12 MB, which
-/// the allocator reuses; at 8,192 each pass mapped fresh pages (11% slower).
-const PACKED_TOKENS: usize = 2048;
 
 enum Backend {
     Packed(super::bert::BertEncoder),
@@ -196,26 +192,31 @@ impl EmbeddingModel {
     }
 
     /// Normalised embeddings of tokenized inputs, in their order: packed
-    /// passes of up to `PACKED_TOKENS` tokens on the CPU encoder, else
-    /// batches of padded rows.
+    /// passes on the CPU encoder, else batches of padded rows.
     pub fn embed(&self, inputs: &[Vec<u32>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        if let Backend::Packed(encoder) = &self.backend {
-            let mut out = Vec::with_capacity(inputs.len());
-            let mut start = 0;
-            while start < inputs.len() {
-                let mut end = start + 1;
-                let mut tokens = inputs[start].len();
-                while end < inputs.len() && tokens + inputs[end].len() <= PACKED_TOKENS {
-                    tokens += inputs[end].len();
-                    end += 1;
-                }
-                out.extend(encoder.embed(&inputs[start..end])?);
-                start = end;
-            }
-            return Ok(out);
+        match &self.backend {
+            Backend::Packed(encoder) => encoder.embed(inputs),
+            Backend::Candle { model, device } => self.embed_padded(inputs, |ids, mask, shape| {
+                let ids = Tensor::from_vec(ids, shape, device)?;
+                let mask = Tensor::from_vec(mask.to_vec(), shape, device)?;
+                let hidden = model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+                Ok(hidden.flatten_all()?.to_vec1::<f32>()?)
+            }),
+            #[cfg(feature = "onnx")]
+            Backend::Onnx(encoder) => self.embed_padded(inputs, |ids, mask, (rows, width)| {
+                encoder.forward(&ids, mask, rows, width)
+            }),
         }
-        // Padded batches of texts of similar length waste the least work:
-        // sorted by length, then put back in the callers' order.
+    }
+
+    /// Batches of `BATCH` padded rows through `forward` (ids, mask, (rows,
+    /// width) → hidden states). Texts of similar length waste the least
+    /// padding: they are sorted by length, then put back in the callers' order.
+    fn embed_padded(
+        &self,
+        inputs: &[Vec<u32>],
+        forward: impl Fn(Vec<u32>, &[u32], (usize, usize)) -> anyhow::Result<Vec<f32>>,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
         let mut order: Vec<usize> = (0..inputs.len()).collect();
         order.sort_by_key(|&i| inputs[i].len());
         let sorted: Vec<&Vec<u32>> = order.iter().map(|&i| &inputs[i]).collect();
@@ -232,19 +233,20 @@ impl EmbeddingModel {
                 );
                 mask.extend((0..width).map(|i| u32::from(i < row.len())));
             }
-            let hidden = match &self.backend {
-                Backend::Packed(_) => unreachable!("packed inputs return above"),
-                Backend::Candle { model, device } => {
-                    let shape = (batch.len(), width);
-                    let ids = Tensor::from_vec(ids, shape, device)?;
-                    let mask_t = Tensor::from_vec(mask.clone(), shape, device)?;
-                    let hidden = model.forward(&ids, &ids.zeros_like()?, Some(&mask_t))?;
-                    hidden.flatten_all()?.to_vec1::<f32>()?
-                }
-                #[cfg(feature = "onnx")]
-                Backend::Onnx(encoder) => encoder.forward(&ids, &mask, batch.len(), width)?,
-            };
-            vectors.extend(mean_pool(&hidden, &mask, width, self.dimensions));
+            let hidden = forward(ids, &mask, (batch.len(), width))?;
+            vectors.extend(
+                hidden
+                    .chunks(width * self.dimensions)
+                    .zip(mask.chunks(width))
+                    .map(|(states, mask)| {
+                        let real = states
+                            .chunks(self.dimensions)
+                            .zip(mask)
+                            .filter(|(_, m)| **m != 0)
+                            .map(|(state, _)| state);
+                        mean_unit(real, self.dimensions)
+                    }),
+            );
         }
         let mut out = vec![Vec::new(); inputs.len()];
         for (vector, index) in vectors.into_iter().zip(order) {
@@ -254,25 +256,18 @@ impl EmbeddingModel {
     }
 }
 
-/// Mean of the hidden states over the real tokens of each row, then unit length.
-fn mean_pool(hidden: &[f32], mask: &[u32], width: usize, dims: usize) -> Vec<Vec<f32>> {
-    hidden
-        .chunks(width * dims)
-        .zip(mask.chunks(width))
-        .map(|(states, mask)| {
-            let mut sum = vec![0f32; dims];
-            let mut count = 0f32;
-            for (state, &m) in states.chunks(dims).zip(mask) {
-                if m != 0 {
-                    count += 1.0;
-                    sum.iter_mut().zip(state).for_each(|(s, x)| *s += x);
-                }
-            }
-            let count = count.max(1e-9);
-            sum.iter_mut().for_each(|s| *s /= count);
-            let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            sum.iter_mut().for_each(|s| *s /= norm);
-            sum
-        })
-        .collect()
+/// The mean of token states, scaled to unit length: sentence-transformers'
+/// mean pooling and normalisation.
+pub(super) fn mean_unit<'a>(states: impl Iterator<Item = &'a [f32]>, dims: usize) -> Vec<f32> {
+    let mut sum = vec![0f32; dims];
+    let mut count = 0f32;
+    for state in states {
+        count += 1.0;
+        sum.iter_mut().zip(state).for_each(|(s, x)| *s += x);
+    }
+    let count = count.max(1e-9);
+    sum.iter_mut().for_each(|s| *s /= count);
+    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    sum.iter_mut().for_each(|s| *s /= norm);
+    sum
 }

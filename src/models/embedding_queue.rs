@@ -5,7 +5,7 @@
 //! worker runs the model, and many small requests cost one pass instead of
 //! one each.
 
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Weak};
 
 use tokio::sync::oneshot;
@@ -68,7 +68,7 @@ fn work(model: &Weak<EmbeddingModel>, jobs: &Receiver<Job>) {
                     tokens += job.tokens();
                     batch.push(job);
                 }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(_) => break,
             }
         }
         let Some(model) = model.upgrade() else {
