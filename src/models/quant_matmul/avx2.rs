@@ -3,14 +3,14 @@
 //! have it without AVX-512). A block of 32 is one vector; one f32 scale per
 //! block (pair) is applied with an FMA.
 
-use super::blocks::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+use super::blocks::{ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
 
 macro_rules! kernels_256 {
     ($module:ident, $features:literal, |$u:ident, $s:ident| $products:expr) => {
         pub mod $module {
             use std::arch::x86_64::*;
 
-            use super::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+            use super::{ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
 
             #[target_feature(enable = $features)]
             pub(crate) fn horizontal_sum(v: __m256) -> f32 {
@@ -43,13 +43,13 @@ macro_rules! kernels_256 {
             }
 
             #[target_feature(enable = $features)]
-            pub fn dot_q4_1(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
+            pub fn dot_q4_1<B: Nibbles>(weights: &[B], activations: &[ActivationBlock]) -> f32 {
                 let mut acc = _mm256_setzero_ps();
                 let mut offsets = 0f32;
                 for (w, a) in weights.iter().zip(activations) {
-                    let scale = _mm256_set1_ps(w.d.to_f32() * a.d);
-                    acc = _mm256_fmadd_ps(scale, products(nibbles(&w.qs), load(&a.qs)), acc);
-                    offsets += w.m.to_f32() * a.s;
+                    let scale = _mm256_set1_ps(w.scale() * a.d);
+                    acc = _mm256_fmadd_ps(scale, products(nibbles(w.nibbles()), load(&a.qs)), acc);
+                    offsets += w.offset() * a.s;
                 }
                 horizontal_sum(acc) + offsets
             }
@@ -57,15 +57,15 @@ macro_rules! kernels_256 {
             /// One weight row against four activation rows: each weight block
             /// is unpacked once.
             #[target_feature(enable = $features)]
-            pub fn dot4_q4_1(
-                weights: &[BlockQ4_1],
+            pub fn dot4_q4_1<B: Nibbles>(
+                weights: &[B],
                 activations: [&[ActivationBlock]; 4],
             ) -> [f32; 4] {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut offsets = [0f32; 4];
                 for (b, w) in weights.iter().enumerate() {
-                    let q = nibbles(&w.qs);
-                    let (d, m) = (w.d.to_f32(), w.m.to_f32());
+                    let q = nibbles(w.nibbles());
+                    let (d, m) = (w.scale(), w.offset());
                     for r in 0..4 {
                         let a = &activations[r][b];
                         let scale = _mm256_set1_ps(d * a.d);
@@ -82,8 +82,8 @@ macro_rules! kernels_256 {
             /// the next four rows keep more weights in flight; each row is
             /// summed exactly as `dot_q4_1` sums it.
             #[target_feature(enable = $features)]
-            pub fn rows4_q4_1(
-                rows: &[BlockQ4_1],
+            pub fn rows4_q4_1<B: Nibbles>(
+                rows: &[B],
                 per_row: usize,
                 activations: &[ActivationBlock],
             ) -> [f32; 4] {
@@ -94,9 +94,10 @@ macro_rules! kernels_256 {
                     for r in 0..4 {
                         let w = &rows[r * per_row + b..];
                         prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
-                        let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
-                        acc[r] = _mm256_fmadd_ps(scale, products(nibbles(&w[0].qs), y), acc[r]);
-                        offsets[r] += w[0].m.to_f32() * a.s;
+                        let scale = _mm256_set1_ps(w[0].scale() * a.d);
+                        acc[r] =
+                            _mm256_fmadd_ps(scale, products(nibbles(w[0].nibbles()), y), acc[r]);
+                        offsets[r] += w[0].offset() * a.s;
                     }
                 }
                 [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
@@ -117,6 +118,62 @@ macro_rules! kernels_256 {
                         prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
                         let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
                         acc[r] = _mm256_fmadd_ps(scale, signed_products(load(&w[0].qs), y), acc[r]);
+                    }
+                }
+                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
+            }
+
+            /// The scales of a Q6_K block's two halves (four lanes each)
+            /// times the activation block's.
+            #[target_feature(enable = $features)]
+            fn q6_k_scales(w: &BlockQ6K32, a: &ActivationBlock) -> __m256 {
+                _mm256_set_m128(_mm_set1_ps(w.d[1] * a.d), _mm_set1_ps(w.d[0] * a.d))
+            }
+
+            #[target_feature(enable = $features)]
+            pub fn dot_q6_k(weights: &[BlockQ6K32], activations: &[ActivationBlock]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                for (w, a) in weights.iter().zip(activations) {
+                    let products = signed_products(load(&w.qs), load(&a.qs));
+                    acc = _mm256_fmadd_ps(q6_k_scales(w, a), products, acc);
+                }
+                horizontal_sum(acc)
+            }
+
+            /// One Q6_K weight row against four activation rows.
+            #[target_feature(enable = $features)]
+            pub fn dot4_q6_k(
+                weights: &[BlockQ6K32],
+                activations: [&[ActivationBlock]; 4],
+            ) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, w) in weights.iter().enumerate() {
+                    let x = load(&w.qs);
+                    let magnitude = _mm256_sign_epi8(x, x);
+                    for r in 0..4 {
+                        let a = &activations[r][b];
+                        let y = _mm256_sign_epi8(load(&a.qs), x);
+                        acc[r] = _mm256_fmadd_ps(q6_k_scales(w, a), products(magnitude, y), acc[r]);
+                    }
+                }
+                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
+            }
+
+            /// `rows4_q4_1` for Q6_K, each row summed as `dot_q6_k` sums it.
+            #[target_feature(enable = $features)]
+            pub fn rows4_q6_k(
+                rows: &[BlockQ6K32],
+                per_row: usize,
+                activations: &[ActivationBlock],
+            ) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, a) in activations[..per_row].iter().enumerate() {
+                    let y = load(&a.qs);
+                    for r in 0..4 {
+                        let w = &rows[r * per_row + b..];
+                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
+                        let products = signed_products(load(&w[0].qs), y);
+                        acc[r] = _mm256_fmadd_ps(q6_k_scales(&w[0], a), products, acc[r]);
                     }
                 }
                 [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::avx2 as tail;
-use super::blocks::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+use super::blocks::{ActivationBlock, BlockQ5_0, BlockQ8_0, Nibbles};
 
 macro_rules! avx512 {
     ($($item:item)*) => {
@@ -95,17 +95,17 @@ avx512! {
         _mm512_sub_epi8(q, _mm512_set1_epi8(16))
     }
 
-    pub fn dot_q4_1(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
+    pub fn dot_q4_1<B: Nibbles>(weights: &[B], activations: &[ActivationBlock]) -> f32 {
         let pairs = weights.len() / 2;
         let mut acc = _mm512_setzero_ps();
         let mut offsets = 0f32;
         for p in 0..pairs {
             let (w0, w1) = (&weights[2 * p], &weights[2 * p + 1]);
             let (a0, a1) = (&activations[2 * p], &activations[2 * p + 1]);
-            let scale = scales_x2(w0.d.to_f32() * a0.d, w1.d.to_f32() * a1.d);
-            let q = nibbles_x2(&w0.qs, &w1.qs);
+            let scale = scales_x2(w0.scale() * a0.d, w1.scale() * a1.d);
+            let q = nibbles_x2(w0.nibbles(), w1.nibbles());
             acc = _mm512_fmadd_ps(scale, products(q, load_x2(&a0.qs, &a1.qs)), acc);
-            offsets += w0.m.to_f32() * a0.s + w1.m.to_f32() * a1.s;
+            offsets += w0.offset() * a0.s + w1.offset() * a1.s;
         }
         let rest = tail::dot_q4_1(&weights[2 * pairs..], &activations[2 * pairs..]);
         _mm512_reduce_add_ps(acc) + offsets + rest
@@ -113,14 +113,14 @@ avx512! {
 
     /// One weight row against four activation rows: each pair of weight
     /// blocks is unpacked once.
-    pub fn dot4_q4_1(weights: &[BlockQ4_1], activations: [&[ActivationBlock]; 4]) -> [f32; 4] {
+    pub fn dot4_q4_1<B: Nibbles>(weights: &[B], activations: [&[ActivationBlock]; 4]) -> [f32; 4] {
         let pairs = weights.len() / 2;
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut offsets = [0f32; 4];
         for p in 0..pairs {
             let (w0, w1) = (&weights[2 * p], &weights[2 * p + 1]);
-            let q = nibbles_x2(&w0.qs, &w1.qs);
-            let (d0, d1, m0, m1) = (w0.d.to_f32(), w1.d.to_f32(), w0.m.to_f32(), w1.m.to_f32());
+            let q = nibbles_x2(w0.nibbles(), w1.nibbles());
+            let (d0, d1, m0, m1) = (w0.scale(), w1.scale(), w0.offset(), w1.offset());
             for r in 0..4 {
                 let (a0, a1) = (&activations[r][2 * p], &activations[r][2 * p + 1]);
                 let scale = scales_x2(d0 * a0.d, d1 * a1.d);
@@ -195,7 +195,7 @@ avx512! {
     /// independent accumulator chains and a prefetch of the next four rows
     /// keep more of the weights in flight than one row at a time; each row
     /// is summed exactly as `dot_q4_1` sums it, so the results are the same.
-    pub fn rows4_q4_1(rows: &[BlockQ4_1], per_row: usize, activations: &[ActivationBlock]) -> [f32; 4] {
+    pub fn rows4_q4_1<B: Nibbles>(rows: &[B], per_row: usize, activations: &[ActivationBlock]) -> [f32; 4] {
         let pairs = per_row / 2;
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut offsets = [0f32; 4];
@@ -206,9 +206,9 @@ avx512! {
                 let w = &rows[r * per_row + 2 * p..];
                 let (w0, w1) = (&w[0], &w[1]);
                 prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
-                let scale = scales_x2(w0.d.to_f32() * a0.d, w1.d.to_f32() * a1.d);
-                acc[r] = _mm512_fmadd_ps(scale, products(nibbles_x2(&w0.qs, &w1.qs), y), acc[r]);
-                offsets[r] += w0.m.to_f32() * a0.s + w1.m.to_f32() * a1.s;
+                let scale = scales_x2(w0.scale() * a0.d, w1.scale() * a1.d);
+                acc[r] = _mm512_fmadd_ps(scale, products(nibbles_x2(w0.nibbles(), w1.nibbles()), y), acc[r]);
+                offsets[r] += w0.offset() * a0.s + w1.offset() * a1.s;
             }
         }
         [0, 1, 2, 3].map(|r| {

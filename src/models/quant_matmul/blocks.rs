@@ -33,6 +33,138 @@ pub struct BlockQ5_0 {
     pub qs: [u8; 16],
 }
 
+/// A Q4_K sub-block of 32, repacked at load: its 6-bit scale and minimum
+/// multiplied out by the super-block's (exact in f32), `value = d * q + m`,
+/// nibbles laid out as in Q4_1.
+#[derive(Clone, Copy)]
+pub struct BlockQ4K32 {
+    pub d: f32,
+    pub m: f32,
+    pub qs: [u8; 16],
+}
+
+/// A Q6_K block of 32, repacked at load: `value = d[j / 16] * qs[j]`, qs in
+/// -32..32 (each half of 16 has its own scale, as in Q6_K).
+#[derive(Clone, Copy)]
+pub struct BlockQ6K32 {
+    pub d: [f32; 2],
+    pub qs: [i8; 32],
+}
+
+/// Blocks of 32 unsigned nibbles with a scale and an offset:
+/// `value = scale * q + offset` (Q4_1, and Q4_K repacked).
+pub trait Nibbles: Sync {
+    fn scale(&self) -> f32;
+    fn offset(&self) -> f32;
+    /// Byte j holds elements j (low nibble) and j + 16 (high nibble).
+    fn nibbles(&self) -> &[u8; 16];
+}
+
+impl Nibbles for BlockQ4_1 {
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+    #[inline(always)]
+    fn offset(&self) -> f32 {
+        self.m.to_f32()
+    }
+    #[inline(always)]
+    fn nibbles(&self) -> &[u8; 16] {
+        &self.qs
+    }
+}
+
+impl Nibbles for BlockQ4K32 {
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
+    }
+    #[inline(always)]
+    fn offset(&self) -> f32 {
+        self.m
+    }
+    #[inline(always)]
+    fn nibbles(&self) -> &[u8; 16] {
+        &self.qs
+    }
+}
+
+/// Values per K-quant super-block.
+pub const SUPER_BLOCK: usize = 256;
+const Q4_K_BYTES: usize = 144;
+const Q6_K_BYTES: usize = 210;
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// The 6-bit scale and minimum of Q4_K sub-block `j` (ggml's `get_scale_min_k4`).
+fn q4_k_scale_min(j: usize, scales: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+/// GGUF Q4_K data (super-blocks of 256: f16 d and dmin, 12 bytes of packed
+/// scales and minimums, 128 bytes of nibbles) as blocks of 32.
+pub fn repack_q4_k(bytes: &[u8]) -> Vec<BlockQ4K32> {
+    let mut out = Vec::with_capacity(bytes.len() / Q4_K_BYTES * 8);
+    for block in bytes.chunks_exact(Q4_K_BYTES) {
+        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+        let (scales, qs) = (&block[4..16], &block[16..]);
+        for sub in 0..8 {
+            let (scale, min) = q4_k_scale_min(sub, scales);
+            // Sub-blocks 2c and 2c + 1 are the low and high nibbles of bytes 32c..32c + 32.
+            let source = &qs[32 * (sub / 2)..][..32];
+            let nibble = |e: usize| {
+                if sub % 2 == 0 {
+                    source[e] & 0x0F
+                } else {
+                    source[e] >> 4
+                }
+            };
+            out.push(BlockQ4K32 {
+                d: d * scale as f32,
+                m: -(dmin * min as f32),
+                qs: std::array::from_fn(|j| nibble(j) | nibble(j + 16) << 4),
+            });
+        }
+    }
+    out
+}
+
+/// GGUF Q6_K data (super-blocks of 256: 128 bytes of low nibbles, 64 of
+/// high bit pairs, 16 signed scales, f16 d) as blocks of 32.
+pub fn repack_q6_k(bytes: &[u8]) -> Vec<BlockQ6K32> {
+    let mut out = Vec::with_capacity(bytes.len() / Q6_K_BYTES * 8);
+    for block in bytes.chunks_exact(Q6_K_BYTES) {
+        let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
+        let d = f16_at(block, 208);
+        for sub in 0..8 {
+            // Each half of 128 values: four runs of 32 sharing ql and qh bytes.
+            let (half, run) = (sub / 4, sub % 4);
+            let low = &ql[64 * half + 32 * (run % 2)..][..32];
+            let high = &qh[32 * half..][..32];
+            let scale = |i: usize| d * scales[8 * half + 2 * run + i] as i8 as f32;
+            out.push(BlockQ6K32 {
+                d: [scale(0), scale(1)],
+                qs: std::array::from_fn(|j| {
+                    let low = if run < 2 { low[j] & 0x0F } else { low[j] >> 4 };
+                    let high = (high[j] >> (2 * run)) & 3;
+                    (low | high << 4) as i8 - 32
+                }),
+            });
+        }
+    }
+    out
+}
+
 /// One block of activations: `value ≈ d * q`, and `s = d * sum(q)`.
 #[derive(Clone, Copy)]
 pub struct ActivationBlock {
@@ -58,17 +190,33 @@ pub fn quantize_block(x: &[f32]) -> ActivationBlock {
     }
 }
 
-pub fn dot_q4_1(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
+pub fn dot_q4_1<B: Nibbles>(weights: &[B], activations: &[ActivationBlock]) -> f32 {
     weights
         .iter()
         .zip(activations)
         .map(|(w, a)| {
+            let qs = w.nibbles();
             let mut sum = 0i32;
             for j in 0..16 {
-                sum += (w.qs[j] & 0x0F) as i32 * a.qs[j] as i32
-                    + (w.qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
+                sum += (qs[j] & 0x0F) as i32 * a.qs[j] as i32
+                    + (qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
             }
-            w.d.to_f32() * a.d * sum as f32 + w.m.to_f32() * a.s
+            w.scale() * a.d * sum as f32 + w.offset() * a.s
+        })
+        .sum()
+}
+
+pub fn dot_q6_k(weights: &[BlockQ6K32], activations: &[ActivationBlock]) -> f32 {
+    weights
+        .iter()
+        .zip(activations)
+        .map(|(w, a)| {
+            let half = |h: usize| -> i32 {
+                (16 * h..16 * h + 16)
+                    .map(|j| w.qs[j] as i32 * a.qs[j] as i32)
+                    .sum()
+            };
+            a.d * (w.d[0] * half(0) as f32 + w.d[1] * half(1) as f32)
         })
         .sum()
 }

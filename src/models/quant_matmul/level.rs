@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use super::blocks::{self, ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+use super::blocks::{self, ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
 use super::{Dot4, Kernel, Rows4};
 
 /// Kernel levels, lowest first.
@@ -96,23 +96,24 @@ impl CpuLevel {
         })
     }
 
-    pub(super) fn q4_1(self) -> Kernel<BlockQ4_1> {
+    /// Kernels for blocks of nibbles: Q4_1, and Q4_K repacked.
+    pub(super) fn q4<B: Nibbles>(self) -> Kernel<B> {
         #[cfg(not(target_arch = "x86_64"))]
         return scalar(blocks::dot_q4_1);
         #[cfg(target_arch = "x86_64")]
         match self {
             Self::Scalar => scalar(blocks::dot_q4_1),
             Self::Avx2 => with_rows4(
-                kernel(x86::avx2_dot_q4_1, Some(x86::avx2_dot4_q4_1)),
-                x86::avx2_rows4_q4_1,
+                kernel(x86::avx2_dot_q4_1::<B>, Some(x86::avx2_dot4_q4_1::<B>)),
+                x86::avx2_rows4_q4_1::<B>,
             ),
             Self::AvxVnni => with_rows4(
-                kernel(x86::vnni_dot_q4_1, Some(x86::vnni_dot4_q4_1)),
-                x86::vnni_rows4_q4_1,
+                kernel(x86::vnni_dot_q4_1::<B>, Some(x86::vnni_dot4_q4_1::<B>)),
+                x86::vnni_rows4_q4_1::<B>,
             ),
             Self::Avx512Vnni => with_rows4(
-                kernel(x86::avx512_dot_q4_1, Some(x86::avx512_dot4_q4_1)),
-                x86::avx512_rows4_q4_1,
+                kernel(x86::avx512_dot_q4_1::<B>, Some(x86::avx512_dot4_q4_1::<B>)),
+                x86::avx512_rows4_q4_1::<B>,
             ),
         }
     }
@@ -126,6 +127,25 @@ impl CpuLevel {
             Self::Avx2 => kernel(x86::avx2_dot_q5_0, None),
             Self::AvxVnni => kernel(x86::vnni_dot_q5_0, None),
             Self::Avx512Vnni => kernel(x86::avx512_dot_q5_0, Some(x86::avx512_dot4_q5_0)),
+        }
+    }
+
+    /// Kernels for Q6_K repacked. The AVX-512 level runs the AVX2 ones
+    /// (every CPU with AVX-512 VNNI has AVX2).
+    pub(super) fn q6_k(self) -> Kernel<BlockQ6K32> {
+        #[cfg(not(target_arch = "x86_64"))]
+        return scalar(blocks::dot_q6_k);
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            Self::Scalar => scalar(blocks::dot_q6_k),
+            Self::Avx2 | Self::Avx512Vnni => with_rows4(
+                kernel(x86::avx2_dot_q6_k, Some(x86::avx2_dot4_q6_k)),
+                x86::avx2_rows4_q6_k,
+            ),
+            Self::AvxVnni => with_rows4(
+                kernel(x86::vnni_dot_q6_k, Some(x86::vnni_dot4_q6_k)),
+                x86::vnni_rows4_q6_k,
+            ),
         }
     }
 
@@ -175,7 +195,39 @@ fn with_rows4<B>(kernel: Kernel<B>, rows4: Rows4<B>) -> Kernel<B> {
 mod x86 {
     use super::super::avx2::{avx_vnni, avx2};
     use super::super::avx512;
-    use super::{ActivationBlock, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+    use super::{ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
+
+    /// Entry points generic over the nibble block type.
+    macro_rules! nibbles_entry {
+        ($name:ident, $module:ident :: $kernel:ident) => {
+            pub fn $name<B: Nibbles>(w: &[B], a: &[ActivationBlock]) -> f32 {
+                // SAFETY: see the module comment.
+                unsafe { $module::$kernel::<B>(w, a) }
+            }
+        };
+        ($name:ident, $module:ident :: $kernel:ident, rows) => {
+            pub fn $name<B: Nibbles>(w: &[B], per_row: usize, a: &[ActivationBlock]) -> [f32; 4] {
+                // SAFETY: see the module comment.
+                unsafe { $module::$kernel::<B>(w, per_row, a) }
+            }
+        };
+        ($name:ident, $module:ident :: $kernel:ident, 4) => {
+            pub fn $name<B: Nibbles>(w: &[B], a: [&[ActivationBlock]; 4]) -> [f32; 4] {
+                // SAFETY: see the module comment.
+                unsafe { $module::$kernel::<B>(w, a) }
+            }
+        };
+    }
+
+    nibbles_entry!(avx2_dot_q4_1, avx2::dot_q4_1);
+    nibbles_entry!(avx2_dot4_q4_1, avx2::dot4_q4_1, 4);
+    nibbles_entry!(avx2_rows4_q4_1, avx2::rows4_q4_1, rows);
+    nibbles_entry!(vnni_dot_q4_1, avx_vnni::dot_q4_1);
+    nibbles_entry!(vnni_dot4_q4_1, avx_vnni::dot4_q4_1, 4);
+    nibbles_entry!(vnni_rows4_q4_1, avx_vnni::rows4_q4_1, rows);
+    nibbles_entry!(avx512_dot_q4_1, avx512::dot_q4_1);
+    nibbles_entry!(avx512_dot4_q4_1, avx512::dot4_q4_1, 4);
+    nibbles_entry!(avx512_rows4_q4_1, avx512::rows4_q4_1, rows);
 
     macro_rules! entry {
         ($name:ident, $kernel:path, $block:ty) => {
@@ -198,24 +250,21 @@ mod x86 {
         };
     }
 
-    entry!(avx2_dot_q4_1, avx2::dot_q4_1, BlockQ4_1);
-    entry!(avx2_dot4_q4_1, avx2::dot4_q4_1, BlockQ4_1, 4);
     entry!(avx2_dot_q5_0, avx2::dot_q5_0, BlockQ5_0);
     entry!(avx2_dot_q8_0, avx2::dot_q8_0, BlockQ8_0);
-    entry!(vnni_dot_q4_1, avx_vnni::dot_q4_1, BlockQ4_1);
-    entry!(vnni_dot4_q4_1, avx_vnni::dot4_q4_1, BlockQ4_1, 4);
     entry!(vnni_dot_q5_0, avx_vnni::dot_q5_0, BlockQ5_0);
     entry!(vnni_dot_q8_0, avx_vnni::dot_q8_0, BlockQ8_0);
-    entry!(avx2_rows4_q4_1, avx2::rows4_q4_1, BlockQ4_1, rows);
     entry!(avx2_rows4_q8_0, avx2::rows4_q8_0, BlockQ8_0, rows);
-    entry!(vnni_rows4_q4_1, avx_vnni::rows4_q4_1, BlockQ4_1, rows);
     entry!(vnni_rows4_q8_0, avx_vnni::rows4_q8_0, BlockQ8_0, rows);
-    entry!(avx512_dot_q4_1, avx512::dot_q4_1, BlockQ4_1);
-    entry!(avx512_dot4_q4_1, avx512::dot4_q4_1, BlockQ4_1, 4);
     entry!(avx512_dot_q5_0, avx512::dot_q5_0, BlockQ5_0);
     entry!(avx512_dot4_q5_0, avx512::dot4_q5_0, BlockQ5_0, 4);
     entry!(avx512_dot_q8_0, avx512::dot_q8_0, BlockQ8_0);
     entry!(avx512_dot4_q8_0, avx512::dot4_q8_0, BlockQ8_0, 4);
-    entry!(avx512_rows4_q4_1, avx512::rows4_q4_1, BlockQ4_1, rows);
     entry!(avx512_rows4_q8_0, avx512::rows4_q8_0, BlockQ8_0, rows);
+    entry!(avx2_dot_q6_k, avx2::dot_q6_k, BlockQ6K32);
+    entry!(avx2_dot4_q6_k, avx2::dot4_q6_k, BlockQ6K32, 4);
+    entry!(avx2_rows4_q6_k, avx2::rows4_q6_k, BlockQ6K32, rows);
+    entry!(vnni_dot_q6_k, avx_vnni::dot_q6_k, BlockQ6K32);
+    entry!(vnni_dot4_q6_k, avx_vnni::dot4_q6_k, BlockQ6K32, 4);
+    entry!(vnni_rows4_q6_k, avx_vnni::rows4_q6_k, BlockQ6K32, rows);
 }

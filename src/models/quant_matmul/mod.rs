@@ -2,8 +2,10 @@
 //! kernel for on x86: Q4_1 and Q5_0 (their `vec_dot` is the generic scalar
 //! loop, which took three quarters of SmolLM2's and Gemma 3's time), and
 //! Q8_0, in the way llama.cpp computes them: activations quantized to 8 bits
-//! per block of 32, integer dot products, one scale per block pair. Other
-//! types go through candle's `QMatMul`.
+//! per block of 32, integer dot products, one scale per block pair. Q4_K and
+//! Q6_K (Gemma 3's Q4_K_M files) are repacked at load into blocks of 32 with
+//! their sub-block scales multiplied out, and run on the same kernels (Q4_K
+//! on Q4_1's); other types go through candle's `QMatMul`.
 //!
 //! The kernels are chosen at run time from the CPU's features (`CpuLevel`):
 //! AVX-512 VNNI (two blocks per vector), AVX-VNNI or AVX2 (one block per
@@ -22,7 +24,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
-use blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ5_0, BlockQ8_0, quantize_block};
+use blocks::{
+    ActivationBlock, BLOCK, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, SUPER_BLOCK,
+    quantize_block,
+};
 pub use level::CpuLevel;
 
 /// Weight rows one task computes (for every activation row).
@@ -32,6 +37,8 @@ enum Storage {
     Q4_1(Vec<BlockQ4_1>),
     Q5_0(Vec<BlockQ5_0>),
     Q8_0(Vec<BlockQ8_0>),
+    Q4K(Vec<BlockQ4K32>),
+    Q6K(Vec<BlockQ6K32>),
     Candle(QMatMul),
 }
 
@@ -61,6 +68,12 @@ impl QuantMatrix {
             (true, GgmlDType::Q4_1) => Storage::Q4_1(blocks_from_bytes(&tensor.data()?)),
             (true, GgmlDType::Q5_0) => Storage::Q5_0(blocks_from_bytes(&tensor.data()?)),
             (true, GgmlDType::Q8_0) => Storage::Q8_0(blocks_from_bytes(&tensor.data()?)),
+            (true, GgmlDType::Q4K) if cols.is_multiple_of(SUPER_BLOCK) => {
+                Storage::Q4K(blocks::repack_q4_k(&tensor.data()?))
+            }
+            (true, GgmlDType::Q6K) if cols.is_multiple_of(SUPER_BLOCK) => {
+                Storage::Q6K(blocks::repack_q6_k(&tensor.data()?))
+            }
             _ => Storage::Candle(QMatMul::from_qtensor(tensor)?),
         };
         Ok(Self {
@@ -143,7 +156,9 @@ impl QuantMatrix {
                 let input = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 weight.forward(&input)?.flatten_all()?.to_vec1()
             }
-            Storage::Q4_1(blocks) => Ok(self.product(blocks, x, m, level.q4_1())),
+            Storage::Q4_1(blocks) => Ok(self.product(blocks, x, m, level.q4())),
+            Storage::Q4K(blocks) => Ok(self.product(blocks, x, m, level.q4())),
+            Storage::Q6K(blocks) => Ok(self.product(blocks, x, m, level.q6_k())),
             Storage::Q5_0(blocks) => Ok(self.product(blocks, x, m, level.q5_0())),
             Storage::Q8_0(blocks) => Ok(self.product(blocks, x, m, level.q8_0())),
         }
@@ -242,6 +257,92 @@ mod tests {
     use candle_core::quantized::QTensor;
 
     use super::*;
+
+    /// The matrix's values as the repacked blocks hold them.
+    fn repacked_values(matrix: &QuantMatrix) -> Vec<f32> {
+        match &matrix.storage {
+            Storage::Q4K(blocks) => blocks
+                .iter()
+                .flat_map(|b| {
+                    (0..BLOCK).map(move |j| {
+                        let q = if j < 16 {
+                            b.qs[j] & 0x0F
+                        } else {
+                            b.qs[j - 16] >> 4
+                        };
+                        b.d * q as f32 + b.m
+                    })
+                })
+                .collect(),
+            Storage::Q6K(blocks) => blocks
+                .iter()
+                .flat_map(|b| (0..BLOCK).map(move |j| b.d[j / 16] * b.qs[j] as f32))
+                .collect(),
+            _ => panic!("not a repacked K-quant matrix"),
+        }
+    }
+
+    /// Q4_K and Q6_K repacked at load hold exactly the values candle
+    /// dequantizes from the file's blocks; every kernel level computes what
+    /// the scalar reference computes, which is what candle's own K-quant
+    /// product computes (within the activations' quantization).
+    #[test]
+    fn k_quants_repack_exactly_and_every_kernel_level_matches() {
+        let levels: Vec<CpuLevel> = CpuLevel::ALL
+            .into_iter()
+            .filter(|l| l.supported())
+            .collect();
+        for cols in [256, 768] {
+            let (rows, m) = (70, 6);
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3 + (i % 7) as f32 * 0.01)
+                .collect();
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0)
+                .collect();
+            let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
+            let input = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
+            for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+                let q = QTensor::quantize(&weight, dtype).unwrap();
+                let dequantized: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let candle = QMatMul::from_qtensor(QTensor::quantize(&weight, dtype).unwrap())
+                    .unwrap()
+                    .forward(&input)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let ours = QuantMatrix::new(q).unwrap();
+                assert_eq!(repacked_values(&ours), dequantized, "{dtype:?} repack");
+                let reference = ours.matmul_with(CpuLevel::Scalar, &x, m).unwrap();
+                for (g, e) in reference.iter().zip(&candle) {
+                    assert!(
+                        (g - e).abs() < 2e-2 * e.abs().max(1.0),
+                        "{dtype:?}: {g} vs candle {e}"
+                    );
+                }
+                for &level in &levels {
+                    let got = ours.matmul_with(level, &x, m).unwrap();
+                    for (g, r) in got.iter().zip(&reference) {
+                        assert!(
+                            (g - r).abs() <= 1e-5 * r.abs().max(1.0),
+                            "{dtype:?} {} ({cols} columns): {g} vs scalar {r}",
+                            level.name()
+                        );
+                    }
+                    let alone = ours.matmul_with(level, &x[cols..2 * cols], 1).unwrap();
+                    assert_eq!(alone, got[rows..2 * rows], "{dtype:?} {}", level.name());
+                }
+            }
+        }
+    }
 
     /// Every kernel level this CPU runs computes what the scalar reference
     /// computes (the same integer dot products, summed in another order),
