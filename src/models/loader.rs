@@ -14,10 +14,10 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use super::gemma3::Gemma3Weights;
+use super::gguf_decoder::{Architecture, GgufDecoder};
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
 use super::kv_cache::KvCacheConfig;
 use super::llama::LlamaWeights;
-use super::llama_gguf::LlamaGgufWeights;
 use super::qwen2::Qwen2Weights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
 use crate::lora::Adapter;
@@ -167,21 +167,22 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         bail!("merging an adapter into a GGUF base needs a llama model on the CPU");
     }
     let (weights, implementation_limit) = match architecture.as_str() {
-        "llama" if options.device.is_cpu() => {
+        "llama" | "gemma3" if options.device.is_cpu() => {
             let positions = [file_context, options.max_context]
                 .into_iter()
                 .flatten()
                 .min()
                 .unwrap_or(4096);
-            let weights = LlamaGgufWeights::from_gguf(
+            let weights = GgufDecoder::from_gguf(
                 &content,
                 &mut file,
+                Architecture::from_name(&architecture).unwrap_or(Architecture::Llama),
                 positions,
                 options.merge.as_deref(),
                 options.kv_cache,
             )?;
             let positions = weights.max_positions();
-            (Weights::LlamaGguf(Arc::new(weights)), positions)
+            (Weights::GgufDecoder(Arc::new(weights)), positions)
         }
         // Accelerators: candle's own quantized llama (tensor ops on the device).
         "llama" => (
@@ -192,6 +193,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
             )?)),
             quantized_llama::MAX_SEQ_LEN,
         ),
+        // Accelerators: candle tensor ops on the device.
         "gemma3" => {
             // Rotary tables are sized to the context actually served.
             let positions = [file_context, options.max_context]

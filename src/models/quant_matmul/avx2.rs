@@ -207,21 +207,67 @@ macro_rules! kernels_256 {
                 products(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
             }
 
+            /// A Q5_0 block as signed bytes q - 16: the nibble where the
+            /// fifth bit is set, else the nibble with its upper four bits set.
+            #[target_feature(enable = $features)]
+            fn q5_0(w: &BlockQ5_0) -> __m256i {
+                let fifth = bytes_from_bits(u32::from_le_bytes(w.qh));
+                _mm256_or_si256(
+                    nibbles(&w.qs),
+                    _mm256_andnot_si256(fifth, _mm256_set1_epi8(0xF0_u8 as i8)),
+                )
+            }
+
             #[target_feature(enable = $features)]
             pub fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
                 let mut acc = _mm256_setzero_ps();
                 for (w, a) in weights.iter().zip(activations) {
-                    // q - 16 as a signed byte: keep the nibble where the fifth
-                    // bit is set, else set the upper four bits (nibble - 16).
-                    let fifth = bytes_from_bits(u32::from_le_bytes(w.qh));
-                    let x = _mm256_or_si256(
-                        nibbles(&w.qs),
-                        _mm256_andnot_si256(fifth, _mm256_set1_epi8(0xF0_u8 as i8)),
-                    );
                     let scale = _mm256_set1_ps(w.d.to_f32() * a.d);
-                    acc = _mm256_fmadd_ps(scale, signed_products(x, load(&a.qs)), acc);
+                    acc = _mm256_fmadd_ps(scale, signed_products(q5_0(w), load(&a.qs)), acc);
                 }
                 horizontal_sum(acc)
+            }
+
+            /// One Q5_0 weight row against four activation rows: each
+            /// block is unpacked once, each row summed as `dot_q5_0` sums it.
+            #[target_feature(enable = $features)]
+            pub fn dot4_q5_0(
+                weights: &[BlockQ5_0],
+                activations: [&[ActivationBlock]; 4],
+            ) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, w) in weights.iter().enumerate() {
+                    let x = q5_0(w);
+                    let magnitude = _mm256_sign_epi8(x, x);
+                    let d = w.d.to_f32();
+                    for r in 0..4 {
+                        let a = &activations[r][b];
+                        let y = _mm256_sign_epi8(load(&a.qs), x);
+                        let scale = _mm256_set1_ps(d * a.d);
+                        acc[r] = _mm256_fmadd_ps(scale, products(magnitude, y), acc[r]);
+                    }
+                }
+                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
+            }
+
+            /// `rows4_q4_1` for Q5_0, each row summed as `dot_q5_0` sums it.
+            #[target_feature(enable = $features)]
+            pub fn rows4_q5_0(
+                rows: &[BlockQ5_0],
+                per_row: usize,
+                activations: &[ActivationBlock],
+            ) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, a) in activations[..per_row].iter().enumerate() {
+                    let y = load(&a.qs);
+                    for r in 0..4 {
+                        let w = &rows[r * per_row + b..];
+                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
+                        let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
+                        acc[r] = _mm256_fmadd_ps(scale, signed_products(q5_0(&w[0]), y), acc[r]);
+                    }
+                }
+                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
             }
 
             #[target_feature(enable = $features)]

@@ -90,6 +90,66 @@ impl Nibbles for BlockQ4K32 {
     }
 }
 
+/// A block's 32 values in f32, computed as ggml (and candle) dequantize them.
+pub trait Dequantize {
+    fn values(&self) -> [f32; BLOCK];
+}
+
+impl Dequantize for BlockQ4_1 {
+    fn values(&self) -> [f32; BLOCK] {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        std::array::from_fn(|j| {
+            let q = if j < 16 {
+                self.qs[j] & 0x0F
+            } else {
+                self.qs[j - 16] >> 4
+            };
+            q as f32 * d + m
+        })
+    }
+}
+
+impl Dequantize for BlockQ5_0 {
+    fn values(&self) -> [f32; BLOCK] {
+        let (d, high) = (self.d.to_f32(), u32::from_le_bytes(self.qh));
+        std::array::from_fn(|j| {
+            let low = if j < 16 {
+                self.qs[j] & 0x0F
+            } else {
+                self.qs[j - 16] >> 4
+            };
+            let q = low as i32 | (((high >> j) & 1) << 4) as i32;
+            (q - 16) as f32 * d
+        })
+    }
+}
+
+impl Dequantize for BlockQ8_0 {
+    fn values(&self) -> [f32; BLOCK] {
+        let d = self.d.to_f32();
+        std::array::from_fn(|j| self.qs[j] as f32 * d)
+    }
+}
+
+impl Dequantize for BlockQ4K32 {
+    fn values(&self) -> [f32; BLOCK] {
+        std::array::from_fn(|j| {
+            let q = if j < 16 {
+                self.qs[j] & 0x0F
+            } else {
+                self.qs[j - 16] >> 4
+            };
+            self.d * q as f32 + self.m
+        })
+    }
+}
+
+impl Dequantize for BlockQ6K32 {
+    fn values(&self) -> [f32; BLOCK] {
+        std::array::from_fn(|j| self.d[j / 16] * self.qs[j] as f32)
+    }
+}
+
 /// Values per K-quant super-block.
 pub const SUPER_BLOCK: usize = 256;
 const Q4_K_BYTES: usize = 144;
@@ -195,12 +255,13 @@ pub fn dot_q4_1<B: Nibbles>(weights: &[B], activations: &[ActivationBlock]) -> f
         .iter()
         .zip(activations)
         .map(|(w, a)| {
-            let qs = w.nibbles();
-            let mut sum = 0i32;
-            for j in 0..16 {
-                sum += (qs[j] & 0x0F) as i32 * a.qs[j] as i32
-                    + (qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
-            }
+            let (low, high) = a.qs.split_at(16);
+            let sum: i32 = w
+                .nibbles()
+                .iter()
+                .zip(low.iter().zip(high))
+                .map(|(&q, (&x, &y))| (q & 0x0F) as i32 * x as i32 + (q >> 4) as i32 * y as i32)
+                .sum();
             w.scale() * a.d * sum as f32 + w.offset() * a.s
         })
         .sum()

@@ -124,8 +124,14 @@ impl CpuLevel {
         #[cfg(target_arch = "x86_64")]
         match self {
             Self::Scalar => scalar(blocks::dot_q5_0),
-            Self::Avx2 => kernel(x86::avx2_dot_q5_0, None),
-            Self::AvxVnni => kernel(x86::vnni_dot_q5_0, None),
+            Self::Avx2 => with_rows4(
+                kernel(x86::avx2_dot_q5_0, Some(x86::avx2_dot4_q5_0)),
+                x86::avx2_rows4_q5_0,
+            ),
+            Self::AvxVnni => with_rows4(
+                kernel(x86::vnni_dot_q5_0, Some(x86::vnni_dot4_q5_0)),
+                x86::vnni_rows4_q5_0,
+            ),
             Self::Avx512Vnni => kernel(x86::avx512_dot_q5_0, Some(x86::avx512_dot4_q5_0)),
         }
     }
@@ -261,6 +267,10 @@ mod x86 {
     entry!(avx512_dot_q8_0, avx512::dot_q8_0, BlockQ8_0);
     entry!(avx512_dot4_q8_0, avx512::dot4_q8_0, BlockQ8_0, 4);
     entry!(avx512_rows4_q8_0, avx512::rows4_q8_0, BlockQ8_0, rows);
+    entry!(avx2_dot4_q5_0, avx2::dot4_q5_0, BlockQ5_0, 4);
+    entry!(avx2_rows4_q5_0, avx2::rows4_q5_0, BlockQ5_0, rows);
+    entry!(vnni_dot4_q5_0, avx_vnni::dot4_q5_0, BlockQ5_0, 4);
+    entry!(vnni_rows4_q5_0, avx_vnni::rows4_q5_0, BlockQ5_0, rows);
     entry!(avx2_dot_q6_k, avx2::dot_q6_k, BlockQ6K32);
     entry!(avx2_dot4_q6_k, avx2::dot4_q6_k, BlockQ6K32, 4);
     entry!(avx2_rows4_q6_k, avx2::rows4_q6_k, BlockQ6K32, rows);

@@ -25,8 +25,8 @@ use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use blocks::{
-    ActivationBlock, BLOCK, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, SUPER_BLOCK,
-    quantize_block,
+    ActivationBlock, BLOCK, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, Dequantize,
+    SUPER_BLOCK, quantize_block,
 };
 pub use level::CpuLevel;
 
@@ -109,6 +109,39 @@ impl QuantMatrix {
         let storage =
             candle_core::quantized::QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
         Self::new(QTensor::new(storage, (rows, cols))?)
+    }
+
+    /// Appends row `row` in f32 (a token embedding looked up in a quantized
+    /// table); false for matrices candle computes, or a row out of range.
+    pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) -> bool {
+        fn append<B: Dequantize>(blocks: &[B], row: usize, per_row: usize, out: &mut Vec<f32>) {
+            for block in &blocks[row * per_row..(row + 1) * per_row] {
+                out.extend_from_slice(&block.values());
+            }
+        }
+        if row >= self.rows {
+            return false;
+        }
+        let per_row = self.cols / BLOCK;
+        match &self.storage {
+            Storage::Q4_1(b) => append(b, row, per_row, out),
+            Storage::Q5_0(b) => append(b, row, per_row, out),
+            Storage::Q8_0(b) => append(b, row, per_row, out),
+            Storage::Q4K(b) => append(b, row, per_row, out),
+            Storage::Q6K(b) => append(b, row, per_row, out),
+            Storage::Candle(_) => return false,
+        }
+        true
+    }
+
+    /// Whether `dequantize_row` can look rows up (own block types).
+    pub fn dequantizes_rows(&self) -> bool {
+        !matches!(self.storage, Storage::Candle(_))
+    }
+
+    /// Rows (outputs) of the matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     /// `x [..., cols] -> [..., rows]` on tensors (for models written with
@@ -234,6 +267,67 @@ impl QuantMatrix {
             }
         }
         out
+    }
+}
+
+/// Projections of one input: stacked into one matrix (one pass over the
+/// activations) when their types agree, else computed one after the other.
+pub enum ProjectionGroup {
+    Stacked {
+        matrix: QuantMatrix,
+        widths: Vec<usize>,
+    },
+    Separate(Vec<QuantMatrix>),
+}
+
+impl ProjectionGroup {
+    pub fn new(parts: Vec<QTensor>) -> candle_core::Result<Self> {
+        let first = parts[0].dtype();
+        if parts.iter().all(|p| p.dtype() == first) {
+            let widths = parts
+                .iter()
+                .map(|p| p.shape().dims2().map(|(rows, _)| rows))
+                .collect::<candle_core::Result<_>>()?;
+            return Ok(Self::Stacked {
+                matrix: QuantMatrix::stack(parts)?,
+                widths,
+            });
+        }
+        Ok(Self::Separate(
+            parts
+                .into_iter()
+                .map(QuantMatrix::new)
+                .collect::<candle_core::Result<_>>()?,
+        ))
+    }
+
+    /// `x [m, cols]` through every projection: one `[m, width]` matrix each.
+    pub fn forward(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Stacked { matrix, widths } => {
+                let y = matrix.matmul(x, m)?;
+                let total = matrix.rows;
+                let mut parts: Vec<Vec<f32>> =
+                    widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
+                for row in y.chunks_exact(total) {
+                    let mut start = 0;
+                    for (part, &width) in parts.iter_mut().zip(widths) {
+                        part.extend_from_slice(&row[start..start + width]);
+                        start += width;
+                    }
+                }
+                Ok(parts)
+            }
+            Self::Separate(matrices) => matrices.iter().map(|w| w.matmul(x, m)).collect(),
+        }
+    }
+
+    /// Width of the input.
+    pub fn cols(&self) -> usize {
+        match self {
+            Self::Stacked { matrix, .. } => matrix.cols,
+            Self::Separate(matrices) => matrices[0].cols,
+        }
     }
 }
 

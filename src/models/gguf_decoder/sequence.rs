@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use super::LlamaGgufWeights;
+use super::GgufDecoder;
 use super::forward::Row;
 use crate::lora::UnmergedAdapter;
 use crate::models::SequenceModel;
 use crate::models::kv_cache::{BlockId, KvState};
 
-pub struct LlamaGgufSequence {
-    weights: Arc<LlamaGgufWeights>,
+pub struct GgufSequence {
+    weights: Arc<GgufDecoder>,
     adapter: Option<Arc<UnmergedAdapter>>,
     /// Block `i` holds positions `i * block_tokens ..`.
     blocks: Vec<BlockId>,
@@ -34,8 +34,8 @@ fn allocate(state: &mut KvState) -> candle_core::Result<BlockId> {
     })
 }
 
-impl LlamaGgufSequence {
-    pub fn new(weights: Arc<LlamaGgufWeights>, adapter: Option<Arc<UnmergedAdapter>>) -> Self {
+impl GgufSequence {
+    pub fn new(weights: Arc<GgufDecoder>, adapter: Option<Arc<UnmergedAdapter>>) -> Self {
         let chain = adapter.as_ref().map_or(0, |a| a.cache_seed());
         Self {
             weights,
@@ -106,7 +106,7 @@ impl LlamaGgufSequence {
     }
 }
 
-impl Drop for LlamaGgufSequence {
+impl Drop for GgufSequence {
     fn drop(&mut self) {
         let mut state = self.weights.kv.lock();
         for &block in &self.blocks {
@@ -115,7 +115,7 @@ impl Drop for LlamaGgufSequence {
     }
 }
 
-impl SequenceModel for LlamaGgufSequence {
+impl SequenceModel for GgufSequence {
     fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
         if tokens.is_empty() {
             candle_core::bail!("forward needs at least one token");

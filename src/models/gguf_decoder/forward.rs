@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::sequence::LlamaGgufSequence;
-use super::{LlamaGgufWeights, PARALLEL_ATTENTION_MIN_SCORES};
+use super::sequence::GgufSequence;
+use super::{Activation, Embedding, GgufDecoder, PARALLEL_ATTENTION_MIN_SCORES, RopeLayout};
 use crate::lora::{Projection, UnmergedAdapter};
 use crate::models::kv_cache::{BlockId, LayerView};
 
@@ -18,56 +18,90 @@ pub(super) struct Row {
     pub position: usize,
 }
 
-/// Splits `x [rows, sum(widths)]` into one `[rows, width]` matrix per width.
-fn split_columns(x: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
-    let total: usize = widths.iter().sum();
-    let mut parts: Vec<Vec<f32>> = widths
-        .iter()
-        .map(|w| Vec::with_capacity(rows * w))
-        .collect();
-    for row in x.chunks_exact(total).take(rows) {
-        let mut start = 0;
-        for (part, &width) in parts.iter_mut().zip(widths) {
-            part.extend_from_slice(&row[start..start + width]);
-            start += width;
-        }
-    }
-    parts
+/// GELU, tanh approximation, as transformers' `gelu_pytorch_tanh`.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-impl LlamaGgufWeights {
-    fn rms_norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(self.hidden) {
-            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / self.hidden as f32;
+impl GgufDecoder {
+    /// RMS norm of each `width`-long run of `x`, in place.
+    fn rms_norm_in_place(&self, x: &mut [f32], weight: &[f32]) {
+        let width = weight.len();
+        for row in x.chunks_exact_mut(width) {
+            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
             let scale = 1.0 / (mean_square + self.eps).sqrt();
-            out.extend(row.iter().zip(weight).map(|(v, w)| v * scale * w));
+            row.iter_mut()
+                .zip(weight)
+                .for_each(|(v, w)| *v = *v * scale * w);
         }
+    }
+
+    fn rms_norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let mut out = x.to_vec();
+        self.rms_norm_in_place(&mut out, weight);
         out
     }
 
-    /// Rotates adjacent pairs (GGUF stores llama's q/k rows permuted for this
-    /// layout); row `r` of `x` is at `rows[r].position`.
-    fn rope(&self, x: &mut [f32], heads: usize, rows: &[Row]) {
+    /// Rotates each head of `x` by its row's position with table `table`,
+    /// pairing dimensions as the architecture does.
+    fn rope(&self, x: &mut [f32], heads: usize, rows: &[Row], table: usize) {
         let half = self.head_dim / 2;
+        let table = &self.ropes[table];
         for (token, row) in x.chunks_exact_mut(heads * self.head_dim).zip(rows) {
-            let table = row.position * half;
-            let (cos, sin) = (
-                &self.cos[table..table + half],
-                &self.sin[table..table + half],
-            );
+            let at = row.position * half;
+            let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
             for head in token.chunks_exact_mut(self.head_dim) {
-                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * cos[i] - b * sin[i];
-                    pair[1] = a * sin[i] + b * cos[i];
+                match self.rope_layout {
+                    RopeLayout::AdjacentPairs => {
+                        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                            let (a, b) = (pair[0], pair[1]);
+                            pair[0] = a * cos[i] - b * sin[i];
+                            pair[1] = a * sin[i] + b * cos[i];
+                        }
+                    }
+                    RopeLayout::Halves => {
+                        let (first, second) = head.split_at_mut(half);
+                        for i in 0..half {
+                            let (a, b) = (first[i], second[i]);
+                            first[i] = a * cos[i] - b * sin[i];
+                            second[i] = a * sin[i] + b * cos[i];
+                        }
+                    }
                 }
             }
         }
     }
 
+    /// The embeddings of `tokens`, scaled as the architecture wants.
+    fn embed(&self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let mut x = Vec::with_capacity(tokens.len() * self.hidden);
+        for &token in tokens {
+            let token = token as usize;
+            if token >= self.vocab {
+                candle_core::bail!("token id {token} outside the vocabulary");
+            }
+            let found = match &self.embedding {
+                Embedding::Output => self.output.dequantize_row(token, &mut x),
+                Embedding::Quantized(table) => table.dequantize_row(token, &mut x),
+                Embedding::Dense(table) => {
+                    x.extend_from_slice(&table[token * self.hidden..(token + 1) * self.hidden]);
+                    true
+                }
+            };
+            if !found {
+                candle_core::bail!("token id {token} has no embedding row");
+            }
+        }
+        if self.embedding_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= self.embedding_scale);
+        }
+        Ok(x)
+    }
+
     /// Causal attention of `q [rows, n_head, head_dim]`: row `r` attends to
-    /// the first `position + 1` positions of its sequence, found through the
+    /// the first `position + 1` positions of its sequence (the last
+    /// `window` of them on a sliding-window layer), found through the
     /// sequence's block table.
     fn attention(
         &self,
@@ -76,6 +110,7 @@ impl LlamaGgufWeights {
         block_tokens: usize,
         q: &[f32],
         rows: &[Row],
+        window: Option<usize>,
     ) -> Vec<f32> {
         let (hd, n_head, n_kv) = (self.head_dim, self.n_head, self.n_kv_head);
         let group = n_head / n_kv;
@@ -83,14 +118,11 @@ impl LlamaGgufWeights {
         let mut out = vec![0f32; rows.len() * n_head * hd];
         let work = |(index, out): (usize, &mut [f32])| {
             let (row, head) = (&rows[index / n_head], index % n_head);
-            // The slots of positions 0..=position, block by block.
-            let slots = tables[row.seq]
-                .iter()
-                .flat_map(|&block| {
-                    let first = block as usize * block_tokens;
-                    first..first + block_tokens
-                })
-                .take(row.position + 1);
+            // The slots of the positions it sees, through the block table.
+            let first = window.map_or(0, |w| (row.position + 1).saturating_sub(w));
+            let table = tables[row.seq];
+            let slots = (first..=row.position)
+                .map(|p| table[p / block_tokens] as usize * block_tokens + p % block_tokens);
             let kv = head / group;
             let query = &q[index * hd..][..hd];
             let mut scores: Vec<f32> = slots
@@ -108,7 +140,10 @@ impl LlamaGgufWeights {
             }
         };
         // Share the work once it outweighs handing it to the thread pool.
-        let scores: usize = rows.iter().map(|r| r.position + 1).sum();
+        let scores: usize = rows
+            .iter()
+            .map(|r| window.map_or(r.position + 1, |w| w.min(r.position + 1)))
+            .sum();
         if scores < PARALLEL_ATTENTION_MIN_SCORES {
             out.chunks_exact_mut(hd).enumerate().for_each(work);
         } else {
@@ -123,7 +158,7 @@ impl LlamaGgufWeights {
     /// the rows listed in `logits_of`.
     pub(super) fn run(
         &self,
-        sequences: &mut [&mut LlamaGgufSequence],
+        sequences: &mut [&mut GgufSequence],
         tokens: &[u32],
         rows: &[Row],
         logits_of: &[usize],
@@ -132,21 +167,14 @@ impl LlamaGgufWeights {
         if n == 0 || logits_of.is_empty() {
             candle_core::bail!("a forward pass needs at least one row and one row's logits");
         }
-        let vocab = self.embedding.len() / self.hidden;
-        let mut x = Vec::with_capacity(n * self.hidden);
-        for (&token, row) in tokens.iter().zip(rows) {
-            let token = token as usize;
-            if token >= vocab {
-                candle_core::bail!("token id {token} outside the vocabulary");
-            }
-            if row.position >= self.positions {
-                candle_core::bail!(
-                    "sequence longer than the {} positions this model is served with",
-                    self.positions
-                );
-            }
-            x.extend_from_slice(&self.embedding[token * self.hidden..(token + 1) * self.hidden]);
+        if let Some(row) = rows.iter().find(|r| r.position >= self.positions) {
+            candle_core::bail!(
+                "position {} past the {} positions this model is served with",
+                row.position,
+                self.positions
+            );
         }
+        let mut x = self.embed(tokens)?;
         let mut next: Vec<usize> = sequences.iter().map(|s| s.stored()).collect();
         for row in rows {
             if row.position != next[row.seq] {
@@ -165,7 +193,7 @@ impl LlamaGgufWeights {
         for row in rows {
             slots.push(sequences[row.seq].prepare_slot(state, row.position)?);
         }
-        let (q_width, kv_width) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+        let kv_width = self.n_kv_head * self.head_dim;
         let held: Vec<Option<Arc<UnmergedAdapter>>> = rows
             .iter()
             .map(|r| sequences[r.seq].adapter().cloned())
@@ -177,24 +205,22 @@ impl LlamaGgufWeights {
         let tables: Vec<&[BlockId]> = sequences.iter().map(|s| s.block_table()).collect();
         for (index, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attention_norm);
-            let mut qkv = layer.qkv.matmul(&h, n)?;
-            lora(
-                index,
-                &[
-                    (Projection::Q, 0),
-                    (Projection::K, q_width),
-                    (Projection::V, q_width + kv_width),
-                ],
-                &h,
-                &mut qkv,
-            );
-            let mut parts = split_columns(&qkv, n, &[q_width, kv_width, kv_width]).into_iter();
-            let (mut q, mut k, v) = match (parts.next(), parts.next(), parts.next()) {
+            let mut parts = layer.qkv.forward(&h, n)?.into_iter();
+            let (mut q, mut k, mut v) = match (parts.next(), parts.next(), parts.next()) {
                 (Some(q), Some(k), Some(v)) => (q, k, v),
                 _ => candle_core::bail!("qkv projection split"),
             };
-            self.rope(&mut q, self.n_head, rows);
-            self.rope(&mut k, self.n_kv_head, rows);
+            lora(index, &[(Projection::Q, 0)], &h, &mut q);
+            lora(index, &[(Projection::K, 0)], &h, &mut k);
+            lora(index, &[(Projection::V, 0)], &h, &mut v);
+            if let Some(weight) = &layer.q_norm {
+                self.rms_norm_in_place(&mut q, weight);
+            }
+            if let Some(weight) = &layer.k_norm {
+                self.rms_norm_in_place(&mut k, weight);
+            }
+            self.rope(&mut q, self.n_head, rows, layer.rope);
+            self.rope(&mut k, self.n_kv_head, rows, layer.rope);
             for ((&slot, k), v) in slots
                 .iter()
                 .zip(k.chunks_exact(kv_width))
@@ -202,30 +228,37 @@ impl LlamaGgufWeights {
             {
                 state.store.write(index, slot, k, v);
             }
-            let attended =
-                self.attention(state.store.layer(index), &tables, block_tokens, &q, rows);
+            let layer_kv = state.store.layer(index);
+            let attended = self.attention(layer_kv, &tables, block_tokens, &q, rows, layer.window);
             let mut o = layer.o.matmul(&attended, n)?;
             lora(index, &[(Projection::O, 0)], &attended, &mut o);
+            if let Some(weight) = &layer.post_attention_norm {
+                self.rms_norm_in_place(&mut o, weight);
+            }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = self.rms_norm(&x, &layer.ffn_norm);
-            let mut gate_up = layer.gate_up.matmul(&h, n)?;
-            let width = gate_up.len() / n / 2;
-            lora(
-                index,
-                &[(Projection::Gate, 0), (Projection::Up, width)],
-                &h,
-                &mut gate_up,
-            );
-            let mut parts = split_columns(&gate_up, n, &[width, width]).into_iter();
-            let (mut gate, up) = match (parts.next(), parts.next()) {
+            let mut parts = layer.gate_up.forward(&h, n)?.into_iter();
+            let (mut gate, mut up) = match (parts.next(), parts.next()) {
                 (Some(gate), Some(up)) => (gate, up),
                 _ => candle_core::bail!("gate/up projection split"),
             };
-            gate.iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            lora(index, &[(Projection::Gate, 0)], &h, &mut gate);
+            lora(index, &[(Projection::Up, 0)], &h, &mut up);
+            match self.activation {
+                Activation::Silu => gate
+                    .iter_mut()
+                    .zip(&up)
+                    .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
+                Activation::GeluTanh => gate
+                    .iter_mut()
+                    .zip(&up)
+                    .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+            }
             let mut down = layer.down.matmul(&gate, n)?;
             lora(index, &[(Projection::Down, 0)], &gate, &mut down);
+            if let Some(weight) = &layer.post_ffn_norm {
+                self.rms_norm_in_place(&mut down, weight);
+            }
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         drop(tables);
@@ -249,7 +282,7 @@ impl LlamaGgufWeights {
     /// for all rows; returns the logits after each sequence's last token.
     pub fn forward_batch(
         &self,
-        sequences: &mut [&mut LlamaGgufSequence],
+        sequences: &mut [&mut GgufSequence],
         inputs: &[&[u32]],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         if inputs.len() != sequences.len() || inputs.iter().any(|i| i.is_empty()) {

@@ -1,0 +1,245 @@
+//! Loading a decoder from a GGUF file: its hyperparameters from the
+//! metadata of its architecture, its tensors (with a LoRA adapter merged
+//! when asked), and the rotary tables sized to the context served.
+
+use std::io::{Read, Seek};
+
+use candle_core::Device;
+use candle_core::quantized::{QTensor, gguf_file};
+
+use super::{
+    Activation, Architecture, Embedding, GgufDecoder, Layer, RopeLayout, RopeTable, gguf_name,
+    projection_shape,
+};
+use crate::lora::{Adapter, HeadLayout, Projection};
+use crate::models::gguf_metadata;
+use crate::models::kv_cache::{KvCache, KvCacheConfig, KvShape};
+use crate::models::quant_matmul::{ProjectionGroup, QuantMatrix};
+
+/// Gemma 3: every sixth layer is global, the others use the sliding window.
+const GEMMA3_SLIDING_WINDOW_PATTERN: usize = 6;
+
+fn vector(t: &QTensor) -> candle_core::Result<Vec<f32>> {
+    t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+}
+
+fn rope_table(head_dim: usize, base: f32, positions: usize) -> RopeTable {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut table = RopeTable {
+        cos: Vec::with_capacity(positions * half),
+        sin: Vec::with_capacity(positions * half),
+    };
+    for p in 0..positions {
+        for &f in &inv_freq {
+            let angle = p as f32 * f;
+            table.cos.push(angle.cos());
+            table.sin.push(angle.sin());
+        }
+    }
+    table
+}
+
+/// Checks an adapter to merge against the file's shapes before any tensor is read.
+fn check_adapter(
+    ct: &gguf_file::Content,
+    adapter: &Adapter,
+    layers: usize,
+    heads: HeadLayout,
+    hidden: usize,
+) -> candle_core::Result<()> {
+    let ffn = ct
+        .tensor_infos
+        .get("blk.0.ffn_down.weight")
+        .map_or(0, |info| info.shape.dims()[info.shape.rank() - 1]);
+    let (q_width, kv_width) = (
+        heads.n_head * heads.head_dim,
+        heads.n_kv_head * heads.head_dim,
+    );
+    adapter
+        .check_base(layers, |p| {
+            projection_shape(p, hidden, q_width, kv_width, ffn)
+        })
+        .map_err(candle_core::Error::Msg)
+}
+
+impl GgufDecoder {
+    /// Loads the weights, with `merge`'s adapter merged into them when
+    /// given (llama only); rotary tables cover `positions` positions.
+    pub fn from_gguf<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        architecture: Architecture,
+        positions: usize,
+        merge: Option<&Adapter>,
+        kv_cache: KvCacheConfig,
+    ) -> candle_core::Result<Self> {
+        let arch = architecture.key();
+        let number = |key: &str| -> candle_core::Result<usize> {
+            Ok(gguf_metadata(ct, arch, key)?.to_u32()? as usize)
+        };
+        let float = |key: &str, default: f32| {
+            gguf_metadata(ct, arch, key)
+                .and_then(|v| v.to_f32())
+                .unwrap_or(default)
+        };
+        let n_head = number("attention.head_count")?;
+        let n_kv_head = number("attention.head_count_kv")?;
+        let block_count = number("block_count")?;
+        let hidden = number("embedding_length")?;
+        let eps = gguf_metadata(ct, arch, "attention.layer_norm_rms_epsilon")?.to_f32()?;
+        if ct.metadata.contains_key(&format!("{arch}.expert_count")) {
+            candle_core::bail!("mixture-of-experts GGUF files are not supported");
+        }
+        if float("rope.scaling.factor", 1.0) != 1.0 {
+            candle_core::bail!("GGUF files with rotary scaling are not supported");
+        }
+        let head_dim = number("attention.key_length").unwrap_or(hidden / n_head);
+        let rope_dim = number("rope.dimension_count").unwrap_or(head_dim);
+        if rope_dim != head_dim || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+            candle_core::bail!(
+                "unsupported {arch} head layout ({n_head} heads, {n_kv_head} KV heads, rope dims {rope_dim}, head dim {head_dim})"
+            );
+        }
+        if merge.is_some() && architecture != Architecture::Llama {
+            candle_core::bail!("merging an adapter at load needs a llama base");
+        }
+        let heads = HeadLayout {
+            n_head,
+            n_kv_head,
+            head_dim,
+        };
+        if let Some(adapter) = merge {
+            check_adapter(ct, adapter, block_count, heads, hidden)?;
+        }
+        // Gemma 3: local layers (sliding window, local rotary base) and
+        // every sixth global one.
+        let (ropes, window) = match architecture {
+            Architecture::Llama => (
+                vec![rope_table(
+                    head_dim,
+                    float("rope.freq_base", 10_000.0),
+                    positions,
+                )],
+                None,
+            ),
+            Architecture::Gemma3 => (
+                vec![
+                    rope_table(head_dim, float("rope.freq_base", 1_000_000.0), positions),
+                    rope_table(head_dim, float("rope.local_freq_base", 10_000.0), positions),
+                ],
+                Some(number("attention.sliding_window")?),
+            ),
+        };
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| ct.tensor(reader, name, &device);
+        let embedding_q = tensor("token_embd.weight")?;
+        let (vocab, _) = embedding_q.shape().dims2()?;
+        // Tied embeddings are the output projection's rows; a table of its
+        // own stays quantized too; types candle computes are dequantized.
+        let (output, embedding) = match tensor("output.weight") {
+            Ok(output) => {
+                let table = QuantMatrix::new(embedding_q)?;
+                let embedding = if table.dequantizes_rows() {
+                    Embedding::Quantized(table)
+                } else {
+                    Embedding::Dense(vector(&tensor("token_embd.weight")?)?)
+                };
+                (QuantMatrix::new(output)?, embedding)
+            }
+            Err(_) => {
+                let output = QuantMatrix::new(embedding_q)?;
+                let embedding = if output.dequantizes_rows() {
+                    Embedding::Output
+                } else {
+                    Embedding::Dense(vector(&tensor("token_embd.weight")?)?)
+                };
+                (output, embedding)
+            }
+        };
+        let norm = vector(&tensor("output_norm.weight")?)?;
+        let gemma = architecture == Architecture::Gemma3;
+        let mut layers = Vec::with_capacity(block_count);
+        for i in 0..block_count {
+            let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
+            let mut projection = |p: Projection| {
+                let tensor = t(&format!("{}.weight", gguf_name(p)))?;
+                match merge {
+                    Some(adapter) => match crate::lora::merge::delta(adapter, i, p, Some(heads))? {
+                        Some(delta) => crate::lora::merge::merge_qtensor(tensor, &delta),
+                        None => Ok(tensor),
+                    },
+                    None => Ok(tensor),
+                }
+            };
+            let qkv = vec![
+                projection(Projection::Q)?,
+                projection(Projection::K)?,
+                projection(Projection::V)?,
+            ];
+            let o = projection(Projection::O)?;
+            let gate_up = vec![projection(Projection::Gate)?, projection(Projection::Up)?];
+            let down = projection(Projection::Down)?;
+            let attention_norm = vector(&t("attn_norm.weight")?)?;
+            let ffn_norm = vector(&t("ffn_norm.weight")?)?;
+            let mut gemma_norm = |name: &str| -> candle_core::Result<Option<Vec<f32>>> {
+                match gemma {
+                    true => Ok(Some(vector(&t(&format!("{name}.weight"))?)?)),
+                    false => Ok(None),
+                }
+            };
+            let global = (i + 1).is_multiple_of(GEMMA3_SLIDING_WINDOW_PATTERN);
+            layers.push(Layer {
+                attention_norm,
+                qkv: ProjectionGroup::new(qkv)?,
+                q_norm: gemma_norm("attn_q_norm")?,
+                k_norm: gemma_norm("attn_k_norm")?,
+                o: QuantMatrix::new(o)?,
+                post_attention_norm: gemma_norm("post_attention_norm")?,
+                ffn_norm,
+                gate_up: ProjectionGroup::new(gate_up)?,
+                down: QuantMatrix::new(down)?,
+                post_ffn_norm: gemma_norm("post_ffw_norm")?,
+                rope: usize::from(gemma && !global),
+                window: window.filter(|_| !global),
+            });
+        }
+        let (rope_layout, activation, embedding_scale) = match architecture {
+            Architecture::Llama => (RopeLayout::AdjacentPairs, Activation::Silu, 1.0),
+            Architecture::Gemma3 => (
+                RopeLayout::Halves,
+                Activation::GeluTanh,
+                (hidden as f32).sqrt(),
+            ),
+        };
+        Ok(Self {
+            architecture,
+            embedding,
+            embedding_scale,
+            vocab,
+            layers,
+            norm,
+            output,
+            hidden,
+            n_head,
+            n_kv_head,
+            head_dim,
+            eps,
+            rope_layout,
+            ropes,
+            activation,
+            positions,
+            kv: KvCache::new(
+                KvShape {
+                    layers: block_count,
+                    n_kv_head,
+                    head_dim,
+                },
+                kv_cache,
+                positions,
+            ),
+        })
+    }
+}
