@@ -18,10 +18,12 @@ pub(super) struct Row {
     pub position: usize,
 }
 
-/// GELU, tanh approximation, as transformers' `gelu_pytorch_tanh`.
+/// GELU, tanh approximation, as transformers' `gelu_pytorch_tanh`:
+/// `0.5 x (1 + tanh(u)) = x / (1 + exp(-2u))`, one `exp` instead of a `tanh`.
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + (-2.0 * u).exp())
 }
 
 impl GgufDecoder {
@@ -301,5 +303,28 @@ impl GgufDecoder {
             last.push(rows.len() - 1);
         }
         self.run(sequences, &tokens, &rows, &last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gelu_tanh;
+
+    /// The one-`exp` form equals the tanh form to f32 rounding, and stays
+    /// finite at the ends.
+    #[test]
+    fn gelu_tanh_matches_the_tanh_form() {
+        for i in -2000..=2000 {
+            let x = i as f32 / 100.0;
+            let u = 0.797_884_6_f64 * (x as f64 + 0.044_715 * (x as f64).powi(3));
+            let reference = 0.5 * x as f64 * (1.0 + u.tanh());
+            let got = gelu_tanh(x) as f64;
+            assert!(
+                (got - reference).abs() <= 1e-6 * reference.abs().max(1e-3),
+                "gelu({x}) = {got}, reference {reference}"
+            );
+        }
+        assert_eq!(gelu_tanh(-1e4), 0.0);
+        assert_eq!(gelu_tanh(1e4), 1e4);
     }
 }

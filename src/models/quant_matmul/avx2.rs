@@ -1,31 +1,34 @@
-//! 256-bit kernels, in two builds from one body: AVX2 (`maddubs` then
-//! `madd`, as llama.cpp does) and AVX-VNNI (one `vpdpbusd`, on CPUs that
-//! have it without AVX-512). A block of 32 is one vector; one f32 scale per
-//! block (pair) is applied with an FMA.
+//! Row kernels, in two builds from one body: AVX2 (`vpmaddubsw` then
+//! `vpmaddwd`, as llama.cpp does) and AVX-VNNI (one `vpdpbusd`). Four weight
+//! rows against one activation row (the decode step's product): each
+//! block's four integer dot products are reduced together to exact i32
+//! sums, then added to the four rows' totals with the block's scales, lane
+//! by lane, exactly as `blocks::accumulate` does. Signed quants go in as |w|
+//! with the activation given w's sign, so every 16-bit pair sum is exact.
 
-use super::blocks::{ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
+use super::blocks::{ActivationBlock, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0};
 
 macro_rules! kernels_256 {
     ($module:ident, $features:literal, |$u:ident, $s:ident| $products:expr) => {
         pub mod $module {
             use std::arch::x86_64::*;
 
-            use super::{ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
+            use super::super::blocks::QuantBlock;
+            use super::{ActivationBlock, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0};
 
+            /// Sums of u8 x i8 products, four bytes a lane, in 8 lanes of i32.
             #[target_feature(enable = $features)]
-            pub(crate) fn horizontal_sum(v: __m256) -> f32 {
-                let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-                _mm_cvtss_f32(_mm_add_ss(quad, _mm_movehdup_ps(quad)))
+            fn products($u: __m256i, $s: __m256i) -> __m256i {
+                $products
             }
 
-            /// Sum of u8 x i8 products in 8 lanes of i32, as f32.
+            /// Products of signed x and y: |x| and y with x's sign.
             #[target_feature(enable = $features)]
-            fn products($u: __m256i, $s: __m256i) -> __m256 {
-                _mm256_cvtepi32_ps($products)
+            fn signed_products(x: __m256i, y: __m256i) -> __m256i {
+                products(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
             }
 
-            /// The 32 nibbles of a Q4_1 / Q5_0 block in element order.
+            /// The 32 nibbles of a Q4_1-layout block in element order.
             #[target_feature(enable = $features)]
             fn nibbles(qs: &[u8; 16]) -> __m256i {
                 // SAFETY: qs is 16 bytes long; loadu has no alignment needs.
@@ -40,149 +43,6 @@ macro_rules! kernels_256 {
             fn load(qs: &[i8; 32]) -> __m256i {
                 // SAFETY: qs is 32 bytes long; loadu has no alignment needs.
                 unsafe { _mm256_loadu_si256(qs.as_ptr() as *const __m256i) }
-            }
-
-            #[target_feature(enable = $features)]
-            pub fn dot_q4_1<B: Nibbles>(weights: &[B], activations: &[ActivationBlock]) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                let mut offsets = 0f32;
-                for (w, a) in weights.iter().zip(activations) {
-                    let scale = _mm256_set1_ps(w.scale() * a.d);
-                    acc = _mm256_fmadd_ps(scale, products(nibbles(w.nibbles()), load(&a.qs)), acc);
-                    offsets += w.offset() * a.s;
-                }
-                horizontal_sum(acc) + offsets
-            }
-
-            /// One weight row against four activation rows: each weight block
-            /// is unpacked once.
-            #[target_feature(enable = $features)]
-            pub fn dot4_q4_1<B: Nibbles>(
-                weights: &[B],
-                activations: [&[ActivationBlock]; 4],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut offsets = [0f32; 4];
-                for (b, w) in weights.iter().enumerate() {
-                    let q = nibbles(w.nibbles());
-                    let (d, m) = (w.scale(), w.offset());
-                    for r in 0..4 {
-                        let a = &activations[r][b];
-                        let scale = _mm256_set1_ps(d * a.d);
-                        acc[r] = _mm256_fmadd_ps(scale, products(q, load(&a.qs)), acc[r]);
-                        offsets[r] += m * a.s;
-                    }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
-            }
-
-            /// Four weight rows (`rows`, `per_row` blocks each, one after
-            /// the other) against one activation row: the decode step's
-            /// product. Four independent accumulator chains and a prefetch of
-            /// the next four rows keep more weights in flight; each row is
-            /// summed exactly as `dot_q4_1` sums it.
-            #[target_feature(enable = $features)]
-            pub fn rows4_q4_1<B: Nibbles>(
-                rows: &[B],
-                per_row: usize,
-                activations: &[ActivationBlock],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut offsets = [0f32; 4];
-                for (b, a) in activations[..per_row].iter().enumerate() {
-                    let y = load(&a.qs);
-                    for r in 0..4 {
-                        let w = &rows[r * per_row + b..];
-                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
-                        let scale = _mm256_set1_ps(w[0].scale() * a.d);
-                        acc[r] =
-                            _mm256_fmadd_ps(scale, products(nibbles(w[0].nibbles()), y), acc[r]);
-                        offsets[r] += w[0].offset() * a.s;
-                    }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]) + offsets[r])
-            }
-
-            /// `rows4_q4_1` for Q8_0, each row summed as `dot_q8_0` sums it.
-            #[target_feature(enable = $features)]
-            pub fn rows4_q8_0(
-                rows: &[BlockQ8_0],
-                per_row: usize,
-                activations: &[ActivationBlock],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, a) in activations[..per_row].iter().enumerate() {
-                    let y = load(&a.qs);
-                    for r in 0..4 {
-                        let w = &rows[r * per_row + b..];
-                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
-                        let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
-                        acc[r] = _mm256_fmadd_ps(scale, signed_products(load(&w[0].qs), y), acc[r]);
-                    }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
-            }
-
-            /// The scales of a Q6_K block's two halves (four lanes each)
-            /// times the activation block's.
-            #[target_feature(enable = $features)]
-            fn q6_k_scales(w: &BlockQ6K32, a: &ActivationBlock) -> __m256 {
-                _mm256_set_m128(_mm_set1_ps(w.d[1] * a.d), _mm_set1_ps(w.d[0] * a.d))
-            }
-
-            #[target_feature(enable = $features)]
-            pub fn dot_q6_k(weights: &[BlockQ6K32], activations: &[ActivationBlock]) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                for (w, a) in weights.iter().zip(activations) {
-                    let products = signed_products(load(&w.qs), load(&a.qs));
-                    acc = _mm256_fmadd_ps(q6_k_scales(w, a), products, acc);
-                }
-                horizontal_sum(acc)
-            }
-
-            /// One Q6_K weight row against four activation rows.
-            #[target_feature(enable = $features)]
-            pub fn dot4_q6_k(
-                weights: &[BlockQ6K32],
-                activations: [&[ActivationBlock]; 4],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, w) in weights.iter().enumerate() {
-                    let x = load(&w.qs);
-                    let magnitude = _mm256_sign_epi8(x, x);
-                    for r in 0..4 {
-                        let a = &activations[r][b];
-                        let y = _mm256_sign_epi8(load(&a.qs), x);
-                        acc[r] = _mm256_fmadd_ps(q6_k_scales(w, a), products(magnitude, y), acc[r]);
-                    }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
-            }
-
-            /// `rows4_q4_1` for Q6_K, each row summed as `dot_q6_k` sums it.
-            #[target_feature(enable = $features)]
-            pub fn rows4_q6_k(
-                rows: &[BlockQ6K32],
-                per_row: usize,
-                activations: &[ActivationBlock],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, a) in activations[..per_row].iter().enumerate() {
-                    let y = load(&a.qs);
-                    for r in 0..4 {
-                        let w = &rows[r * per_row + b..];
-                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
-                        let products = signed_products(load(&w[0].qs), y);
-                        acc[r] = _mm256_fmadd_ps(q6_k_scales(&w[0], a), products, acc[r]);
-                    }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
-            }
-
-            /// Asks for the cache line at `address` (a hint: never faults).
-            #[target_feature(enable = $features)]
-            fn prefetch(address: *const i8) {
-                _mm_prefetch::<_MM_HINT_T0>(address)
             }
 
             /// 0xFF in byte k where bit k of `bits` is set, else 0.
@@ -201,12 +61,6 @@ macro_rules! kernels_256 {
                 _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
             }
 
-            /// `products` of signed x and y: |x| and y with x's sign.
-            #[target_feature(enable = $features)]
-            fn signed_products(x: __m256i, y: __m256i) -> __m256 {
-                products(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-            }
-
             /// A Q5_0 block as signed bytes q - 16: the nibble where the
             /// fifth bit is set, else the nibble with its upper four bits set.
             #[target_feature(enable = $features)]
@@ -218,67 +72,104 @@ macro_rules! kernels_256 {
                 )
             }
 
+            /// Four rows' lanes reduced: lane r of the first result sums
+            /// `v[r]`'s lanes 0..4 (elements 0..16), of the second its lanes
+            /// 4..8 (elements 16..32).
             #[target_feature(enable = $features)]
-            pub fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                for (w, a) in weights.iter().zip(activations) {
-                    let scale = _mm256_set1_ps(w.d.to_f32() * a.d);
-                    acc = _mm256_fmadd_ps(scale, signed_products(q5_0(w), load(&a.qs)), acc);
-                }
-                horizontal_sum(acc)
+            fn halves4(v: [__m256i; 4]) -> (__m128i, __m128i) {
+                // A transpose by unpacks: [a0+a2 b0+b2 a1+a3 b1+b3 | lanes 4..8].
+                let ab = _mm256_add_epi32(
+                    _mm256_unpacklo_epi32(v[0], v[1]),
+                    _mm256_unpackhi_epi32(v[0], v[1]),
+                );
+                let cd = _mm256_add_epi32(
+                    _mm256_unpacklo_epi32(v[2], v[3]),
+                    _mm256_unpackhi_epi32(v[2], v[3]),
+                );
+                let sums =
+                    _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+                (
+                    _mm256_castsi256_si128(sums),
+                    _mm256_extracti128_si256(sums, 1),
+                )
             }
 
-            /// One Q5_0 weight row against four activation rows: each
-            /// block is unpacked once, each row summed as `dot_q5_0` sums it.
+            /// One block of four rows added to their totals, as
+            /// `blocks::accumulate` adds each.
             #[target_feature(enable = $features)]
-            pub fn dot4_q5_0(
-                weights: &[BlockQ5_0],
-                activations: [&[ActivationBlock]; 4],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, w) in weights.iter().enumerate() {
-                    let x = q5_0(w);
-                    let magnitude = _mm256_sign_epi8(x, x);
-                    let d = w.d.to_f32();
-                    for r in 0..4 {
-                        let a = &activations[r][b];
-                        let y = _mm256_sign_epi8(load(&a.qs), x);
-                        let scale = _mm256_set1_ps(d * a.d);
-                        acc[r] = _mm256_fmadd_ps(scale, products(magnitude, y), acc[r]);
+            fn accumulate4<B: QuantBlock>(
+                totals: __m128,
+                w: [&B; 4],
+                a: &ActivationBlock,
+                sums: [__m256i; 4],
+            ) -> __m128 {
+                let (low, high) = halves4(sums);
+                let ad = _mm_set1_ps(a.d);
+                let d = w.map(|w| w.d());
+                let d0 = _mm_mul_ps(_mm_setr_ps(d[0][0], d[1][0], d[2][0], d[3][0]), ad);
+                let mut totals = totals;
+                if B::SPLIT {
+                    let d1 = _mm_mul_ps(_mm_setr_ps(d[0][1], d[1][1], d[2][1], d[3][1]), ad);
+                    totals = _mm_fmadd_ps(d0, _mm_cvtepi32_ps(low), totals);
+                    totals = _mm_fmadd_ps(d1, _mm_cvtepi32_ps(high), totals);
+                } else {
+                    totals = _mm_fmadd_ps(d0, _mm_cvtepi32_ps(_mm_add_epi32(low, high)), totals);
+                }
+                if B::OFFSET {
+                    let m = _mm_setr_ps(w[0].m(), w[1].m(), w[2].m(), w[3].m());
+                    totals = _mm_fmadd_ps(m, _mm_set1_ps(a.s), totals);
+                }
+                totals
+            }
+
+            /// Asks for the cache line at `address` (a hint: never faults).
+            #[target_feature(enable = $features)]
+            fn prefetch(address: *const i8) {
+                _mm_prefetch::<_MM_HINT_T0>(address)
+            }
+
+            macro_rules! rows4 {
+                ($name:ident, $block:ty, |$w:ident, $y:ident| $sums:expr) => {
+                    /// Four weight rows (`rows`, `per_row` blocks each, one
+                    /// after the other) against one activation row, with a
+                    /// prefetch of the next four rows.
+                    #[target_feature(enable = $features)]
+                    pub fn $name(
+                        rows: &[$block],
+                        per_row: usize,
+                        activations: &[ActivationBlock],
+                    ) -> [f32; 4] {
+                        let mut totals = _mm_setzero_ps();
+                        for (b, a) in activations[..per_row].iter().enumerate() {
+                            let $y = load(&a.qs);
+                            let w: [&$block; 4] = [0, 1, 2, 3].map(|r| &rows[r * per_row + b]);
+                            for w in w {
+                                prefetch(
+                                    (w as *const $block).wrapping_add(4 * per_row) as *const i8
+                                );
+                            }
+                            let sums = w.map(|$w| $sums);
+                            totals = accumulate4(totals, w, a, sums);
+                        }
+                        let mut out = [0f32; 4];
+                        // SAFETY: out is 4 f32.
+                        unsafe { _mm_storeu_ps(out.as_mut_ptr(), totals) };
+                        out
                     }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
+                };
             }
 
-            /// `rows4_q4_1` for Q5_0, each row summed as `dot_q5_0` sums it.
-            #[target_feature(enable = $features)]
-            pub fn rows4_q5_0(
-                rows: &[BlockQ5_0],
-                per_row: usize,
-                activations: &[ActivationBlock],
-            ) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, a) in activations[..per_row].iter().enumerate() {
-                    let y = load(&a.qs);
-                    for r in 0..4 {
-                        let w = &rows[r * per_row + b..];
-                        prefetch(w.as_ptr().wrapping_add(4 * per_row) as *const i8);
-                        let scale = _mm256_set1_ps(w[0].d.to_f32() * a.d);
-                        acc[r] = _mm256_fmadd_ps(scale, signed_products(q5_0(&w[0]), y), acc[r]);
-                    }
-                }
-                [0, 1, 2, 3].map(|r| horizontal_sum(acc[r]))
-            }
-
-            #[target_feature(enable = $features)]
-            pub fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                for (w, a) in weights.iter().zip(activations) {
-                    let scale = _mm256_set1_ps(w.d.to_f32() * a.d);
-                    acc = _mm256_fmadd_ps(scale, signed_products(load(&w.qs), load(&a.qs)), acc);
-                }
-                horizontal_sum(acc)
-            }
+            rows4!(rows4_q4_1, BlockQ4_1, |w, y| products(nibbles(&w.qs), y));
+            rows4!(rows4_q4_k, BlockQ4K32, |w, y| products(nibbles(&w.qs), y));
+            rows4!(rows4_q5_0, BlockQ5_0, |w, y| signed_products(q5_0(w), y));
+            rows4!(rows4_q8_0, BlockQ8_0, |w, y| signed_products(
+                load(&w.qs),
+                y
+            ));
+            rows4!(rows4_q6_k, BlockQ6K32, |w, y| signed_products(
+                load(&w.qs),
+                y
+            ));
         }
     };
 }

@@ -51,45 +51,6 @@ pub struct BlockQ6K32 {
     pub qs: [i8; 32],
 }
 
-/// Blocks of 32 unsigned nibbles with a scale and an offset:
-/// `value = scale * q + offset` (Q4_1, and Q4_K repacked).
-pub trait Nibbles: Sync {
-    fn scale(&self) -> f32;
-    fn offset(&self) -> f32;
-    /// Byte j holds elements j (low nibble) and j + 16 (high nibble).
-    fn nibbles(&self) -> &[u8; 16];
-}
-
-impl Nibbles for BlockQ4_1 {
-    #[inline(always)]
-    fn scale(&self) -> f32 {
-        self.d.to_f32()
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        self.m.to_f32()
-    }
-    #[inline(always)]
-    fn nibbles(&self) -> &[u8; 16] {
-        &self.qs
-    }
-}
-
-impl Nibbles for BlockQ4K32 {
-    #[inline(always)]
-    fn scale(&self) -> f32 {
-        self.d
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        self.m
-    }
-    #[inline(always)]
-    fn nibbles(&self) -> &[u8; 16] {
-        &self.qs
-    }
-}
-
 /// A block's 32 values in f32, computed as ggml (and candle) dequantize them.
 pub trait Dequantize {
     fn values(&self) -> [f32; BLOCK];
@@ -250,66 +211,149 @@ pub fn quantize_block(x: &[f32]) -> ActivationBlock {
     }
 }
 
-pub fn dot_q4_1<B: Nibbles>(weights: &[B], activations: &[ActivationBlock]) -> f32 {
-    weights
-        .iter()
-        .zip(activations)
-        .map(|(w, a)| {
-            let (low, high) = a.qs.split_at(16);
-            let sum: i32 = w
-                .nibbles()
-                .iter()
-                .zip(low.iter().zip(high))
-                .map(|(&q, (&x, &y))| (q & 0x0F) as i32 * x as i32 + (q >> 4) as i32 * y as i32)
-                .sum();
-            w.scale() * a.d * sum as f32 + w.offset() * a.s
-        })
-        .sum()
+/// A weight block as the kernels see it: integer quants and their scales.
+/// Every kernel (row by row, panels, every CPU level) sums a block as the
+/// exact integer dot product of its quants with the activation block's,
+/// then adds `d * a.d * sum` (each half on its own when `SPLIT`) and
+/// `m * a.s` (when `OFFSET`) to the row's total in that order, with fused
+/// multiply-adds; so they all give the same bits.
+pub trait QuantBlock: Copy + Sync + Send {
+    /// Two scales a block (elements 0..16 and 16..32).
+    const SPLIT: bool;
+    /// `value = d * q + m`.
+    const OFFSET: bool;
+    /// The quants as signed bytes.
+    fn integers(&self) -> [i8; BLOCK];
+    /// Scales of the two halves (equal unless `SPLIT`).
+    fn d(&self) -> [f32; 2];
+    fn m(&self) -> f32;
 }
 
-pub fn dot_q6_k(weights: &[BlockQ6K32], activations: &[ActivationBlock]) -> f32 {
-    weights
-        .iter()
-        .zip(activations)
-        .map(|(w, a)| {
-            let half = |h: usize| -> i32 {
-                (16 * h..16 * h + 16)
-                    .map(|j| w.qs[j] as i32 * a.qs[j] as i32)
-                    .sum()
-            };
-            a.d * (w.d[0] * half(0) as f32 + w.d[1] * half(1) as f32)
-        })
-        .sum()
+fn nibble_integers(qs: &[u8; 16]) -> [i8; BLOCK] {
+    std::array::from_fn(|j| {
+        if j < 16 {
+            (qs[j] & 0x0F) as i8
+        } else {
+            (qs[j - 16] >> 4) as i8
+        }
+    })
 }
 
-pub fn dot_q5_0(weights: &[BlockQ5_0], activations: &[ActivationBlock]) -> f32 {
-    weights
-        .iter()
-        .zip(activations)
-        .map(|(w, a)| {
-            let high = u32::from_le_bytes(w.qh);
-            let mut sum = 0i32;
-            for j in 0..16 {
-                let low = ((w.qs[j] & 0x0F) as i32) | (((high >> j) & 1) << 4) as i32;
-                let up = ((w.qs[j] >> 4) as i32) | (((high >> (j + 16)) & 1) << 4) as i32;
-                sum += (low - 16) * a.qs[j] as i32 + (up - 16) * a.qs[j + 16] as i32;
-            }
-            w.d.to_f32() * a.d * sum as f32
-        })
-        .sum()
+impl QuantBlock for BlockQ4_1 {
+    const SPLIT: bool = false;
+    const OFFSET: bool = true;
+    fn integers(&self) -> [i8; BLOCK] {
+        nibble_integers(&self.qs)
+    }
+    #[inline(always)]
+    fn d(&self) -> [f32; 2] {
+        [self.d.to_f32(); 2]
+    }
+    #[inline(always)]
+    fn m(&self) -> f32 {
+        self.m.to_f32()
+    }
 }
 
-pub fn dot_q8_0(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
-    weights
-        .iter()
-        .zip(activations)
-        .map(|(w, a)| {
-            let sum: i32 =
-                w.qs.iter()
-                    .zip(&a.qs)
-                    .map(|(&x, &y)| x as i32 * y as i32)
-                    .sum();
-            w.d.to_f32() * a.d * sum as f32
-        })
-        .sum()
+impl QuantBlock for BlockQ4K32 {
+    const SPLIT: bool = false;
+    const OFFSET: bool = true;
+    fn integers(&self) -> [i8; BLOCK] {
+        nibble_integers(&self.qs)
+    }
+    #[inline(always)]
+    fn d(&self) -> [f32; 2] {
+        [self.d; 2]
+    }
+    #[inline(always)]
+    fn m(&self) -> f32 {
+        self.m
+    }
+}
+
+impl QuantBlock for BlockQ5_0 {
+    const SPLIT: bool = false;
+    const OFFSET: bool = false;
+    fn integers(&self) -> [i8; BLOCK] {
+        let high = u32::from_le_bytes(self.qh);
+        let low = nibble_integers(&self.qs);
+        std::array::from_fn(|j| (low[j] | (((high >> j) & 1) << 4) as i8) - 16)
+    }
+    #[inline(always)]
+    fn d(&self) -> [f32; 2] {
+        [self.d.to_f32(); 2]
+    }
+    #[inline(always)]
+    fn m(&self) -> f32 {
+        0.0
+    }
+}
+
+impl QuantBlock for BlockQ8_0 {
+    const SPLIT: bool = false;
+    const OFFSET: bool = false;
+    fn integers(&self) -> [i8; BLOCK] {
+        self.qs
+    }
+    #[inline(always)]
+    fn d(&self) -> [f32; 2] {
+        [self.d.to_f32(); 2]
+    }
+    #[inline(always)]
+    fn m(&self) -> f32 {
+        0.0
+    }
+}
+
+impl QuantBlock for BlockQ6K32 {
+    const SPLIT: bool = true;
+    const OFFSET: bool = false;
+    fn integers(&self) -> [i8; BLOCK] {
+        self.qs
+    }
+    #[inline(always)]
+    fn d(&self) -> [f32; 2] {
+        self.d
+    }
+    #[inline(always)]
+    fn m(&self) -> f32 {
+        0.0
+    }
+}
+
+/// Adds one block's exact integer sums (`low`: elements 0..16, `high`:
+/// 16..32) to a row's total, as every kernel does.
+#[inline(always)]
+pub fn accumulate<B: QuantBlock>(
+    total: f32,
+    w: &B,
+    a: &ActivationBlock,
+    low: i32,
+    high: i32,
+) -> f32 {
+    let d = w.d();
+    let mut total = total;
+    if B::SPLIT {
+        total = (d[0] * a.d).mul_add(low as f32, total);
+        total = (d[1] * a.d).mul_add(high as f32, total);
+    } else {
+        total = (d[0] * a.d).mul_add((low + high) as f32, total);
+    }
+    if B::OFFSET {
+        total = w.m().mul_add(a.s, total);
+    }
+    total
+}
+
+/// A weight row against an activation row: the reference.
+pub fn dot<B: QuantBlock>(weights: &[B], activations: &[ActivationBlock]) -> f32 {
+    weights.iter().zip(activations).fold(0.0, |total, (w, a)| {
+        let q = w.integers();
+        let half = |h: usize| -> i32 {
+            (16 * h..16 * h + 16)
+                .map(|j| q[j] as i32 * a.qs[j] as i32)
+                .sum()
+        };
+        accumulate(total, w, a, half(0), half(1))
+    })
 }

@@ -5,8 +5,9 @@
 
 use std::sync::OnceLock;
 
-use super::blocks::{self, ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
-use super::{Dot4, Kernel, Rows4};
+use super::Rows4;
+use super::blocks::{BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, QuantBlock};
+use super::panel::{PanelKernel, PanelShape};
 
 /// Kernel levels, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -16,7 +17,8 @@ pub enum CpuLevel {
     Avx2,
     /// AVX2 with the 256-bit VNNI dot product (Alder Lake, Zen 5 without AVX-512).
     AvxVnni,
-    /// AVX-512 F/BW with VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later).
+    /// AVX-512 F/BW with VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later):
+    /// panels on the 256-bit EVEX `vpdpbusd` (with VL), rows on AVX2.
     Avx512Vnni,
 }
 
@@ -59,9 +61,11 @@ impl CpuLevel {
         }
     }
 
-    /// Levels in the order they are preferred. The 256-bit VNNI kernels come
-    /// first: on a Xeon that has both, they decoded 100-107 tok/s against
-    /// 70-86 for the 512-bit ones, and prefilled faster too (docs/perf.md).
+    /// Levels in the order they are preferred. Every level's kernels give
+    /// the same bits (exact integer block sums, scales added in one order),
+    /// so the choice is speed only: the panel kernels use 256-bit
+    /// `vpdpbusd`, in its VEX form (AVX-VNNI) or its EVEX form (AVX-512 VNNI
+    /// with VL); the row kernels are AVX-VNNI's or AVX2's.
     pub const PREFERRED: [CpuLevel; 4] = [
         CpuLevel::AvxVnni,
         CpuLevel::Avx512Vnni,
@@ -96,185 +100,76 @@ impl CpuLevel {
         })
     }
 
-    /// Kernels for blocks of nibbles: Q4_1, and Q4_K repacked.
-    pub(super) fn q4<B: Nibbles>(self) -> Kernel<B> {
-        #[cfg(not(target_arch = "x86_64"))]
-        return scalar(blocks::dot_q4_1);
-        #[cfg(target_arch = "x86_64")]
-        match self {
-            Self::Scalar => scalar(blocks::dot_q4_1),
-            Self::Avx2 => with_rows4(
-                kernel(x86::avx2_dot_q4_1::<B>, Some(x86::avx2_dot4_q4_1::<B>)),
-                x86::avx2_rows4_q4_1::<B>,
-            ),
-            Self::AvxVnni => with_rows4(
-                kernel(x86::vnni_dot_q4_1::<B>, Some(x86::vnni_dot4_q4_1::<B>)),
-                x86::vnni_rows4_q4_1::<B>,
-            ),
-            Self::Avx512Vnni => with_rows4(
-                kernel(x86::avx512_dot_q4_1::<B>, Some(x86::avx512_dot4_q4_1::<B>)),
-                x86::avx512_rows4_q4_1::<B>,
-            ),
+    /// The prefill panel kernel of this level for panels of `shape`; none
+    /// on AVX2 for quants its 16-bit pair sums could overflow with, or on
+    /// AVX-512 CPUs without the 256-bit (VL) forms.
+    pub(super) fn panel_kernel(self, shape: PanelShape, narrow: bool) -> Option<PanelKernel> {
+        macro_rules! pick {
+            ($kernel:ident) => {
+                match (shape.split, shape.offset) {
+                    (false, false) => $kernel::<false, false> as PanelKernel,
+                    (false, true) => $kernel::<false, true>,
+                    (true, false) => $kernel::<true, false>,
+                    (true, true) => $kernel::<true, true>,
+                }
+            };
         }
-    }
-
-    pub(super) fn q5_0(self) -> Kernel<BlockQ5_0> {
-        #[cfg(not(target_arch = "x86_64"))]
-        return scalar(blocks::dot_q5_0);
         #[cfg(target_arch = "x86_64")]
-        match self {
-            Self::Scalar => scalar(blocks::dot_q5_0),
-            Self::Avx2 => with_rows4(
-                kernel(x86::avx2_dot_q5_0, Some(x86::avx2_dot4_q5_0)),
-                x86::avx2_rows4_q5_0,
-            ),
-            Self::AvxVnni => with_rows4(
-                kernel(x86::vnni_dot_q5_0, Some(x86::vnni_dot4_q5_0)),
-                x86::vnni_rows4_q5_0,
-            ),
-            Self::Avx512Vnni => kernel(x86::avx512_dot_q5_0, Some(x86::avx512_dot4_q5_0)),
+        {
+            use super::panel::x86::{avx2_gemm, avx512_gemm, vnni_gemm};
+            match self {
+                Self::Scalar => {}
+                Self::Avx2 => return narrow.then_some(pick!(avx2_gemm)),
+                Self::AvxVnni => return Some(pick!(vnni_gemm)),
+                Self::Avx512Vnni => {
+                    return is_x86_feature_detected!("avx512vl").then(|| pick!(avx512_gemm));
+                }
+            }
         }
+        let _ = narrow;
+        use super::panel::scalar_kernel;
+        Some(pick!(scalar_kernel))
     }
+}
 
-    /// Kernels for Q6_K repacked. The AVX-512 level runs the AVX2 ones
-    /// (every CPU with AVX-512 VNNI has AVX2).
-    pub(super) fn q6_k(self) -> Kernel<BlockQ6K32> {
-        #[cfg(not(target_arch = "x86_64"))]
-        return scalar(blocks::dot_q6_k);
-        #[cfg(target_arch = "x86_64")]
-        match self {
-            Self::Scalar => scalar(blocks::dot_q6_k),
-            Self::Avx2 | Self::Avx512Vnni => with_rows4(
-                kernel(x86::avx2_dot_q6_k, Some(x86::avx2_dot4_q6_k)),
-                x86::avx2_rows4_q6_k,
-            ),
-            Self::AvxVnni => with_rows4(
-                kernel(x86::vnni_dot_q6_k, Some(x86::vnni_dot4_q6_k)),
-                x86::vnni_rows4_q6_k,
-            ),
+/// A level's four-row kernel for a block type; `None` runs the reference
+/// row by row (which gives the same bits).
+pub(super) trait RowKernels: QuantBlock {
+    fn rows4(level: CpuLevel) -> Option<Rows4<Self>>;
+}
+
+macro_rules! row_kernels {
+    ($block:ty, $kernel:ident) => {
+        impl RowKernels for $block {
+            fn rows4(level: CpuLevel) -> Option<Rows4<Self>> {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use super::avx2::{avx_vnni, avx2};
+                    // SAFETY (each closure): a level is only used once
+                    // `supported` said the CPU has its features, and every
+                    // level above scalar has AVX2 and FMA.
+                    match level {
+                        CpuLevel::Scalar => None,
+                        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => {
+                            Some(|w, per_row, a| unsafe { avx2::$kernel(w, per_row, a) })
+                        }
+                        CpuLevel::AvxVnni => {
+                            Some(|w, per_row, a| unsafe { avx_vnni::$kernel(w, per_row, a) })
+                        }
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = level;
+                    None
+                }
+            }
         }
-    }
-
-    pub(super) fn q8_0(self) -> Kernel<BlockQ8_0> {
-        #[cfg(not(target_arch = "x86_64"))]
-        return scalar(blocks::dot_q8_0);
-        #[cfg(target_arch = "x86_64")]
-        match self {
-            Self::Scalar => scalar(blocks::dot_q8_0),
-            Self::Avx2 => with_rows4(kernel(x86::avx2_dot_q8_0, None), x86::avx2_rows4_q8_0),
-            Self::AvxVnni => with_rows4(kernel(x86::vnni_dot_q8_0, None), x86::vnni_rows4_q8_0),
-            Self::Avx512Vnni => with_rows4(
-                kernel(x86::avx512_dot_q8_0, Some(x86::avx512_dot4_q8_0)),
-                x86::avx512_rows4_q8_0,
-            ),
-        }
-    }
+    };
 }
 
-fn scalar<B>(dot: fn(&[B], &[ActivationBlock]) -> f32) -> Kernel<B> {
-    Kernel {
-        dot,
-        dot4: None,
-        rows4: None,
-    }
-}
-
-fn kernel<B>(dot: fn(&[B], &[ActivationBlock]) -> f32, dot4: Option<Dot4<B>>) -> Kernel<B> {
-    Kernel {
-        dot,
-        dot4,
-        rows4: None,
-    }
-}
-
-fn with_rows4<B>(kernel: Kernel<B>, rows4: Rows4<B>) -> Kernel<B> {
-    Kernel {
-        rows4: Some(rows4),
-        ..kernel
-    }
-}
-
-/// Safe entry points to the `#[target_feature]` kernels. Each is only put in
-/// a level's table, and a level is only used once `supported` said the CPU
-/// has its features; that is the safety argument of every `unsafe` below.
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::super::avx2::{avx_vnni, avx2};
-    use super::super::avx512;
-    use super::{ActivationBlock, BlockQ5_0, BlockQ6K32, BlockQ8_0, Nibbles};
-
-    /// Entry points generic over the nibble block type.
-    macro_rules! nibbles_entry {
-        ($name:ident, $module:ident :: $kernel:ident) => {
-            pub fn $name<B: Nibbles>(w: &[B], a: &[ActivationBlock]) -> f32 {
-                // SAFETY: see the module comment.
-                unsafe { $module::$kernel::<B>(w, a) }
-            }
-        };
-        ($name:ident, $module:ident :: $kernel:ident, rows) => {
-            pub fn $name<B: Nibbles>(w: &[B], per_row: usize, a: &[ActivationBlock]) -> [f32; 4] {
-                // SAFETY: see the module comment.
-                unsafe { $module::$kernel::<B>(w, per_row, a) }
-            }
-        };
-        ($name:ident, $module:ident :: $kernel:ident, 4) => {
-            pub fn $name<B: Nibbles>(w: &[B], a: [&[ActivationBlock]; 4]) -> [f32; 4] {
-                // SAFETY: see the module comment.
-                unsafe { $module::$kernel::<B>(w, a) }
-            }
-        };
-    }
-
-    nibbles_entry!(avx2_dot_q4_1, avx2::dot_q4_1);
-    nibbles_entry!(avx2_dot4_q4_1, avx2::dot4_q4_1, 4);
-    nibbles_entry!(avx2_rows4_q4_1, avx2::rows4_q4_1, rows);
-    nibbles_entry!(vnni_dot_q4_1, avx_vnni::dot_q4_1);
-    nibbles_entry!(vnni_dot4_q4_1, avx_vnni::dot4_q4_1, 4);
-    nibbles_entry!(vnni_rows4_q4_1, avx_vnni::rows4_q4_1, rows);
-    nibbles_entry!(avx512_dot_q4_1, avx512::dot_q4_1);
-    nibbles_entry!(avx512_dot4_q4_1, avx512::dot4_q4_1, 4);
-    nibbles_entry!(avx512_rows4_q4_1, avx512::rows4_q4_1, rows);
-
-    macro_rules! entry {
-        ($name:ident, $kernel:path, $block:ty) => {
-            pub fn $name(w: &[$block], a: &[ActivationBlock]) -> f32 {
-                // SAFETY: see the module comment.
-                unsafe { $kernel(w, a) }
-            }
-        };
-        ($name:ident, $kernel:path, $block:ty, rows) => {
-            pub fn $name(w: &[$block], per_row: usize, a: &[ActivationBlock]) -> [f32; 4] {
-                // SAFETY: see the module comment.
-                unsafe { $kernel(w, per_row, a) }
-            }
-        };
-        ($name:ident, $kernel:path, $block:ty, 4) => {
-            pub fn $name(w: &[$block], a: [&[ActivationBlock]; 4]) -> [f32; 4] {
-                // SAFETY: see the module comment.
-                unsafe { $kernel(w, a) }
-            }
-        };
-    }
-
-    entry!(avx2_dot_q5_0, avx2::dot_q5_0, BlockQ5_0);
-    entry!(avx2_dot_q8_0, avx2::dot_q8_0, BlockQ8_0);
-    entry!(vnni_dot_q5_0, avx_vnni::dot_q5_0, BlockQ5_0);
-    entry!(vnni_dot_q8_0, avx_vnni::dot_q8_0, BlockQ8_0);
-    entry!(avx2_rows4_q8_0, avx2::rows4_q8_0, BlockQ8_0, rows);
-    entry!(vnni_rows4_q8_0, avx_vnni::rows4_q8_0, BlockQ8_0, rows);
-    entry!(avx512_dot_q5_0, avx512::dot_q5_0, BlockQ5_0);
-    entry!(avx512_dot4_q5_0, avx512::dot4_q5_0, BlockQ5_0, 4);
-    entry!(avx512_dot_q8_0, avx512::dot_q8_0, BlockQ8_0);
-    entry!(avx512_dot4_q8_0, avx512::dot4_q8_0, BlockQ8_0, 4);
-    entry!(avx512_rows4_q8_0, avx512::rows4_q8_0, BlockQ8_0, rows);
-    entry!(avx2_dot4_q5_0, avx2::dot4_q5_0, BlockQ5_0, 4);
-    entry!(avx2_rows4_q5_0, avx2::rows4_q5_0, BlockQ5_0, rows);
-    entry!(vnni_dot4_q5_0, avx_vnni::dot4_q5_0, BlockQ5_0, 4);
-    entry!(vnni_rows4_q5_0, avx_vnni::rows4_q5_0, BlockQ5_0, rows);
-    entry!(avx2_dot_q6_k, avx2::dot_q6_k, BlockQ6K32);
-    entry!(avx2_dot4_q6_k, avx2::dot4_q6_k, BlockQ6K32, 4);
-    entry!(avx2_rows4_q6_k, avx2::rows4_q6_k, BlockQ6K32, rows);
-    entry!(vnni_dot_q6_k, avx_vnni::dot_q6_k, BlockQ6K32);
-    entry!(vnni_dot4_q6_k, avx_vnni::dot4_q6_k, BlockQ6K32, 4);
-    entry!(vnni_rows4_q6_k, avx_vnni::rows4_q6_k, BlockQ6K32, rows);
-}
+row_kernels!(BlockQ4_1, rows4_q4_1);
+row_kernels!(BlockQ4K32, rows4_q4_k);
+row_kernels!(BlockQ5_0, rows4_q5_0);
+row_kernels!(BlockQ8_0, rows4_q8_0);
+row_kernels!(BlockQ6K32, rows4_q6_k);

@@ -7,16 +7,19 @@
 //! their sub-block scales multiplied out, and run on the same kernels (Q4_K
 //! on Q4_1's); other types go through candle's `QMatMul`.
 //!
-//! The kernels are chosen at run time from the CPU's features (`CpuLevel`):
-//! AVX-512 VNNI (two blocks per vector), AVX-VNNI or AVX2 (one block per
-//! vector), or the scalar reference they are all tested against.
+//! A prompt's rows run on prefill panels (`panel`): eight weight rows
+//! interleaved, integer sums kept per row for a whole block. A decode step's
+//! single row runs on row kernels, four weight rows at a time. Both add the
+//! same exact integer block sums with the same scales in the same order
+//! (`blocks::accumulate`), so every path and every CPU level gives the same
+//! bits. The kernels are chosen at run time from the CPU's features
+//! (`CpuLevel`); the scalar reference is what they are all tested against.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 mod blocks;
 mod level;
+mod panel;
 
 use std::borrow::Cow;
 
@@ -29,6 +32,8 @@ use blocks::{
     SUPER_BLOCK, quantize_block,
 };
 pub use level::CpuLevel;
+use level::RowKernels;
+use panel::{PANEL_COLUMNS, Panels};
 
 /// Weight rows one task computes (for every activation row).
 const ROWS_PER_TASK: usize = 32;
@@ -47,6 +52,8 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     storage: Storage,
+    /// The rows interleaved for products of several activation rows (prompts).
+    panels: Option<Panels>,
 }
 
 fn blocks_from_bytes<T: Copy>(bytes: &[u8]) -> Vec<T> {
@@ -80,7 +87,25 @@ impl QuantMatrix {
             rows,
             cols,
             storage,
+            panels: None,
         })
+    }
+
+    /// Adds prefill panels (about 1.6 bytes a weight more): products of
+    /// `PANEL_COLUMNS` activation rows or more then run on the panel
+    /// kernels. Matrices candle computes are left as they are.
+    pub fn with_panels(mut self) -> Self {
+        let per_row = self.cols / BLOCK;
+        let rows = self.rows;
+        self.panels = match &self.storage {
+            Storage::Q4_1(b) => Some(Panels::build(b, rows, per_row)),
+            Storage::Q5_0(b) => Some(Panels::build(b, rows, per_row)),
+            Storage::Q8_0(b) => Some(Panels::build(b, rows, per_row)),
+            Storage::Q4K(b) => Some(Panels::build(b, rows, per_row)),
+            Storage::Q6K(b) => Some(Panels::build(b, rows, per_row)),
+            Storage::Candle(_) => None,
+        };
+        self
     }
 
     /// Width of the input.
@@ -184,22 +209,38 @@ impl QuantMatrix {
         if m == 0 {
             return Ok(Vec::new());
         }
+        if m >= PANEL_COLUMNS
+            && let Some(panels) = &self.panels
+            && let Some(kernel) = panels.kernel(level)
+        {
+            let activations: Vec<ActivationBlock> =
+                x.chunks_exact(BLOCK).map(quantize_block).collect();
+            return Ok(panels.product(kernel, &activations, m));
+        }
         match &self.storage {
             Storage::Candle(weight) => {
                 let input = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 weight.forward(&input)?.flatten_all()?.to_vec1()
             }
-            Storage::Q4_1(blocks) => Ok(self.product(blocks, x, m, level.q4())),
-            Storage::Q4K(blocks) => Ok(self.product(blocks, x, m, level.q4())),
-            Storage::Q6K(blocks) => Ok(self.product(blocks, x, m, level.q6_k())),
-            Storage::Q5_0(blocks) => Ok(self.product(blocks, x, m, level.q5_0())),
-            Storage::Q8_0(blocks) => Ok(self.product(blocks, x, m, level.q8_0())),
+            Storage::Q4_1(blocks) => Ok(self.product(blocks, x, m, level)),
+            Storage::Q4K(blocks) => Ok(self.product(blocks, x, m, level)),
+            Storage::Q6K(blocks) => Ok(self.product(blocks, x, m, level)),
+            Storage::Q5_0(blocks) => Ok(self.product(blocks, x, m, level)),
+            Storage::Q8_0(blocks) => Ok(self.product(blocks, x, m, level)),
         }
     }
 
-    fn product<B: Sync>(&self, weights: &[B], x: &[f32], m: usize, kernel: Kernel<B>) -> Vec<f32> {
+    /// Row by row: four weight rows against each activation row in turn.
+    fn product<B: RowKernels>(
+        &self,
+        weights: &[B],
+        x: &[f32],
+        m: usize,
+        level: CpuLevel,
+    ) -> Vec<f32> {
         let per_row = self.cols / BLOCK;
         let activations: Vec<ActivationBlock> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let rows4 = B::rows4(level);
         // Computed transposed ([rows, m]) so that each task writes one
         // contiguous run, then turned around.
         let mut transposed = vec![0f32; self.rows * m];
@@ -208,51 +249,24 @@ impl QuantMatrix {
             .enumerate()
             .for_each(|(task, out)| {
                 let first_row = task * ROWS_PER_TASK;
-                if m == 1
-                    && let Some(rows4) = kernel.rows4
-                {
-                    let rows = &weights[first_row * per_row..];
-                    let done = out.len() / 4 * 4;
-                    let mut quads = out.chunks_exact_mut(4);
-                    for (quad, values) in (&mut quads).enumerate() {
-                        values.copy_from_slice(&rows4(
-                            &rows[quad * 4 * per_row..],
-                            per_row,
-                            &activations,
-                        ));
-                    }
-                    for (offset, value) in quads.into_remainder().iter_mut().enumerate() {
-                        let row = &rows[(done + offset) * per_row..][..per_row];
-                        *value = (kernel.dot)(row, &activations);
-                    }
-                    return;
-                }
-                for (offset, row_out) in out.chunks_exact_mut(m).enumerate() {
-                    let row = &weights[(first_row + offset) * per_row..][..per_row];
-                    let activation = |i: usize| &activations[i * per_row..][..per_row];
-                    // Four activation rows share each unpacked weight block.
-                    let mut quads = row_out.chunks_exact_mut(4);
-                    let mut i = 0;
-                    if let Some(dot4) = kernel.dot4 {
-                        for quad in &mut quads {
-                            quad.copy_from_slice(&dot4(
-                                row,
-                                [
-                                    activation(i),
-                                    activation(i + 1),
-                                    activation(i + 2),
-                                    activation(i + 3),
-                                ],
-                            ));
-                            i += 4;
-                        }
-                        for value in quads.into_remainder() {
-                            *value = (kernel.dot)(row, activation(i));
-                            i += 1;
-                        }
-                    } else {
-                        for (i, value) in row_out.iter_mut().enumerate() {
-                            *value = (kernel.dot)(row, activation(i));
+                let rows_here = out.len() / m;
+                for quad in (0..rows_here).step_by(4) {
+                    let at = (first_row + quad) * per_row;
+                    for i in 0..m {
+                        let activation = &activations[i * per_row..][..per_row];
+                        match rows4 {
+                            Some(rows4) if quad + 4 <= rows_here => {
+                                let values = rows4(&weights[at..], per_row, activation);
+                                for (r, value) in values.into_iter().enumerate() {
+                                    out[(quad + r) * m + i] = value;
+                                }
+                            }
+                            _ => {
+                                for r in quad..(quad + 4).min(rows_here) {
+                                    let row = &weights[(first_row + r) * per_row..][..per_row];
+                                    out[r * m + i] = blocks::dot(row, activation);
+                                }
+                            }
                         }
                     }
                 }
@@ -289,14 +303,14 @@ impl ProjectionGroup {
                 .map(|p| p.shape().dims2().map(|(rows, _)| rows))
                 .collect::<candle_core::Result<_>>()?;
             return Ok(Self::Stacked {
-                matrix: QuantMatrix::stack(parts)?,
+                matrix: QuantMatrix::stack(parts)?.with_panels(),
                 widths,
             });
         }
         Ok(Self::Separate(
             parts
                 .into_iter()
-                .map(QuantMatrix::new)
+                .map(|p| QuantMatrix::new(p).map(QuantMatrix::with_panels))
                 .collect::<candle_core::Result<_>>()?,
         ))
     }
@@ -331,20 +345,9 @@ impl ProjectionGroup {
     }
 }
 
-/// A weight row against four activation rows at once.
-type Dot4<B> = fn(&[B], [&[ActivationBlock]; 4]) -> [f32; 4];
 /// Four weight rows (one after the other, `per_row` blocks each) against
 /// one activation row.
 type Rows4<B> = fn(&[B], usize, &[ActivationBlock]) -> [f32; 4];
-
-/// A weight row against one activation row, and optionally against four
-/// (prefill), or four weight rows against one (decode). Every variant sums
-/// a row exactly as `dot` does.
-struct Kernel<B> {
-    dot: fn(&[B], &[ActivationBlock]) -> f32,
-    dot4: Option<Dot4<B>>,
-    rows4: Option<Rows4<B>>,
-}
 
 #[cfg(test)]
 mod tests {
@@ -377,9 +380,9 @@ mod tests {
     }
 
     /// Q4_K and Q6_K repacked at load hold exactly the values candle
-    /// dequantizes from the file's blocks; every kernel level computes what
-    /// the scalar reference computes, which is what candle's own K-quant
-    /// product computes (within the activations' quantization).
+    /// dequantizes from the file's blocks; every kernel level computes the
+    /// scalar reference's bits, which is what candle's own K-quant product
+    /// computes (within the activations' quantization).
     #[test]
     fn k_quants_repack_exactly_and_every_kernel_level_matches() {
         let levels: Vec<CpuLevel> = CpuLevel::ALL
@@ -424,13 +427,12 @@ mod tests {
                 }
                 for &level in &levels {
                     let got = ours.matmul_with(level, &x, m).unwrap();
-                    for (g, r) in got.iter().zip(&reference) {
-                        assert!(
-                            (g - r).abs() <= 1e-5 * r.abs().max(1.0),
-                            "{dtype:?} {} ({cols} columns): {g} vs scalar {r}",
-                            level.name()
-                        );
-                    }
+                    assert_eq!(
+                        got,
+                        reference,
+                        "{dtype:?} {} ({cols} columns)",
+                        level.name()
+                    );
                     let alone = ours.matmul_with(level, &x[cols..2 * cols], 1).unwrap();
                     assert_eq!(alone, got[rows..2 * rows], "{dtype:?} {}", level.name());
                 }
@@ -438,12 +440,51 @@ mod tests {
         }
     }
 
-    /// Every kernel level this CPU runs computes what the scalar reference
-    /// computes (the same integer dot products, summed in another order),
-    /// and that is what candle's reference implementation computes from the
-    /// same quantized weights (within the activation quantization). Five
-    /// blocks a row (an odd number) and six activation rows exercise the
-    /// AVX-512 kernels' last block and the four-row kernels' remainder.
+    /// The panel kernels of every level compute the row-by-row scalar
+    /// reference's bits, for every type, with a partial last row group and
+    /// a partial last group of activation rows.
+    #[test]
+    fn panel_products_match_the_row_reference_at_every_level() {
+        let (rows, cols, m) = (70, 256, 6);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3 + (i % 7) as f32 * 0.01)
+            .collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0)
+            .collect();
+        let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let quantized = || QTensor::quantize(&weight, dtype).unwrap();
+            let rows_only = QuantMatrix::new(quantized()).unwrap();
+            let reference = rows_only.matmul_with(CpuLevel::Scalar, &x, m).unwrap();
+            let with_panels = QuantMatrix::new(quantized()).unwrap().with_panels();
+            let panels = with_panels.panels.as_ref().unwrap();
+            for level in CpuLevel::ALL.into_iter().filter(|l| l.supported()) {
+                let Some(kernel) = panels.kernel(level) else {
+                    eprintln!("{dtype:?}: no panel kernel at {}", level.name());
+                    continue;
+                };
+                let activations: Vec<ActivationBlock> =
+                    x.chunks_exact(BLOCK).map(quantize_block).collect();
+                let got = panels.product(kernel, &activations, m);
+                assert_eq!(got, reference, "{dtype:?} panels at {}", level.name());
+            }
+            // matmul takes the panels from four activation rows on.
+            assert_eq!(with_panels.matmul(&x, m).unwrap(), reference, "{dtype:?}");
+        }
+    }
+
+    /// Every kernel level this CPU runs computes the scalar reference's bits
+    /// (the same exact integer block sums, added in the same order), and
+    /// that is what candle's reference implementation computes from the same
+    /// quantized weights (within the activation quantization). 70 rows and
+    /// six activation rows exercise the four-row kernels' remainder.
     #[test]
     fn every_kernel_level_matches_the_scalar_reference_and_candle() {
         let levels: Vec<CpuLevel> = CpuLevel::ALL
@@ -486,13 +527,12 @@ mod tests {
                 }
                 for &level in &levels {
                     let got = ours.matmul_with(level, &x, m).unwrap();
-                    for (g, r) in got.iter().zip(&reference) {
-                        assert!(
-                            (g - r).abs() <= 1e-5 * r.abs().max(1.0),
-                            "{dtype:?} {} ({cols} columns): {g} vs scalar {r}",
-                            level.name()
-                        );
-                    }
+                    assert_eq!(
+                        got,
+                        reference,
+                        "{dtype:?} {} ({cols} columns)",
+                        level.name()
+                    );
                     // One activation row alone gives what it gives among six.
                     let alone = ours.matmul_with(level, &x[cols..2 * cols], 1).unwrap();
                     assert_eq!(alone, got[rows..2 * rows], "{dtype:?} {}", level.name());
