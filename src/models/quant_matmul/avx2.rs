@@ -105,18 +105,35 @@ macro_rules! kernels_256 {
             ) -> __m128 {
                 let (low, high) = halves4(sums);
                 let ad = _mm_set1_ps(a.d);
-                let d = w.map(|w| w.d());
-                let d0 = _mm_mul_ps(_mm_setr_ps(d[0][0], d[1][0], d[2][0], d[3][0]), ad);
+                // f16 scales and offsets: four blocks' converted at once,
+                // [d0 m0 d1 m1 ...] reordered to [d0 d1 d2 d3 m0 m1 m2 m3].
+                let halves = B::HALF_SCALES.then(|| {
+                    let bits = w.map(|w| w.half_scales() as i32);
+                    let both = _mm256_cvtph_ps(_mm_setr_epi32(bits[0], bits[1], bits[2], bits[3]));
+                    _mm256_permutevar8x32_ps(both, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
+                });
+                let d0 = match halves {
+                    Some(halves) => _mm256_castps256_ps128(halves),
+                    None => {
+                        let d = w.map(|w| w.d()[0]);
+                        _mm_setr_ps(d[0], d[1], d[2], d[3])
+                    }
+                };
+                let d0 = _mm_mul_ps(d0, ad);
                 let mut totals = totals;
                 if B::SPLIT {
-                    let d1 = _mm_mul_ps(_mm_setr_ps(d[0][1], d[1][1], d[2][1], d[3][1]), ad);
+                    let d = w.map(|w| w.d()[1]);
+                    let d1 = _mm_mul_ps(_mm_setr_ps(d[0], d[1], d[2], d[3]), ad);
                     totals = _mm_fmadd_ps(d0, _mm_cvtepi32_ps(low), totals);
                     totals = _mm_fmadd_ps(d1, _mm_cvtepi32_ps(high), totals);
                 } else {
                     totals = _mm_fmadd_ps(d0, _mm_cvtepi32_ps(_mm_add_epi32(low, high)), totals);
                 }
                 if B::OFFSET {
-                    let m = _mm_setr_ps(w[0].m(), w[1].m(), w[2].m(), w[3].m());
+                    let m = match halves {
+                        Some(halves) => _mm256_extractf128_ps(halves, 1),
+                        None => _mm_setr_ps(w[0].m(), w[1].m(), w[2].m(), w[3].m()),
+                    };
                     totals = _mm_fmadd_ps(m, _mm_set1_ps(a.s), totals);
                 }
                 totals
@@ -174,13 +191,11 @@ macro_rules! kernels_256 {
     };
 }
 
-kernels_256!(avx2, "avx2,fma", |u, s| _mm256_madd_epi16(
+kernels_256!(avx2, "avx2,fma,f16c", |u, s| _mm256_madd_epi16(
     _mm256_maddubs_epi16(u, s),
     _mm256_set1_epi16(1)
 ));
 
-kernels_256!(
-    avx_vnni,
-    "avx2,fma,avxvnni",
-    |u, s| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
-);
+kernels_256!(avx_vnni, "avx2,fma,f16c,avxvnni", |u, s| {
+    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+});

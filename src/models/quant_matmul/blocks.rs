@@ -227,6 +227,12 @@ pub trait QuantBlock: Copy + Sync + Send {
     /// Scales of the two halves (equal unless `SPLIT`).
     fn d(&self) -> [f32; 2];
     fn m(&self) -> f32;
+    /// Blocks whose scale (and offset) are f16: their bits, `d | m << 16`,
+    /// for kernels that convert four blocks' at once.
+    const HALF_SCALES: bool = false;
+    fn half_scales(&self) -> u32 {
+        0
+    }
 }
 
 fn nibble_integers(qs: &[u8; 16]) -> [i8; BLOCK] {
@@ -242,6 +248,11 @@ fn nibble_integers(qs: &[u8; 16]) -> [i8; BLOCK] {
 impl QuantBlock for BlockQ4_1 {
     const SPLIT: bool = false;
     const OFFSET: bool = true;
+    const HALF_SCALES: bool = true;
+    #[inline(always)]
+    fn half_scales(&self) -> u32 {
+        self.d.to_bits() as u32 | (self.m.to_bits() as u32) << 16
+    }
     fn integers(&self) -> [i8; BLOCK] {
         nibble_integers(&self.qs)
     }
@@ -274,6 +285,11 @@ impl QuantBlock for BlockQ4K32 {
 impl QuantBlock for BlockQ5_0 {
     const SPLIT: bool = false;
     const OFFSET: bool = false;
+    const HALF_SCALES: bool = true;
+    #[inline(always)]
+    fn half_scales(&self) -> u32 {
+        self.d.to_bits() as u32
+    }
     fn integers(&self) -> [i8; BLOCK] {
         let high = u32::from_le_bytes(self.qh);
         let low = nibble_integers(&self.qs);
@@ -292,6 +308,11 @@ impl QuantBlock for BlockQ5_0 {
 impl QuantBlock for BlockQ8_0 {
     const SPLIT: bool = false;
     const OFFSET: bool = false;
+    const HALF_SCALES: bool = true;
+    #[inline(always)]
+    fn half_scales(&self) -> u32 {
+        self.d.to_bits() as u32
+    }
     fn integers(&self) -> [i8; BLOCK] {
         self.qs
     }
