@@ -226,7 +226,10 @@ pub trait QuantBlock: Copy + Sync + Send {
     fn integers(&self) -> [i8; BLOCK];
     /// Scales of the two halves (equal unless `SPLIT`).
     fn d(&self) -> [f32; 2];
-    fn m(&self) -> f32;
+    /// The offset (`OFFSET` types only).
+    fn m(&self) -> f32 {
+        0.0
+    }
     /// Blocks whose scale (and offset) are f16: their bits, `d | m << 16`,
     /// for kernels that convert four blocks' at once.
     const HALF_SCALES: bool = false;
@@ -299,10 +302,6 @@ impl QuantBlock for BlockQ5_0 {
     fn d(&self) -> [f32; 2] {
         [self.d.to_f32(); 2]
     }
-    #[inline(always)]
-    fn m(&self) -> f32 {
-        0.0
-    }
 }
 
 impl QuantBlock for BlockQ8_0 {
@@ -320,10 +319,6 @@ impl QuantBlock for BlockQ8_0 {
     fn d(&self) -> [f32; 2] {
         [self.d.to_f32(); 2]
     }
-    #[inline(always)]
-    fn m(&self) -> f32 {
-        0.0
-    }
 }
 
 impl QuantBlock for BlockQ6K32 {
@@ -335,10 +330,6 @@ impl QuantBlock for BlockQ6K32 {
     #[inline(always)]
     fn d(&self) -> [f32; 2] {
         self.d
-    }
-    #[inline(always)]
-    fn m(&self) -> f32 {
-        0.0
     }
 }
 

@@ -355,6 +355,53 @@ mod tests {
 
     use super::*;
 
+    /// Every level this CPU runs gives `reference`'s bits, and one
+    /// activation row alone gives what it gives among the others.
+    fn assert_every_level_gives(matrix: &QuantMatrix, x: &[f32], m: usize, reference: &[f32]) {
+        let (rows, cols) = (matrix.rows, matrix.cols);
+        for level in CpuLevel::ALL.into_iter().filter(|l| l.supported()) {
+            let got = matrix.matmul_with(level, x, m).unwrap();
+            assert_eq!(got, reference, "{} ({cols} columns)", level.name());
+            let alone = matrix.matmul_with(level, &x[cols..2 * cols], 1).unwrap();
+            assert_eq!(alone, got[rows..2 * rows], "{} alone", level.name());
+        }
+    }
+
+    /// Weights with every quant value in use, not symmetric about zero.
+    fn test_weights(rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3 + (i % 7) as f32 * 0.01)
+            .collect()
+    }
+
+    fn test_activations(m: usize, cols: usize) -> Vec<f32> {
+        (0..m * cols)
+            .map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0)
+            .collect()
+    }
+
+    /// candle's own quantized product of `input` with `weight` as `dtype`.
+    fn candle_product(weight: &Tensor, input: &Tensor, dtype: GgmlDType) -> Vec<f32> {
+        QMatMul::from_qtensor(QTensor::quantize(weight, dtype).unwrap())
+            .unwrap()
+            .forward(input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Within the activations' quantization of candle's own product.
+    fn assert_near_candle(ours: &[f32], candle: &[f32], dtype: GgmlDType) {
+        for (g, e) in ours.iter().zip(candle) {
+            assert!(
+                (g - e).abs() < 2e-2 * e.abs().max(1.0),
+                "{dtype:?}: {g} vs candle {e}"
+            );
+        }
+    }
+
     /// The matrix's values as the repacked blocks hold them.
     fn repacked_values(matrix: &QuantMatrix) -> Vec<f32> {
         match &matrix.storage {
@@ -385,18 +432,9 @@ mod tests {
     /// computes (within the activations' quantization).
     #[test]
     fn k_quants_repack_exactly_and_every_kernel_level_matches() {
-        let levels: Vec<CpuLevel> = CpuLevel::ALL
-            .into_iter()
-            .filter(|l| l.supported())
-            .collect();
         for cols in [256, 768] {
             let (rows, m) = (70, 6);
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3 + (i % 7) as f32 * 0.01)
-                .collect();
-            let x: Vec<f32> = (0..m * cols)
-                .map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0)
-                .collect();
+            let (w, x) = (test_weights(rows, cols), test_activations(m, cols));
             let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
             let input = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
             for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
@@ -408,34 +446,12 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let candle = QMatMul::from_qtensor(QTensor::quantize(&weight, dtype).unwrap())
-                    .unwrap()
-                    .forward(&input)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let candle = candle_product(&weight, &input, dtype);
                 let ours = QuantMatrix::new(q).unwrap();
                 assert_eq!(repacked_values(&ours), dequantized, "{dtype:?} repack");
                 let reference = ours.matmul_with(CpuLevel::Scalar, &x, m).unwrap();
-                for (g, e) in reference.iter().zip(&candle) {
-                    assert!(
-                        (g - e).abs() < 2e-2 * e.abs().max(1.0),
-                        "{dtype:?}: {g} vs candle {e}"
-                    );
-                }
-                for &level in &levels {
-                    let got = ours.matmul_with(level, &x, m).unwrap();
-                    assert_eq!(
-                        got,
-                        reference,
-                        "{dtype:?} {} ({cols} columns)",
-                        level.name()
-                    );
-                    let alone = ours.matmul_with(level, &x[cols..2 * cols], 1).unwrap();
-                    assert_eq!(alone, got[rows..2 * rows], "{dtype:?} {}", level.name());
-                }
+                assert_near_candle(&reference, &candle, dtype);
+                assert_every_level_gives(&ours, &x, m, &reference);
             }
         }
     }
@@ -446,12 +462,7 @@ mod tests {
     #[test]
     fn panel_products_match_the_row_reference_at_every_level() {
         let (rows, cols, m) = (70, 256, 6);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3 + (i % 7) as f32 * 0.01)
-            .collect();
-        let x: Vec<f32> = (0..m * cols)
-            .map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0)
-            .collect();
+        let (w, x) = (test_weights(rows, cols), test_activations(m, cols));
         let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
         for dtype in [
             GgmlDType::Q4_1,
@@ -510,33 +521,10 @@ mod tests {
                 assert!(!matches!(ours.storage, Storage::Candle(_)));
                 let reference = ours.matmul_with(CpuLevel::Scalar, &x, m).unwrap();
                 if (cols / BLOCK).is_multiple_of(2) {
-                    let candle = QMatMul::from_qtensor(QTensor::quantize(&weight, dtype).unwrap())
-                        .unwrap()
-                        .forward(&input)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap();
-                    for (g, e) in reference.iter().zip(&candle) {
-                        assert!(
-                            (g - e).abs() < 2e-2 * e.abs().max(1.0),
-                            "{dtype:?}: {g} vs candle {e}"
-                        );
-                    }
+                    let candle = candle_product(&weight, &input, dtype);
+                    assert_near_candle(&reference, &candle, dtype);
                 }
-                for &level in &levels {
-                    let got = ours.matmul_with(level, &x, m).unwrap();
-                    assert_eq!(
-                        got,
-                        reference,
-                        "{dtype:?} {} ({cols} columns)",
-                        level.name()
-                    );
-                    // One activation row alone gives what it gives among six.
-                    let alone = ours.matmul_with(level, &x[cols..2 * cols], 1).unwrap();
-                    assert_eq!(alone, got[rows..2 * rows], "{dtype:?} {}", level.name());
-                }
+                assert_every_level_gives(&ours, &x, m, &reference);
             }
         }
     }
