@@ -166,8 +166,10 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
     if options.merge.is_some() && !merges {
         bail!("merging an adapter into a GGUF base needs a llama model on the CPU");
     }
-    let (weights, implementation_limit) = match architecture.as_str() {
-        "llama" | "gemma3" if options.device.is_cpu() => {
+    // The CPU runs qpai's own decoder; accelerators run candle's models.
+    let own_decoder = Architecture::from_name(&architecture).filter(|_| options.device.is_cpu());
+    let (weights, implementation_limit) = match (architecture.as_str(), own_decoder) {
+        (_, Some(decoder)) => {
             let positions = [file_context, options.max_context]
                 .into_iter()
                 .flatten()
@@ -176,7 +178,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
             let weights = GgufDecoder::from_gguf(
                 &content,
                 &mut file,
-                Architecture::from_name(&architecture).unwrap_or(Architecture::Llama),
+                decoder,
                 positions,
                 options.merge.as_deref(),
                 options.kv_cache,
@@ -185,7 +187,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
             (Weights::GgufDecoder(Arc::new(weights)), positions)
         }
         // Accelerators: candle's own quantized llama (tensor ops on the device).
-        "llama" => (
+        ("llama", None) => (
             Weights::QuantizedLlama(Box::new(quantized_llama::ModelWeights::from_gguf(
                 content,
                 &mut file,
@@ -194,7 +196,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
             quantized_llama::MAX_SEQ_LEN,
         ),
         // Accelerators: candle tensor ops on the device.
-        "gemma3" => {
+        ("gemma3", None) => {
             // Rotary tables are sized to the context actually served.
             let positions = [file_context, options.max_context]
                 .into_iter()
@@ -206,7 +208,9 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
             let positions = weights.max_positions();
             (Weights::Gemma3(Arc::new(weights)), positions)
         }
-        other => bail!("GGUF architecture `{other}` is not supported (supported: llama, gemma3)"),
+        (other, None) => {
+            bail!("GGUF architecture `{other}` is not supported (supported: llama, gemma3)")
+        }
     };
     let chat_template = template_source
         .map(|source| {

@@ -26,6 +26,12 @@ fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + (-2.0 * u).exp())
 }
 
+/// The positions a query at `position` sees: all before it and itself, or
+/// only the last `window` of them.
+fn visible(position: usize, window: Option<usize>) -> std::ops::Range<usize> {
+    window.map_or(0, |w| (position + 1).saturating_sub(w))..position + 1
+}
+
 impl GgufDecoder {
     /// RMS norm of each `width`-long run of `x`, in place.
     fn rms_norm_in_place(&self, x: &mut [f32], weight: &[f32]) {
@@ -121,9 +127,8 @@ impl GgufDecoder {
         let work = |(index, out): (usize, &mut [f32])| {
             let (row, head) = (&rows[index / n_head], index % n_head);
             // The slots of the positions it sees, through the block table.
-            let first = window.map_or(0, |w| (row.position + 1).saturating_sub(w));
             let table = tables[row.seq];
-            let slots = (first..=row.position)
+            let slots = visible(row.position, window)
                 .map(|p| table[p / block_tokens] as usize * block_tokens + p % block_tokens);
             let kv = head / group;
             let query = &q[index * hd..][..hd];
@@ -142,10 +147,7 @@ impl GgufDecoder {
             }
         };
         // Share the work once it outweighs handing it to the thread pool.
-        let scores: usize = rows
-            .iter()
-            .map(|r| window.map_or(r.position + 1, |w| w.min(r.position + 1)))
-            .sum();
+        let scores: usize = rows.iter().map(|r| visible(r.position, window).len()).sum();
         if scores < PARALLEL_ATTENTION_MIN_SCORES {
             out.chunks_exact_mut(hd).enumerate().for_each(work);
         } else {

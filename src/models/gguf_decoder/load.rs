@@ -67,7 +67,8 @@ fn check_adapter(
 
 impl GgufDecoder {
     /// Loads the weights, with `merge`'s adapter merged into them when
-    /// given (llama only); rotary tables cover `positions` positions.
+    /// given (the loader allows that for llama only); rotary tables cover
+    /// `positions` positions.
     pub fn from_gguf<R: Read + Seek>(
         ct: &gguf_file::Content,
         reader: &mut R,
@@ -103,9 +104,6 @@ impl GgufDecoder {
                 "unsupported {arch} head layout ({n_head} heads, {n_kv_head} KV heads, rope dims {rope_dim}, head dim {head_dim})"
             );
         }
-        if merge.is_some() && architecture != Architecture::Llama {
-            candle_core::bail!("merging an adapter at load needs a llama base");
-        }
         let heads = HeadLayout {
             n_head,
             n_kv_head,
@@ -139,25 +137,19 @@ impl GgufDecoder {
         let (vocab, _) = embedding_q.shape().dims2()?;
         // Tied embeddings are the output projection's rows; a table of its
         // own stays quantized too; types candle computes are dequantized.
-        let (output, embedding) = match tensor("output.weight") {
-            Ok(output) => {
-                let table = QuantMatrix::new(embedding_q)?;
-                let embedding = if table.dequantizes_rows() {
-                    Embedding::Quantized(table)
-                } else {
-                    Embedding::Dense(vector(&tensor("token_embd.weight")?)?)
-                };
-                (QuantMatrix::new(output)?, embedding)
-            }
-            Err(_) => {
-                let output = QuantMatrix::new(embedding_q)?;
-                let embedding = if output.dequantizes_rows() {
-                    Embedding::Output
-                } else {
-                    Embedding::Dense(vector(&tensor("token_embd.weight")?)?)
-                };
-                (output, embedding)
-            }
+        let table = QuantMatrix::new(embedding_q)?;
+        let dense = match table.dequantizes_rows() {
+            true => None,
+            false => Some(vector(&tensor("token_embd.weight")?)?),
+        };
+        let (output, own_table) = match tensor("output.weight") {
+            Ok(output) => (QuantMatrix::new(output)?, Some(table)),
+            Err(_) => (table, None),
+        };
+        let embedding = match (dense, own_table) {
+            (Some(values), _) => Embedding::Dense(values),
+            (None, Some(table)) => Embedding::Quantized(table),
+            (None, None) => Embedding::Output,
         };
         let norm = vector(&tensor("output_norm.weight")?)?;
         let gemma = architecture == Architecture::Gemma3;

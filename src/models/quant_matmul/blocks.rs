@@ -51,66 +51,6 @@ pub struct BlockQ6K32 {
     pub qs: [i8; 32],
 }
 
-/// A block's 32 values in f32, computed as ggml (and candle) dequantize them.
-pub trait Dequantize {
-    fn values(&self) -> [f32; BLOCK];
-}
-
-impl Dequantize for BlockQ4_1 {
-    fn values(&self) -> [f32; BLOCK] {
-        let (d, m) = (self.d.to_f32(), self.m.to_f32());
-        std::array::from_fn(|j| {
-            let q = if j < 16 {
-                self.qs[j] & 0x0F
-            } else {
-                self.qs[j - 16] >> 4
-            };
-            q as f32 * d + m
-        })
-    }
-}
-
-impl Dequantize for BlockQ5_0 {
-    fn values(&self) -> [f32; BLOCK] {
-        let (d, high) = (self.d.to_f32(), u32::from_le_bytes(self.qh));
-        std::array::from_fn(|j| {
-            let low = if j < 16 {
-                self.qs[j] & 0x0F
-            } else {
-                self.qs[j - 16] >> 4
-            };
-            let q = low as i32 | (((high >> j) & 1) << 4) as i32;
-            (q - 16) as f32 * d
-        })
-    }
-}
-
-impl Dequantize for BlockQ8_0 {
-    fn values(&self) -> [f32; BLOCK] {
-        let d = self.d.to_f32();
-        std::array::from_fn(|j| self.qs[j] as f32 * d)
-    }
-}
-
-impl Dequantize for BlockQ4K32 {
-    fn values(&self) -> [f32; BLOCK] {
-        std::array::from_fn(|j| {
-            let q = if j < 16 {
-                self.qs[j] & 0x0F
-            } else {
-                self.qs[j - 16] >> 4
-            };
-            self.d * q as f32 + self.m
-        })
-    }
-}
-
-impl Dequantize for BlockQ6K32 {
-    fn values(&self) -> [f32; BLOCK] {
-        std::array::from_fn(|j| self.d[j / 16] * self.qs[j] as f32)
-    }
-}
-
 /// Values per K-quant super-block.
 pub const SUPER_BLOCK: usize = 256;
 const Q4_K_BYTES: usize = 144;
@@ -229,6 +169,15 @@ pub trait QuantBlock: Copy + Sync + Send {
     /// The offset (`OFFSET` types only).
     fn m(&self) -> f32 {
         0.0
+    }
+    /// The block's values in f32, computed as ggml (and candle)
+    /// dequantize them: `d * q`, plus `m` for `OFFSET` types.
+    fn values(&self) -> [f32; BLOCK] {
+        let (q, d, m) = (self.integers(), self.d(), self.m());
+        std::array::from_fn(|j| {
+            let value = d[j / 16] * q[j] as f32;
+            if Self::OFFSET { value + m } else { value }
+        })
     }
     /// Blocks whose scale (and offset) are f16: their bits, `d | m << 16`,
     /// for kernels that convert four blocks' at once.

@@ -28,7 +28,7 @@ use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use blocks::{
-    ActivationBlock, BLOCK, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, Dequantize,
+    ActivationBlock, BLOCK, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, QuantBlock,
     SUPER_BLOCK, quantize_block,
 };
 pub use level::CpuLevel;
@@ -45,6 +45,21 @@ enum Storage {
     Q4K(Vec<BlockQ4K32>),
     Q6K(Vec<BlockQ6K32>),
     Candle(QMatMul),
+}
+
+/// `$body` with `$blocks` bound to the storage's own blocks, whatever their
+/// type; `$candle` (with candle's matrix as `$weight`) for the others.
+macro_rules! on_blocks {
+    ($storage:expr, $blocks:ident => $body:expr, candle $weight:pat => $candle:expr) => {
+        match $storage {
+            Storage::Q4_1($blocks) => $body,
+            Storage::Q5_0($blocks) => $body,
+            Storage::Q8_0($blocks) => $body,
+            Storage::Q4K($blocks) => $body,
+            Storage::Q6K($blocks) => $body,
+            Storage::Candle($weight) => $candle,
+        }
+    };
 }
 
 /// A `[rows, cols]` weight matrix used as `x @ W^T`.
@@ -97,14 +112,9 @@ impl QuantMatrix {
     pub fn with_panels(mut self) -> Self {
         let per_row = self.cols / BLOCK;
         let rows = self.rows;
-        self.panels = match &self.storage {
-            Storage::Q4_1(b) => Some(Panels::build(b, rows, per_row)),
-            Storage::Q5_0(b) => Some(Panels::build(b, rows, per_row)),
-            Storage::Q8_0(b) => Some(Panels::build(b, rows, per_row)),
-            Storage::Q4K(b) => Some(Panels::build(b, rows, per_row)),
-            Storage::Q6K(b) => Some(Panels::build(b, rows, per_row)),
-            Storage::Candle(_) => None,
-        };
+        self.panels = on_blocks!(&self.storage,
+            b => Some(Panels::build(b, rows, per_row)),
+            candle _ => None);
         self
     }
 
@@ -139,34 +149,23 @@ impl QuantMatrix {
     /// Appends row `row` in f32 (a token embedding looked up in a quantized
     /// table); false for matrices candle computes, or a row out of range.
     pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) -> bool {
-        fn append<B: Dequantize>(blocks: &[B], row: usize, per_row: usize, out: &mut Vec<f32>) {
-            for block in &blocks[row * per_row..(row + 1) * per_row] {
+        fn append<B: QuantBlock>(blocks: &[B], out: &mut Vec<f32>) -> bool {
+            for block in blocks {
                 out.extend_from_slice(&block.values());
             }
+            true
         }
         if row >= self.rows {
             return false;
         }
         let per_row = self.cols / BLOCK;
-        match &self.storage {
-            Storage::Q4_1(b) => append(b, row, per_row, out),
-            Storage::Q5_0(b) => append(b, row, per_row, out),
-            Storage::Q8_0(b) => append(b, row, per_row, out),
-            Storage::Q4K(b) => append(b, row, per_row, out),
-            Storage::Q6K(b) => append(b, row, per_row, out),
-            Storage::Candle(_) => return false,
-        }
-        true
+        let range = row * per_row..(row + 1) * per_row;
+        on_blocks!(&self.storage, b => append(&b[range], out), candle _ => false)
     }
 
     /// Whether `dequantize_row` can look rows up (own block types).
     pub fn dequantizes_rows(&self) -> bool {
         !matches!(self.storage, Storage::Candle(_))
-    }
-
-    /// Rows (outputs) of the matrix.
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     /// `x [..., cols] -> [..., rows]` on tensors (for models written with
@@ -217,17 +216,13 @@ impl QuantMatrix {
                 x.chunks_exact(BLOCK).map(quantize_block).collect();
             return Ok(panels.product(kernel, &activations, m));
         }
-        match &self.storage {
-            Storage::Candle(weight) => {
-                let input = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
-                weight.forward(&input)?.flatten_all()?.to_vec1()
-            }
-            Storage::Q4_1(blocks) => Ok(self.product(blocks, x, m, level)),
-            Storage::Q4K(blocks) => Ok(self.product(blocks, x, m, level)),
-            Storage::Q6K(blocks) => Ok(self.product(blocks, x, m, level)),
-            Storage::Q5_0(blocks) => Ok(self.product(blocks, x, m, level)),
-            Storage::Q8_0(blocks) => Ok(self.product(blocks, x, m, level)),
-        }
+        let candle = |weight: &QMatMul| {
+            let input = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
+            weight.forward(&input)?.flatten_all()?.to_vec1()
+        };
+        on_blocks!(&self.storage,
+            b => Ok(self.product(b, x, m, level)),
+            candle weight => candle(weight))
     }
 
     /// Row by row: four weight rows against each activation row in turn.
@@ -335,14 +330,6 @@ impl ProjectionGroup {
             Self::Separate(matrices) => matrices.iter().map(|w| w.matmul(x, m)).collect(),
         }
     }
-
-    /// Width of the input.
-    pub fn cols(&self) -> usize {
-        match self {
-            Self::Stacked { matrix, .. } => matrix.cols,
-            Self::Separate(matrices) => matrices[0].cols,
-        }
-    }
 }
 
 /// Four weight rows (one after the other, `per_row` blocks each) against
@@ -404,26 +391,12 @@ mod tests {
 
     /// The matrix's values as the repacked blocks hold them.
     fn repacked_values(matrix: &QuantMatrix) -> Vec<f32> {
-        match &matrix.storage {
-            Storage::Q4K(blocks) => blocks
-                .iter()
-                .flat_map(|b| {
-                    (0..BLOCK).map(move |j| {
-                        let q = if j < 16 {
-                            b.qs[j] & 0x0F
-                        } else {
-                            b.qs[j - 16] >> 4
-                        };
-                        b.d * q as f32 + b.m
-                    })
-                })
-                .collect(),
-            Storage::Q6K(blocks) => blocks
-                .iter()
-                .flat_map(|b| (0..BLOCK).map(move |j| b.d[j / 16] * b.qs[j] as f32))
-                .collect(),
-            _ => panic!("not a repacked K-quant matrix"),
+        let mut values = Vec::new();
+        assert!(matches!(matrix.storage, Storage::Q4K(_) | Storage::Q6K(_)));
+        for row in 0..matrix.rows {
+            assert!(matrix.dequantize_row(row, &mut values));
         }
+        values
     }
 
     /// Q4_K and Q6_K repacked at load hold exactly the values candle

@@ -83,7 +83,6 @@ pub struct Panels {
 impl Panels {
     pub fn build<B: QuantBlock>(weights: &[B], rows: usize, per_row: usize) -> Self {
         let groups = rows.div_ceil(PANEL_ROWS);
-        let split = B::SPLIT;
         let mut max_abs = 0;
         let mut blocks = Vec::with_capacity(groups * per_row);
         for group in 0..groups {
@@ -100,28 +99,27 @@ impl Panels {
                         continue;
                     }
                     let block = &weights[row * per_row + b];
-                    let (q, d, m) = (block.integers(), block.d(), block.m());
+                    let (q, d) = (block.integers(), block.d());
                     for (k, &v) in q.iter().enumerate() {
                         panel.qs[k / 4][4 * r + k % 4] = v;
                         max_abs = max_abs.max(v.unsigned_abs());
                     }
+                    let correction = |range: std::ops::Range<usize>| -> i32 {
+                        128 * q[range].iter().map(|&v| v as i32).sum::<i32>()
+                    };
+                    // With one scale, the first half's correction covers the whole block.
+                    let c = if B::SPLIT {
+                        [correction(0..16), correction(16..32)]
+                    } else {
+                        [correction(0..32), 0]
+                    };
                     for half in 0..2 {
                         panel.d[half][r] = d[half];
-                        let sum: i32 = q[16 * half..16 * half + 16].iter().map(|&v| v as i32).sum();
-                        panel.c[half][r] = 128 * sum;
+                        panel.c[half][r] = c[half];
                     }
-                    panel.m[r] = m;
+                    panel.m[r] = block.m();
                 }
                 blocks.push(panel);
-            }
-        }
-        if !split {
-            // One scale: the first half's correction covers the whole block.
-            for panel in &mut blocks {
-                for r in 0..PANEL_ROWS {
-                    panel.c[0][r] += panel.c[1][r];
-                    panel.c[1][r] = 0;
-                }
             }
         }
         Self {
@@ -129,7 +127,7 @@ impl Panels {
             rows,
             per_row,
             shape: PanelShape {
-                split,
+                split: B::SPLIT,
                 offset: B::OFFSET,
             },
             narrow: max_abs <= 64,
