@@ -143,10 +143,15 @@ impl std::fmt::Debug for UnmergedAdapter {
 }
 
 impl UnmergedAdapter {
-    /// Lays `adapter` out for a GGUF base with `layers` layers and `heads`'
-    /// layout (q/k factors reordered to the GGUF rows). The adapter must have
-    /// been checked against the base's shapes.
-    pub fn for_gguf(adapter: &Adapter, layers: usize, heads: HeadLayout) -> Result<Self, String> {
+    /// Lays `adapter` out for a base with `layers` layers and `heads`'
+    /// layout, its q/k factors reordered to the GGUF rows when `gguf_rows`.
+    /// The adapter must have been checked against the base's shapes.
+    pub fn new(
+        adapter: &Adapter,
+        layers: usize,
+        heads: HeadLayout,
+        gguf_rows: bool,
+    ) -> Result<Self, String> {
         let rank = adapter.config.r;
         let total: usize = adapter
             .factors
@@ -165,8 +170,10 @@ impl UnmergedAdapter {
                 .and_then(|t| t.flatten_all()?.to_vec1::<f32>());
             let (a, b_t) = (a.map_err(fail)?, b.map_err(fail)?);
             let order = match projection {
-                Projection::Q => Some(gguf_row_source(heads.n_head, heads.head_dim)),
-                Projection::K => Some(gguf_row_source(heads.n_kv_head, heads.head_dim)),
+                Projection::Q if gguf_rows => Some(gguf_row_source(heads.n_head, heads.head_dim)),
+                Projection::K if gguf_rows => {
+                    Some(gguf_row_source(heads.n_kv_head, heads.head_dim))
+                }
                 _ => None,
             };
             let slot = Slot {

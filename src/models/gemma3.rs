@@ -1,5 +1,5 @@
 //! Gemma 3 from GGUF on accelerators, through candle tensor ops and its
-//! quantized matmul (the CPU runs it in `gguf_decoder`).
+//! quantized matmul (the CPU runs it in `cpu_decoder`).
 //!
 //! Written after candle-transformers' `quantized_gemma3`, with what the
 //! reference comparison showed it lacks: the MLP activation is GELU (tanh

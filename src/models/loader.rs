@@ -13,8 +13,8 @@ use candle_transformers::models::quantized_llama;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use super::cpu_decoder::{Architecture, CpuDecoder};
 use super::gemma3::Gemma3Weights;
-use super::gguf_decoder::{Architecture, GgufDecoder};
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
 use super::kv_cache::KvCacheConfig;
 use super::llama::LlamaWeights;
@@ -53,14 +53,15 @@ pub struct LoadOptions {
     pub kind: Option<ModelKind>,
     /// Caps the context length the model is served with.
     pub max_context: Option<usize>,
-    /// Weight dtype for safetensors checkpoints (default: the checkpoint's, f32 for f16/bf16 on CPU).
+    /// Weight dtype for safetensors checkpoints on accelerators (default:
+    /// the checkpoint's); the CPU computes in f32.
     pub dtype: Option<DType>,
     pub device: Device,
     /// A LoRA adapter merged into the weights at load.
     pub merge: Option<Arc<Adapter>>,
     /// A chat template (Jinja) for a model whose files carry none.
     pub chat_template: Option<String>,
-    /// The paged KV cache's budget (llama GGUF models on the CPU).
+    /// The paged KV cache's budget (decoders on the CPU).
     pub kv_cache: KvCacheConfig,
 }
 
@@ -175,7 +176,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
                 .flatten()
                 .min()
                 .unwrap_or(4096);
-            let weights = GgufDecoder::from_gguf(
+            let weights = CpuDecoder::from_gguf(
                 &content,
                 &mut file,
                 decoder,
@@ -184,7 +185,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
                 options.kv_cache,
             )?;
             let positions = weights.max_positions();
-            (Weights::GgufDecoder(Arc::new(weights)), positions)
+            (Weights::CpuDecoder(Arc::new(weights)), positions)
         }
         // Accelerators: candle's own quantized llama (tensor ops on the device).
         ("llama", None) => (
@@ -344,7 +345,17 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         .transpose()?
         .map(Arc::new);
     let dtype = checkpoint_dtype(&config, options);
-    let (weights, max_positions) = if architecture == "Qwen2ForCausalLM" {
+    // The CPU runs qpai's own decoder in f32; accelerators run candle's models.
+    let (weights, max_positions) = if options.device.is_cpu() {
+        let weights = CpuDecoder::from_checkpoint(
+            dir,
+            options.merge.as_ref(),
+            options.max_context,
+            options.kv_cache,
+        )?;
+        let positions = weights.max_positions();
+        (Weights::CpuDecoder(Arc::new(weights)), positions)
+    } else if architecture == "Qwen2ForCausalLM" {
         let weights = Qwen2Weights::load(dir, dtype, &options.device, options.merge.as_ref())?;
         let positions = weights.max_position_embeddings();
         (Weights::Qwen2(Arc::new(weights)), positions)

@@ -4,16 +4,17 @@
 pub mod bert;
 pub mod chat_template;
 pub mod checkpoint;
+pub mod cpu_decoder;
 pub mod embedding;
 mod embedding_queue;
 pub mod gemma3;
-pub mod gguf_decoder;
 pub mod gguf_tokenizer;
 pub mod kv_cache;
 pub mod llama;
 pub mod loader;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod packed_gemm;
 pub mod quant_matmul;
 pub mod quantized;
 pub mod qwen2;
@@ -66,7 +67,7 @@ pub enum ModelKind {
 /// The weights of a model, shared by every sequence that runs on it.
 #[derive(Clone)]
 pub enum Weights {
-    GgufDecoder(Arc<gguf_decoder::GgufDecoder>),
+    CpuDecoder(Arc<cpu_decoder::CpuDecoder>),
     QuantizedLlama(Box<candle_transformers::models::quantized_llama::ModelWeights>),
     Gemma3(Arc<gemma3::Gemma3Weights>),
     Llama(Arc<llama::LlamaWeights>),
@@ -106,12 +107,12 @@ impl LoadedModel {
         &self,
         adapter: Option<&Arc<UnmergedAdapter>>,
     ) -> candle_core::Result<Box<dyn SequenceModel>> {
-        if adapter.is_some() && !matches!(self.weights, Weights::GgufDecoder(_)) {
+        if adapter.is_some() && !matches!(self.weights, Weights::CpuDecoder(_)) {
             candle_core::bail!("{} does not run unmerged adapters", self.id);
         }
         Ok(match &self.weights {
-            Weights::GgufDecoder(w) => {
-                Box::new(gguf_decoder::GgufSequence::new(w.clone(), adapter.cloned()))
+            Weights::CpuDecoder(w) => {
+                Box::new(cpu_decoder::CpuSequence::new(w.clone(), adapter.cloned()))
             }
             Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(
                 (**w).clone(),
@@ -128,7 +129,7 @@ impl LoadedModel {
     /// other bases take adapters merged at load only.
     pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<Arc<UnmergedAdapter>, String> {
         match &self.weights {
-            Weights::GgufDecoder(w) => w.prepare_adapter(adapter).map(Arc::new),
+            Weights::CpuDecoder(w) => w.prepare_adapter(adapter).map(Arc::new),
             _ => Err(format!(
                 "{} ({}) takes adapters merged at load only (--merge); per-request adapters need a llama GGUF base on the CPU",
                 self.id, self.architecture
@@ -159,10 +160,10 @@ impl LoadedModel {
         sequences: &mut [&mut Box<dyn SequenceModel>],
         inputs: &[&[u32]],
     ) -> Vec<candle_core::Result<Vec<f32>>> {
-        if let Weights::GgufDecoder(weights) = &self.weights
+        if let Weights::CpuDecoder(weights) = &self.weights
             && sequences.len() > 1
         {
-            let mut typed: Vec<&mut gguf_decoder::GgufSequence> = sequences
+            let mut typed: Vec<&mut cpu_decoder::CpuSequence> = sequences
                 .iter_mut()
                 .filter_map(|s| s.as_any_mut().downcast_mut())
                 .collect();
@@ -185,7 +186,7 @@ impl LoadedModel {
     /// The paged KV cache's size and reservations, for models that have one.
     pub fn kv_budget(&self) -> Option<&kv_cache::KvBudget> {
         match &self.weights {
-            Weights::GgufDecoder(w) => Some(&w.kv_cache().budget),
+            Weights::CpuDecoder(w) => Some(&w.kv_cache().budget),
             _ => None,
         }
     }
@@ -193,7 +194,7 @@ impl LoadedModel {
     /// The paged KV cache's state, for models that have one.
     pub fn kv_usage(&self) -> Option<kv_cache::KvUsage> {
         match &self.weights {
-            Weights::GgufDecoder(w) => Some(w.kv_cache().usage()),
+            Weights::CpuDecoder(w) => Some(w.kv_cache().usage()),
             _ => None,
         }
     }

@@ -78,6 +78,27 @@ pub fn base_model() -> &'static LoadedModel {
     MODEL.get_or_init(|| load_catalog_model(BASE_MODEL))
 }
 
+/// The f32 safetensors copy of the chat model (scripts/test.sh exports it),
+/// loaded anew with `kv_cache`.
+pub fn f32_checkpoint_with(kv_cache: KvCacheConfig) -> LoadedModel {
+    let dir = std::env::var_os("QPAI_TEST_SAFETENSORS_DIR").expect(
+        "QPAI_TEST_SAFETENSORS_DIR is not set: run the tests with scripts/test.sh, which exports the f32 copy",
+    );
+    let mut options = qpai::models::loader::LoadOptions::new("smollm2-f32");
+    options.kv_cache = kv_cache;
+    load_model(
+        &qpai::models::ModelSource::SafetensorsDir(dir.into()),
+        &options,
+    )
+    .unwrap_or_else(|e| panic!("loading the f32 copy: {e:#}"))
+}
+
+/// The f32 safetensors copy with the default KV cache, loaded once.
+pub fn f32_checkpoint() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| f32_checkpoint_with(KvCacheConfig::default()))
+}
+
 /// An app with its own engine (own worker, own counters) over the shared weights.
 pub fn app_with(config: EngineConfig, http: HttpConfig) -> (axum::Router, Engine) {
     let engine = Engine::start(chat_model().clone(), config).unwrap();

@@ -42,12 +42,21 @@ fn argmax(logits: &[f32]) -> usize {
 }
 
 /// A request whose prompt starts with an earlier prompt's whole blocks reads
-/// them from the cache, and its logits are those of prefilling it all.
+/// them from the cache, and its logits are those of prefilling it all: on
+/// the GGUF model and on the f32 checkpoint.
 #[test]
 fn a_prefix_cache_hit_gives_the_logits_of_a_full_prefill() {
-    let model = load_catalog_model_with(CHAT_MODEL, KvCacheConfig::default());
-    let first = chat_ids(&model, "When do you open on Saturdays?");
-    let second = chat_ids(&model, "Do you bake rye bread?");
+    for model in [
+        load_catalog_model_with(CHAT_MODEL, KvCacheConfig::default()),
+        f32_checkpoint_with(KvCacheConfig::default()),
+    ] {
+        prefix_cache_hit_gives_the_full_prefill(&model);
+    }
+}
+
+fn prefix_cache_hit_gives_the_full_prefill(model: &LoadedModel) {
+    let first = chat_ids(model, "When do you open on Saturdays?");
+    let second = chat_ids(model, "Do you bake rye bread?");
     model.new_sequence().unwrap().forward(&first).unwrap();
     let before = model.kv_usage().unwrap().prefix;
     let mut hit = model.new_sequence().unwrap();
@@ -68,7 +77,11 @@ fn a_prefix_cache_hit_gives_the_logits_of_a_full_prefill() {
         "prefix hit: {reused} of {} tokens reused, max |diff| {diff}",
         second.len()
     );
-    assert!(diff <= 1e-5, "max |hit - full prefill| = {diff}");
+    assert_eq!(
+        logits, expected,
+        "{}: hit and full prefill differ",
+        model.id
+    );
     assert_eq!(argmax(&logits), argmax(&expected));
     let after = model.kv_usage().unwrap().prefix;
     assert_eq!(after.hit_tokens - before.hit_tokens, reused as u64);
@@ -76,18 +89,25 @@ fn a_prefix_cache_hit_gives_the_logits_of_a_full_prefill() {
     let token = argmax(&logits) as u32;
     let mut full = model.new_sequence().unwrap();
     full.forward(&second).unwrap();
-    let diff = max_abs_diff(
-        &hit.forward(&[token]).unwrap(),
-        &full.forward(&[token]).unwrap(),
+    assert_eq!(
+        hit.forward(&[token]).unwrap(),
+        full.forward(&[token]).unwrap(),
+        "{}: the next step differs",
+        model.id
     );
-    assert!(diff <= 1e-5, "next step differs by {diff}");
 }
 
 /// A decode step of one sequence and a prompt chunk of another in one
-/// forward pass (the engine's mixed steps) give what each gives alone.
+/// forward pass (the engine's mixed steps) give what each gives alone, on
+/// the GGUF model and on the f32 checkpoint.
 #[test]
 fn decode_rows_and_a_prompt_chunk_in_one_pass_equal_separate_passes() {
-    let model = chat_model();
+    for model in [chat_model(), f32_checkpoint()] {
+        mixed_pass_equals_separate_passes(model);
+    }
+}
+
+fn mixed_pass_equals_separate_passes(model: &LoadedModel) {
     let first = chat_ids(model, "Are you open on Sundays?");
     let second = chat_ids(model, "Which breads do you bake?");
     let mut decoding = model.new_sequence().unwrap();
@@ -106,7 +126,7 @@ fn decode_rows_and_a_prompt_chunk_in_one_pass_equal_separate_passes() {
         prefilling.forward(&second[..40]).unwrap(),
     ];
     for (b, a) in batched.iter().zip(&alone) {
-        assert!(max_abs_diff(b, a) <= 1e-5, "{}", max_abs_diff(b, a));
+        assert_eq!(b, a, "{}: batched and alone differ", model.id);
     }
     assert_eq!(together[1].position(), 40);
 }

@@ -1,8 +1,9 @@
 //! PEFT adapters as PEFT writes them (tests/fixtures/lora, made by
 //! scripts/reference/make_lora_fixtures.py) load whole, fit their base, and
 //! give PEFT's logits: unmerged on GGUF bases (tiny Llama as f32 and Q8_0
-//! GGUF, scripts/reference/make_tiny_gguf.py), merged into safetensors and
-//! GGUF bases, and side by side in one batch.
+//! GGUF, scripts/reference/make_tiny_gguf.py) and on the safetensors
+//! checkpoint, merged into safetensors and GGUF bases, and side by side in
+//! one batch.
 
 use qpai::lora::{Adapter, Projection};
 use qpai::models::loader::LoadOptions;
@@ -140,7 +141,7 @@ const Q8_TOLERANCE: f32 = 0.15;
 const REQUANTIZED_TOLERANCE: f32 = 0.3;
 
 #[test]
-fn unmerged_adapters_on_gguf_bases_match_peft() {
+fn unmerged_adapters_match_peft_on_gguf_and_safetensors_bases() {
     let reference = fixture("lora/logits.json");
     let prompts = prompts(&reference);
     let f32_base = tiny("llama-f32.gguf", None);
@@ -159,6 +160,17 @@ fn unmerged_adapters_on_gguf_bases_match_peft() {
             name,
         );
         eprintln!("f32 GGUF + {name} unmerged vs PEFT: {worst:.2e}");
+    }
+    // The checkpoint keeps Hugging Face's q/k row order: no permutation.
+    let checkpoint = tiny("llama-bf16", None);
+    for name in ["r4-all", "r8-rslora"] {
+        let worst = assert_matches(
+            &logits(&checkpoint, Some(name), &prompts),
+            &reference["adapters"][name]["unmerged"],
+            F32_TOLERANCE,
+            name,
+        );
+        eprintln!("safetensors + {name} unmerged vs PEFT: {worst:.2e}");
     }
     let reference = fixture("lora/logits_q8_0.json");
     let q8_base = tiny("llama-q8_0.gguf", None);

@@ -15,9 +15,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
-mod packed_gemm;
-
-use packed_gemm::{PackedKernel, PackedLinear, Panels};
+use super::packed_gemm::{self, PackedKernel, PackedLinear, Panels};
 
 use super::embedding::mean_unit;
 

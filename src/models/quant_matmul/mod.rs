@@ -5,7 +5,8 @@
 //! per block of 32, integer dot products, one scale per block pair. Q4_K and
 //! Q6_K (Gemma 3's Q4_K_M files) are repacked at load into blocks of 32 with
 //! their sub-block scales multiplied out, and run on the same kernels (Q4_K
-//! on Q4_1's); other types go through candle's `QMatMul`.
+//! on Q4_1's); other types go through candle's `QMatMul`. f32 matrices
+//! (safetensors checkpoints) run on the packed f32 kernels (`packed_gemm`).
 //!
 //! A prompt's rows run on prefill panels (`panel`): eight weight rows
 //! interleaved, integer sums kept per row for a whole block. A decode step's
@@ -35,6 +36,8 @@ pub use level::CpuLevel;
 use level::RowKernels;
 use panel::{PANEL_COLUMNS, Panels};
 
+use super::packed_gemm::PackedLinear;
+
 /// Weight rows one task computes (for every activation row).
 const ROWS_PER_TASK: usize = 32;
 
@@ -45,12 +48,15 @@ enum Storage {
     Q4K(Vec<BlockQ4K32>),
     Q6K(Vec<BlockQ6K32>),
     Candle(QMatMul),
+    /// f32 weights and an optional bias, packed for the f32 kernels.
+    F32(PackedLinear),
 }
 
 /// `$body` with `$blocks` bound to the storage's own blocks, whatever their
-/// type; `$candle` (with candle's matrix as `$weight`) for the others.
+/// type; `$candle` for candle's matrices, `$f32` for f32 ones.
 macro_rules! on_blocks {
-    ($storage:expr, $blocks:ident => $body:expr, candle $weight:pat => $candle:expr) => {
+    ($storage:expr, $blocks:ident => $body:expr,
+     candle $weight:pat => $candle:expr, f32 $linear:pat => $f32:expr) => {
         match $storage {
             Storage::Q4_1($blocks) => $body,
             Storage::Q5_0($blocks) => $body,
@@ -58,6 +64,7 @@ macro_rules! on_blocks {
             Storage::Q4K($blocks) => $body,
             Storage::Q6K($blocks) => $body,
             Storage::Candle($weight) => $candle,
+            Storage::F32($linear) => $f32,
         }
     };
 }
@@ -106,15 +113,28 @@ impl QuantMatrix {
         })
     }
 
+    /// `[rows, cols]` f32 weights (row-major) and an optional bias of
+    /// `rows` values, packed for the f32 kernels.
+    pub fn f32(weight: Vec<f32>, bias: Option<Vec<f32>>, rows: usize, cols: usize) -> Self {
+        let bias = bias.unwrap_or_else(|| vec![0.0; rows]);
+        Self {
+            rows,
+            cols,
+            storage: Storage::F32(PackedLinear::new(weight, bias, cols, rows)),
+            panels: None,
+        }
+    }
+
     /// Adds prefill panels (about 1.6 bytes a weight more): products of
     /// `PANEL_COLUMNS` activation rows or more then run on the panel
-    /// kernels. Matrices candle computes are left as they are.
+    /// kernels. Matrices candle computes, and f32 ones (packed already),
+    /// are left as they are.
     pub fn with_panels(mut self) -> Self {
         let per_row = self.cols / BLOCK;
         let rows = self.rows;
         self.panels = on_blocks!(&self.storage,
             b => Some(Panels::build(b, rows, per_row)),
-            candle _ => None);
+            candle _ => None, f32 _ => None);
         self
     }
 
@@ -160,7 +180,13 @@ impl QuantMatrix {
         }
         let per_row = self.cols / BLOCK;
         let range = row * per_row..(row + 1) * per_row;
-        on_blocks!(&self.storage, b => append(&b[range], out), candle _ => false)
+        on_blocks!(&self.storage,
+        b => append(&b[range], out),
+        candle _ => false,
+        f32 linear => {
+            linear.append_row(row, out);
+            true
+        })
     }
 
     /// Whether `dequantize_row` can look rows up (own block types).
@@ -222,7 +248,8 @@ impl QuantMatrix {
         };
         on_blocks!(&self.storage,
             b => Ok(self.product(b, x, m, level)),
-            candle weight => candle(weight))
+            candle weight => candle(weight),
+            f32 linear => Ok(linear.forward(x)))
     }
 
     /// Row by row: four weight rows against each activation row in turn.
@@ -308,6 +335,27 @@ impl ProjectionGroup {
                 .map(|p| QuantMatrix::new(p).map(QuantMatrix::with_panels))
                 .collect::<candle_core::Result<_>>()?,
         ))
+    }
+
+    /// f32 projections of one `cols`-wide input, each its `[rows, cols]`
+    /// weights (row-major) and optional bias, stacked into one matrix.
+    pub fn f32(parts: Vec<(Vec<f32>, Option<Vec<f32>>)>, cols: usize) -> Self {
+        let widths: Vec<usize> = parts.iter().map(|(w, _)| w.len() / cols).collect();
+        let rows = widths.iter().sum();
+        let biased = parts.iter().any(|(_, b)| b.is_some());
+        let mut weight = Vec::with_capacity(rows * cols);
+        let mut bias = Vec::with_capacity(if biased { rows } else { 0 });
+        for ((w, b), &width) in parts.into_iter().zip(&widths) {
+            weight.extend_from_slice(&w);
+            if biased {
+                bias.extend(b.unwrap_or_else(|| vec![0.0; width]));
+            }
+        }
+        let bias = biased.then_some(bias);
+        Self::Stacked {
+            matrix: QuantMatrix::f32(weight, bias, rows, cols),
+            widths,
+        }
     }
 
     /// `x [m, cols]` through every projection: one `[m, width]` matrix each.

@@ -1,9 +1,13 @@
-//! `y = x Wᵀ + b` against a weight matrix that never changes: the weights
-//! are packed once, at load, into panels of 32 output columns laid out
-//! k-major, so the AVX-512 microkernel reads each panel as one contiguous
-//! stream and keeps up to 12 rows × 32 columns of sums in registers. Where
-//! AVX-512 is missing the `gemm` crate computes the same product from the
-//! unpacked matrix.
+//! `y = x Wᵀ + b` against an f32 weight matrix that never changes (the
+//! BERT encoder's layers, and the projections of f32 decoder checkpoints):
+//! the weights are packed once, at load, into panels of 32 output columns
+//! laid out k-major, so the AVX-512 microkernel reads each panel as one
+//! contiguous stream and keeps up to 12 rows × 32 columns of sums in
+//! registers. Every output is the bias plus its products added in input
+//! order with FMAs, whatever the kernel, tile or number of rows, so a row
+//! computed alone gives the bits it gives among others (a decode step
+//! matches the prompt pass that stored the same token). Where AVX2 is
+//! missing the `gemm` crate computes the product from the unpacked matrix.
 
 use rayon::prelude::*;
 
@@ -149,9 +153,15 @@ impl Panels {
                 for tile in 0..tiles {
                     let row = first_row + tile * TILE_ROWS;
                     let tile_rows = TILE_ROWS.min(first_row + block_rows - row);
-                    let tile_kernel = match self.kernel {
-                        PackedKernel::Avx512 => avx512::tile,
-                        PackedKernel::Avx2 => avx2::tile,
+                    // As few rows of sums as the tile has (a decode step's
+                    // single row computes one, not twelve).
+                    let tile_kernel = match (self.kernel, tile_rows) {
+                        (PackedKernel::Avx512, 1) => avx512::tile::<1>,
+                        (PackedKernel::Avx512, 2..=4) => avx512::tile::<4>,
+                        (PackedKernel::Avx512, _) => avx512::tile::<TILE_ROWS>,
+                        (PackedKernel::Avx2, 1) => avx2::tile::<1>,
+                        (PackedKernel::Avx2, 2..=4) => avx2::tile::<4>,
+                        (PackedKernel::Avx2, _) => avx2::tile::<6>,
                     };
                     // SAFETY: the kernel's instructions are present (checked
                     // when the panels were packed); the tile
@@ -184,11 +194,16 @@ impl Panels {
     }
 }
 
+/// The weights of a `PackedLinear`: packed for this CPU's kernel, or as
+/// given for the `gemm` crate where there is none.
+enum Layout {
+    Packed(Panels),
+    /// `[outputs, inputs]`, row-major.
+    RowMajor(Vec<f32>),
+}
+
 pub struct PackedLinear {
-    /// `[outputs, inputs]`, row-major, for the fallback.
-    weight: Vec<f32>,
-    /// The weights packed, where the CPU has AVX-512 F.
-    panels: Option<Panels>,
+    layout: Layout,
     /// The bias, zero-padded to whole panels.
     bias: Vec<f32>,
     pub inputs: usize,
@@ -210,12 +225,15 @@ impl PackedLinear {
     ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight shape");
         assert_eq!(bias.len(), outputs, "bias shape");
-        let panels = kernel
-            .map(|kernel| Panels::pack(kernel, outputs, inputs, |o, k| weight[o * inputs + k]));
+        let layout = match kernel {
+            Some(kernel) => Layout::Packed(Panels::pack(kernel, outputs, inputs, |o, k| {
+                weight[o * inputs + k]
+            })),
+            None => Layout::RowMajor(weight),
+        };
         bias.resize(outputs.div_ceil(PANEL) * PANEL, 0.0);
         Self {
-            weight,
-            panels,
+            layout,
             bias,
             inputs,
             outputs,
@@ -227,14 +245,30 @@ impl PackedLinear {
         let rows = x.len() / self.inputs;
         assert_eq!(rows * self.inputs, x.len(), "input width");
         let mut out = vec![0f32; rows * self.outputs];
-        match &self.panels {
-            Some(panels) => panels.multiply(x, Some(&self.bias), &mut out, true),
-            None => self.forward_gemm(x, &mut out, rows),
+        match &self.layout {
+            Layout::Packed(panels) => panels.multiply(x, Some(&self.bias), &mut out, true),
+            Layout::RowMajor(weight) => self.forward_gemm(weight, x, &mut out, rows),
         }
         out
     }
 
-    fn forward_gemm(&self, x: &[f32], out: &mut [f32], rows: usize) {
+    /// Appends the weights of output `output` (row `output` of W): a token
+    /// embedding looked up in a tied output matrix.
+    pub fn append_row(&self, output: usize, out: &mut Vec<f32>) {
+        let inputs = self.inputs;
+        match &self.layout {
+            Layout::Packed(panels) => {
+                let (panel, column) = (output / PANEL, output % PANEL);
+                let panel = &panels.data[panel * inputs * PANEL..][..inputs * PANEL];
+                out.extend(panel.iter().skip(column).step_by(PANEL));
+            }
+            Layout::RowMajor(weight) => {
+                out.extend_from_slice(&weight[output * inputs..][..inputs]);
+            }
+        }
+    }
+
+    fn forward_gemm(&self, weight: &[f32], x: &[f32], out: &mut [f32], rows: usize) {
         for row in out.chunks_mut(self.outputs) {
             row.copy_from_slice(&self.bias[..self.outputs]);
         }
@@ -259,7 +293,7 @@ impl PackedLinear {
                 x.as_ptr(),
                 1,
                 self.inputs as isize,
-                self.weight.as_ptr(),
+                weight.as_ptr(),
                 self.inputs as isize,
                 1,
                 1.0,
@@ -292,8 +326,9 @@ mod avx512 {
 
     use super::{PANEL, TILE_ROWS};
 
-    /// Sums of TILE_ROWS packed rows against one panel, plus the bias;
-    /// stores the first `rows` rows and `columns` columns.
+    /// Sums of the first `R` (at most TILE_ROWS) packed rows against one
+    /// panel, plus the bias; stores the first `rows` (at most `R`) rows and
+    /// `columns` columns.
     ///
     /// # Safety
     /// AVX-512 F must be available; `x` holds inputs × TILE_ROWS floats
@@ -301,7 +336,7 @@ mod avx512 {
     /// `out` has room for `rows` rows of `columns` floats at stride `ldc`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile(
+    pub unsafe fn tile<const R: usize>(
         x: *const f32,
         inputs: usize,
         panel: *const f32,
@@ -316,13 +351,13 @@ mod avx512 {
         unsafe {
             let bias_low = _mm512_loadu_ps(bias);
             let bias_high = _mm512_loadu_ps(bias.add(16));
-            let mut low = [bias_low; TILE_ROWS];
-            let mut high = [bias_high; TILE_ROWS];
+            let mut low = [bias_low; R];
+            let mut high = [bias_high; R];
             for k in 0..inputs {
                 let w_low = _mm512_loadu_ps(panel.add(k * PANEL));
                 let w_high = _mm512_loadu_ps(panel.add(k * PANEL + 16));
                 let xs = x.add(k * TILE_ROWS);
-                for r in 0..TILE_ROWS {
+                for r in 0..R {
                     let v = _mm512_set1_ps(*xs.add(r));
                     low[r] = _mm512_fmadd_ps(v, w_low, low[r]);
                     high[r] = _mm512_fmadd_ps(v, w_high, high[r]);
@@ -333,7 +368,7 @@ mod avx512 {
                 ((1u32 << n) - 1) as __mmask16
             };
             let (mask_low, mask_high) = (mask(0), mask(16));
-            for r in 0..rows.min(TILE_ROWS) {
+            for r in 0..rows.min(R) {
                 let row = out.add(r * ldc);
                 _mm512_mask_storeu_ps(row, mask_low, low[r]);
                 _mm512_mask_storeu_ps(row.add(16), mask_high, high[r]);
@@ -349,11 +384,12 @@ mod avx2 {
     use super::{PANEL, TILE_ROWS};
 
     /// The AVX2 counterpart of `avx512::tile`, same contract (AVX2 and FMA
-    /// instead of AVX-512 F): each half panel of 16 columns times each group
-    /// of 6 rows is one pass over k with 12 sums in registers.
+    /// instead of AVX-512 F; `rows` at most TILE_ROWS): each half panel of
+    /// 16 columns times each group of `GROUP` rows (at most 6: 12 sums in
+    /// registers) is one pass over k.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(
+    pub unsafe fn tile<const GROUP: usize>(
         x: *const f32,
         inputs: usize,
         panel: *const f32,
@@ -363,7 +399,6 @@ mod avx2 {
         rows: usize,
         columns: usize,
     ) {
-        const GROUP: usize = 6;
         // SAFETY: as for `avx512::tile`: k < inputs, group rows < TILE_ROWS,
         // columns < PANEL, stored rows < rows and stored columns < columns.
         unsafe {
@@ -461,7 +496,45 @@ mod tests {
                     worst < 1e-4,
                     "{kernel:?} {rows}x{inputs}x{outputs}: {worst}"
                 );
+                if kernel.is_none() {
+                    continue;
+                }
+                // Each row alone, and the first few rows together, give
+                // the bits they give among all the rows.
+                for r in [0, rows / 2, rows - 1] {
+                    let alone = linear.forward(&x[r * inputs..][..inputs]);
+                    assert_eq!(alone, got[r * outputs..][..outputs], "{kernel:?} row {r}");
+                }
+                let few = rows.min(3);
+                assert_eq!(
+                    linear.forward(&x[..few * inputs]),
+                    got[..few * outputs],
+                    "{kernel:?} {few} rows"
+                );
+                let mut row = Vec::new();
+                linear.append_row(outputs - 1, &mut row);
+                assert_eq!(
+                    row,
+                    weight[(outputs - 1) * inputs..],
+                    "{kernel:?} row lookup"
+                );
             }
+            // Every packed kernel computes the same bits.
+            let packed: Vec<Vec<f32>> = kernels
+                .iter()
+                .flatten()
+                .map(|&k| {
+                    PackedLinear::with_kernel(
+                        weight.clone(),
+                        bias.clone(),
+                        inputs,
+                        outputs,
+                        Some(k),
+                    )
+                    .forward(&x)
+                })
+                .collect();
+            assert!(packed.windows(2).all(|w| w[0] == w[1]), "kernels differ");
         }
     }
 }

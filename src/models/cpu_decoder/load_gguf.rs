@@ -8,7 +8,7 @@ use candle_core::Device;
 use candle_core::quantized::{QTensor, gguf_file};
 
 use super::{
-    Activation, Architecture, Embedding, GgufDecoder, Layer, RopeLayout, RopeTable, gguf_name,
+    Activation, Architecture, CpuDecoder, Embedding, Layer, RopeLayout, RopeTable, gguf_name,
     projection_shape,
 };
 use crate::lora::{Adapter, HeadLayout, Projection};
@@ -21,25 +21,6 @@ const GEMMA3_SLIDING_WINDOW_PATTERN: usize = 6;
 
 fn vector(t: &QTensor) -> candle_core::Result<Vec<f32>> {
     t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
-}
-
-fn rope_table(head_dim: usize, base: f32, positions: usize) -> RopeTable {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let mut table = RopeTable {
-        cos: Vec::with_capacity(positions * half),
-        sin: Vec::with_capacity(positions * half),
-    };
-    for p in 0..positions {
-        for &f in &inv_freq {
-            let angle = p as f32 * f;
-            table.cos.push(angle.cos());
-            table.sin.push(angle.sin());
-        }
-    }
-    table
 }
 
 /// Checks an adapter to merge against the file's shapes before any tensor is read.
@@ -65,7 +46,7 @@ fn check_adapter(
         .map_err(candle_core::Error::Msg)
 }
 
-impl GgufDecoder {
+impl CpuDecoder {
     /// Loads the weights, with `merge`'s adapter merged into them when
     /// given (the loader allows that for llama only); rotary tables cover
     /// `positions` positions.
@@ -116,17 +97,28 @@ impl GgufDecoder {
         // every sixth global one.
         let (ropes, window) = match architecture {
             Architecture::Llama => (
-                vec![rope_table(
+                vec![RopeTable::new(
                     head_dim,
                     float("rope.freq_base", 10_000.0),
                     positions,
+                    |f| f,
                 )],
                 None,
             ),
             Architecture::Gemma3 => (
                 vec![
-                    rope_table(head_dim, float("rope.freq_base", 1_000_000.0), positions),
-                    rope_table(head_dim, float("rope.local_freq_base", 10_000.0), positions),
+                    RopeTable::new(
+                        head_dim,
+                        float("rope.freq_base", 1_000_000.0),
+                        positions,
+                        |f| f,
+                    ),
+                    RopeTable::new(
+                        head_dim,
+                        float("rope.local_freq_base", 10_000.0),
+                        positions,
+                        |f| f,
+                    ),
                 ],
                 Some(number("attention.sliding_window")?),
             ),

@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use super::GgufDecoder;
+use super::CpuDecoder;
 use super::forward::Row;
 use crate::lora::UnmergedAdapter;
 use crate::models::SequenceModel;
 use crate::models::kv_cache::{BlockId, KvState};
 
-pub struct GgufSequence {
-    weights: Arc<GgufDecoder>,
+pub struct CpuSequence {
+    weights: Arc<CpuDecoder>,
     adapter: Option<Arc<UnmergedAdapter>>,
     /// Block `i` holds positions `i * block_tokens ..`.
     blocks: Vec<BlockId>,
@@ -34,8 +34,8 @@ fn allocate(state: &mut KvState) -> candle_core::Result<BlockId> {
     })
 }
 
-impl GgufSequence {
-    pub fn new(weights: Arc<GgufDecoder>, adapter: Option<Arc<UnmergedAdapter>>) -> Self {
+impl CpuSequence {
+    pub fn new(weights: Arc<CpuDecoder>, adapter: Option<Arc<UnmergedAdapter>>) -> Self {
         let chain = adapter.as_ref().map_or(0, |a| a.cache_seed());
         Self {
             weights,
@@ -106,7 +106,7 @@ impl GgufSequence {
     }
 }
 
-impl Drop for GgufSequence {
+impl Drop for CpuSequence {
     fn drop(&mut self) {
         let mut state = self.weights.kv.lock();
         for &block in &self.blocks {
@@ -115,7 +115,7 @@ impl Drop for GgufSequence {
     }
 }
 
-impl SequenceModel for GgufSequence {
+impl SequenceModel for CpuSequence {
     fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
         if tokens.is_empty() {
             candle_core::bail!("forward needs at least one token");

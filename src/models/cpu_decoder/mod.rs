@@ -1,5 +1,7 @@
-//! Decoder-only GGUF models on the CPU, llama and Gemma 3: quantized
-//! matmuls for the projections (`quant_matmul`), and everything between
+//! Decoder-only models on the CPU: llama and Gemma 3 GGUF files, and
+//! llama-family safetensors checkpoints (Llama, Mistral, Qwen2). Quantized
+//! matmuls for GGUF projections (`quant_matmul`), packed f32 ones for
+//! checkpoints (`packed_gemm`), and everything between
 //! them (norms, rotary embedding, attention over the model's paged KV cache,
 //! the gated MLP) as plain loops over f32 slices (`forward`). For one token
 //! at a time these small steps cost more as candle tensor ops (an
@@ -7,22 +9,25 @@
 //! do; keys and values are written once into their block, and grouped-query
 //! heads read their shared KV head directly. What sets the architectures
 //! apart (Gemma 3's extra norms, GELU, scaled embeddings, rotary layout and
-//! sliding-window layers) is read from the file in `load`.
+//! sliding-window layers) is read from the file in `load_gguf`, or from
+//! config.json in `load_checkpoint`.
 
 mod forward;
-mod load;
+mod load_checkpoint;
+mod load_gguf;
 mod sequence;
 
 use super::kv_cache::KvCache;
 use super::quant_matmul::{ProjectionGroup, QuantMatrix};
 use crate::lora::{Adapter, HeadLayout, Projection, UnmergedAdapter};
 
-pub use sequence::GgufSequence;
+pub use sequence::CpuSequence;
 
 /// Query-key pairs per head below which attention runs on the calling thread.
 const PARALLEL_ATTENTION_MIN_SCORES: usize = 64;
 
-/// The GGUF architectures this engine runs.
+/// The architectures this engine runs (llama covers the llama-family
+/// checkpoints: Mistral, Qwen2, SmolLM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
@@ -70,6 +75,29 @@ struct RopeTable {
     sin: Vec<f32>,
 }
 
+impl RopeTable {
+    /// The tables of base frequency `base`, each inverse frequency passed
+    /// through `scale` (rotary scaling for long contexts).
+    fn new(head_dim: usize, base: f32, positions: usize, scale: impl Fn(f32) -> f32) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| scale(1.0 / base.powf((2 * i) as f32 / head_dim as f32)))
+            .collect();
+        let mut table = Self {
+            cos: Vec::with_capacity(positions * half),
+            sin: Vec::with_capacity(positions * half),
+        };
+        for p in 0..positions {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                table.cos.push(angle.cos());
+                table.sin.push(angle.sin());
+            }
+        }
+        table
+    }
+}
+
 /// Token embeddings, looked up one row at a time.
 enum Embedding {
     /// The rows of the output projection (tied embeddings).
@@ -102,7 +130,7 @@ struct Layer {
     window: Option<usize>,
 }
 
-pub struct GgufDecoder {
+pub struct CpuDecoder {
     architecture: Architecture,
     embedding: Embedding,
     /// Multiplies looked-up embeddings (Gemma: sqrt(hidden)).
@@ -154,7 +182,7 @@ fn projection_shape(
     }
 }
 
-impl GgufDecoder {
+impl CpuDecoder {
     pub fn max_positions(&self) -> usize {
         self.positions
     }
@@ -168,7 +196,7 @@ impl GgufDecoder {
     pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<UnmergedAdapter, String> {
         if self.architecture != Architecture::Llama {
             return Err(format!(
-                "per-request adapters run on llama GGUF bases only, not {:?}",
+                "per-request adapters run on llama-family bases only, not {:?}",
                 self.architecture
             ));
         }
@@ -178,7 +206,9 @@ impl GgufDecoder {
         adapter.check_base(self.layers.len(), |p| {
             projection_shape(p, hidden, q_width, kv_width, ffn)
         })?;
-        UnmergedAdapter::for_gguf(adapter, self.layers.len(), self.heads())
+        // GGUF files store llama's q/k rows permuted for adjacent-pair rotary.
+        let gguf_rows = self.rope_layout == RopeLayout::AdjacentPairs;
+        UnmergedAdapter::new(adapter, self.layers.len(), self.heads(), gguf_rows)
     }
 
     fn heads(&self) -> HeadLayout {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::sequence::GgufSequence;
-use super::{Activation, Embedding, GgufDecoder, PARALLEL_ATTENTION_MIN_SCORES, RopeLayout};
+use super::sequence::CpuSequence;
+use super::{Activation, CpuDecoder, Embedding, PARALLEL_ATTENTION_MIN_SCORES, RopeLayout};
 use crate::lora::{Projection, UnmergedAdapter};
 use crate::models::kv_cache::{BlockId, LayerView};
 
@@ -32,7 +32,7 @@ fn visible(position: usize, window: Option<usize>) -> std::ops::Range<usize> {
     window.map_or(0, |w| (position + 1).saturating_sub(w))..position + 1
 }
 
-impl GgufDecoder {
+impl CpuDecoder {
     /// RMS norm of each `width`-long run of `x`, in place.
     fn rms_norm_in_place(&self, x: &mut [f32], weight: &[f32]) {
         let width = weight.len();
@@ -162,7 +162,7 @@ impl GgufDecoder {
     /// the rows listed in `logits_of`.
     pub(super) fn run(
         &self,
-        sequences: &mut [&mut GgufSequence],
+        sequences: &mut [&mut CpuSequence],
         tokens: &[u32],
         rows: &[Row],
         logits_of: &[usize],
@@ -286,7 +286,7 @@ impl GgufDecoder {
     /// for all rows; returns the logits after each sequence's last token.
     pub fn forward_batch(
         &self,
-        sequences: &mut [&mut GgufSequence],
+        sequences: &mut [&mut CpuSequence],
         inputs: &[&[u32]],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         if inputs.len() != sequences.len() || inputs.iter().any(|i| i.is_empty()) {
