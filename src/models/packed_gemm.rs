@@ -6,7 +6,10 @@
 //! registers. Every output is the bias plus its products added in input
 //! order with FMAs, whatever the kernel, tile or number of rows, so a row
 //! computed alone gives the bits it gives among others (a decode step
-//! matches the prompt pass that stored the same token). Where AVX2 is
+//! matches the prompt pass that stored the same token). Checkpoints in
+//! bf16 or f16 keep their 16-bit weights (half the memory, and half the
+//! bytes a decode step reads); the kernels widen them in registers, which
+//! is exact, so the products are those of the f32 values. Where AVX2 is
 //! missing the `gemm` crate computes the product from the unpacked matrix.
 
 use rayon::prelude::*;
@@ -33,7 +36,11 @@ impl PackedKernel {
         {
             match self {
                 Self::Avx512 => is_x86_feature_detected!("avx512f"),
-                Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                Self::Avx2 => {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -60,10 +67,100 @@ pub fn packed_kernel() -> Option<PackedKernel> {
     })
 }
 
+/// A weight matrix as a checkpoint holds it: f32, or the bits of bf16 or
+/// f16 values.
+pub enum DenseWeights {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+impl DenseWeights {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Bf16(v) | Self::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The matrices one after the other, if they are all of one type.
+    pub fn concat(parts: &[&Self]) -> Option<Self> {
+        let f32: Option<Vec<&[f32]>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::F32(v) => Some(v.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let bf16: Option<Vec<&[u16]>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Bf16(v) => Some(v.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let f16: Option<Vec<&[u16]>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::F16(v) => Some(v.as_slice()),
+                _ => None,
+            })
+            .collect();
+        match (f32, bf16, f16) {
+            (Some(v), _, _) => Some(Self::F32(v.concat())),
+            (_, Some(v), _) => Some(Self::Bf16(v.concat())),
+            (_, _, Some(v)) => Some(Self::F16(v.concat())),
+            _ => None,
+        }
+    }
+
+    /// Element `i`, widened to f32 (exactly).
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Self::F32(v) => v[i],
+            Self::Bf16(v) => half::bf16::from_bits(v[i]).to_f32(),
+            Self::F16(v) => half::f16::from_bits(v[i]).to_f32(),
+        }
+    }
+}
+
+/// Packed panel elements: f32, or 16-bit values widened in the kernels.
+enum PanelData {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+/// The kernels' code for each element type (a const parameter).
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const F16: u8 = 2;
+
+/// `[panels][inputs][PANEL]` from element (output o, input k) `at(o, k)`,
+/// zero past `outputs`.
+fn panel_order<T: Copy + Default>(
+    outputs: usize,
+    inputs: usize,
+    at: impl Fn(usize, usize) -> T,
+) -> Vec<T> {
+    let mut data = vec![T::default(); outputs.div_ceil(PANEL) * inputs * PANEL];
+    for o in 0..outputs {
+        let (panel, column) = (o / PANEL, o % PANEL);
+        for k in 0..inputs {
+            data[(panel * inputs + k) * PANEL + column] = at(o, k);
+        }
+    }
+    data
+}
+
 /// A right-hand matrix `B` (`[outputs, inputs]`) packed for the
 /// microkernels: `[panels][inputs][PANEL]`, zero-padded past `outputs`.
 pub struct Panels {
-    data: Vec<f32>,
+    data: PanelData,
     inputs: usize,
     outputs: usize,
     kernel: PackedKernel,
@@ -78,19 +175,58 @@ impl Panels {
         inputs: usize,
         at: impl Fn(usize, usize) -> f32,
     ) -> Self {
-        assert!(kernel.supported(), "{kernel:?} is not supported here");
-        let mut data = vec![0f32; outputs.div_ceil(PANEL) * inputs * PANEL];
-        for o in 0..outputs {
-            let (panel, column) = (o / PANEL, o % PANEL);
-            for k in 0..inputs {
-                data[(panel * inputs + k) * PANEL + column] = at(o, k);
+        let data = PanelData::F32(panel_order(outputs, inputs, at));
+        Self::new(kernel, data, inputs, outputs)
+    }
+
+    /// Packs `[outputs, inputs]` row-major weights, keeping their type.
+    fn pack_dense(
+        kernel: PackedKernel,
+        weights: &DenseWeights,
+        outputs: usize,
+        inputs: usize,
+    ) -> Self {
+        let data = match weights {
+            DenseWeights::F32(w) => {
+                PanelData::F32(panel_order(outputs, inputs, |o, k| w[o * inputs + k]))
             }
-        }
+            DenseWeights::Bf16(w) => {
+                PanelData::Bf16(panel_order(outputs, inputs, |o, k| w[o * inputs + k]))
+            }
+            DenseWeights::F16(w) => {
+                PanelData::F16(panel_order(outputs, inputs, |o, k| w[o * inputs + k]))
+            }
+        };
+        Self::new(kernel, data, inputs, outputs)
+    }
+
+    fn new(kernel: PackedKernel, data: PanelData, inputs: usize, outputs: usize) -> Self {
+        assert!(kernel.supported(), "{kernel:?} is not supported here");
         Self {
             data,
             inputs,
             outputs,
             kernel,
+        }
+    }
+
+    /// The first byte of panel `panel`, and the element type's code.
+    fn panel_start(&self, panel: usize) -> (*const u8, u8) {
+        let at = panel * self.inputs * PANEL;
+        match &self.data {
+            PanelData::F32(d) => (d[at..].as_ptr() as *const u8, F32),
+            PanelData::Bf16(d) => (d[at..].as_ptr() as *const u8, BF16),
+            PanelData::F16(d) => (d[at..].as_ptr() as *const u8, F16),
+        }
+    }
+
+    /// Element (output o, input k), widened to f32.
+    fn get(&self, o: usize, k: usize) -> f32 {
+        let at = ((o / PANEL) * self.inputs + k) * PANEL + o % PANEL;
+        match &self.data {
+            PanelData::F32(d) => d[at],
+            PanelData::Bf16(d) => half::bf16::from_bits(d[at]).to_f32(),
+            PanelData::F16(d) => half::f16::from_bits(d[at]).to_f32(),
         }
     }
 
@@ -153,20 +289,13 @@ impl Panels {
                 for tile in 0..tiles {
                     let row = first_row + tile * TILE_ROWS;
                     let tile_rows = TILE_ROWS.min(first_row + block_rows - row);
-                    // As few rows of sums as the tile has (a decode step's
-                    // single row computes one, not twelve).
-                    let tile_kernel = match (self.kernel, tile_rows) {
-                        (PackedKernel::Avx512, 1) => avx512::tile::<1>,
-                        (PackedKernel::Avx512, 2..=4) => avx512::tile::<4>,
-                        (PackedKernel::Avx512, _) => avx512::tile::<TILE_ROWS>,
-                        (PackedKernel::Avx2, 1) => avx2::tile::<1>,
-                        (PackedKernel::Avx2, 2..=4) => avx2::tile::<4>,
-                        (PackedKernel::Avx2, _) => avx2::tile::<6>,
-                    };
+                    let (weights, element) = self.panel_start(panel);
+                    let tile_kernel = tile_kernel(self.kernel, tile_rows, element);
                     // SAFETY: the kernel's instructions are present (checked
                     // when the panels were packed); the tile
                     // reads inputs × TILE_ROWS packed floats, one panel of
-                    // inputs × PANEL floats and PANEL bias values, and writes
+                    // inputs × PANEL elements of the type it is built for
+                    // and PANEL bias values, and writes
                     // rows row..row+tile_rows, columns panel·PANEL..+columns
                     // of out (checked shape), a region no other task writes:
                     // tasks differ in row block or panel group.
@@ -174,7 +303,7 @@ impl Panels {
                         tile_kernel(
                             packed.as_ptr().add(tile * inputs * TILE_ROWS),
                             inputs,
-                            self.data.as_ptr().add(panel * inputs * PANEL),
+                            weights,
                             bias,
                             out_ptr.get().add(row * outputs + panel * PANEL),
                             outputs,
@@ -191,6 +320,32 @@ impl Panels {
         } else {
             (0..tasks).for_each(task);
         }
+    }
+}
+
+/// A tile kernel: see `avx512::tile`.
+type TileFn = unsafe fn(*const f32, usize, *const u8, *const f32, *mut f32, usize, usize, usize);
+
+/// The kernel for a tile of `rows` rows against panels of `element`s: as
+/// few rows of sums as the tile has (a decode step's single row computes
+/// one, not twelve).
+fn tile_kernel(kernel: PackedKernel, rows: usize, element: u8) -> TileFn {
+    macro_rules! by_rows {
+        ($module:ident, $e:expr, $many:expr) => {
+            match rows {
+                1 => $module::tile::<1, $e> as TileFn,
+                2..=4 => $module::tile::<4, $e>,
+                _ => $module::tile::<$many, $e>,
+            }
+        };
+    }
+    match (kernel, element) {
+        (PackedKernel::Avx512, F32) => by_rows!(avx512, F32, TILE_ROWS),
+        (PackedKernel::Avx512, BF16) => by_rows!(avx512, BF16, TILE_ROWS),
+        (PackedKernel::Avx512, _) => by_rows!(avx512, F16, TILE_ROWS),
+        (PackedKernel::Avx2, F32) => by_rows!(avx2, F32, 6),
+        (PackedKernel::Avx2, BF16) => by_rows!(avx2, BF16, 6),
+        (PackedKernel::Avx2, _) => by_rows!(avx2, F16, 6),
     }
 }
 
@@ -213,11 +368,23 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// `weight` is `[outputs, inputs]` row-major, `bias` has `outputs` values.
     pub fn new(weight: Vec<f32>, bias: Vec<f32>, inputs: usize, outputs: usize) -> Self {
+        Self::with_kernel(
+            DenseWeights::F32(weight),
+            bias,
+            inputs,
+            outputs,
+            packed_kernel(),
+        )
+    }
+
+    /// `new` for weights of any checkpoint type, kept in that type where
+    /// this CPU has a packed kernel (widened to f32 for the `gemm` crate).
+    pub fn from_dense(weight: DenseWeights, bias: Vec<f32>, inputs: usize, outputs: usize) -> Self {
         Self::with_kernel(weight, bias, inputs, outputs, packed_kernel())
     }
 
     fn with_kernel(
-        weight: Vec<f32>,
+        weight: DenseWeights,
         mut bias: Vec<f32>,
         inputs: usize,
         outputs: usize,
@@ -225,11 +392,12 @@ impl PackedLinear {
     ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight shape");
         assert_eq!(bias.len(), outputs, "bias shape");
-        let layout = match kernel {
-            Some(kernel) => Layout::Packed(Panels::pack(kernel, outputs, inputs, |o, k| {
-                weight[o * inputs + k]
-            })),
-            None => Layout::RowMajor(weight),
+        let layout = match (kernel, weight) {
+            (Some(kernel), weight) => {
+                Layout::Packed(Panels::pack_dense(kernel, &weight, outputs, inputs))
+            }
+            (None, DenseWeights::F32(weight)) => Layout::RowMajor(weight),
+            (None, weight) => Layout::RowMajor((0..weight.len()).map(|i| weight.get(i)).collect()),
         };
         bias.resize(outputs.div_ceil(PANEL) * PANEL, 0.0);
         Self {
@@ -252,16 +420,12 @@ impl PackedLinear {
         out
     }
 
-    /// Appends the weights of output `output` (row `output` of W): a token
-    /// embedding looked up in a tied output matrix.
+    /// Appends the weights of output `output` (row `output` of W) in f32:
+    /// a token embedding looked up in a tied output matrix.
     pub fn append_row(&self, output: usize, out: &mut Vec<f32>) {
         let inputs = self.inputs;
         match &self.layout {
-            Layout::Packed(panels) => {
-                let (panel, column) = (output / PANEL, output % PANEL);
-                let panel = &panels.data[panel * inputs * PANEL..][..inputs * PANEL];
-                out.extend(panel.iter().skip(column).step_by(PANEL));
-            }
+            Layout::Packed(panels) => out.extend((0..inputs).map(|k| panels.get(output, k))),
             Layout::RowMajor(weight) => {
                 out.extend_from_slice(&weight[output * inputs..][..inputs]);
             }
@@ -324,28 +488,44 @@ impl SendPtr {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{PANEL, TILE_ROWS};
+    use super::{BF16, F32, PANEL, TILE_ROWS};
+
+    /// 16 weights at `at` (bytes), of element type `E`, widened to f32.
+    macro_rules! load16 {
+        ($e:expr, $at:expr) => {
+            match $e {
+                F32 => _mm512_loadu_ps($at as *const f32),
+                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256($at as *const __m256i),
+                ))),
+                _ => _mm512_cvtph_ps(_mm256_loadu_si256($at as *const __m256i)),
+            }
+        };
+    }
 
     /// Sums of the first `R` (at most TILE_ROWS) packed rows against one
-    /// panel, plus the bias; stores the first `rows` (at most `R`) rows and
-    /// `columns` columns.
+    /// panel of elements of type `E` (`F32`, `BF16` or `F16`), plus the
+    /// bias; stores the first `rows` (at most `R`) rows and `columns`
+    /// columns.
     ///
     /// # Safety
     /// AVX-512 F must be available; `x` holds inputs × TILE_ROWS floats
-    /// ([k][row]), `panel` inputs × PANEL floats, `bias` PANEL floats, and
-    /// `out` has room for `rows` rows of `columns` floats at stride `ldc`.
+    /// ([k][row]), `panel` inputs × PANEL elements of type `E`, `bias` PANEL
+    /// floats, and `out` has room for `rows` rows of `columns` floats at
+    /// stride `ldc`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile<const R: usize>(
+    pub unsafe fn tile<const R: usize, const E: u8>(
         x: *const f32,
         inputs: usize,
-        panel: *const f32,
+        panel: *const u8,
         bias: *const f32,
         out: *mut f32,
         ldc: usize,
         rows: usize,
         columns: usize,
     ) {
+        let size = if E == F32 { 4 } else { 2 };
         // SAFETY: the contract above covers every offset below: k < inputs,
         // r < TILE_ROWS, column halves < PANEL, stored rows < rows.
         unsafe {
@@ -354,8 +534,9 @@ mod avx512 {
             let mut low = [bias_low; R];
             let mut high = [bias_high; R];
             for k in 0..inputs {
-                let w_low = _mm512_loadu_ps(panel.add(k * PANEL));
-                let w_high = _mm512_loadu_ps(panel.add(k * PANEL + 16));
+                let w = panel.add(k * PANEL * size);
+                let w_low = load16!(E, w);
+                let w_high = load16!(E, w.add(16 * size));
                 let xs = x.add(k * TILE_ROWS);
                 for r in 0..R {
                     let v = _mm512_set1_ps(*xs.add(r));
@@ -381,24 +562,40 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PANEL, TILE_ROWS};
+    use super::{BF16, F32, PANEL, TILE_ROWS};
 
-    /// The AVX2 counterpart of `avx512::tile`, same contract (AVX2 and FMA
-    /// instead of AVX-512 F; `rows` at most TILE_ROWS): each half panel of
-    /// 16 columns times each group of `GROUP` rows (at most 6: 12 sums in
-    /// registers) is one pass over k.
+    /// 8 weights at `at` (bytes), of element type `E`, widened to f32.
+    macro_rules! load8 {
+        ($e:expr, $at:expr) => {
+            match $e {
+                F32 => _mm256_loadu_ps($at as *const f32),
+                BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                    _mm_loadu_si128($at as *const __m128i),
+                ))),
+                _ => _mm256_cvtph_ps(_mm_loadu_si128($at as *const __m128i)),
+            }
+        };
+    }
+
+    /// The AVX2 counterpart of `avx512::tile`, same contract (AVX2, FMA
+    /// and F16C instead of AVX-512 F; `rows` at most TILE_ROWS): each group
+    /// of `GROUP` rows is a pass over k per half panel of 16 columns (12
+    /// sums in registers for 6 rows), or over the whole panel for one row.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const GROUP: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<const GROUP: usize, const E: u8>(
         x: *const f32,
         inputs: usize,
-        panel: *const f32,
+        panel: *const u8,
         bias: *const f32,
         out: *mut f32,
         ldc: usize,
         rows: usize,
         columns: usize,
     ) {
+        let size = if E == F32 { 4 } else { 2 };
+        // Registers of 8 columns a pass covers.
+        let span = if GROUP == 1 { 4 } else { 2 };
         // SAFETY: as for `avx512::tile`: k < inputs, group rows < TILE_ROWS,
         // columns < PANEL, stored rows < rows and stored columns < columns.
         unsafe {
@@ -407,31 +604,42 @@ mod avx2 {
                 let n = columns.saturating_sub(from).min(8) as i32;
                 _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes)
             };
-            for first_column in [0, 16] {
+            for first_column in (0..PANEL).step_by(8 * span) {
                 if first_column >= columns {
                     break;
                 }
-                let (mask_low, mask_high) = (mask(first_column), mask(first_column + 8));
                 for first_row in (0..TILE_ROWS).step_by(GROUP) {
                     if first_row >= rows {
                         break;
                     }
-                    let mut low = [_mm256_loadu_ps(bias.add(first_column)); GROUP];
-                    let mut high = [_mm256_loadu_ps(bias.add(first_column + 8)); GROUP];
-                    for k in 0..inputs {
-                        let w = panel.add(k * PANEL + first_column);
-                        let (w_low, w_high) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
-                        let xs = x.add(k * TILE_ROWS + first_row);
-                        for r in 0..GROUP {
-                            let v = _mm256_set1_ps(*xs.add(r));
-                            low[r] = _mm256_fmadd_ps(v, w_low, low[r]);
-                            high[r] = _mm256_fmadd_ps(v, w_high, high[r]);
+                    let mut sums = [[_mm256_setzero_ps(); 4]; GROUP];
+                    for row in sums.iter_mut() {
+                        for (j, sum) in row.iter_mut().enumerate().take(span) {
+                            *sum = _mm256_loadu_ps(bias.add(first_column + 8 * j));
                         }
                     }
-                    for r in 0..GROUP.min(rows - first_row) {
-                        let row = out.add((first_row + r) * ldc + first_column);
-                        _mm256_maskstore_ps(row, mask_low, low[r]);
-                        _mm256_maskstore_ps(row.add(8), mask_high, high[r]);
+                    for k in 0..inputs {
+                        let w = panel.add((k * PANEL + first_column) * size);
+                        let mut weights = [_mm256_setzero_ps(); 4];
+                        for (j, weight) in weights.iter_mut().enumerate().take(span) {
+                            *weight = load8!(E, w.add(8 * j * size));
+                        }
+                        let xs = x.add(k * TILE_ROWS + first_row);
+                        for (r, row) in sums.iter_mut().enumerate() {
+                            let v = _mm256_set1_ps(*xs.add(r));
+                            for (sum, weight) in row.iter_mut().zip(&weights).take(span) {
+                                *sum = _mm256_fmadd_ps(v, *weight, *sum);
+                            }
+                        }
+                    }
+                    for (r, row) in sums.iter().enumerate().take(rows - first_row) {
+                        let at = out.add((first_row + r) * ldc + first_column);
+                        for (j, sum) in row.iter().enumerate().take(span) {
+                            if first_column + 8 * j >= columns {
+                                break;
+                            }
+                            _mm256_maskstore_ps(at.add(8 * j), mask(first_column + 8 * j), *sum);
+                        }
                     }
                 }
             }
@@ -479,7 +687,7 @@ mod tests {
             let expected = reference(&x, &weight, &bias, inputs);
             for &kernel in &kernels {
                 let linear = PackedLinear::with_kernel(
-                    weight.clone(),
+                    DenseWeights::F32(weight.clone()),
                     bias.clone(),
                     inputs,
                     outputs,
@@ -519,13 +727,69 @@ mod tests {
                     "{kernel:?} row lookup"
                 );
             }
+            // bf16 and f16 panels compute the bits of their values in f32.
+            let bits: Vec<(DenseWeights, Vec<f32>)> = vec![
+                {
+                    let b: Vec<u16> = weight
+                        .iter()
+                        .map(|&w| half::bf16::from_f32(w).to_bits())
+                        .collect();
+                    let widened = b
+                        .iter()
+                        .map(|&v| half::bf16::from_bits(v).to_f32())
+                        .collect();
+                    (DenseWeights::Bf16(b), widened)
+                },
+                {
+                    let b: Vec<u16> = weight
+                        .iter()
+                        .map(|&w| half::f16::from_f32(w).to_bits())
+                        .collect();
+                    let widened = b
+                        .iter()
+                        .map(|&v| half::f16::from_bits(v).to_f32())
+                        .collect();
+                    (DenseWeights::F16(b), widened)
+                },
+            ];
+            for (narrow, widened) in bits {
+                for &kernel in &kernels {
+                    let expected = PackedLinear::with_kernel(
+                        DenseWeights::F32(widened.clone()),
+                        bias.clone(),
+                        inputs,
+                        outputs,
+                        kernel,
+                    );
+                    let dense = match &narrow {
+                        DenseWeights::Bf16(b) => DenseWeights::Bf16(b.clone()),
+                        DenseWeights::F16(b) => DenseWeights::F16(b.clone()),
+                        DenseWeights::F32(b) => DenseWeights::F32(b.clone()),
+                    };
+                    let linear =
+                        PackedLinear::with_kernel(dense, bias.clone(), inputs, outputs, kernel);
+                    assert_eq!(
+                        linear.forward(&x),
+                        expected.forward(&x),
+                        "{kernel:?} 16-bit"
+                    );
+                    assert_eq!(
+                        linear.forward(&x[..inputs]),
+                        expected.forward(&x[..inputs]),
+                        "{kernel:?} 16-bit, one row"
+                    );
+                    let mut row = Vec::new();
+                    linear.append_row(0, &mut row);
+                    assert_eq!(row, widened[..inputs], "{kernel:?} 16-bit row lookup");
+                }
+            }
             // Every packed kernel computes the same bits.
             let packed: Vec<Vec<f32>> = kernels
                 .iter()
                 .flatten()
                 .map(|&k| {
                     PackedLinear::with_kernel(
-                        weight.clone(),
+                        DenseWeights::F32(weight.clone()),
                         bias.clone(),
                         inputs,
                         outputs,

@@ -1,18 +1,22 @@
 //! Loading a decoder from a Hugging Face safetensors checkpoint of the
 //! llama family (Llama, Mistral, Qwen2, SmolLM): config.json for the
-//! hyperparameters, the tensors in f32 (bf16 and f16 widen exactly) with a
-//! LoRA adapter merged when asked, packed for the f32 kernels.
+//! hyperparameters; the projections packed for the f32 kernels in the type
+//! they are stored in (bf16 and f16 stay 16-bit and widen exactly in the
+//! kernels), or in f32 with a LoRA adapter merged when asked.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::{Activation, Architecture, CpuDecoder, Embedding, Layer, RopeLayout, RopeTable};
 use crate::lora::Adapter;
+use crate::models::checkpoint::{checkpoint_tensors, checkpoint_vars};
 use crate::models::kv_cache::{KvCache, KvCacheConfig, KvShape};
+use crate::models::packed_gemm::DenseWeights;
 use crate::models::quant_matmul::{ProjectionGroup, QuantMatrix};
 
 /// What config.json says, under the names transformers writes.
@@ -154,21 +158,58 @@ impl CheckpointConfig {
     }
 }
 
-/// The tensors of a checkpoint, read in f32.
-struct Tensors(VarBuilder<'static>);
+/// The tensors of a checkpoint: in f32 (with an adapter merged, if any),
+/// and, without an adapter, as stored, for projections kept in bf16 or f16.
+struct Tensors {
+    vars: VarBuilder<'static>,
+    stored: Option<MmapedSafetensors>,
+}
 
 impl Tensors {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> anyhow::Result<Vec<f32>> {
         let tensor = self
-            .0
+            .vars
             .get((rows, cols), name)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         Ok(tensor.flatten_all()?.to_vec1()?)
     }
 
+    /// A projection's weights, in the 16-bit type they are stored in where
+    /// that is bf16 or f16 and no adapter was merged into them, else f32.
+    fn weights(&self, name: &str, rows: usize, cols: usize) -> anyhow::Result<DenseWeights> {
+        if let Some(stored) = &self.stored {
+            let tensor = stored
+                .load(name, &Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            if tensor.dims() != [rows, cols] {
+                anyhow::bail!(
+                    "{name} has shape {:?}, expected [{rows}, {cols}]",
+                    tensor.dims()
+                );
+            }
+            let flat = tensor.flatten_all()?;
+            match tensor.dtype() {
+                DType::BF16 => {
+                    let values = flat.to_vec1::<half::bf16>()?;
+                    return Ok(DenseWeights::Bf16(
+                        values.iter().map(|v| v.to_bits()).collect(),
+                    ));
+                }
+                DType::F16 => {
+                    let values = flat.to_vec1::<half::f16>()?;
+                    return Ok(DenseWeights::F16(
+                        values.iter().map(|v| v.to_bits()).collect(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(DenseWeights::F32(self.matrix(name, rows, cols)?))
+    }
+
     fn vector(&self, name: &str, len: usize) -> anyhow::Result<Vec<f32>> {
         let tensor = self
-            .0
+            .vars
             .get(len, name)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         Ok(tensor.to_vec1()?)
@@ -180,10 +221,10 @@ impl Tensors {
         name: &str,
         rows: usize,
         cols: usize,
-    ) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let weight = self.matrix(&format!("{name}.weight"), rows, cols)?;
+    ) -> anyhow::Result<(DenseWeights, Option<Vec<f32>>)> {
+        let weight = self.weights(&format!("{name}.weight"), rows, cols)?;
         let bias_name = format!("{name}.bias");
-        let bias = match self.0.contains_tensor(&bias_name) {
+        let bias = match self.vars.contains_tensor(&bias_name) {
             true => Some(self.vector(&bias_name, rows)?),
             false => None,
         };
@@ -238,12 +279,13 @@ impl CpuDecoder {
             m.min(config.max_position_embeddings)
         });
         let windows = config.windows()?;
-        let tensors = Tensors(crate::models::checkpoint::checkpoint_vars(
-            dir,
-            DType::F32,
-            &Device::Cpu,
-            merge,
-        )?);
+        let tensors = Tensors {
+            vars: checkpoint_vars(dir, DType::F32, &Device::Cpu, merge)?,
+            stored: match merge {
+                Some(_) => None,
+                None => Some(checkpoint_tensors(dir)?),
+            },
+        };
         let (vocab, ffn) = (config.vocab_size, config.intermediate_size);
         let (q_width, kv_width) = (n_head * head_dim, n_kv_head * head_dim);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -262,14 +304,14 @@ impl CpuDecoder {
             let (down, down_bias) = mlp("down_proj", hidden, ffn)?;
             layers.push(Layer {
                 attention_norm: tensors.vector(&name("input_layernorm.weight"), hidden)?,
-                qkv: ProjectionGroup::f32(qkv, hidden),
+                qkv: ProjectionGroup::dense(qkv, hidden),
                 q_norm: None,
                 k_norm: None,
-                o: QuantMatrix::f32(o, o_bias, hidden, q_width),
+                o: QuantMatrix::dense(o, o_bias, hidden, q_width),
                 post_attention_norm: None,
                 ffn_norm: tensors.vector(&name("post_attention_layernorm.weight"), hidden)?,
-                gate_up: ProjectionGroup::f32(gate_up, hidden),
-                down: QuantMatrix::f32(down, down_bias, hidden, ffn),
+                gate_up: ProjectionGroup::dense(gate_up, hidden),
+                down: QuantMatrix::dense(down, down_bias, hidden, ffn),
                 post_ffn_norm: None,
                 rope: 0,
                 window,
@@ -277,13 +319,13 @@ impl CpuDecoder {
         }
         let embeddings = "model.embed_tokens.weight";
         // Tied embeddings when the checkpoint has no output matrix of its own.
-        let (output, embedding) = match tensors.0.contains_tensor("lm_head.weight") {
+        let (output, embedding) = match tensors.vars.contains_tensor("lm_head.weight") {
             true => (
-                tensors.matrix("lm_head.weight", vocab, hidden)?,
+                tensors.weights("lm_head.weight", vocab, hidden)?,
                 Embedding::Dense(tensors.matrix(embeddings, vocab, hidden)?),
             ),
             false => (
-                tensors.matrix(embeddings, vocab, hidden)?,
+                tensors.weights(embeddings, vocab, hidden)?,
                 Embedding::Output,
             ),
         };
@@ -293,7 +335,7 @@ impl CpuDecoder {
             embedding_scale: 1.0,
             vocab,
             norm: tensors.vector("model.norm.weight", hidden)?,
-            output: QuantMatrix::f32(output, None, vocab, hidden),
+            output: QuantMatrix::dense(output, None, vocab, hidden),
             hidden,
             n_head,
             n_kv_head,

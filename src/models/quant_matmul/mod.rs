@@ -36,7 +36,7 @@ pub use level::CpuLevel;
 use level::RowKernels;
 use panel::{PANEL_COLUMNS, Panels};
 
-use super::packed_gemm::PackedLinear;
+use super::packed_gemm::{DenseWeights, PackedLinear};
 
 /// Weight rows one task computes (for every activation row).
 const ROWS_PER_TASK: usize = 32;
@@ -113,14 +113,14 @@ impl QuantMatrix {
         })
     }
 
-    /// `[rows, cols]` f32 weights (row-major) and an optional bias of
-    /// `rows` values, packed for the f32 kernels.
-    pub fn f32(weight: Vec<f32>, bias: Option<Vec<f32>>, rows: usize, cols: usize) -> Self {
+    /// `[rows, cols]` weights (row-major; f32, bf16 or f16) and an
+    /// optional bias of `rows` values, packed for the f32 kernels.
+    pub fn dense(weight: DenseWeights, bias: Option<Vec<f32>>, rows: usize, cols: usize) -> Self {
         let bias = bias.unwrap_or_else(|| vec![0.0; rows]);
         Self {
             rows,
             cols,
-            storage: Storage::F32(PackedLinear::new(weight, bias, cols, rows)),
+            storage: Storage::F32(PackedLinear::from_dense(weight, bias, cols, rows)),
             panels: None,
         }
     }
@@ -337,23 +337,32 @@ impl ProjectionGroup {
         ))
     }
 
-    /// f32 projections of one `cols`-wide input, each its `[rows, cols]`
-    /// weights (row-major) and optional bias, stacked into one matrix.
-    pub fn f32(parts: Vec<(Vec<f32>, Option<Vec<f32>>)>, cols: usize) -> Self {
+    /// Dense projections of one `cols`-wide input, each its `[rows, cols]`
+    /// weights (row-major) and optional bias: stacked into one matrix when
+    /// their types agree, else computed one after the other.
+    pub fn dense(parts: Vec<(DenseWeights, Option<Vec<f32>>)>, cols: usize) -> Self {
         let widths: Vec<usize> = parts.iter().map(|(w, _)| w.len() / cols).collect();
         let rows = widths.iter().sum();
+        let matrices: Vec<&DenseWeights> = parts.iter().map(|(w, _)| w).collect();
+        let Some(weight) = DenseWeights::concat(&matrices) else {
+            return Self::Separate(
+                parts
+                    .into_iter()
+                    .zip(&widths)
+                    .map(|((w, b), &width)| QuantMatrix::dense(w, b, width, cols))
+                    .collect(),
+            );
+        };
         let biased = parts.iter().any(|(_, b)| b.is_some());
-        let mut weight = Vec::with_capacity(rows * cols);
-        let mut bias = Vec::with_capacity(if biased { rows } else { 0 });
-        for ((w, b), &width) in parts.into_iter().zip(&widths) {
-            weight.extend_from_slice(&w);
-            if biased {
-                bias.extend(b.unwrap_or_else(|| vec![0.0; width]));
-            }
-        }
-        let bias = biased.then_some(bias);
+        let bias = biased.then(|| {
+            parts
+                .into_iter()
+                .zip(&widths)
+                .flat_map(|((_, b), &width)| b.unwrap_or_else(|| vec![0.0; width]))
+                .collect()
+        });
         Self::Stacked {
-            matrix: QuantMatrix::f32(weight, bias, rows, cols),
+            matrix: QuantMatrix::dense(weight, bias, rows, cols),
             widths,
         }
     }
