@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """qpai vs llama.cpp on the same GGUF file, token ids and thread count.
 
+Or on the same weights: qpai on a safetensors checkpoint (`--model DIR`), llama.cpp on a GGUF
+of the same values (`--peer-gguf`, made by benches/gguf_widen.py).
+
 Runs `qpai bench` (prefill, decode, time to first token from qpai's own
 forward pass) and then llama.cpp through llama-cpp-python on exactly the same
 prompt token ids, greedy, and prints a Markdown table with the ratios.
@@ -96,12 +99,15 @@ def main():
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--qpai", help="path of the qpai binary")
+    p.add_argument("--peer-gguf", help="the GGUF file llama.cpp runs (default: the catalog model's); "
+                   "for a checkpoint --model, its weights as a GGUF (benches/gguf_widen.py)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         qpai = run_qpai(args, os.path.join(tmp, "qpai.json"))
     ids = qpai["prompt_ids"]
-    peer = run_llama_cpp(gguf_path(args.model), ids, args.decode_tokens, args.threads, args.runs)
+    peer_file = args.peer_gguf or gguf_path(args.model)
+    peer = run_llama_cpp(peer_file, ids, args.decode_tokens, args.threads, args.runs)
 
     rows = [
         ("prefill tokens/s", "prefill_tokens_per_s", True),
@@ -110,7 +116,7 @@ def main():
     ]
     print(f"model {args.model}, {len(ids)} prompt tokens, {args.decode_tokens} decoded, "
           f"{args.threads} threads, median of {args.runs} runs")
-    print(f"qpai kernels: {qpai['kernels']}; llama.cpp: {llama_cpp_isa()}")
+    print(f"qpai kernels: {qpai['kernels']}; llama.cpp: {llama_cpp_isa()}, on {os.path.basename(peer_file)}")
     print()
     print("| metric | qpai | llama.cpp | qpai / llama.cpp |")
     print("|---|---|---|---|")

@@ -5,8 +5,8 @@
 //! often does) are kept in bf16: half the memory traffic per token, and the
 //! same values.
 
+use crate::models::spin_pool::for_each_chunk_mut;
 use half::bf16;
-use rayon::prelude::*;
 
 use super::adapter::Adapter;
 use super::projection::Projection;
@@ -275,7 +275,7 @@ pub fn add_deltas(
     if with_adapter < PARALLEL_MIN_ROWS {
         y.chunks_exact_mut(y_width).enumerate().for_each(work);
     } else {
-        y.par_chunks_exact_mut(y_width).enumerate().for_each(work);
+        for_each_chunk_mut(y, y_width, |row, y_row| work((row, y_row)));
     }
 }
 

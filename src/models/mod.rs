@@ -18,6 +18,7 @@ pub mod packed_gemm;
 pub mod quant_matmul;
 pub mod quantized;
 pub mod qwen2;
+pub mod spin_pool;
 
 use std::sync::Arc;
 

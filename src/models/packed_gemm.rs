@@ -12,7 +12,7 @@
 //! is exact, so the products are those of the f32 values. Where AVX2 is
 //! missing the `gemm` crate computes the product from the unpacked matrix.
 
-use rayon::prelude::*;
+use super::spin_pool::for_each_task;
 
 /// Output columns per panel: two 16-lane registers.
 const PANEL: usize = 32;
@@ -316,7 +316,7 @@ impl Panels {
         };
         let tasks = row_blocks * panel_groups;
         if parallel {
-            (0..tasks).into_par_iter().for_each(task);
+            for_each_task(tasks, task);
         } else {
             (0..tasks).for_each(task);
         }

@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use super::sequence::CpuSequence;
 use super::{Activation, CpuDecoder, Embedding, PARALLEL_ATTENTION_MIN_SCORES, RopeLayout};
 use crate::lora::{Projection, UnmergedAdapter};
 use crate::models::kv_cache::{BlockId, LayerView};
+use crate::models::spin_pool::for_each_chunk_mut;
 
 /// A row of a forward pass: the sequence it belongs to and its position there.
 #[derive(Clone, Copy)]
@@ -151,7 +150,7 @@ impl CpuDecoder {
         if scores < PARALLEL_ATTENTION_MIN_SCORES {
             out.chunks_exact_mut(hd).enumerate().for_each(work);
         } else {
-            out.par_chunks_exact_mut(hd).enumerate().for_each(work);
+            for_each_chunk_mut(&mut out, hd, |index, out| work((index, out)));
         }
         out
     }

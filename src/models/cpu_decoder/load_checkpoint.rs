@@ -365,6 +365,38 @@ impl CpuDecoder {
 mod tests {
     use super::*;
 
+    fn config(extra: serde_json::Value) -> CheckpointConfig {
+        let mut base = serde_json::json!({
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "rms_norm_eps": 1e-6, "vocab_size": 512,
+            "max_position_embeddings": 256
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(base).unwrap()
+    }
+
+    /// Mistral's window covers every layer; Qwen2's only with
+    /// `use_sliding_window`, from `max_window_layers` on; `layer_types`
+    /// (transformers 5) names each layer's kind; no window, no windows.
+    #[test]
+    fn sliding_windows_are_read_as_each_family_writes_them() {
+        let w = Some(32);
+        let windows = |extra| config(extra).windows().unwrap();
+        assert_eq!(windows(serde_json::json!({})), [None; 4]);
+        assert_eq!(windows(serde_json::json!({"sliding_window": 32})), [w; 4]);
+        let qwen = serde_json::json!({"sliding_window": 32, "use_sliding_window": true, "max_window_layers": 2});
+        assert_eq!(windows(qwen), [None, None, w, w]);
+        let off = serde_json::json!({"sliding_window": 32, "use_sliding_window": false});
+        assert_eq!(windows(off), [None; 4]);
+        let types = serde_json::json!({"sliding_window": 32, "layer_types":
+            ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]});
+        assert_eq!(windows(types), [w, None, w, None]);
+        let short = serde_json::json!({"sliding_window": 32, "layer_types": ["full_attention"]});
+        assert!(config(short).windows().is_err());
+    }
+
     /// Llama 3.1's scaling (factor 8, low 1, high 4, original context
     /// 8192) keeps the high frequencies, divides the low ones by the
     /// factor, and blends in between, continuously at both edges.

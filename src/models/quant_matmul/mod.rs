@@ -26,7 +26,6 @@ use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use rayon::prelude::*;
 
 use blocks::{
     ActivationBlock, BLOCK, BlockQ4_1, BlockQ4K32, BlockQ5_0, BlockQ6K32, BlockQ8_0, QuantBlock,
@@ -37,6 +36,7 @@ use level::RowKernels;
 use panel::{PANEL_COLUMNS, Panels};
 
 use super::packed_gemm::{DenseWeights, PackedLinear};
+use super::spin_pool::for_each_chunk_mut;
 
 /// Weight rows one task computes (for every activation row).
 const ROWS_PER_TASK: usize = 32;
@@ -266,33 +266,30 @@ impl QuantMatrix {
         // Computed transposed ([rows, m]) so that each task writes one
         // contiguous run, then turned around.
         let mut transposed = vec![0f32; self.rows * m];
-        transposed
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first_row = task * ROWS_PER_TASK;
-                let rows_here = out.len() / m;
-                for quad in (0..rows_here).step_by(4) {
-                    let at = (first_row + quad) * per_row;
-                    for i in 0..m {
-                        let activation = &activations[i * per_row..][..per_row];
-                        match rows4 {
-                            Some(rows4) if quad + 4 <= rows_here => {
-                                let values = rows4(&weights[at..], per_row, activation);
-                                for (r, value) in values.into_iter().enumerate() {
-                                    out[(quad + r) * m + i] = value;
-                                }
+        for_each_chunk_mut(&mut transposed, ROWS_PER_TASK * m, |task, out| {
+            let first_row = task * ROWS_PER_TASK;
+            let rows_here = out.len() / m;
+            for quad in (0..rows_here).step_by(4) {
+                let at = (first_row + quad) * per_row;
+                for i in 0..m {
+                    let activation = &activations[i * per_row..][..per_row];
+                    match rows4 {
+                        Some(rows4) if quad + 4 <= rows_here => {
+                            let values = rows4(&weights[at..], per_row, activation);
+                            for (r, value) in values.into_iter().enumerate() {
+                                out[(quad + r) * m + i] = value;
                             }
-                            _ => {
-                                for r in quad..(quad + 4).min(rows_here) {
-                                    let row = &weights[(first_row + r) * per_row..][..per_row];
-                                    out[r * m + i] = blocks::dot(row, activation);
-                                }
+                        }
+                        _ => {
+                            for r in quad..(quad + 4).min(rows_here) {
+                                let row = &weights[(first_row + r) * per_row..][..per_row];
+                                out[r * m + i] = blocks::dot(row, activation);
                             }
                         }
                     }
                 }
-            });
+            }
+        });
         if m == 1 {
             return transposed;
         }

@@ -13,7 +13,7 @@
 //! its row's total as `blocks::accumulate` does, so panels give the bits the
 //! row kernels give: a prompt's rows and a decode step's agree exactly.
 
-use rayon::prelude::*;
+use crate::models::spin_pool::for_each_chunk_mut;
 
 use super::blocks::{ActivationBlock, QuantBlock};
 use super::level::CpuLevel;
@@ -151,26 +151,25 @@ impl Panels {
         let row_of = |i: usize| &shifted[i.min(m - 1) * self.per_row..][..self.per_row];
         let task_rows = GROUPS_PER_TASK * PANEL_ROWS;
         // Each task: its rows for every activation row, `[m, task_rows]`.
-        let parts: Vec<Vec<f32>> = self
-            .blocks
-            .par_chunks(GROUPS_PER_TASK * self.per_row)
-            .map(|groups| {
-                let mut out = vec![0f32; m * task_rows];
-                for (g, group) in groups.chunks_exact(self.per_row).enumerate() {
-                    for first in (0..m).step_by(PANEL_COLUMNS) {
-                        let columns = [0, 1, 2, 3].map(|c| row_of(first + c));
-                        let values = kernel(group, columns);
-                        for (c, values) in values.iter().enumerate().take(m - first) {
-                            let at = (first + c) * task_rows + g * PANEL_ROWS;
-                            out[at..at + PANEL_ROWS].copy_from_slice(values);
-                        }
+        let task_blocks = GROUPS_PER_TASK * self.per_row;
+        let tasks = self.blocks.len().div_ceil(task_blocks);
+        let mut parts = vec![0f32; tasks * m * task_rows];
+        for_each_chunk_mut(&mut parts, m * task_rows, |task, out| {
+            let groups = &self.blocks[task * task_blocks..];
+            let groups = &groups[..task_blocks.min(groups.len())];
+            for (g, group) in groups.chunks_exact(self.per_row).enumerate() {
+                for first in (0..m).step_by(PANEL_COLUMNS) {
+                    let columns = [0, 1, 2, 3].map(|c| row_of(first + c));
+                    let values = kernel(group, columns);
+                    for (c, values) in values.iter().enumerate().take(m - first) {
+                        let at = (first + c) * task_rows + g * PANEL_ROWS;
+                        out[at..at + PANEL_ROWS].copy_from_slice(values);
                     }
                 }
-                out
-            })
-            .collect();
+            }
+        });
         let mut out = vec![0f32; m * self.rows];
-        for (task, part) in parts.iter().enumerate() {
+        for (task, part) in parts.chunks_exact(m * task_rows).enumerate() {
             let start = task * task_rows;
             let width = task_rows.min(self.rows - start);
             for (i, values) in part.chunks_exact(task_rows).enumerate() {
