@@ -296,8 +296,7 @@ pub struct ServeArgs {
     /// several steps while other requests keep decoding.
     #[arg(long, env = "QPAI_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Memory for each model's KV cache, in MiB (llama GGUF models on the
-    /// CPU). Requests are admitted only while the blocks they may need
+    /// Memory for each model's KV cache, in MiB (decoders on the CPU). Requests are admitted only while the blocks they may need
     /// (prompt plus n times max_tokens) are free; the rest wait in the
     /// queue. Default: room for --max-running sequences at the full context.
     #[arg(long, env = "QPAI_KV_CACHE_MB")]

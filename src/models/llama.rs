@@ -1,6 +1,7 @@
 //! Hugging Face safetensors checkpoints of the llama family (Llama, Mistral
-//! without its sliding window, SmolLM) through candle's `llama` model, whose KV cache is a separate value:
-//! one cache per sequence over shared weights.
+//! without its sliding window, SmolLM) on accelerators, through candle's
+//! `llama` model, whose KV cache is a separate value: one cache per
+//! sequence over shared weights. The CPU runs them on `cpu_decoder`.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -126,13 +126,13 @@ impl LoadedModel {
     }
 
     /// Checks a LoRA adapter against this base and lays it out for use per
-    /// sequence. Unmerged adapters run on the CPU llama engine (GGUF bases);
-    /// other bases take adapters merged at load only.
+    /// sequence. Unmerged adapters run on the CPU decoder's llama-family
+    /// bases; other bases take adapters merged at load only.
     pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<Arc<UnmergedAdapter>, String> {
         match &self.weights {
             Weights::CpuDecoder(w) => w.prepare_adapter(adapter).map(Arc::new),
             _ => Err(format!(
-                "{} ({}) takes adapters merged at load only (--merge); per-request adapters need a llama GGUF base on the CPU",
+                "{} ({}) takes adapters merged at load only (--merge); per-request adapters need a llama-family base on the CPU",
                 self.id, self.architecture
             )),
         }

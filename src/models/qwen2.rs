@@ -1,7 +1,7 @@
-//! Hugging Face Qwen2 safetensors checkpoints through candle's `qwen2`
-//! model. Its KV cache lives inside the model, whose tensors are
-//! reference-counted: a clone with a cleared cache is a new sequence over the
-//! same weights.
+//! Hugging Face Qwen2 safetensors checkpoints on accelerators, through
+//! candle's `qwen2` model (the CPU runs them on `cpu_decoder`). Its KV
+//! cache lives inside the model, whose tensors are reference-counted: a
+//! clone with a cleared cache is a new sequence over the same weights.
 
 use std::path::Path;
 

@@ -1,4 +1,4 @@
-//! One sequence of a llama GGUF model: its block table in the model's paged
+//! One sequence of a CPU decoder model: its block table in the model's paged
 //! KV cache, the tokens stored there, and the adapter it runs with. Forks
 //! share blocks (a shared, partly filled block is copied on the next write);
 //! a new sequence may start from an earlier prompt's cached blocks.
