@@ -216,6 +216,7 @@ pub async fn build(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<Stack
 pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let config = HttpConfig {
         max_body_bytes: args.max_body_bytes,
+        fetch: args.fetch.policy(),
     };
     let (host, port) = (args.host.clone(), args.port);
     let stack = build(args, &global).await?;

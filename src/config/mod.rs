@@ -22,7 +22,7 @@ pub use jobs::{
     BatchCommand, BatchRunArgs, BatchTenant, CalibrationMetric, EvalCalibrateArgs, EvalRunArgs,
     PromptsCommand, PromptsDir,
 };
-pub use rag::{BenchSearchArgs, EmbeddingArgs, IngestArgs, SearchArgs, SitesCommand};
+pub use rag::{BenchSearchArgs, EmbeddingArgs, FetchArgs, IngestArgs, SearchArgs, SitesCommand};
 pub use router::{BenchRouterArgs, BenchUpstreamArgs, KeyCreateArgs, KeysCommand, UsageArgs};
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -311,6 +311,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes; beyond: 413.
     #[arg(long, env = "QPAI_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Where the sitemaps clients name (and their pages) may be fetched from.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// Cap on the context length a model is served with.
     #[arg(long, env = "QPAI_MAX_CONTEXT")]
     pub max_context: Option<usize>,

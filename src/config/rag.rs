@@ -75,7 +75,36 @@ pub struct IngestArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub fetch: FetchArgs,
+    #[command(flatten)]
     pub embedding: EmbeddingArgs,
+}
+
+/// Which addresses fetches of sitemaps and their pages may reach: public
+/// ones only, unless these say otherwise.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FetchArgs {
+    /// Fetch from this host whatever its addresses (an intranet docs
+    /// server, say); repeatable, or comma-separated in the variable.
+    #[arg(
+        long = "allow-fetch-host",
+        env = "QPAI_ALLOW_FETCH_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allow_fetch_hosts: Vec<String>,
+    /// Let fetches reach loopback, private, link-local and other
+    /// non-public addresses (cloud metadata endpoints among them).
+    #[arg(long, env = "QPAI_ALLOW_PRIVATE_FETCH")]
+    pub allow_private_fetch: bool,
+}
+
+impl FetchArgs {
+    pub fn policy(&self) -> crate::rag::sources::fetch::FetchPolicy {
+        crate::rag::sources::fetch::FetchPolicy {
+            allow_private: self.allow_private_fetch,
+            allowed_hosts: self.allow_fetch_hosts.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -37,15 +37,18 @@ use extract::BodyLimit;
 const FORM_OVERHEAD: usize = 64 * 1024;
 
 /// Limits of the HTTP layer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub max_body_bytes: usize,
+    /// Which addresses the sitemaps clients name may be fetched from.
+    pub fetch: crate::rag::sources::fetch::FetchPolicy,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
+            fetch: Default::default(),
         }
     }
 }

@@ -199,6 +199,24 @@ fn records(documents: Vec<serde_json::Value>) -> ApiResult<(mpsc::Receiver<Sourc
     Ok(from_documents(items))
 }
 
+/// A sitemap URL whose host resolves to an address the server may not
+/// fetch from is refused up front, naming the parameter (hosts that
+/// redirect there are refused hop by hop while fetching).
+async fn check_fetch_address(state: &AppState, url: &str) -> ApiResult<()> {
+    let refuse = |message: String| ApiError::invalid_param("sitemap_url", message);
+    let parsed = url::Url::parse(url).map_err(|e| refuse(format!("'sitemap_url': {e}.")))?;
+    let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+        return Err(refuse("'sitemap_url' needs a host.".to_string()));
+    };
+    let netloc = format!("{host}:{port}");
+    let policy = state.config.fetch.clone();
+    tokio::task::spawn_blocking(move || policy.resolve(&netloc))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| refuse(format!("'sitemap_url': {e}.")))?;
+    Ok(())
+}
+
 pub async fn ingest_documents(
     State(state): State<Arc<AppState>>,
     Extension(principal): Caller,
@@ -216,7 +234,10 @@ pub async fn ingest_documents(
                     "'sitemap_url' must be an http(s) URL.",
                 ));
             }
-            (spawn_reader(url.clone(), ReadOptions::default()), url)
+            check_fetch_address(&state, &url).await?;
+            let mut options = ReadOptions::default();
+            options.fetch.policy = state.config.fetch.clone();
+            (spawn_reader(url.clone(), options), url)
         }
         _ => {
             return Err(ApiError::invalid_param(

@@ -70,6 +70,7 @@ pub async fn ingest(args: IngestArgs, global: &GlobalArgs) -> anyhow::Result<()>
         fetch: FetchLimits {
             max_pages: args.max_pages,
             delay: Duration::from_millis(args.fetch_delay_ms),
+            policy: args.fetch.policy(),
             ..FetchLimits::default()
         },
     };

@@ -17,6 +17,10 @@ use crate::embeddings::load_embedding;
 const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 
 async fn rag_app(dir: &std::path::Path) -> axum::Router {
+    rag_app_with(dir, HttpConfig::default()).await
+}
+
+async fn rag_app_with(dir: &std::path::Path, config: HttpConfig) -> axum::Router {
     let gateway = Gateway::builder()
         .embedding(EmbeddingSlot::new(EMBEDDING_MODEL, 256, || {
             load_embedding(EMBEDDING_MODEL)
@@ -31,7 +35,7 @@ async fn rag_app(dir: &std::path::Path) -> axum::Router {
     gateway
         .models
         .add(Engine::start(chat_model().clone(), EngineConfig::default()).unwrap());
-    qpai::app(gateway, HttpConfig::default())
+    qpai::app(gateway, config)
 }
 
 fn get(path: &str) -> Request<Body> {
@@ -155,9 +159,23 @@ async fn sites_api_admin_ingest_and_search() {
         assert_eq!(value["error"]["param"], param, "{path} {body}: {value}");
     }
 
-    // A sitemap, fetched by the server.
+    // A sitemap on loopback is refused by default, naming the parameter;
+    // a server whose operator allows the host fetches it.
     let base = crate::rag_sources::serve_site().await;
     let body = json!({"sitemap_url": format!("{base}/sitemap.xml")});
+    let (status, error) = send_json(&app, post_json("/v1/sites/bikes/documents", &body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["error"]["param"], "sitemap_url", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a public address"),
+        "{error}"
+    );
+    let mut config = HttpConfig::default();
+    config.fetch.allowed_hosts = vec!["127.0.0.1".to_string()];
+    let app = rag_app_with(tmp.path(), config).await;
     let (status, report) = send_json(&app, post_json("/v1/sites/bikes/documents", &body)).await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!(

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use qpai::rag::sources::ReadOptions;
-use qpai::rag::sources::fetch::FetchLimits;
+use qpai::rag::sources::fetch::{FetchLimits, FetchPolicy};
 use qpai::rag::{SearchFilter, SearchMode, SearchRequest, SiteName, search};
 
 use crate::rag::{ingest_source, page, rag};
@@ -283,10 +283,15 @@ async fn jsonl_records_each_stand_alone() {
 }
 
 /// A site served on loopback: a sitemap index, pages, a 404, and a
-/// robots.txt that disallows one page.
+/// robots.txt that disallows one page; and `/tricks.xml`, a sitemap that
+/// lists a page redirecting to `localhost` and a local file.
 pub async fn serve_site() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let tricks = format!(
+        r#"<urlset><url><loc>{base}/escape</loc></url><url><loc>/etc/hostname</loc></url></urlset>"#
+    );
     let sitemap = format!(
         r#"<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">
 <url><loc>{base}/a</loc><lastmod>2024-02-01</lastmod></url><url><loc>{base}/b</loc></url>
@@ -297,6 +302,13 @@ pub async fn serve_site() -> String {
     let app = Router::new()
         .route("/sitemap.xml", get(move || async move { index }))
         .route("/pages.xml", get(move || async move { sitemap }))
+        .route("/tricks.xml", get(move || async move { tricks }))
+        .route(
+            "/escape",
+            get(move || async move {
+                axum::response::Redirect::temporary(&format!("http://localhost:{port}/a"))
+            }),
+        )
         .route(
             "/robots.txt",
             get(|| async { "User-agent: *\nDisallow: /private/\n" }),
@@ -330,18 +342,87 @@ pub async fn serve_site() -> String {
     base
 }
 
+/// Read options that may fetch from `hosts` (the test site is on loopback).
+fn loopback_options(hosts: &[&str]) -> ReadOptions {
+    ReadOptions {
+        fetch: FetchLimits {
+            delay: std::time::Duration::from_millis(5),
+            policy: FetchPolicy {
+                allow_private: false,
+                allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Ingests the sitemap at `url` with `options` into a fresh site.
+async fn ingest_sitemap(
+    url: String,
+    options: ReadOptions,
+) -> qpai::rag::RagResult<qpai::rag::ingest::IngestReport> {
+    let tmp = tempfile::tempdir().unwrap();
+    let rag = rag(tmp.path()).await;
+    let reader = qpai::rag::ingest::spawn_reader(url.clone(), options);
+    let ingest_options = qpai::rag::ingest::IngestOptions {
+        source_id: url,
+        prune: true,
+        ann_min_rows: 20_000,
+    };
+    let site = SiteName::parse("doors").unwrap();
+    qpai::rag::ingest::ingest(
+        &rag,
+        &site,
+        reader,
+        &ingest_options,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await
+}
+
+/// Fetches reach public addresses only: a loopback sitemap is refused by
+/// default, a redirect from an allowed host to one that is not is refused
+/// at that hop, and a fetched sitemap cannot make the server read a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_fetches_reach_only_public_addresses() {
+    let base = serve_site().await;
+    let error = ingest_sitemap(format!("{base}/sitemap.xml"), ReadOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("is not a public address"),
+        "{error:#}"
+    );
+    let report = ingest_sitemap(
+        format!("{base}/tricks.xml"),
+        loopback_options(&["127.0.0.1"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.pages, report.failed), (0, 2), "{report:#?}");
+    let errors: Vec<&str> = report.errors.iter().map(|e| e.error.as_str()).collect();
+    assert!(
+        errors[0].contains("refusing to fetch from localhost"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("only http(s) URLs"), "{errors:?}");
+    // The operator's word lets both hosts through.
+    let report = ingest_sitemap(
+        format!("{base}/tricks.xml"),
+        loopback_options(&["127.0.0.1", "localhost"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.pages, report.failed), (1, 1), "{report:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sitemaps_are_fetched_politely_over_http() {
     let base = serve_site().await;
     let tmp = tempfile::tempdir().unwrap();
     let rag = rag(tmp.path()).await;
-    let options = ReadOptions {
-        fetch: FetchLimits {
-            delay: std::time::Duration::from_millis(5),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let options = loopback_options(&["127.0.0.1"]);
     let site = SiteName::parse("bikes").unwrap();
     let reader = qpai::rag::ingest::spawn_reader(format!("{base}/sitemap.xml"), options);
     let ingest_options = qpai::rag::ingest::IngestOptions {

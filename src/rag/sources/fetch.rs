@@ -1,10 +1,13 @@
 //! Polite HTTP fetching for sitemap ingestion: one request at a time with a
 //! pause between requests, timeouts, a byte cap per response, a page cap per
-//! ingest, and the site's robots.txt honoured.
+//! ingest, the site's robots.txt honoured, and only public addresses
+//! reached unless the operator allows more (`FetchPolicy`).
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::time::{Duration, Instant};
+
+pub use super::fetch_policy::FetchPolicy;
 
 #[derive(Debug, Clone)]
 pub struct FetchLimits {
@@ -13,6 +16,8 @@ pub struct FetchLimits {
     pub delay: Duration,
     pub timeout: Duration,
     pub user_agent: String,
+    /// Which addresses may be fetched.
+    pub policy: FetchPolicy,
 }
 
 impl Default for FetchLimits {
@@ -22,6 +27,7 @@ impl Default for FetchLimits {
             delay: Duration::from_millis(250),
             timeout: Duration::from_secs(20),
             user_agent: format!("qpai/{} (site ingest)", env!("CARGO_PKG_VERSION")),
+            policy: FetchPolicy::default(),
         }
     }
 }
@@ -104,7 +110,10 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(limits: FetchLimits, max_bytes: usize) -> Self {
+        let policy = limits.policy.clone();
         let agent = ureq::AgentBuilder::new()
+            // Every connection, redirects included, goes to checked addresses.
+            .resolver(move |netloc: &str| policy.resolve(netloc))
             .timeout_connect(limits.timeout.min(Duration::from_secs(10)))
             .timeout(limits.timeout)
             .user_agent(&limits.user_agent)

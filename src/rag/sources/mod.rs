@@ -5,6 +5,7 @@
 
 pub mod directory;
 pub mod fetch;
+mod fetch_policy;
 pub mod html;
 pub mod jsonl;
 pub mod markdown;

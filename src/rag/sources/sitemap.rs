@@ -76,9 +76,19 @@ fn is_remote(location: &str) -> bool {
     location.starts_with("http://") || location.starts_with("https://")
 }
 
-fn load(location: &str, fetcher: &mut Fetcher, max_bytes: usize) -> Result<String, String> {
+/// The text at `location`: fetched, or read from a file where `local` (a
+/// sitemap fetched over HTTP may name only http(s) locations: the server
+/// reads no files for whoever wrote it).
+fn load(
+    location: &str,
+    local: bool,
+    fetcher: &mut Fetcher,
+    max_bytes: usize,
+) -> Result<String, String> {
     let bytes = if is_remote(location) {
         fetcher.get(location)?
+    } else if !local {
+        return Err("a sitemap fetched over HTTP may list only http(s) URLs".to_string());
     } else {
         let path = location.strip_prefix("file://").unwrap_or(location);
         std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?
@@ -92,21 +102,23 @@ pub fn read(
     emit: &mut dyn FnMut(SourceItem) -> bool,
 ) -> anyhow::Result<ReadOutcome> {
     let mut fetcher = Fetcher::new(options.fetch.clone(), options.max_page_bytes);
+    let local = !is_remote(location);
     // A sitemap may list up to 50k URLs; allow it a larger size than a page.
     let sitemap_limit = options.max_page_bytes.max(64 * 1024 * 1024);
     let mut queue = vec![(location.to_string(), 0usize)];
     let mut outcome = ReadOutcome::default();
     let mut pages = 0usize;
     while let Some((sitemap_location, depth)) = queue.pop() {
-        let sitemap =
-            match load(&sitemap_location, &mut fetcher, sitemap_limit).and_then(|t| parse(&t)) {
-                Ok(sitemap) => sitemap,
-                Err(error) if depth == 0 => anyhow::bail!("sitemap {sitemap_location}: {error}"),
-                Err(error) => {
-                    outcome.interrupted = Some(format!("sitemap {sitemap_location}: {error}"));
-                    continue;
-                }
-            };
+        let sitemap = match load(&sitemap_location, local, &mut fetcher, sitemap_limit)
+            .and_then(|t| parse(&t))
+        {
+            Ok(sitemap) => sitemap,
+            Err(error) if depth == 0 => anyhow::bail!("sitemap {sitemap_location}: {error}"),
+            Err(error) => {
+                outcome.interrupted = Some(format!("sitemap {sitemap_location}: {error}"));
+                continue;
+            }
+        };
         if depth < MAX_DEPTH {
             queue.extend(sitemap.sitemaps.into_iter().rev().map(|s| (s, depth + 1)));
         }
@@ -119,19 +131,20 @@ pub fn read(
                 return Ok(outcome);
             }
             pages += 1;
-            let document = load(&url, &mut fetcher, options.max_page_bytes).and_then(|text| {
-                let page = html::extract(&text);
-                let own = page.canonical.as_deref().or(Some(url.as_str()));
-                let page_url = page_url(own, &url, options.base_url.as_ref());
-                document(
-                    page_url,
-                    page.title,
-                    &url,
-                    page.lang,
-                    page.updated.or(lastmod),
-                    page.sections,
-                )
-            });
+            let document =
+                load(&url, local, &mut fetcher, options.max_page_bytes).and_then(|text| {
+                    let page = html::extract(&text);
+                    let own = page.canonical.as_deref().or(Some(url.as_str()));
+                    let page_url = page_url(own, &url, options.base_url.as_ref());
+                    document(
+                        page_url,
+                        page.title,
+                        &url,
+                        page.lang,
+                        page.updated.or(lastmod),
+                        page.sections,
+                    )
+                });
             if !emit(SourceItem {
                 origin: url,
                 document,
