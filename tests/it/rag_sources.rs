@@ -357,23 +357,22 @@ fn loopback_options(hosts: &[&str]) -> ReadOptions {
     }
 }
 
-/// Ingests the sitemap at `url` with `options` into a fresh site.
+/// Ingests the sitemap at `url` with `options` into `site` of `rag`.
 async fn ingest_sitemap(
+    rag: &qpai::rag::Rag,
+    site: &SiteName,
     url: String,
     options: ReadOptions,
 ) -> qpai::rag::RagResult<qpai::rag::ingest::IngestReport> {
-    let tmp = tempfile::tempdir().unwrap();
-    let rag = rag(tmp.path()).await;
     let reader = qpai::rag::ingest::spawn_reader(url.clone(), options);
     let ingest_options = qpai::rag::ingest::IngestOptions {
         source_id: url,
         prune: true,
         ann_min_rows: 20_000,
     };
-    let site = SiteName::parse("doors").unwrap();
     qpai::rag::ingest::ingest(
-        &rag,
-        &site,
+        rag,
+        site,
         reader,
         &ingest_options,
         &indicatif::ProgressBar::hidden(),
@@ -387,14 +386,24 @@ async fn ingest_sitemap(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_fetches_reach_only_public_addresses() {
     let base = serve_site().await;
-    let error = ingest_sitemap(format!("{base}/sitemap.xml"), ReadOptions::default())
-        .await
-        .unwrap_err();
+    let tmp = tempfile::tempdir().unwrap();
+    let rag = rag(tmp.path()).await;
+    let site = SiteName::parse("doors").unwrap();
+    let error = ingest_sitemap(
+        &rag,
+        &site,
+        format!("{base}/sitemap.xml"),
+        ReadOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         format!("{error:#}").contains("is not a public address"),
         "{error:#}"
     );
     let report = ingest_sitemap(
+        &rag,
+        &site,
         format!("{base}/tricks.xml"),
         loopback_options(&["127.0.0.1"]),
     )
@@ -409,6 +418,8 @@ async fn server_side_fetches_reach_only_public_addresses() {
     assert!(errors[1].contains("only http(s) URLs"), "{errors:?}");
     // The operator's word lets both hosts through.
     let report = ingest_sitemap(
+        &rag,
+        &site,
         format!("{base}/tricks.xml"),
         loopback_options(&["127.0.0.1", "localhost"]),
     )
@@ -422,23 +433,11 @@ async fn sitemaps_are_fetched_politely_over_http() {
     let base = serve_site().await;
     let tmp = tempfile::tempdir().unwrap();
     let rag = rag(tmp.path()).await;
-    let options = loopback_options(&["127.0.0.1"]);
     let site = SiteName::parse("bikes").unwrap();
-    let reader = qpai::rag::ingest::spawn_reader(format!("{base}/sitemap.xml"), options);
-    let ingest_options = qpai::rag::ingest::IngestOptions {
-        source_id: base.clone(),
-        prune: true,
-        ann_min_rows: 20_000,
-    };
-    let report = qpai::rag::ingest::ingest(
-        &rag,
-        &site,
-        reader,
-        &ingest_options,
-        &indicatif::ProgressBar::hidden(),
-    )
-    .await
-    .unwrap();
+    let options = loopback_options(&["127.0.0.1"]);
+    let report = ingest_sitemap(&rag, &site, format!("{base}/sitemap.xml"), options)
+        .await
+        .unwrap();
     assert_eq!((report.pages, report.failed), (2, 2), "{report:#?}");
     let errors: Vec<(&str, &str)> = report
         .errors
