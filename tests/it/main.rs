@@ -35,5 +35,6 @@ mod reference;
 mod router;
 mod router_serve;
 mod router_upstream;
+mod soak;
 mod structured;
 mod tokenizer;
