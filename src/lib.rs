@@ -42,10 +42,21 @@ pub fn app_with_batches(
     batches: Option<batches::Batches>,
     config: HttpConfig,
 ) -> axum::Router {
+    app_draining(gateway, batches, config, http::drain::Drain::default())
+}
+
+/// `app_with_batches` whose API refuses new requests once `drain` begins.
+pub fn app_draining(
+    gateway: Arc<Gateway>,
+    batches: Option<batches::Batches>,
+    config: HttpConfig,
+    drain: http::drain::Drain,
+) -> axum::Router {
     telemetry::metrics_handle();
     http::router(http::AppState {
         gateway,
         batches,
         config,
+        drain,
     })
 }

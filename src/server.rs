@@ -219,6 +219,7 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
         fetch: args.fetch.policy(),
     };
     let (host, port) = (args.host.clone(), args.port);
+    let grace = Duration::from_secs_f64(args.shutdown_grace_s.max(0.0));
     let stack = build(args, &global).await?;
     let listener = TcpListener::bind((host.as_str(), port))
         .await
@@ -251,16 +252,44 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     let runner = (stack.runner_config.concurrency > 0).then(|| {
         crate::batches::runner::spawn(batches.clone(), gateway.clone(), stack.runner_config)
     });
-    let app = crate::app_with_batches(gateway, Some(batches), config);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let drain = crate::http::drain::Drain::default();
+    let app = crate::app_draining(gateway, Some(batches), config, drain.clone());
+    let serving = axum::serve(listener, app).with_graceful_shutdown({
+        let drain = drain.clone();
+        async move {
             tokio::select! {
                 _ = shutdown_signal() => {},
                 _ = failed.notified() => {},
             }
-        })
-        .await
-        .context("serving")?;
+            // New requests get 503 while those in flight finish; what is
+            // still open when the grace period ends is cut (and billed).
+            drain.begin();
+            tracing::info!(
+                in_flight = drain.in_flight(),
+                grace_s = grace.as_secs_f64(),
+                "draining"
+            );
+            drain.settled(grace).await;
+            if drain.in_flight() > 0 {
+                tracing::warn!(
+                    in_flight = drain.in_flight(),
+                    "the grace period ended with requests in flight; cutting them"
+                );
+            }
+            drain.cut();
+        }
+    });
+    // A connection that still does not close is left behind.
+    let backstop = async {
+        while !drain.is_draining() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep_until(drain.deadline(grace) + Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        served = serving => served.context("serving")?,
+        _ = backstop => tracing::warn!("connections still open after the grace period; leaving them"),
+    }
     if let Some(runner) = runner {
         runner.stop().await;
     }

@@ -314,6 +314,10 @@ pub struct ServeArgs {
     /// Where the sitemaps clients name (and their pages) may be fetched from.
     #[command(flatten)]
     pub fetch: FetchArgs,
+    /// On SIGTERM, seconds the requests in flight (streams included) get to
+    /// finish while new ones are refused with 503; then the server stops.
+    #[arg(long, env = "QPAI_SHUTDOWN_GRACE_S", default_value_t = 30.0)]
+    pub shutdown_grace_s: f64,
     /// Cap on the context length a model is served with.
     #[arg(long, env = "QPAI_MAX_CONTEXT")]
     pub max_context: Option<usize>,

@@ -48,7 +48,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
-    let ready = state.gateway.models.is_ready();
+    let ready = state.gateway.models.is_ready() && !state.drain.is_draining();
     let status = if ready {
         StatusCode::OK
     } else {

@@ -4,6 +4,7 @@
 
 mod adapters;
 mod batches;
+pub mod drain;
 mod experiments;
 pub mod extract;
 mod files;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub batches: Option<crate::batches::Batches>,
     pub config: HttpConfig,
+    /// Set on SIGTERM: new API requests get 503.
+    pub drain: drain::Drain,
 }
 
 impl IntoResponse for ApiError {
@@ -124,7 +127,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/prompts", get(prompts::list))
         .route("/v1/prompts/{name}", get(prompts::get))
         .route("/v1/router/health", get(usage::router_health))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), drain::gate));
     Router::new()
         .merge(api)
         .route("/health", get(health::health))

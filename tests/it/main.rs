@@ -12,6 +12,7 @@ mod bench_serve;
 mod catalog;
 mod common;
 mod concurrency;
+mod drain;
 mod embeddings;
 mod eval_calibrate;
 mod eval_cli;
