@@ -254,6 +254,7 @@ pub async fn serve(args: ServeArgs, global: GlobalArgs) -> anyhow::Result<()> {
     });
     let drain = crate::http::drain::Drain::default();
     let app = crate::app_draining(gateway, Some(batches), config, drain.clone());
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serving = axum::serve(listener, app).with_graceful_shutdown({
         let drain = drain.clone();
         async move {

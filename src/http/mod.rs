@@ -178,7 +178,12 @@ async fn authenticate(
                 })
                 .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
                 .map(str::trim);
-            let checked = match tenancy.authenticate(secret).await {
+            // The peer's address, where the server knows it.
+            let address = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip());
+            let checked = match tenancy.authenticate(secret, address).await {
                 Ok(principal) => tenancy.admit_request(&principal).map(|()| principal),
                 Err(error) => Err(error),
             };

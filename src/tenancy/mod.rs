@@ -3,6 +3,7 @@
 //! per-tenant budgets. With no live key in the database the server is
 //! open: every caller is the admin of the tenant `default`.
 
+mod auth_failures;
 pub mod budget;
 pub mod cli;
 pub mod limits;
@@ -71,6 +72,8 @@ pub struct Tenancy {
     pub budgets: Arc<Budgets>,
     pub limits: RateLimiter,
     keys: Mutex<HashMap<String, CachedKey>>,
+    /// Failed authentications per client address.
+    failures: auth_failures::AuthFailures,
     auth_required: AtomicBool,
 }
 
@@ -83,6 +86,7 @@ impl Tenancy {
             ledger,
             limits: RateLimiter::default(),
             keys: Mutex::default(),
+            failures: Default::default(),
         });
         let weak = Arc::downgrade(&tenancy);
         tokio::spawn(async move {
@@ -108,17 +112,48 @@ impl Tenancy {
         self.auth_required.load(Ordering::Relaxed)
     }
 
-    /// The caller presenting `secret` (from `Authorization: Bearer` or `api-key`).
-    pub async fn authenticate(&self, secret: Option<&str>) -> Result<Arc<Principal>, ApiError> {
+    /// The caller presenting `secret` (from `Authorization: Bearer` or
+    /// `api-key`), from `address` when known: an address with too many
+    /// failed attempts lately gets 429s instead of lookups.
+    pub async fn authenticate(
+        &self,
+        secret: Option<&str>,
+        address: Option<std::net::IpAddr>,
+    ) -> Result<Arc<Principal>, ApiError> {
         if !self.auth_required() {
             return Ok(Arc::new(Principal::open()));
         }
+        let hash = secret.map(hash_key).unwrap_or_default();
+        if let Some(address) = address
+            && let Some(wait) = self.failures.blocked(address, &hash)
+        {
+            return Err(ApiError::rate_limited(
+                "Too many failed authentications from this address; wait before trying again.",
+                wait.as_secs_f64().ceil() as u64,
+            ));
+        }
+        let found = self.principal(secret, hash.clone()).await;
+        match (&found, address) {
+            (Ok(_), _) => self.failures.succeeded(&hash),
+            (Err(error), Some(address)) if error.kind == crate::error::ErrorKind::Unauthorized => {
+                self.failures.failed(address)
+            }
+            _ => {}
+        }
+        found
+    }
+
+    /// The key's principal (cached), or a 401.
+    async fn principal(
+        &self,
+        secret: Option<&str>,
+        hash: String,
+    ) -> Result<Arc<Principal>, ApiError> {
         let secret = secret.ok_or_else(|| {
             ApiError::unauthorized(
                 "This server needs an API key: send 'Authorization: Bearer <key>'.",
             )
         })?;
-        let hash = hash_key(secret);
         let cached = self
             .keys
             .lock()

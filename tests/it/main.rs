@@ -4,6 +4,7 @@
 //! (scripts/reference/make_fixtures.py).
 
 mod api;
+mod auth_guard;
 mod bad_input;
 mod batch_cli;
 mod batch_processes;
