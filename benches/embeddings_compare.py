@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target"))
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target"))
     binary = args.qpai or os.path.join(target, "debug", "qpai")
     print(f"batch {args.batch}, {args.threads} threads, best of {args.runs}; "
           f"onnxruntime {ort.__version__}\n")

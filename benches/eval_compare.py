@@ -29,7 +29,7 @@ from router_compare import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QPAI = os.path.join(
-    os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target")), "debug", "qpai"
+    os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target")), "debug", "qpai"
 )
 PROMPTFOO = os.path.expanduser("~/.cache/qpai-bench-promptfoo/node_modules/.bin/promptfoo")
 

@@ -36,7 +36,7 @@ from llama_cpp import Llama
 
 
 def run_qpai(args, json_path):
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target"))
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target"))
     binary = args.qpai or os.path.join(target, "debug", "qpai")
     cmd = [
         binary, "bench", "--model", args.model, "--threads", str(args.threads),
@@ -50,7 +50,7 @@ def run_qpai(args, json_path):
 
 def gguf_path(model_id):
     out = subprocess.run(
-        [os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target")), "debug", "qpai"),
+        [os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target")), "debug", "qpai"),
          "models", "pull", model_id],
         check=True, capture_output=True, text=True,
     ).stdout

@@ -34,7 +34,7 @@ import time
 import urllib.parse
 import urllib.request
 
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target"))
 QPAI = os.path.join(TARGET, "debug", "qpai")
 CACHE = os.path.expanduser("~/.cache/qpai-llama-server")
 HERE = os.path.dirname(os.path.abspath(__file__))

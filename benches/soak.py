@@ -43,7 +43,7 @@ import httpx2 as httpx
 def qpai_binary(given: str | None) -> str:
     if given:
         return given
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/qpai-target"))
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target"))
     return os.path.join(target, "debug", "qpai")
 
 

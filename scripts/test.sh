@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/qpai-target}"
+# The clone's target/, where README's `cargo run -- serve` builds too, so
+# the two commands share one build; .ci/run points it at ~/.cache/qpai-target.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 export QPAI_DATA_DIR="${QPAI_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/qpai}"
 venv="${QPAI_TEST_VENV:-$HOME/.cache/qpai-venv}"
 
