@@ -94,32 +94,43 @@ impl DenseWeights {
 
     /// The matrices one after the other, if they are all of one type.
     pub fn concat(parts: &[&Self]) -> Option<Self> {
-        let f32: Option<Vec<&[f32]>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::F32(v) => Some(v.as_slice()),
-                _ => None,
-            })
-            .collect();
-        let bf16: Option<Vec<&[u16]>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::Bf16(v) => Some(v.as_slice()),
-                _ => None,
-            })
-            .collect();
-        let f16: Option<Vec<&[u16]>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::F16(v) => Some(v.as_slice()),
-                _ => None,
-            })
-            .collect();
-        match (f32, bf16, f16) {
-            (Some(v), _, _) => Some(Self::F32(v.concat())),
-            (_, Some(v), _) => Some(Self::Bf16(v.concat())),
-            (_, _, Some(v)) => Some(Self::F16(v.concat())),
-            _ => None,
+        let first = parts.first()?;
+        let kind = std::mem::discriminant(*first);
+        if parts.iter().any(|p| std::mem::discriminant(*p) != kind) {
+            return None;
+        }
+        let halves = || -> Vec<u16> {
+            parts
+                .iter()
+                .flat_map(|p| match p {
+                    Self::Bf16(v) | Self::F16(v) => v.as_slice(),
+                    Self::F32(_) => &[],
+                })
+                .copied()
+                .collect()
+        };
+        Some(match first {
+            Self::F32(_) => Self::F32(
+                parts
+                    .iter()
+                    .flat_map(|p| match p {
+                        Self::F32(v) => v.as_slice(),
+                        _ => &[],
+                    })
+                    .copied()
+                    .collect(),
+            ),
+            Self::Bf16(_) => Self::Bf16(halves()),
+            Self::F16(_) => Self::F16(halves()),
+        })
+    }
+
+    /// These `[outputs, inputs]` row-major weights in panel order, same type.
+    fn in_panel_order(&self, outputs: usize, inputs: usize) -> Self {
+        match self {
+            Self::F32(w) => Self::F32(panel_order(outputs, inputs, |o, k| w[o * inputs + k])),
+            Self::Bf16(w) => Self::Bf16(panel_order(outputs, inputs, |o, k| w[o * inputs + k])),
+            Self::F16(w) => Self::F16(panel_order(outputs, inputs, |o, k| w[o * inputs + k])),
         }
     }
 
@@ -131,13 +142,6 @@ impl DenseWeights {
             Self::F16(v) => half::f16::from_bits(v[i]).to_f32(),
         }
     }
-}
-
-/// Packed panel elements: f32, or 16-bit values widened in the kernels.
-enum PanelData {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    F16(Vec<u16>),
 }
 
 /// The kernels' code for each element type (a const parameter).
@@ -165,7 +169,8 @@ fn panel_order<T: Copy + Default>(
 /// A right-hand matrix `B` (`[outputs, inputs]`) packed for the
 /// microkernels: `[panels][inputs][PANEL]`, zero-padded past `outputs`.
 pub struct Panels {
-    data: PanelData,
+    /// f32, or 16-bit values the kernels widen.
+    data: DenseWeights,
     inputs: usize,
     outputs: usize,
     kernel: PackedKernel,
@@ -180,7 +185,7 @@ impl Panels {
         inputs: usize,
         at: impl Fn(usize, usize) -> f32,
     ) -> Self {
-        let data = PanelData::F32(panel_order(outputs, inputs, at));
+        let data = DenseWeights::F32(panel_order(outputs, inputs, at));
         Self::new(kernel, data, inputs, outputs)
     }
 
@@ -191,21 +196,15 @@ impl Panels {
         outputs: usize,
         inputs: usize,
     ) -> Self {
-        let data = match weights {
-            DenseWeights::F32(w) => {
-                PanelData::F32(panel_order(outputs, inputs, |o, k| w[o * inputs + k]))
-            }
-            DenseWeights::Bf16(w) => {
-                PanelData::Bf16(panel_order(outputs, inputs, |o, k| w[o * inputs + k]))
-            }
-            DenseWeights::F16(w) => {
-                PanelData::F16(panel_order(outputs, inputs, |o, k| w[o * inputs + k]))
-            }
-        };
-        Self::new(kernel, data, inputs, outputs)
+        Self::new(
+            kernel,
+            weights.in_panel_order(outputs, inputs),
+            inputs,
+            outputs,
+        )
     }
 
-    fn new(kernel: PackedKernel, data: PanelData, inputs: usize, outputs: usize) -> Self {
+    fn new(kernel: PackedKernel, data: DenseWeights, inputs: usize, outputs: usize) -> Self {
         assert!(kernel.supported(), "{kernel:?} is not supported here");
         Self {
             data,
@@ -219,20 +218,16 @@ impl Panels {
     fn panel_start(&self, panel: usize) -> (*const u8, u8) {
         let at = panel * self.inputs * PANEL;
         match &self.data {
-            PanelData::F32(d) => (d[at..].as_ptr() as *const u8, F32),
-            PanelData::Bf16(d) => (d[at..].as_ptr() as *const u8, BF16),
-            PanelData::F16(d) => (d[at..].as_ptr() as *const u8, F16),
+            DenseWeights::F32(d) => (d[at..].as_ptr() as *const u8, F32),
+            DenseWeights::Bf16(d) => (d[at..].as_ptr() as *const u8, BF16),
+            DenseWeights::F16(d) => (d[at..].as_ptr() as *const u8, F16),
         }
     }
 
     /// Element (output o, input k), widened to f32.
     fn get(&self, o: usize, k: usize) -> f32 {
-        let at = ((o / PANEL) * self.inputs + k) * PANEL + o % PANEL;
-        match &self.data {
-            PanelData::F32(d) => d[at],
-            PanelData::Bf16(d) => half::bf16::from_bits(d[at]).to_f32(),
-            PanelData::F16(d) => half::f16::from_bits(d[at]).to_f32(),
-        }
+        self.data
+            .get(((o / PANEL) * self.inputs + k) * PANEL + o % PANEL)
     }
 
     fn count(&self) -> usize {
@@ -490,157 +485,4 @@ impl SendPtr {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reference(x: &[f32], weight: &[f32], bias: &[f32], inputs: usize) -> Vec<f32> {
-        x.chunks(inputs)
-            .flat_map(|row| {
-                weight.chunks(inputs).zip(bias).map(move |(w, b)| {
-                    b + row
-                        .iter()
-                        .zip(w)
-                        .map(|(a, w)| f64::from(a * w) as f32)
-                        .sum::<f32>()
-                })
-            })
-            .collect()
-    }
-
-    #[test]
-    fn packed_and_gemm_products_match_the_reference_at_every_shape_edge() {
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        let kernels: Vec<Option<PackedKernel>> =
-            [None, Some(PackedKernel::Avx2), Some(PackedKernel::Avx512)]
-                .into_iter()
-                .filter(|k| k.is_none_or(PackedKernel::supported))
-                .collect();
-        for &(rows, inputs, outputs) in &[(1, 17, 40), (13, 64, 32), (100, 33, 70), (250, 384, 96)]
-        {
-            let weight: Vec<f32> = (0..inputs * outputs).map(|_| next()).collect();
-            let bias: Vec<f32> = (0..outputs).map(|_| next()).collect();
-            let x: Vec<f32> = (0..rows * inputs).map(|_| next()).collect();
-            let expected = reference(&x, &weight, &bias, inputs);
-            for &kernel in &kernels {
-                let linear = PackedLinear::with_kernel(
-                    DenseWeights::F32(weight.clone()),
-                    bias.clone(),
-                    inputs,
-                    outputs,
-                    kernel,
-                );
-                let got = linear.forward(&x);
-                assert_eq!(got.len(), expected.len());
-                let worst = got
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
-                assert!(
-                    worst < 1e-4,
-                    "{kernel:?} {rows}x{inputs}x{outputs}: {worst}"
-                );
-                if kernel.is_none() {
-                    continue;
-                }
-                // Each row alone, and the first few rows together, give
-                // the bits they give among all the rows.
-                for r in [0, rows / 2, rows - 1] {
-                    let alone = linear.forward(&x[r * inputs..][..inputs]);
-                    assert_eq!(alone, got[r * outputs..][..outputs], "{kernel:?} row {r}");
-                }
-                let few = rows.min(3);
-                assert_eq!(
-                    linear.forward(&x[..few * inputs]),
-                    got[..few * outputs],
-                    "{kernel:?} {few} rows"
-                );
-                let mut row = Vec::new();
-                linear.append_row(outputs - 1, &mut row);
-                assert_eq!(
-                    row,
-                    weight[(outputs - 1) * inputs..],
-                    "{kernel:?} row lookup"
-                );
-            }
-            // bf16 and f16 panels compute the bits of their values in f32.
-            let bits: Vec<(DenseWeights, Vec<f32>)> = vec![
-                {
-                    let b: Vec<u16> = weight
-                        .iter()
-                        .map(|&w| half::bf16::from_f32(w).to_bits())
-                        .collect();
-                    let widened = b
-                        .iter()
-                        .map(|&v| half::bf16::from_bits(v).to_f32())
-                        .collect();
-                    (DenseWeights::Bf16(b), widened)
-                },
-                {
-                    let b: Vec<u16> = weight
-                        .iter()
-                        .map(|&w| half::f16::from_f32(w).to_bits())
-                        .collect();
-                    let widened = b
-                        .iter()
-                        .map(|&v| half::f16::from_bits(v).to_f32())
-                        .collect();
-                    (DenseWeights::F16(b), widened)
-                },
-            ];
-            for (narrow, widened) in bits {
-                for &kernel in &kernels {
-                    let expected = PackedLinear::with_kernel(
-                        DenseWeights::F32(widened.clone()),
-                        bias.clone(),
-                        inputs,
-                        outputs,
-                        kernel,
-                    );
-                    let dense = match &narrow {
-                        DenseWeights::Bf16(b) => DenseWeights::Bf16(b.clone()),
-                        DenseWeights::F16(b) => DenseWeights::F16(b.clone()),
-                        DenseWeights::F32(b) => DenseWeights::F32(b.clone()),
-                    };
-                    let linear =
-                        PackedLinear::with_kernel(dense, bias.clone(), inputs, outputs, kernel);
-                    assert_eq!(
-                        linear.forward(&x),
-                        expected.forward(&x),
-                        "{kernel:?} 16-bit"
-                    );
-                    assert_eq!(
-                        linear.forward(&x[..inputs]),
-                        expected.forward(&x[..inputs]),
-                        "{kernel:?} 16-bit, one row"
-                    );
-                    let mut row = Vec::new();
-                    linear.append_row(0, &mut row);
-                    assert_eq!(row, widened[..inputs], "{kernel:?} 16-bit row lookup");
-                }
-            }
-            // Every packed kernel computes the same bits.
-            let packed: Vec<Vec<f32>> = kernels
-                .iter()
-                .flatten()
-                .map(|&k| {
-                    PackedLinear::with_kernel(
-                        DenseWeights::F32(weight.clone()),
-                        bias.clone(),
-                        inputs,
-                        outputs,
-                        Some(k),
-                    )
-                    .forward(&x)
-                })
-                .collect();
-            assert!(packed.windows(2).all(|w| w[0] == w[1]), "kernels differ");
-        }
-    }
-}
+mod tests;

@@ -48,15 +48,15 @@ enum Storage {
     Q4K(Vec<BlockQ4K32>),
     Q6K(Vec<BlockQ6K32>),
     Candle(QMatMul),
-    /// f32 weights and an optional bias, packed for the f32 kernels.
-    F32(PackedLinear),
+    /// f32, bf16 or f16 weights and an optional bias, on the packed f32 kernels.
+    Dense(PackedLinear),
 }
 
 /// `$body` with `$blocks` bound to the storage's own blocks, whatever their
-/// type; `$candle` for candle's matrices, `$f32` for f32 ones.
+/// type; `$candle` for candle's matrices, `$dense` for dense ones.
 macro_rules! on_blocks {
     ($storage:expr, $blocks:ident => $body:expr,
-     candle $weight:pat => $candle:expr, f32 $linear:pat => $f32:expr) => {
+     candle $weight:pat => $candle:expr, dense $linear:pat => $dense:expr) => {
         match $storage {
             Storage::Q4_1($blocks) => $body,
             Storage::Q5_0($blocks) => $body,
@@ -64,7 +64,7 @@ macro_rules! on_blocks {
             Storage::Q4K($blocks) => $body,
             Storage::Q6K($blocks) => $body,
             Storage::Candle($weight) => $candle,
-            Storage::F32($linear) => $f32,
+            Storage::Dense($linear) => $dense,
         }
     };
 }
@@ -120,7 +120,7 @@ impl QuantMatrix {
         Self {
             rows,
             cols,
-            storage: Storage::F32(PackedLinear::from_dense(weight, bias, cols, rows)),
+            storage: Storage::Dense(PackedLinear::from_dense(weight, bias, cols, rows)),
             panels: None,
         }
     }
@@ -134,7 +134,7 @@ impl QuantMatrix {
         let rows = self.rows;
         self.panels = on_blocks!(&self.storage,
             b => Some(Panels::build(b, rows, per_row)),
-            candle _ => None, f32 _ => None);
+            candle _ => None, dense _ => None);
         self
     }
 
@@ -183,7 +183,7 @@ impl QuantMatrix {
         on_blocks!(&self.storage,
         b => append(&b[range], out),
         candle _ => false,
-        f32 linear => {
+        dense linear => {
             linear.append_row(row, out);
             true
         })
@@ -249,7 +249,7 @@ impl QuantMatrix {
         on_blocks!(&self.storage,
             b => Ok(self.product(b, x, m, level)),
             candle weight => candle(weight),
-            f32 linear => Ok(linear.forward(x)))
+            dense linear => Ok(linear.forward(x)))
     }
 
     /// Row by row: four weight rows against each activation row in turn.
