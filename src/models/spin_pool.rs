@@ -60,6 +60,17 @@ thread_local! {
 
 fn noop(_: usize) {}
 
+/// One round of a spin wait. Every 256th round yields the core, so a
+/// thread that has work (a descheduled worker, the HTTP runtime) gets it
+/// when cores are fewer than runnable threads.
+fn pause(spins: u32) {
+    if spins.is_multiple_of(256) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
 impl Pool {
     fn start(threads: usize) -> &'static Pool {
         let pool: &'static Pool = Box::leak(Box::new(Pool {
@@ -128,7 +139,7 @@ impl Pool {
             }
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(1024) || started.elapsed() < SPIN {
-                std::hint::spin_loop();
+                pause(spins);
                 continue;
             }
             // Counted as a sleeper before the last look at the epoch, so
@@ -166,8 +177,10 @@ impl Pool {
             self.wake.notify_all();
         }
         self.take_tasks(Job { work, tasks });
+        let mut spins = 0u32;
         while self.unfinished.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            pause(spins);
         }
         let panicked = self
             .panicked
