@@ -2,13 +2,15 @@
 //! made when the request is planned and written exactly once: settled with
 //! the answer's usage, or, when it is dropped unsettled (no route answered,
 //! the request was refused, the caller left while it waited), as an error
-//! that cost nothing.
+//! that cost nothing. A settled bill's row is committed before the answer
+//! completes: the caller waits on [`Settled::recorded`] before the last
+//! bytes go out.
 
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::ledger::{Outcome, UsageRecord, UsageSource, now_ms};
+use crate::ledger::{Outcome, Recorded, UsageRecord, UsageSource, now_ms};
 use crate::money::Usd;
 use crate::router::metering::{TokenUsage, usage_of};
 use crate::router::policy::Candidate;
@@ -85,6 +87,12 @@ impl EvalBilling {
     }
 }
 
+/// What settling a bill gives: the cost, and the row's commit to wait on.
+pub struct Settled {
+    pub cost: Usd,
+    pub recorded: Recorded,
+}
+
 /// A request's bill.
 pub struct Bill {
     tenancy: Option<Arc<Tenancy>>,
@@ -103,7 +111,8 @@ pub struct Bill {
 impl Drop for Bill {
     fn drop(&mut self) {
         if !self.written {
-            self.write(Metered::Reported((0, 0)), Outcome::Error);
+            // Nobody is left to wait for this row.
+            let _ = self.write(Metered::Reported((0, 0)), Outcome::Error);
         }
     }
 }
@@ -213,12 +222,12 @@ impl Bill {
     }
 
     /// Writes the request's one row with this usage and outcome, and
-    /// settles its budget hold. Returns the cost.
-    pub fn settle(mut self, usage: Metered, outcome: Outcome) -> Usd {
+    /// settles its budget hold.
+    pub fn settle(mut self, usage: Metered, outcome: Outcome) -> Settled {
         self.write(usage, outcome)
     }
 
-    fn write(&mut self, usage: Metered, outcome: Outcome) -> Usd {
+    fn write(&mut self, usage: Metered, outcome: Outcome) -> Settled {
         let (prompt, completion, source) = match usage {
             Metered::Reported((p, c)) if outcome == Outcome::Error => (p, c, UsageSource::Counted),
             Metered::Reported((p, c)) => (p, c, UsageSource::Upstream),
@@ -241,14 +250,15 @@ impl Bill {
         if let Some(eval) = &self.eval {
             *eval.receipt.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.record.clone());
         }
-        match (&self.batch, &self.tenancy) {
+        let recorded = match (&self.batch, &self.tenancy) {
             (Some(batch), _) => {
                 *batch.row.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.record.clone());
+                Recorded::NONE
             }
             (None, Some(tenancy)) => tenancy.ledger.record(self.record.clone()),
-            (None, None) => {}
-        }
-        cost
+            (None, None) => Recorded::NONE,
+        };
+        Settled { cost, recorded }
     }
 }
 

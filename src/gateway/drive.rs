@@ -308,8 +308,12 @@ impl Gateway {
                         let request_id = bill.request_id().to_string();
                         let body = match reply {
                             Reply::Whole { body, usage } => {
-                                let cost = bill.settle(usage, Outcome::Ok);
-                                AnswerBody::Whole { body, cost }
+                                let settled = bill.settle(usage, Outcome::Ok);
+                                settled.recorded.committed().await;
+                                AnswerBody::Whole {
+                                    body,
+                                    cost: settled.cost,
+                                }
                             }
                             Reply::Stream(start) => AnswerBody::Stream(start(bill)),
                         };

@@ -3,7 +3,9 @@
 //! events read into chunks. Both kinds of stream carry their bill and
 //! settle it when they end, break off or are dropped (the caller left):
 //! a local stream from the engine's own token counts, an upstream one from
-//! the provider's usage report (or qpai's count of what came).
+//! the provider's usage report (or qpai's count of what came). A stream
+//! that settles waits for its row's commit before it yields its last
+//! chunks, so a client that read to the end was billed durably.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -18,6 +20,7 @@ use super::wire::{ChatCompletionChunk, Completion, Usage};
 use crate::engine::{FinishReason, GenerationEvent, GenerationStream, Logprobs};
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::Outcome;
+use crate::ledger::Recorded;
 use crate::router::UpstreamError;
 use crate::router::metering::{SseData, SseReader, StreamMeter};
 
@@ -103,13 +106,15 @@ struct LocalStream<F: ChunkFormat> {
     completion_tokens: usize,
     include_usage: bool,
     bill: Option<Bill>,
+    /// The settled row's commit, waited on before the chunks after it.
+    recorded: Option<Recorded>,
 }
 
 impl<F: ChunkFormat> LocalStream<F> {
     fn settle(&mut self, completion_tokens: usize, outcome: Outcome) {
         if let Some(bill) = self.bill.take() {
             let usage = (self.prompt_tokens as u64, completion_tokens as u64);
-            bill.settle(Metered::Reported(usage), outcome);
+            self.recorded = Some(bill.settle(Metered::Reported(usage), outcome).recorded);
         }
     }
 
@@ -192,9 +197,13 @@ pub fn local_stream<F: ChunkFormat>(
         completion_tokens: 0,
         include_usage,
         bill: Some(bill),
+        recorded: None,
     };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
+            if let Some(recorded) = state.recorded.take() {
+                recorded.committed().await;
+            }
             if let Some(item) = state.queue.pop_front() {
                 return Some((item, state));
             }
@@ -221,6 +230,8 @@ struct UpstreamStream {
     /// The caller asked for the usage chunk (else it is dropped).
     include_usage: bool,
     bill: Option<Bill>,
+    /// The settled row's commit, waited on before the chunks after it.
+    recorded: Option<Recorded>,
 }
 
 impl UpstreamStream {
@@ -230,14 +241,17 @@ impl UpstreamStream {
                 Some(usage) => Metered::Reported(usage),
                 None => Metered::Produced(std::mem::take(&mut self.meter.text)),
             };
-            bill.settle(usage, outcome);
+            self.recorded = Some(bill.settle(usage, outcome).recorded);
         }
     }
 
     fn on_data(&mut self, data: SseData) {
         let mut chunk = match data {
             SseData::Done => {
+                // The answer is whole: billed now, before the caller's
+                // `[DONE]`, whether or not the upstream closes at once.
                 self.done = true;
+                self.settle(Outcome::Ok);
                 return;
             }
             SseData::Other(text) => {
@@ -323,9 +337,13 @@ pub fn upstream_stream(bytes: UpstreamBytes, include_usage: bool, bill: Bill) ->
         done: false,
         include_usage,
         bill: Some(bill),
+        recorded: None,
     };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
+            if let Some(recorded) = state.recorded.take() {
+                recorded.committed().await;
+            }
             if let Some(item) = state.queue.pop_front() {
                 return Some((item, state));
             }

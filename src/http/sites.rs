@@ -68,7 +68,9 @@ pub async fn list_sites(
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
-/// Creates a site owned by the caller's tenant (an admin's sites have no owner).
+/// Creates a site owned by the caller's tenant (an admin's sites have no
+/// owner). A tenant cannot take over a site that exists: another tenant's,
+/// or an admin's (which has no owner row).
 pub async fn create_site(
     State(state): State<Arc<AppState>>,
     Extension(principal): Caller,
@@ -77,27 +79,45 @@ pub async fn create_site(
     let site = SiteName::parse(&request.name)
         .map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
     let rag = state.gateway.rag().await?;
+    let exists = || RagError::SiteExists(site.as_str().to_string());
     let tenancy = state.gateway.tenancy.clone().filter(|_| !principal.admin);
+    let mut claimed = false;
     if let Some(tenancy) = &tenancy {
-        // Claimed first, so two tenants cannot race for one name.
-        if let Some(owner) = tenancy
-            .ledger
-            .site_owner(site.as_str())
-            .await
-            .map_err(ApiError::internal)?
-            && owner != principal.tenant
-        {
-            return Err(RagError::SiteExists(site.as_str().to_string()).into());
+        if rag.store.sites().await?.iter().any(|s| s == site.as_str()) {
+            return Err(exists().into());
         }
-        tenancy
+        // Claimed first, so two tenants cannot race for one name: the
+        // insert succeeds for one of them only.
+        claimed = tenancy
             .ledger
             .claim_site(site.as_str(), &principal.tenant)
             .await
             .map_err(ApiError::internal)?;
+        let owner = tenancy
+            .ledger
+            .site_owner(site.as_str())
+            .await
+            .map_err(ApiError::internal)?;
+        if owner.as_deref() != Some(principal.tenant.as_str()) {
+            return Err(exists().into());
+        }
     }
-    rag.store
+    let created = rag
+        .store
         .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
-        .await?;
+        .await;
+    if let Err(error) = created {
+        if let (true, Some(tenancy)) = (claimed, &tenancy) {
+            // The name was free in the ledger but the site exists (an
+            // admin's): the claim goes again.
+            tenancy
+                .ledger
+                .release_site(site.as_str())
+                .await
+                .map_err(ApiError::internal)?;
+        }
+        return Err(error.into());
+    }
     let body = json!({ "id": site.as_str(), "object": "site", "embedding_model": rag.embedder.id });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -139,9 +139,12 @@ impl Db {
             }
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url).to_string();
+            let opened = path.clone();
             let connection =
-                tokio::task::spawn_blocking(move || open_sqlite(Path::new(&path))).await??;
-            Db::Sqlite(Arc::new(Mutex::new(connection)))
+                tokio::task::spawn_blocking(move || open_sqlite(Path::new(&opened))).await??;
+            let connection = Arc::new(Mutex::new(connection));
+            checkpoint_in_background(&path, &connection);
+            Db::Sqlite(connection)
         };
         db.migrate().await?;
         Ok(db)
@@ -346,6 +349,42 @@ fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, DbError> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(conn)
+}
+
+/// Moves the WAL's pages into the database file once a second from a
+/// thread and connection of its own. Checkpoints wait for the disk (they
+/// sync the database file); left to the connection that commits, one
+/// commit in a thousand pages would wait for it, and with it an answer
+/// waiting for its usage row. The thread ends with the database.
+fn checkpoint_in_background(path: &str, connection: &Arc<Mutex<rusqlite::Connection>>) {
+    if let Ok(conn) = connection.lock() {
+        // 0: no checkpoint on commit.
+        let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
+    }
+    let alive = Arc::downgrade(connection);
+    let path = path.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("qpai-sqlite-checkpoint".into())
+        .spawn(move || {
+            let Ok(checkpointer) = rusqlite::Connection::open(&path) else {
+                return;
+            };
+            let _ = checkpointer.busy_timeout(std::time::Duration::from_secs(1));
+            while alive.strong_count() > 0 {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if let Err(error) =
+                    checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::debug!(%error, "WAL checkpoint");
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "no checkpoint thread: the committing connection checkpoints");
+        if let Ok(conn) = connection.lock() {
+            let _ = conn.pragma_update(None, "wal_autocheckpoint", 1000);
+        }
+    }
 }
 
 /// `$1` (PostgreSQL) as `?1` (SQLite): SQLite would number `$N` names by

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use db::{Db, DbError, Value};
 pub use keys::{KeyRecord, NewKey, TenantRecord};
-pub use usage::{GroupKey, Outcome, UsageQuery, UsageRecord, UsageRow, UsageSource};
+pub use usage::{GroupKey, Outcome, Recorded, UsageQuery, UsageRecord, UsageRow, UsageSource};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -55,8 +55,9 @@ impl Ledger {
         Ok(rows.first().and_then(|r| r[0].text().map(str::to_string)))
     }
 
-    /// Records that `tenant` owns `site` (kept when it already does).
-    pub async fn claim_site(&self, site: &str, tenant: &str) -> Result<(), DbError> {
+    /// Records that `tenant` owns `site`, unless the site has an owner
+    /// already; true when this call made the claim.
+    pub async fn claim_site(&self, site: &str, tenant: &str) -> Result<bool, DbError> {
         self.db
             .execute(
                 "INSERT INTO site_owners (site, tenant) VALUES ($1, $2) \
@@ -64,7 +65,7 @@ impl Ledger {
                 vec![site.into(), tenant.into()],
             )
             .await
-            .map(|_| ())
+            .map(|inserted| inserted == 1)
     }
 
     pub async fn release_site(&self, site: &str) -> Result<(), DbError> {

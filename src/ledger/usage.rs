@@ -1,6 +1,11 @@
-//! Usage rows: one per request, written in batches by a background writer
-//! so recording never waits on the disk; read back grouped by model,
-//! provider, key, day, tenant or deployment. Sums are exact integers.
+//! Usage rows: one per request, written by a background writer that
+//! commits whatever has queued up in one transaction (a group commit); read
+//! back grouped by model, provider, key, day, tenant or deployment. Sums
+//! are exact integers.
+//!
+//! Recording hands back a [`Recorded`]: the gateway waits on it before the
+//! answer's last bytes go out, so a client that saw a whole answer has a
+//! committed row even if the process is killed the next moment.
 
 use std::collections::BTreeMap;
 
@@ -129,7 +134,8 @@ pub fn insert(record: &UsageRecord) -> Statement {
 }
 
 enum Message {
-    Record(Box<UsageRecord>),
+    /// A row, and who waits for its commit.
+    Record(Box<UsageRecord>, oneshot::Sender<()>),
     /// Answered once everything sent before it is written.
     Flush(oneshot::Sender<()>),
 }
@@ -150,7 +156,10 @@ impl Writer {
                 let mut flushed = Vec::new();
                 for message in pending.drain(..) {
                     match message {
-                        Message::Record(record) => statements.push(insert(&record)),
+                        Message::Record(record, committed) => {
+                            statements.push(insert(&record));
+                            flushed.push(committed);
+                        }
                         Message::Flush(done) => flushed.push(done),
                     }
                 }
@@ -268,20 +277,42 @@ pub struct UsageRow {
     pub cost: Usd,
 }
 
+/// A row handed to the writer; [`Recorded::committed`] resolves once its
+/// transaction has committed (or, after the writer's retries, failed and
+/// been counted in `qpai_ledger_rows_lost_total`).
+#[must_use = "an answer is complete only once its row is committed"]
+pub struct Recorded(Option<oneshot::Receiver<()>>);
+
+impl Recorded {
+    /// Nothing to wait for (no row goes to the ledger's writer).
+    pub const NONE: Recorded = Recorded(None);
+
+    pub async fn committed(self) {
+        if let Some(committed) = self.0 {
+            let _ = committed.await;
+        }
+    }
+}
+
 impl Ledger {
-    /// Records a request's usage (written within milliseconds, in a batch).
-    pub fn record(&self, record: UsageRecord) {
+    /// Records a request's usage. The row is committed with whatever else
+    /// is queued, within milliseconds; await the returned [`Recorded`] to
+    /// know it is.
+    pub fn record(&self, record: UsageRecord) -> Recorded {
         let provider = record.provider.map_or("", ProviderKind::as_str);
         metrics::counter!("qpai_ledger_cost_pico_total", "provider" => provider)
             .increment(record.cost.0);
+        let (committed, waiter) = oneshot::channel();
         if self
             .writer
             .queue
-            .send(Message::Record(Box::new(record)))
+            .send(Message::Record(Box::new(record), committed))
             .is_err()
         {
             tracing::error!("the usage writer has stopped; a row is lost");
+            return Recorded::NONE;
         }
+        Recorded(Some(waiter))
     }
 
     /// Waits until every row recorded so far is written.

@@ -43,7 +43,8 @@ async fn claim(global: &GlobalArgs, site: &SiteName, tenant: &str) -> anyhow::Re
     {
         anyhow::bail!("the site {site} belongs to the tenant {owner}");
     }
-    Ok(ledger.claim_site(site.as_str(), tenant).await?)
+    ledger.claim_site(site.as_str(), tenant).await?;
+    Ok(())
 }
 
 pub async fn ingest(args: IngestArgs, global: &GlobalArgs) -> anyhow::Result<()> {

@@ -74,12 +74,12 @@ async fn totals_equal_the_sum_of_the_rows_exactly() {
         let tenant = format!("t{}", uuid::Uuid::new_v4().simple());
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let records: Vec<_> = (0..1000).map(|i| record(i, &tenant, &mut rng)).collect();
-        for r in &records {
-            ledger.record(r.clone());
-        }
+        let recorded: Vec<_> = records.iter().map(|r| ledger.record(r.clone())).collect();
         // The same request recorded twice is one row.
-        ledger.record(records[0].clone());
-        ledger.flush().await;
+        ledger.record(records[0].clone()).committed().await;
+        for row in recorded {
+            row.committed().await;
+        }
         let exact: u128 = records.iter().map(|r| u128::from(r.cost.0)).sum();
         for group_by in [
             vec![],
