@@ -89,6 +89,13 @@ def main() -> None:
                         help="offered requests/s for the latency table (qpai)")
     parser.add_argument("--litellm-rate", type=float, default=100,
                         help="offered requests/s for the latency table (LiteLLM)")
+    parser.add_argument("--database-url", default="",
+                        help="qpai's ledger (default: SQLite in a fresh data dir); a PostgreSQL "
+                             "URL holds budgets in the database")
+    parser.add_argument("--budget-usd", type=float, default=1000000,
+                        help="the tenant's monthly budget; 0: none (nothing is held)")
+    parser.add_argument("--skip-litellm", action="store_true",
+                        help="measure the direct call and qpai only")
     args = parser.parse_args()
 
     processes = []
@@ -102,7 +109,10 @@ def main() -> None:
         data = os.path.join(work, "qpai")
         env = dict(os.environ, QPAI_DATA_DIR=data, RUST_LOG="warn")
         env.pop("QPAI_DATABASE_URL", None)
-        key = subprocess.run([QPAI, "keys", "create", "--tenant", "bench", "--monthly-budget-usd", "1000000"],
+        if args.database_url:
+            env["QPAI_DATABASE_URL"] = args.database_url
+        budget = ["--monthly-budget-usd", f"{args.budget_usd:.2f}"] if args.budget_usd > 0 else []
+        key = subprocess.run([QPAI, "keys", "create", "--tenant", f"bench-{os.getpid()}"] + budget,
                              check=True, capture_output=True, text=True, env=env).stdout.strip()
         catalog = os.path.join(work, "router.toml")
         with open(catalog, "w") as f:
@@ -125,6 +135,7 @@ capabilities = ["streaming"]
         processes.append(qpai)
 
         litellm_port = free_port()
+        lite_process = None
         litellm_config = os.path.join(work, "litellm.yaml")
         with open(litellm_config, "w") as f:
             f.write(f"""
@@ -137,21 +148,24 @@ model_list:
 """)
         litellm = os.path.join(os.path.dirname(sys.executable), "litellm")
         master_key = "sk-qpai-bench-" + os.urandom(16).hex()
-        lite_process = subprocess.Popen(
-            [litellm, "--config", litellm_config, "--port", str(litellm_port),
-             "--num_workers", str(args.litellm_workers)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=dict(os.environ, LITELLM_LOG="ERROR", LITELLM_MASTER_KEY=master_key))
-        processes.append(lite_process)
+        if not args.skip_litellm:
+            lite_process = subprocess.Popen(
+                [litellm, "--config", litellm_config, "--port", str(litellm_port),
+                 "--num_workers", str(args.litellm_workers)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=dict(os.environ, LITELLM_LOG="ERROR", LITELLM_MASTER_KEY=master_key))
+            processes.append(lite_process)
 
         wait_for(f"http://127.0.0.1:{qpai_port}/ready", qpai)
-        wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness", lite_process)
+        if lite_process:
+            wait_for(f"http://127.0.0.1:{litellm_port}/health/liveliness", lite_process)
 
         qpai_url = f"http://127.0.0.1:{qpai_port}/v1"
         lite_url = f"http://127.0.0.1:{litellm_port}/v1"
         direct = load(upstream, "bench", args)
         routed = load(qpai_url, "bench", args, key)
-        lite = load(lite_url, "bench", args, master_key, requests=args.litellm_requests)
+        lite = None if args.skip_litellm else load(lite_url, "bench", args, master_key,
+                                                    requests=args.litellm_requests)
         # Open loop: 10 s at the qpai rate, 20 s at LiteLLM's.
         at_rate = int(args.rate * 10)
         lite_at_rate = int(args.litellm_rate * 20)
@@ -159,8 +173,8 @@ model_list:
         routed_fast = load(qpai_url, "bench", args, key, rate=args.rate, requests=at_rate)
         direct_slow = load(upstream, "bench", args, rate=args.litellm_rate, requests=lite_at_rate)
         routed_slow = load(qpai_url, "bench", args, key, rate=args.litellm_rate, requests=lite_at_rate)
-        lite_slow = load(lite_url, "bench", args, master_key, rate=args.litellm_rate,
-                         requests=lite_at_rate)
+        lite_slow = None if args.skip_litellm else load(
+            lite_url, "bench", args, master_key, rate=args.litellm_rate, requests=lite_at_rate)
     finally:
         for p in processes:
             p.terminate()
@@ -170,15 +184,21 @@ model_list:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    qpai_name = "qpai router (key, budget, ledger)"
+    ledger = "PostgreSQL" if args.database_url.startswith("postgres") else "SQLite"
+    held = "budget" if args.budget_usd > 0 else "no budget"
+    qpai_name = f"qpai router (key, {held}, {ledger} ledger)"
     print(f"{args.connections} connections, {os.cpu_count()} cores, everything on this machine\n")
     print("Throughput (closed loop)\n")
     print("| target | requests | errors | requests/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")
     for name, r in (("upstream, direct", direct), (qpai_name, routed), ("LiteLLM proxy", lite)):
+        if r is None:
+            continue
         print(f"| {name} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.0f} | "
               f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
-    print(f"\nqpai / LiteLLM requests/s: {routed['requests_per_s'] / lite['requests_per_s']:.1f}x\n")
+    if lite:
+        print(f"\nqpai / LiteLLM requests/s: {routed['requests_per_s'] / lite['requests_per_s']:.1f}x")
+    print()
     print("Added latency (open loop, fixed offered rate)\n")
     print("| target | offered req/s | requests | errors | p50 ms | p99 ms | added p50 ms | added p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
@@ -186,6 +206,8 @@ model_list:
             ("upstream, direct", direct_slow, None), (qpai_name, routed_slow, direct_slow),
             ("LiteLLM proxy", lite_slow, direct_slow))
     for name, r, base in rows:
+        if r is None:
+            continue
         added = ("", "") if base is None else (f"{r['p50_ms'] - base['p50_ms']:.2f}",
                                                 f"{r['p99_ms'] - base['p99_ms']:.2f}")
         print(f"| {name} | {r['offered_rate']:.0f} | {r['requests']} | {r['errors']} | "

@@ -182,7 +182,7 @@ pub async fn settle(
     let usage = settled
         .usage
         .iter()
-        .map(crate::ledger::usage::insert)
+        .flat_map(crate::ledger::usage::statements)
         .collect();
     db.transaction_when(guard, usage).await
 }

@@ -160,6 +160,7 @@ impl Bill {
                 batch_id: batch.as_ref().map(|b| b.batch_id.clone()),
                 prompt: None,
                 eval_run: None,
+                budget_hold: None,
             },
             prices: Prices::FREE,
             counter: None,
@@ -245,7 +246,7 @@ impl Bill {
         self.record.outcome = outcome;
         self.record.usage_source = source;
         if let Some(reservation) = self.reservation.take() {
-            reservation.settle(cost);
+            self.record.budget_hold = reservation.settle(cost);
         }
         if let Some(eval) = &self.eval {
             *eval.receipt.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.record.clone());

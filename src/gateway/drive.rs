@@ -283,7 +283,12 @@ impl Gateway {
                 None => None,
             };
             let reservation = match tenancy {
-                Some(t) => match t.budgets.reserve(&principal.tenant, candidate.max_cost) {
+                Some(t) => match t
+                    .budgets
+                    .reserve(&principal.tenant, candidate.max_cost)
+                    .await
+                    .map_err(ApiError::internal)?
+                {
                     Ok(r) => Some(r),
                     Err(refusal) => {
                         router.breakers.abandon_probe(name);

@@ -75,10 +75,19 @@ pub type Row = Vec<Value>;
 pub enum DbError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", postgres_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Other(String),
+}
+
+/// A PostgreSQL error with the server's message ("db error" alone says
+/// nothing).
+fn postgres_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{error}: {}", db.message()),
+        None => error.to_string(),
+    }
 }
 
 /// A statement and its parameters, for a transaction.
@@ -88,10 +97,12 @@ pub type Statement = (&'static str, Vec<Value>);
 pub enum Db {
     Sqlite(Arc<Mutex<rusqlite::Connection>>),
     /// Statements share one pipelined connection; transactions take a
-    /// second one of their own, so no other statement lands inside them.
+    /// second one of their own, so no other statement lands inside them;
+    /// a third, pipelined too, commits without waiting for the disk.
     Postgres {
         shared: Arc<tokio_postgres::Client>,
         transactions: Arc<tokio::sync::Mutex<tokio_postgres::Client>>,
+        unsynced: Arc<tokio_postgres::Client>,
     },
 }
 
@@ -126,6 +137,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("schema/0004_prompts.sql")),
     (5, include_str!("schema/0005_evals.sql")),
     (6, include_str!("schema/0006_experiments.sql")),
+    (7, include_str!("schema/0007_budget_holds.sql")),
 ];
 
 impl Db {
@@ -133,9 +145,14 @@ impl Db {
     /// `postgres://...` / `postgresql://...`, `sqlite://PATH` or a path.
     pub async fn open(url: &str) -> anyhow::Result<Db> {
         let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let unsynced = pg_connect(url).await?;
+            unsynced
+                .batch_execute("SET synchronous_commit TO OFF")
+                .await?;
             Db::Postgres {
                 shared: Arc::new(pg_connect(url).await?),
                 transactions: Arc::new(tokio::sync::Mutex::new(pg_connect(url).await?)),
+                unsynced: Arc::new(unsynced),
             }
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url).to_string();
@@ -250,6 +267,21 @@ impl Db {
         }
     }
 
+    /// Runs one statement whose commit need not survive a crash of the
+    /// database server (it is seen by every other connection at once, as
+    /// any commit): on PostgreSQL it does not wait for the WAL to reach
+    /// the disk. Returns the rows it changed.
+    pub async fn execute_unsynced(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+    ) -> Result<u64, DbError> {
+        match self {
+            Db::Sqlite(_) => self.execute(sql, params).await,
+            Db::Postgres { unsynced, .. } => Ok(unsynced.execute(sql, &pg_params(&params)).await?),
+        }
+    }
+
     /// Runs a query built at run time (a grouping chosen by the caller, from
     /// fixed column names only).
     pub async fn query_dynamic(
@@ -288,6 +320,44 @@ impl Db {
         then: Vec<Statement>,
     ) -> Result<bool, DbError> {
         self.run_transaction(Some(guard), then).await
+    }
+
+    /// Runs statements in one transaction, in order, and returns how many
+    /// rows each changed. On PostgreSQL each statement sees what committed
+    /// before it began (so a row locked by an earlier one is read fresh).
+    pub async fn transaction_counts(
+        &self,
+        statements: Vec<Statement>,
+    ) -> Result<Vec<u64>, DbError> {
+        match self {
+            Db::Sqlite(conn) => {
+                let conn = conn.clone();
+                blocking(move || {
+                    let mut conn = lock(&conn)?;
+                    let tx = conn.transaction()?;
+                    let mut counts = Vec::with_capacity(statements.len());
+                    for (sql, params) in &statements {
+                        let changed = tx
+                            .prepare_cached(&sqlite_sql(sql))?
+                            .execute(rusqlite::params_from_iter(params.iter()))?;
+                        counts.push(changed as u64);
+                    }
+                    tx.commit()?;
+                    Ok(counts)
+                })
+                .await
+            }
+            Db::Postgres { transactions, .. } => {
+                let mut client = transactions.lock().await;
+                let tx = client.transaction().await?;
+                let mut counts = Vec::with_capacity(statements.len());
+                for (sql, params) in &statements {
+                    counts.push(tx.execute(*sql, &pg_params(params)).await?);
+                }
+                tx.commit().await?;
+                Ok(counts)
+            }
+        }
     }
 
     /// One transaction: the guard (when given) must change a row, else

@@ -87,6 +87,9 @@ pub struct UsageRecord {
     pub prompt: Option<String>,
     /// The eval run the request was a case of.
     pub eval_run: Option<String>,
+    /// The database budget hold the row replaces (deleted as it is
+    /// written); not a column.
+    pub budget_hold: Option<String>,
 }
 
 /// UTC day of a timestamp, `YYYY-MM-DD`.
@@ -133,6 +136,31 @@ pub fn insert(record: &UsageRecord) -> Statement {
     )
 }
 
+/// The statements that write `record`: its row and, when it replaces a
+/// budget hold, the hold moved to the month's spend (while the hold exists:
+/// once) and deleted, all in one transaction.
+pub fn statements(record: &UsageRecord) -> Vec<Statement> {
+    let mut statements = vec![insert(record)];
+    if let Some(hold) = &record.budget_hold {
+        statements.push((
+            "UPDATE budget_months SET spent_pico = spent_pico + $1, \
+             held_pico = held_pico - h.amount_pico \
+             FROM budget_holds h WHERE h.id = $2 \
+             AND budget_months.tenant = h.tenant \
+             AND budget_months.month_start_ms = h.month_start_ms",
+            vec![
+                Value::Int(i64::try_from(record.cost.0).unwrap_or(i64::MAX)),
+                hold.as_str().into(),
+            ],
+        ));
+        statements.push((
+            "DELETE FROM budget_holds WHERE id = $1",
+            vec![hold.as_str().into()],
+        ));
+    }
+    statements
+}
+
 enum Message {
     /// A row, and who waits for its commit.
     Record(Box<UsageRecord>, oneshot::Sender<()>),
@@ -157,7 +185,7 @@ impl Writer {
                 for message in pending.drain(..) {
                     match message {
                         Message::Record(record, committed) => {
-                            statements.push(insert(&record));
+                            statements.extend(self::statements(&record));
                             flushed.push(committed);
                         }
                         Message::Flush(done) => flushed.push(done),

@@ -10,6 +10,7 @@ mod batch_cli;
 mod batch_processes;
 mod batches;
 mod bench_serve;
+mod budget_processes;
 mod catalog;
 mod common;
 mod concurrency;
