@@ -1,11 +1,59 @@
 //! A real `qpai serve` with API keys, logging at debug: an address that
 //! keeps presenting bad keys is held off with 429s (a key that worked
-//! lately still passes), and no key appears in the log or in /metrics.
+//! lately still passes), and no key appears in the log or in /metrics,
+//! nor the secret of the upstream it routes to, through answers, streams,
+//! upstream failures and retries.
 
 use std::process::{Command, Stdio};
 
+use serde_json::json;
+
 use crate::common::*;
+use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::router_serve::key;
+
+const UPSTREAM_SECRET: &str = "sk-upstream-3f9a1c77e2b04d5e";
+
+/// A catalog routing "steady" to the scripted upstream, its key from the
+/// environment.
+fn catalog(dir: &std::path::Path, upstream: &FakeUpstream) -> std::path::PathBuf {
+    let path = dir.join("router.toml");
+    let text = format!(
+        r#"
+[[deployment]]
+name = "steady"
+provider = "openai_compatible"
+model = "m-steady"
+base_url = "{}/steady/v1"
+api_key_env = "QPAI_TEST_UPSTREAM_SECRET"
+input_usd_per_1m = 1
+output_usd_per_1m = 2
+context_window = 4096
+capabilities = ["streaming"]
+"#,
+        upstream.base
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Routed chat answers: whole, streamed, after an upstream failure (a
+/// retry) and after one that exhausts the retries.
+fn routed_requests(port: u16, secret: &str, upstream: &FakeUpstream) {
+    let ask = |stream: bool| {
+        ureq::post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+            .set("Authorization", &format!("Bearer {secret}"))
+            .send_json(json!({"model": "steady", "stream": stream, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "Hello"}]}))
+    };
+    assert_eq!(ask(false).unwrap().status(), 200);
+    let streamed = ask(true).unwrap().into_string().unwrap();
+    assert!(streamed.contains("[DONE]"), "{streamed}");
+    upstream.queue("steady", &[Behaviour::Error500]);
+    assert_eq!(ask(false).unwrap().status(), 200);
+    upstream.queue("steady", &[Behaviour::Error500, Behaviour::Error500]);
+    assert!(ask(false).is_err(), "the upstream failed twice");
+}
 
 /// Status and Retry-After of GET /v1/models with `secret`.
 fn models(port: u16, secret: &str) -> (u16, Option<String>) {
@@ -27,11 +75,23 @@ fn failed_authentications_are_held_off_and_keys_never_logged() {
     let dir = tempfile::tempdir().unwrap();
     let good = key(dir.path(), &["--tenant", "acme"]);
     let unused = key(dir.path(), &["--tenant", "acme"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(FakeUpstream::start());
+    upstream.set(
+        "steady",
+        Behaviour::Answer {
+            completion_tokens: 5,
+        },
+    );
+    let catalog = catalog(dir.path(), &upstream);
     let port = free_port();
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
     let server = Command::new(env!("CARGO_BIN_EXE_qpai"))
         .args(["serve", "--port", &port.to_string(), "--model", CHAT_MODEL])
         .args(["--embedding-model", ""])
+        .arg("--router-config")
+        .arg(&catalog)
+        .env("QPAI_TEST_UPSTREAM_SECRET", UPSTREAM_SECRET)
         .env("QPAI_DATA_DIR", dir.path())
         .env("QPAI_MODELS_DIR", models_dir())
         .env("RUST_LOG", "debug")
@@ -43,6 +103,12 @@ fn failed_authentications_are_held_off_and_keys_never_logged() {
     let _server = KillOnDrop(server);
     wait_ready(port);
     assert_eq!(models(port, &good).0, 200);
+    routed_requests(port, &good, &upstream);
+    let sent = upstream.last_body("steady").unwrap();
+    assert_eq!(
+        sent["model"], "m-steady",
+        "the requests reached the upstream"
+    );
     let wrong: Vec<String> = (0..21).map(|i| format!("sk-qpai-wrong-{i:04}")).collect();
     for secret in &wrong[..20] {
         assert_eq!(models(port, secret).0, 401, "{secret}");
@@ -61,7 +127,8 @@ fn failed_authentications_are_held_off_and_keys_never_logged() {
         .unwrap();
     let logged = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(logged.contains("DEBUG"), "the log is not at debug level");
-    for secret in wrong.iter().chain([&good, &unused]) {
+    let upstream_secret = UPSTREAM_SECRET.to_string();
+    for secret in wrong.iter().chain([&good, &unused, &upstream_secret]) {
         assert!(!logged.contains(secret.as_str()), "{secret} in the log");
         assert!(!metrics.contains(secret.as_str()), "{secret} in /metrics");
     }
