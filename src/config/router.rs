@@ -75,6 +75,14 @@ pub struct KeyCreateArgs {
     /// The tenant's quality floor for routed requests (0 to 1).
     #[arg(long)]
     pub min_quality: Option<f64>,
+    /// Sets (or changes) the most completion tokens one of the tenant's
+    /// requests may ask for; a request that names none gets this many.
+    #[arg(long)]
+    pub max_tokens_cap: Option<u64>,
+    /// Sets (or changes) the most streams the tenant may have open at once
+    /// (per server process); one more gets 429.
+    #[arg(long)]
+    pub max_streams: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]

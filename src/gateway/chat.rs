@@ -45,8 +45,20 @@ impl Gateway {
             }
             _ => hints,
         };
-        let (request, prompt) = self.apply_prompt(request)?;
+        let (mut request, prompt) = self.apply_prompt(request)?;
+        validate::check_chat_counts(&request)?;
         let standing = self.standing(principal).await?;
+        if let Some(tenancy) = &self.tenancy {
+            let (param, asked) = match request.max_completion_tokens {
+                Some(n) => ("max_completion_tokens", Some(n)),
+                None => ("max_tokens", request.max_tokens),
+            };
+            if asked.is_none() {
+                request.max_tokens = tenancy.cap_max_tokens(principal, None, param)?;
+            } else {
+                tenancy.cap_max_tokens(principal, asked, param)?;
+            }
+        }
         let requested = self.requested_model(&request.model, &standing);
         let needs = chat_needs(&request, hints, self.quality_floor(hints, &standing));
         let stream = request.stream == Some(true);

@@ -66,10 +66,14 @@ impl Gateway {
     pub async fn complete(
         &self,
         principal: &Principal,
-        request: CompletionRequest,
+        mut request: CompletionRequest,
         hints: &Hints,
     ) -> ApiResult<Answer> {
         let standing = self.standing(principal).await?;
+        if let Some(tenancy) = &self.tenancy {
+            request.max_tokens =
+                tenancy.cap_max_tokens(principal, request.max_tokens, "max_tokens")?;
+        }
         let requested = self.requested_model(&request.model, &standing);
         let stream = request.stream == Some(true);
         let mut capabilities = BTreeSet::new();

@@ -246,6 +246,11 @@ impl Gateway {
         if let (Some(tenancy), Some((first, _))) = (tenancy, plan.candidates.first()) {
             tenancy.admit_tokens(principal, first.prompt_tokens + first.max_completion_tokens)?;
         }
+        // Held for as long as the stream is open (dropped with it).
+        let stream_slot = match (tenancy, plan.stream) {
+            (Some(tenancy), true) => tenancy.open_stream(principal)?,
+            _ => None,
+        };
         let mut bill = Bill::open(
             tenancy.clone(),
             principal,
@@ -320,7 +325,9 @@ impl Gateway {
                                     cost: settled.cost,
                                 }
                             }
-                            Reply::Stream(start) => AnswerBody::Stream(start(bill)),
+                            Reply::Stream(start) => {
+                                AnswerBody::Stream(holding(start(bill), stream_slot))
+                            }
                         };
                         let deployment = &candidate.deployment;
                         return Ok(Answer {
@@ -478,5 +485,20 @@ impl Gateway {
                 upstream_stream(bytes, include_usage, bill)
             }))),
         }
+    }
+}
+
+/// The stream, keeping `slot` (the tenant's open-stream count) until it is
+/// dropped.
+fn holding(
+    stream: super::events::ChunkStream,
+    slot: Option<crate::tenancy::tenant_limits::StreamSlot>,
+) -> super::events::ChunkStream {
+    match slot {
+        None => stream,
+        Some(slot) => Box::pin(futures::StreamExt::map(stream, move |item| {
+            let _held = &slot;
+            item
+        })),
     }
 }

@@ -11,6 +11,10 @@ use crate::engine::SamplingParams;
 use crate::error::{ApiError, ApiResult};
 
 pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Messages in one chat request.
+pub const MAX_MESSAGES: usize = 2048;
+/// Tools in one chat request (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
 pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// OpenAI's limits on `logit_bias`.
@@ -277,4 +281,30 @@ pub fn include_usage(fields: &SamplingFields) -> ApiResult<bool> {
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false))
+}
+
+/// Refuses a chat request with more messages or tools than a request may
+/// carry, naming the parameter.
+pub fn check_chat_counts(request: &super::wire::ChatCompletionRequest) -> ApiResult<()> {
+    if request.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!(
+                "{} messages; a request may carry at most {MAX_MESSAGES}.",
+                request.messages.len()
+            ),
+        ));
+    }
+    let tools = request
+        .tools
+        .as_ref()
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if tools > MAX_TOOLS {
+        return Err(ApiError::invalid_param(
+            "tools",
+            format!("{tools} tools; a request may carry at most {MAX_TOOLS}."),
+        ));
+    }
+    Ok(())
 }

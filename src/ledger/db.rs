@@ -138,6 +138,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("schema/0005_evals.sql")),
     (6, include_str!("schema/0006_experiments.sql")),
     (7, include_str!("schema/0007_budget_holds.sql")),
+    (8, include_str!("schema/0008_tenant_limits.sql")),
 ];
 
 impl Db {

@@ -25,6 +25,10 @@ pub struct NewKey {
     pub default_model: Option<String>,
     /// The tenant's quality floor for routed requests, 0 to 1.
     pub min_quality: Option<f64>,
+    /// Sets (or changes) the tenant's cap on a request's completion tokens.
+    pub max_tokens_cap: Option<u64>,
+    /// Sets (or changes) the tenant's most streams open at once.
+    pub max_streams: Option<u32>,
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
     /// May use the admin endpoints and read every tenant's data.
@@ -51,6 +55,8 @@ pub struct TenantRecord {
     pub soft_limit_percent: u8,
     pub default_model: Option<String>,
     pub min_quality: Option<f64>,
+    pub max_tokens_cap: Option<u64>,
+    pub max_streams: Option<u32>,
 }
 
 /// The stored form of a key.
@@ -131,8 +137,10 @@ impl Ledger {
             .transaction(vec![
                 (
                     "INSERT INTO tenants (name, monthly_budget_pico, soft_limit_percent, \
-                     default_model, min_quality_permille, created_ms) \
-                     VALUES ($1, $2, $3, $6, $7, $4) ON CONFLICT (name) DO UPDATE SET \
+                     default_model, min_quality_permille, created_ms, max_tokens_cap, max_streams) \
+                     VALUES ($1, $2, $3, $6, $7, $4, $8, $9) ON CONFLICT (name) DO UPDATE SET \
+                     max_tokens_cap = COALESCE(excluded.max_tokens_cap, tenants.max_tokens_cap), \
+                     max_streams = COALESCE(excluded.max_streams, tenants.max_streams), \
                      monthly_budget_pico = COALESCE(excluded.monthly_budget_pico, tenants.monthly_budget_pico), \
                      soft_limit_percent = CASE WHEN $5 = 1 THEN excluded.soft_limit_percent \
                      ELSE tenants.soft_limit_percent END, \
@@ -147,6 +155,10 @@ impl Ledger {
                         i64::from(new.soft_limit_percent.is_some()).into(),
                         new.default_model.clone().into(),
                         new.min_quality.map(|q| (q * 1000.0).round() as i64).into(),
+                        new.max_tokens_cap
+                            .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+                            .into(),
+                        new.max_streams.map(i64::from).into(),
                     ],
                 ),
                 (
@@ -234,7 +246,7 @@ impl Ledger {
             .db
             .query(
                 "SELECT name, monthly_budget_pico, soft_limit_percent, default_model, \
-                 min_quality_permille FROM tenants WHERE name = $1",
+                 min_quality_permille, max_tokens_cap, max_streams FROM tenants WHERE name = $1",
                 vec![name.into()],
             )
             .await?;
@@ -248,6 +260,8 @@ impl Ledger {
                     .unwrap_or(DEFAULT_SOFT_LIMIT_PERCENT),
                 default_model: row[3].text().map(str::to_string),
                 min_quality: row[4].int().map(|p| p as f64 / 1000.0),
+                max_tokens_cap: row[5].int().map(|n| n.max(0) as u64),
+                max_streams: row[6].int().and_then(|n| u32::try_from(n).ok()),
             })
         }))
     }

@@ -22,6 +22,8 @@ pub async fn keys(command: KeysCommand, global: &GlobalArgs) -> anyhow::Result<(
                     soft_limit_percent: args.soft_limit_percent,
                     default_model: args.default_model,
                     min_quality: args.min_quality,
+                    max_tokens_cap: args.max_tokens_cap,
+                    max_streams: args.max_streams,
                     rpm: args.rpm,
                     tpm: args.tpm,
                     admin: args.admin,

@@ -7,6 +7,7 @@ mod auth_failures;
 pub mod budget;
 pub mod cli;
 pub mod limits;
+pub mod tenant_limits;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +76,8 @@ pub struct Tenancy {
     /// Failed authentications per client address.
     failures: auth_failures::AuthFailures,
     auth_required: AtomicBool,
+    /// Streams open per tenant (its `max_streams`).
+    streams: Arc<tenant_limits::OpenStreams>,
 }
 
 impl Tenancy {
@@ -87,6 +90,7 @@ impl Tenancy {
             limits: RateLimiter::default(),
             keys: Mutex::default(),
             failures: Default::default(),
+            streams: Default::default(),
         });
         let weak = Arc::downgrade(&tenancy);
         tokio::spawn(async move {

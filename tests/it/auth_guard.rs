@@ -40,19 +40,25 @@ capabilities = ["streaming"]
 /// Routed chat answers: whole, streamed, after an upstream failure (a
 /// retry) and after one that exhausts the retries.
 fn routed_requests(port: u16, secret: &str, upstream: &FakeUpstream) {
-    let ask = |stream: bool| {
-        ureq::post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+    // The status and body of a chat answer.
+    let ask = |stream: bool| -> (u16, String) {
+        let answer = ureq::post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
             .set("Authorization", &format!("Bearer {secret}"))
             .send_json(json!({"model": "steady", "stream": stream, "max_tokens": 8,
-                "messages": [{"role": "user", "content": "Hello"}]}))
+                "messages": [{"role": "user", "content": "Hello"}]}));
+        match answer {
+            Ok(response) => (response.status(), response.into_string().unwrap()),
+            Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap()),
+            Err(error) => panic!("{error}"),
+        }
     };
-    assert_eq!(ask(false).unwrap().status(), 200);
-    let streamed = ask(true).unwrap().into_string().unwrap();
-    assert!(streamed.contains("[DONE]"), "{streamed}");
+    assert_eq!(ask(false).0, 200);
+    let (status, streamed) = ask(true);
+    assert!(status == 200 && streamed.contains("[DONE]"), "{streamed}");
     upstream.queue("steady", &[Behaviour::Error500]);
-    assert_eq!(ask(false).unwrap().status(), 200);
+    assert_eq!(ask(false).0, 200, "retried after one failure");
     upstream.queue("steady", &[Behaviour::Error500, Behaviour::Error500]);
-    assert!(ask(false).is_err(), "the upstream failed twice");
+    assert_eq!(ask(false).0, 503, "the upstream failed twice");
 }
 
 /// Status and Retry-After of GET /v1/models with `secret`.

@@ -267,7 +267,11 @@ async fn processes_starting_together_migrate_a_fresh_postgres_once() {
         .await
         .unwrap();
     let versions: Vec<i64> = versions.iter().filter_map(|row| row[0].int()).collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7], "each migration ran once");
+    assert_eq!(
+        versions,
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        "each migration ran once"
+    );
     drop(opened);
     admin
         .db()

@@ -42,4 +42,5 @@ mod router_serve;
 mod router_upstream;
 mod soak;
 mod structured;
+mod tenant_limits;
 mod tokenizer;
