@@ -15,8 +15,15 @@ and RSS is read after it. Then the script checks:
 
 and prints a summary (JSON with `--json`). It exits non-zero when a check fails.
 
+With `--routed` the server routes to a remote deployment instead: `qpai bench-upstream`
+with `--fault-rate` of its answers failing at random (500s, connections closed without an
+answer, streams cut before their end, first bytes 300 ms late). Then a stream may also end
+with an error event (the upstream broke off; the client is told), and every request has
+exactly one ledger row whatever its outcome (refused ones included).
+
     python benches/soak.py --clients 1000 --duration-s 600            # the full soak
     python benches/soak.py --clients 40 --duration-s 10 --warmup-s 3  # what the test suite runs
+    python benches/soak.py --routed --clients 1000 --duration-s 600   # routed, with faults
 
 Needs httpx2 (the openai package brings it; the test venv has both).
 """
@@ -78,6 +85,7 @@ class Tally:
         self.completed = 0
         self.disconnected = 0
         self.refused: dict[int, int] = {}
+        self.broken = 0
         self.failed = 0
 
     def as_dict(self) -> dict:
@@ -87,6 +95,7 @@ class Tally:
             "completed": self.completed,
             "disconnected": self.disconnected,
             "refused": self.refused,
+            "broken_by_upstream": self.broken,
             "failed": self.failed,
         }
 
@@ -115,6 +124,9 @@ async def one_request(client: httpx.AsyncClient, args, rng: random.Random, tally
                 if line == "data: [DONE]":
                     finished = True
                     break
+                if line.startswith('data: {"error"'):
+                    tally.broken += 1  # the stream ended with its error
+                    return
                 events += 1
                 if leave_after is not None and events > leave_after:
                     tally.disconnected += 1
@@ -181,7 +193,13 @@ def main() -> int:
     p.add_argument("--rss-tolerance", type=float, default=0.10)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--routed", action="store_true",
+                   help="route to a remote deployment (qpai bench-upstream) instead of a local model")
+    p.add_argument("--fault-rate", type=float, default=0.2,
+                   help="with --routed: the share of upstream answers that fail")
     args = p.parse_args()
+    if args.routed:
+        args.model = "bench"
 
     binary = qpai_binary(args.qpai)
     data = tempfile.mkdtemp(prefix="qpai-soak-")
@@ -194,12 +212,31 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data, "serve.log")
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [binary, "serve", "--port", str(port), "--threads", str(args.threads), "--embedding-model", "",
-             "--max-in-flight", str(args.clients + 16), "--kv-cache-mb", str(args.kv_cache_mb)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+    command = [binary, "serve", "--port", str(port), "--threads", str(args.threads), "--embedding-model", "",
+               "--max-in-flight", str(args.clients + 16), "--kv-cache-mb", str(args.kv_cache_mb)]
+    upstream = None
+    if args.routed:
+        up_port = free_port()
+        upstream = subprocess.Popen(
+            [binary, "bench-upstream", "--port", str(up_port), "--fault-rate", str(args.fault_rate)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        catalog = os.path.join(data, "router.toml")
+        with open(catalog, "w") as f:
+            f.write(f"""
+[[deployment]]
+name = "bench"
+provider = "openai_compatible"
+model = "bench"
+base_url = "http://127.0.0.1:{up_port}/v1"
+input_usd_per_1m = 0.15
+output_usd_per_1m = 0.60
+context_window = 8192
+capabilities = ["streaming"]
+""")
+        command += ["--model", "", "--router-config", catalog]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     checks: dict[str, bool] = {}
     summary: dict = {"clients": args.clients, "duration_s": args.duration_s, "disconnect": args.disconnect}
     try:
@@ -229,6 +266,9 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        if upstream:
+            upstream.kill()
+            upstream.wait()
     summary["warmup"] = warm.as_dict()
     summary["soak"] = tally.as_dict()
     with open(log_path) as f:
@@ -242,7 +282,13 @@ def main() -> int:
     completed = warm.completed + tally.completed
     disconnected = warm.disconnected + tally.disconnected
     summary["ledger_rows"] = rows
-    checks["one ledger row per accepted request"] = sum(rows.values()) == accepted
+    if args.routed:
+        # Every request reached the router's billing, refused ones too.
+        sent = warm.sent + tally.sent
+        checks["one ledger row per request"] = sum(rows.values()) == sent
+        checks["the faults were met"] = tally.broken > 0 and sum(tally.refused.values()) > 0
+    else:
+        checks["one ledger row per accepted request"] = sum(rows.values()) == accepted
     checks["no request id twice"] = distinct[0] == distinct[1]
     checks["every completed stream has its ok row"] = completed <= rows.get("ok", 0) <= completed + disconnected
     checks["the load ran"] = tally.completed > 0 and tally.disconnected > 0

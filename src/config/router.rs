@@ -9,6 +9,12 @@ pub struct BenchUpstreamArgs {
     pub host: String,
     #[arg(long, default_value_t = 9100)]
     pub port: u16,
+    /// Share of requests (0 to 1) that meet a fault, chosen at random: a
+    /// 500, a connection closed without an answer, a stream cut before its
+    /// end, or a first byte 300 ms late. (No 429s: a Retry-After rests the
+    /// deployment, and the soak would measure the rest.)
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate: f64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -47,6 +47,9 @@ pub struct LocalModels {
     engines: RwLock<Vec<Engine>>,
     /// Models announced at start whose loading is not finished.
     loading: RwLock<Vec<String>>,
+    /// Whether any local model was announced (a server that only routes
+    /// announces none).
+    announced: std::sync::atomic::AtomicBool,
     embedding: Option<Arc<EmbeddingSlot>>,
     pub adapters: Arc<AdapterRegistry>,
 }
@@ -56,6 +59,7 @@ impl LocalModels {
         Self {
             engines: RwLock::new(Vec::new()),
             loading: RwLock::new(Vec::new()),
+            announced: Default::default(),
             embedding: embedding.map(Arc::new),
             adapters: Arc::new(adapters),
         }
@@ -64,7 +68,12 @@ impl LocalModels {
     /// Announces models that are being loaded (answered with 503 until ready).
     pub fn expect(&self, ids: impl IntoIterator<Item = String>) {
         if let Ok(mut loading) = self.loading.write() {
+            let before = loading.len();
             loading.extend(ids);
+            if loading.len() > before {
+                self.announced
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -91,9 +100,12 @@ impl LocalModels {
         self.engines.read().map(|e| e.clone()).unwrap_or_default()
     }
 
-    /// Ready when every announced model is loaded and at least one serves.
+    /// Ready when every announced model is loaded and at least one serves
+    /// (or, on a server that only routes, at once).
     pub fn is_ready(&self) -> bool {
-        self.loading.read().is_ok_and(|l| l.is_empty()) && !self.engines().is_empty()
+        let announced = self.announced.load(std::sync::atomic::Ordering::Relaxed);
+        self.loading.read().is_ok_and(|l| l.is_empty())
+            && (!self.engines().is_empty() || !announced)
     }
 
     pub fn embedding_slot(&self) -> Option<&Arc<EmbeddingSlot>> {

@@ -1,6 +1,7 @@
 //! Router benchmarks: `qpai bench-upstream` (an OpenAI-compatible chat
 //! endpoint that answers at once, so what is measured is the router in
-//! front of it) and `qpai bench-router` (a load generator: many requests
+//! front of it; streams too, and with `--fault-rate` it fails at random,
+//! for benches/soak.py's routed soak) and `qpai bench-router` (a load generator: many requests
 //! over many connections, reporting requests/s and latency percentiles as
 //! one JSON line). benches/router_compare.py runs both against qpai and
 //! LiteLLM's proxy.
@@ -9,13 +10,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::config::{BenchRouterArgs, BenchUpstreamArgs};
 
 pub async fn upstream(args: BenchUpstreamArgs) -> anyhow::Result<()> {
-    let answer = |axum::Json(body): axum::Json<Value>| async move {
+    let fault_rate = args.fault_rate.clamp(0.0, 1.0);
+    let answer = move |axum::Json(body): axum::Json<Value>| async move {
+        let fault = (rand::random::<f64>() < fault_rate).then(|| rand::random_range(0..4u8));
+        if fault == Some(3) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        match fault {
+            Some(0) => return fault_status(500),
+            Some(1) => return closed(),
+            _ => {}
+        }
+        if body["stream"] == true {
+            let words = body["max_tokens"].as_u64().unwrap_or(8).clamp(1, 64);
+            return stream(body["model"].clone(), words, fault == Some(2));
+        }
         axum::Json(json!({
             "id": "chatcmpl-bench",
             "object": "chat.completion",
@@ -24,6 +42,7 @@ pub async fn upstream(args: BenchUpstreamArgs) -> anyhow::Result<()> {
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
         }))
+        .into_response()
     };
     let app = axum::Router::new()
         .route("/v1/chat/completions", post(answer))
@@ -32,6 +51,60 @@ pub async fn upstream(args: BenchUpstreamArgs) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "bench upstream listening");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+fn fault_status(status: u16) -> Response {
+    let mut response = Response::new(Body::from(
+        json!({"error": {"message": "injected fault", "type": "server_error"}}).to_string(),
+    ));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    response
+}
+
+/// A body that fails at once: the connection closes without an answer.
+fn closed() -> Response {
+    let body = futures::stream::once(async {
+        Err::<bytes::Bytes, _>(std::io::Error::other("injected reset"))
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    response
+        .headers_mut()
+        .insert("content-length", HeaderValue::from(100u64));
+    response
+}
+
+/// `words` content chunks 5 ms apart, then the usage chunk and `[DONE]`,
+/// or (`cut`) a break after half of them.
+fn stream(model: Value, words: u64, cut: bool) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        Ok::<_, std::io::Error>(bytes::Bytes::from(format!("data: {chunk}\n\n")))
+    };
+    let mut events: Vec<Result<bytes::Bytes, std::io::Error>> = (0..words)
+        .map(|i| chunk(json!({"content": format!(" w{i}")}), Value::Null))
+        .collect();
+    if cut {
+        events.truncate((words / 2) as usize);
+        events.push(Err(std::io::Error::other("injected cut")));
+    } else {
+        events.push(chunk(json!({}), json!("stop")));
+        let usage = json!({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "model": model,
+            "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": words,
+            "total_tokens": 12 + words}});
+        events.push(Ok(format!("data: {usage}\n\n").into()));
+        events.push(Ok("data: [DONE]\n\n".into()));
+    }
+    let paced = futures::StreamExt::then(futures::stream::iter(events), |event| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        event
+    });
+    let mut response = Response::new(Body::from_stream(paced));
+    response.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
 
 pub async fn load(args: BenchRouterArgs) -> anyhow::Result<()> {
