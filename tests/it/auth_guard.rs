@@ -14,29 +14,6 @@ use crate::router_serve::key;
 
 const UPSTREAM_SECRET: &str = "sk-upstream-3f9a1c77e2b04d5e";
 
-/// A catalog routing "steady" to the scripted upstream, its key from the
-/// environment.
-fn catalog(dir: &std::path::Path, upstream: &FakeUpstream) -> std::path::PathBuf {
-    let path = dir.join("router.toml");
-    let text = format!(
-        r#"
-[[deployment]]
-name = "steady"
-provider = "openai_compatible"
-model = "m-steady"
-base_url = "{}/steady/v1"
-api_key_env = "QPAI_TEST_UPSTREAM_SECRET"
-input_usd_per_1m = 1
-output_usd_per_1m = 2
-context_window = 4096
-capabilities = ["streaming"]
-"#,
-        upstream.base
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Routed chat answers: whole, streamed, after an upstream failure (a
 /// retry) and after one that exhausts the retries.
 fn routed_requests(port: u16, secret: &str, upstream: &FakeUpstream) {
@@ -89,7 +66,11 @@ fn failed_authentications_are_held_off_and_keys_never_logged() {
             completion_tokens: 5,
         },
     );
-    let catalog = catalog(dir.path(), &upstream);
+    let catalog = upstream.write_catalog(
+        dir.path(),
+        "steady",
+        "input_usd_per_1m = 1\noutput_usd_per_1m = 2\napi_key_env = \"QPAI_TEST_UPSTREAM_SECRET\"",
+    );
     let port = free_port();
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
     let server = Command::new(env!("CARGO_BIN_EXE_qpai"))

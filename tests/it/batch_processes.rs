@@ -19,27 +19,11 @@ use crate::router_serve::{key, serve};
 
 /// A catalog with one remote deployment on the scripted upstream.
 fn write_catalog(dir: &Path, upstream: &FakeUpstream) -> String {
-    let path = dir.join("router.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[[deployment]]
-name = "steady"
-provider = "openai_compatible"
-model = "m-steady"
-base_url = "{}/steady/v1"
-input_usd_per_1m = 1
-output_usd_per_1m = 2
-context_window = 4096
-batch_discount = 0.5
-batch_concurrency = 4
-"#,
-            upstream.base
-        ),
+    upstream.write_catalog(
+        dir,
+        "steady",
+        "input_usd_per_1m = 1\noutput_usd_per_1m = 2\nbatch_discount = 0.5\nbatch_concurrency = 4",
     )
-    .unwrap();
-    path.display().to_string()
 }
 
 struct Server {
@@ -159,16 +143,18 @@ async fn start_server(dir: &Path, extra: &[&str], key: &str) -> (KillOnDrop, Ser
     (child, server)
 }
 
-/// The batch's usage rows: request id -> (lines billed under it).
-async fn ledger_rows(database: &str, batch: &str) -> HashMap<String, usize> {
+/// Usage rows (a batch's, or all): request id -> rows under it.
+pub async fn usage_rows(database: &str, batch: Option<&str>) -> HashMap<String, usize> {
     let db = Db::open(database).await.unwrap();
-    let rows = db
-        .query(
+    let rows = match batch {
+        Some(batch) => db.query(
             "SELECT request_id FROM usage_ledger WHERE batch_id = $1",
             vec![batch.into()],
-        )
-        .await
-        .unwrap();
+        ),
+        None => db.query("SELECT request_id FROM usage_ledger", vec![]),
+    }
+    .await
+    .unwrap();
     let mut counts = HashMap::new();
     for row in rows {
         *counts
@@ -176,6 +162,45 @@ async fn ledger_rows(database: &str, batch: &str) -> HashMap<String, usize> {
             .or_insert(0) += 1;
     }
     counts
+}
+
+/// Drops a database made by `fresh_postgres`.
+pub async fn drop_postgres(database: &str) {
+    let admin = std::env::var("QPAI_TEST_DATABASE_URL").unwrap();
+    let name = database.rsplit('/').next().unwrap();
+    Db::open(&admin)
+        .await
+        .unwrap()
+        .execute_text(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// A database of its own on the test PostgreSQL server (named from
+/// `prefix`); None, and the test is skipped, when there is no server
+/// (never on CI).
+pub async fn fresh_postgres(prefix: &str) -> Option<String> {
+    let Some(url) = std::env::var("QPAI_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the PostgreSQL tests: set QPAI_TEST_DATABASE_URL"
+        );
+        eprintln!("QPAI_TEST_DATABASE_URL is not set: a PostgreSQL test is skipped");
+        return None;
+    };
+    let admin = Db::open(&url).await.unwrap();
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .execute_text(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (server, _) = url
+        .rsplit_once('/')
+        .expect("a PostgreSQL URL names its database");
+    Some(format!("{server}/{name}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +240,7 @@ async fn a_server_killed_mid_batch_finishes_it_after_a_restart_with_nothing_lost
     let output = server.output(&batch).await;
     assert_eq!(output.len(), 40);
     let database = format!("sqlite://{}", dir.path().join("qpai.db").display());
-    let rows = ledger_rows(&database, &id).await;
+    let rows = usage_rows(&database, Some(&id)).await;
     assert_eq!(rows.len(), 40, "one usage row per line");
     assert!(rows.values().all(|&n| n == 1));
     let billed: HashSet<&String> = rows.keys().collect();
@@ -233,27 +258,9 @@ async fn a_server_killed_mid_batch_finishes_it_after_a_restart_with_nothing_lost
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_postgres_share_a_batch() {
-    let Some(url) = std::env::var("QPAI_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs the PostgreSQL tests: set QPAI_TEST_DATABASE_URL"
-        );
-        eprintln!("QPAI_TEST_DATABASE_URL is not set: the two-server test is skipped");
-        return;
-    };
     // A database of its own, so no other test's batches are in it.
-    let admin = Db::open(&url).await.unwrap();
-    let name = format!("qpai_batches_{}", uuid::Uuid::new_v4().simple());
-    admin
-        .execute_text(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let database = match url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{name}"),
-        None => unreachable!("a PostgreSQL URL names its database"),
+    let Some(database) = fresh_postgres("qpai_batches").await else {
+        return;
     };
     let upstream = FakeUpstream::start().await;
     upstream.set(
@@ -287,7 +294,7 @@ async fn two_servers_on_one_postgres_share_a_batch() {
     let batch = server_b.wait(&id, |b| b["status"] == "completed").await;
     let output = server_b.output(&batch).await;
     assert_eq!(output.len(), 60);
-    let rows = ledger_rows(&database, &id).await;
+    let rows = usage_rows(&database, Some(&id)).await;
     assert_eq!(rows.len(), 60);
     assert!(rows.values().all(|&n| n == 1));
     assert_eq!(upstream.requests("steady"), 60, "no line ran twice");
@@ -302,8 +309,5 @@ async fn two_servers_on_one_postgres_share_a_batch() {
     let shares: Vec<i64> = owners.iter().filter_map(|r| r[1].int()).collect();
     assert_eq!(shares.len(), 2, "both servers ran lines: {owners:?}");
     drop((db, a, b));
-    admin
-        .execute_text(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await
-        .unwrap();
+    drop_postgres(&database).await;
 }

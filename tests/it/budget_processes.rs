@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use qpai::ledger::Db;
 use serde_json::json;
 
+use crate::batch_processes::{drop_postgres, fresh_postgres};
 use crate::common::{KillOnDrop, free_port, wait_ready};
 use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::router_serve::serve;
@@ -20,54 +21,9 @@ const USD_PER_TOKEN: f64 = 0.001;
 const BUDGET_USD: f64 = 1.0;
 const MAX_TOKENS: u64 = 10;
 
-fn catalog(dir: &std::path::Path, upstream: &FakeUpstream) -> String {
-    let per_million = USD_PER_TOKEN * 1e6;
-    let path = dir.join("router.toml");
-    let text = format!(
-        r#"
-[[deployment]]
-name = "steady"
-provider = "openai_compatible"
-model = "m-steady"
-base_url = "{}/steady/v1"
-input_usd_per_1m = {per_million}
-output_usd_per_1m = {per_million}
-context_window = 4096
-"#,
-        upstream.base
-    );
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
-/// A fresh database on the test server; None when there is none.
-async fn fresh_database() -> Option<String> {
-    let Some(url) = std::env::var("QPAI_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs the PostgreSQL tests: set QPAI_TEST_DATABASE_URL"
-        );
-        eprintln!("QPAI_TEST_DATABASE_URL is not set: the three-process budget test is skipped");
-        return None;
-    };
-    let admin = Db::open(&url).await.unwrap();
-    let name = format!("qpai_budget_{}", uuid::Uuid::new_v4().simple());
-    admin
-        .execute_text(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (server, _) = url
-        .rsplit_once('/')
-        .expect("a PostgreSQL URL names its database");
-    Some(format!("{server}/{name}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_on_one_postgres_keep_a_tenants_budget() {
-    let Some(database) = fresh_database().await else {
+    let Some(database) = fresh_postgres("qpai_budget").await else {
         return;
     };
     let upstream = FakeUpstream::start().await;
@@ -79,7 +35,9 @@ async fn three_processes_on_one_postgres_keep_a_tenants_budget() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog(dir.path(), &upstream);
+    let per_million = USD_PER_TOKEN * 1e6;
+    let prices = format!("input_usd_per_1m = {per_million}\noutput_usd_per_1m = {per_million}");
+    let catalog = upstream.write_catalog(dir.path(), "steady", &prices);
     let budget = BUDGET_USD.to_string();
     let key = crate::router_serve::key(
         dir.path(),
@@ -194,4 +152,6 @@ async fn three_processes_on_one_postgres_keep_a_tenants_budget() {
         "only ${spent_usd} of ${BUDGET_USD} spent: holds outlive their requests"
     );
     assert_eq!(holds[0][0].wide(), Some(0), "holds left behind");
+    drop((db, servers));
+    drop_postgres(&database).await;
 }

@@ -129,6 +129,21 @@ impl FakeUpstream {
         script.most_in_flight = script.most_in_flight.max(script.in_flight);
     }
 
+    /// Writes `dir/router.toml`: one OpenAI-compatible deployment `name`
+    /// (model `m-NAME`, streaming) on this upstream, with `extra` TOML lines
+    /// (prices, its key's variable); returns its path.
+    pub fn write_catalog(&self, dir: &std::path::Path, name: &str, extra: &str) -> String {
+        let path = dir.join("router.toml");
+        let catalog = format!(
+            "[[deployment]]\nname = \"{name}\"\nprovider = \"openai_compatible\"\n\
+             model = \"m-{name}\"\nbase_url = \"{}/{name}/v1\"\ncontext_window = 4096\n\
+             capabilities = [\"streaming\"]\n{extra}\n",
+            self.base
+        );
+        std::fs::write(&path, catalog).unwrap();
+        path.display().to_string()
+    }
+
     pub fn last_body(&self, name: &str) -> Option<Value> {
         self.scripts
             .lock()

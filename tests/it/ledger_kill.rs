@@ -4,41 +4,20 @@
 //! request whose client saw a whole answer (a JSON body, or a stream to its
 //! `[DONE]`) has its row in the ledger on disk, and no request id has two.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qpai::ledger::Db;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use crate::batch_processes::usage_rows;
 use crate::common::{free_port, wait_ready};
 use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::router_serve::{key, serve};
 
 const KILLS: usize = 20;
 const CLIENTS: usize = 12;
-
-fn write_catalog(dir: &Path, upstream: &FakeUpstream) -> String {
-    let path = dir.join("router.toml");
-    let catalog = format!(
-        r#"
-[[deployment]]
-name = "steady"
-provider = "openai_compatible"
-model = "m-steady"
-base_url = "{}/steady/v1"
-input_usd_per_1m = 1
-output_usd_per_1m = 2
-context_window = 4096
-capabilities = ["streaming"]
-"#,
-        upstream.base
-    );
-    std::fs::write(&path, catalog).unwrap();
-    path.display().to_string()
-}
+const PRICES: &str = "input_usd_per_1m = 1\noutput_usd_per_1m = 2";
 
 /// One answer, whole or streamed; its request id when the client saw all
 /// of it (None when the server went away first).
@@ -71,22 +50,6 @@ async fn ask(http: &reqwest::Client, base: &str, key: &str, stream: bool) -> Opt
     whole.then_some(id)
 }
 
-/// Every usage row's request id, with how many rows it has.
-async fn ledger(database: &str) -> HashMap<String, usize> {
-    let db = Db::open(database).await.unwrap();
-    let rows = db
-        .query("SELECT request_id FROM usage_ledger", vec![])
-        .await
-        .unwrap();
-    let mut counts = HashMap::new();
-    for row in rows {
-        *counts
-            .entry(row[0].text().unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    counts
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_clients_saw_keep_their_rows_through_20_kill_9s() {
     let upstream = FakeUpstream::start().await;
@@ -98,7 +61,7 @@ async fn answers_clients_saw_keep_their_rows_through_20_kill_9s() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let catalog = write_catalog(dir.path(), &upstream);
+    let catalog = upstream.write_catalog(dir.path(), "steady", PRICES);
     let acme = key(dir.path(), &["--tenant", "acme"]);
     let database = format!("sqlite://{}", dir.path().join("qpai.db").display());
     let http = reqwest::Client::new();
@@ -134,7 +97,7 @@ async fn answers_clients_saw_keep_their_rows_through_20_kill_9s() {
         }
         let seen = seen.lock().unwrap().clone();
         assert!(seen.len() > before, "kill {kill}: no answer completed");
-        let rows = ledger(&database).await;
+        let rows = usage_rows(&database, None).await;
         let missing: Vec<&String> = seen.iter().filter(|id| !rows.contains_key(*id)).collect();
         assert!(
             missing.is_empty(),
