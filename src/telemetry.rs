@@ -61,6 +61,21 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         // Another recorder may already be installed (embedding applications);
         // the handle still renders what this recorder sees.
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples queue up until they are folded into their
+        // buckets, which a scrape does: without scrapes they would grow
+        // without bound (the soak found ~400 bytes a request).
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("qpai-metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no metrics upkeep thread: histograms drain on scrape only");
+        }
         handle
     })
 }
