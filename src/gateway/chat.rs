@@ -53,10 +53,9 @@ impl Gateway {
                 Some(n) => ("max_completion_tokens", Some(n)),
                 None => ("max_tokens", request.max_tokens),
             };
+            let allowed = tenancy.cap_max_tokens(principal, asked, param)?;
             if asked.is_none() {
-                request.max_tokens = tenancy.cap_max_tokens(principal, None, param)?;
-            } else {
-                tenancy.cap_max_tokens(principal, asked, param)?;
+                request.max_tokens = allowed;
             }
         }
         let requested = self.requested_model(&request.model, &standing);

@@ -323,44 +323,6 @@ impl Db {
         self.run_transaction(Some(guard), then).await
     }
 
-    /// Runs statements in one transaction, in order, and returns how many
-    /// rows each changed. On PostgreSQL each statement sees what committed
-    /// before it began (so a row locked by an earlier one is read fresh).
-    pub async fn transaction_counts(
-        &self,
-        statements: Vec<Statement>,
-    ) -> Result<Vec<u64>, DbError> {
-        match self {
-            Db::Sqlite(conn) => {
-                let conn = conn.clone();
-                blocking(move || {
-                    let mut conn = lock(&conn)?;
-                    let tx = conn.transaction()?;
-                    let mut counts = Vec::with_capacity(statements.len());
-                    for (sql, params) in &statements {
-                        let changed = tx
-                            .prepare_cached(&sqlite_sql(sql))?
-                            .execute(rusqlite::params_from_iter(params.iter()))?;
-                        counts.push(changed as u64);
-                    }
-                    tx.commit()?;
-                    Ok(counts)
-                })
-                .await
-            }
-            Db::Postgres { transactions, .. } => {
-                let mut client = transactions.lock().await;
-                let tx = client.transaction().await?;
-                let mut counts = Vec::with_capacity(statements.len());
-                for (sql, params) in &statements {
-                    counts.push(tx.execute(*sql, &pg_params(params)).await?);
-                }
-                tx.commit().await?;
-                Ok(counts)
-            }
-        }
-    }
-
     /// One transaction: the guard (when given) must change a row, else
     /// nothing is done and the answer is false.
     async fn run_transaction(

@@ -236,7 +236,7 @@ impl Budgets {
             .get(&key)
             .is_some_and(|at| at.elapsed() < RECLAIM_EVERY);
         if !begun {
-            db.transaction_counts(vec![
+            db.transaction(vec![
                 // The month's spend, from the ledger, the first time.
                 (
                     "INSERT INTO budget_months (tenant, month_start_ms, spent_pico, held_pico) \
