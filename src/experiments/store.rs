@@ -4,7 +4,10 @@
 //! atomically), sticky units, the requests assigned, and the feedback
 //! (once per target and metric). Every query is scoped to the tenant.
 
+use std::sync::{Arc, Mutex};
+
 use rand::SeedableRng;
+use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
 use super::bandit::{self, Arm, Evidence, Posterior};
@@ -18,6 +21,9 @@ const MICRO: f64 = 1e6;
 #[derive(Clone)]
 pub struct Experiments {
     ledger: Ledger,
+    /// Thompson draws; seeded from the OS, or by the caller for a
+    /// reproducible simulation.
+    rng: Arc<Mutex<StdRng>>,
 }
 
 /// The variant a request got.
@@ -83,9 +89,25 @@ fn conflict(param: &str, message: String) -> ApiError {
 
 impl Experiments {
     pub fn new(ledger: &Ledger) -> Self {
+        Self::with_rng(ledger, StdRng::from_os_rng())
+    }
+
+    /// Draws from `seed`: the same feedback gives the same assignments.
+    pub fn seeded(ledger: &Ledger, seed: u64) -> Self {
+        Self::with_rng(ledger, StdRng::seed_from_u64(seed))
+    }
+
+    fn with_rng(ledger: &Ledger, rng: StdRng) -> Self {
         Self {
             ledger: ledger.clone(),
+            rng: Arc::new(Mutex::new(rng)),
         }
+    }
+
+    fn rng(&self) -> std::sync::MutexGuard<'_, StdRng> {
+        self.rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub async fn create(&self, tenant: &str, spec: &ExperimentSpec) -> ApiResult<()> {
@@ -320,8 +342,7 @@ impl Experiments {
             .arms(tenant, stored, stored.spec.cost_weight > 0.0)
             .await?;
         let bandit = Self::bandit_arms(&stored.spec, &arms);
-        let mut rng = rand::rngs::StdRng::from_os_rng();
-        let chosen = bandit::choose(&bandit, stored.spec.cost_weight, &mut rng);
+        let chosen = bandit::choose(&bandit, stored.spec.cost_weight, &mut *self.rng());
         Ok(arms[chosen].name.clone())
     }
 
@@ -437,8 +458,7 @@ impl Experiments {
             return Ok(());
         }
         let bandit = Self::bandit_arms(&stored.spec, &arms);
-        let mut rng = rand::rngs::StdRng::from_os_rng();
-        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut rng);
+        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut *self.rng());
         let Some((index, p)) = best.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) else {
             return Ok(());
         };
@@ -467,8 +487,8 @@ impl Experiments {
         let stored = self.load(tenant, id, "id").await?;
         let arms = self.arms(tenant, &stored, true).await?;
         let bandit = Self::bandit_arms(&stored.spec, &arms);
-        let mut rng = rand::rngs::StdRng::from_os_rng();
-        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut rng);
+        let mut rng = self.rng();
+        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut *rng);
         let requests: u64 = arms.iter().map(|a| a.requests).sum();
         let variants: Vec<Value> = arms
             .iter()

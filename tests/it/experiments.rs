@@ -104,7 +104,7 @@ fn outcome(chosen: &[usize], means: &[f64], tail: usize) -> (f64, f64, f64) {
 async fn thompson_sampling_finds_the_best_arm_with_sublinear_regret() {
     for (url, _dir) in databases().await {
         let ledger = Ledger::open(&url).await.unwrap();
-        let experiments = Experiments::new(&ledger);
+        let experiments = Experiments::seeded(&ledger, 5);
 
         // Binary: click rates 0.3, 0.5 and 0.7.
         let rates = [0.3, 0.5, 0.7];
