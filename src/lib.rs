@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod experiments;
 pub mod files;
+pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod ledger;

@@ -136,9 +136,14 @@ pub async fn build(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<Stack
         builder = builder.embedding(embedding_slot(&args.embedding_model, &catalog, &store));
     }
     let rag_uri = global.rag_uri();
-    let rag_store = crate::rag::Store::open(&rag_uri)
-        .await
-        .with_context(|| format!("opening the site store {rag_uri}"))?;
+    if cfg!(feature = "lance") {
+        let store = crate::rag::Store::open(&rag_uri)
+            .await
+            .with_context(|| format!("opening the site store {rag_uri}"))?;
+        builder = builder.rag_store(store);
+    } else {
+        tracing::warn!("built without the `lance` feature: no site store, RAG is off");
+    }
     let database = global.database_url();
     let ledger = crate::ledger::Ledger::open(&database)
         .await
@@ -169,7 +174,6 @@ pub async fn build(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<Stack
     let gateway = builder
         .prompts(prompts)
         .files(files)
-        .rag_store(rag_store)
         .tenancy(tenancy)
         .router(model_router(&args)?)
         .build()?;

@@ -26,8 +26,9 @@ use crate::router::{Capability, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
 /// OpenAI's default `max_tokens` for text completions.
-const DEFAULT_MAX_TOKENS: usize = 16;
-const MAX_LOGPROBS: i64 = 5;
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+/// The most `logprobs` a text completion may ask for (OpenAI's limit).
+pub const MAX_LOGPROBS: i64 = 5;
 
 /// What planning prepared for a local candidate.
 pub struct PreparedText {

@@ -9,7 +9,7 @@
 pub mod bill;
 mod chat;
 pub mod chat_prompt;
-mod completions;
+pub mod completions;
 mod drive;
 mod embeddings;
 pub mod events;

@@ -29,7 +29,7 @@ pub struct Adapter {
 }
 
 /// `...layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight` -> (i, proj, is_a).
-fn parse_key(key: &str) -> Option<(usize, Projection, bool)> {
+pub fn parse_key(key: &str) -> Option<(usize, Projection, bool)> {
     let rest = key.strip_suffix(".weight")?;
     let (rest, is_a) = match rest.rsplit_once('.')? {
         (rest, "lora_A") => (rest, true),

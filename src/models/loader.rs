@@ -105,7 +105,9 @@ const END_OF_TURN_MARKERS: [&str; 5] = [
     "</s>",
 ];
 
-fn eos_ids(tokenizer: &Tokenizer, declared: &[Option<u32>]) -> Vec<u32> {
+/// The ids generation stops on: the declared end tokens, and the special
+/// tokens of common end-of-turn markers the vocabulary has.
+pub fn eos_ids(tokenizer: &Tokenizer, declared: &[Option<u32>]) -> Vec<u32> {
     let mut ids: Vec<u32> = declared.iter().flatten().copied().collect();
     for marker in END_OF_TURN_MARKERS {
         if let Some(id) = tokenizer
@@ -124,7 +126,9 @@ fn eos_ids(tokenizer: &Tokenizer, declared: &[Option<u32>]) -> Vec<u32> {
     ids
 }
 
-fn token_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
+/// The text of token `id` (empty when there is none), as chat templates
+/// get `bos_token` and `eos_token`.
+pub fn token_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
     id.and_then(|id| tokenizer.id_to_token(id))
         .unwrap_or_default()
 }

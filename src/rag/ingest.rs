@@ -416,7 +416,7 @@ fn rows(
 /// one commit, then the rows they replace. Returns the rows written.
 async fn write_stage(
     rag: &Rag,
-    table: &lancedb::Table,
+    table: &super::store::Table,
     mut batches: mpsc::Receiver<Embedded>,
 ) -> RagResult<usize> {
     let mut written = 0;

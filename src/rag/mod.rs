@@ -45,6 +45,7 @@ pub enum RagError {
         stored: String,
         served: String,
     },
+    #[cfg(feature = "lance")]
     #[error(transparent)]
     Store(#[from] lancedb::Error),
     #[error(transparent)]
@@ -106,6 +107,7 @@ impl From<RagError> for ApiError {
             error @ RagError::ModelMismatch { .. } => {
                 ApiError::invalid_param("site", error.to_string())
             }
+            #[cfg(feature = "lance")]
             RagError::Store(error) => ApiError::internal(format!("site store: {error}")),
             RagError::Other(error) => ApiError::internal(format!("{error:#}")),
         }

@@ -22,6 +22,7 @@ mod eval_local;
 mod experiments;
 mod fake_upstream;
 mod files;
+mod fuzz_replay;
 mod gateway;
 mod isolation;
 mod kv_cache;

@@ -125,7 +125,13 @@ fn html_route<'a>(relative: &'a str, options: &ReadOptions) -> &'a str {
         .unwrap_or(relative)
 }
 
-fn html_document(text: &str, relative: &str, options: &ReadOptions) -> Result<Document, String> {
+/// A built HTML page's document: its text and metadata, named by its
+/// canonical URL, else by `relative` (its path under the site's root).
+pub fn html_document(
+    text: &str,
+    relative: &str,
+    options: &ReadOptions,
+) -> Result<Document, String> {
     let page = html::extract(text);
     let route = html_route(relative, options);
     let url = page_url(page.canonical.as_deref(), route, options.base_url.as_ref());
@@ -161,7 +167,10 @@ fn markdown_route(relative: &str, slug: Option<&str>) -> String {
     }
 }
 
-fn markdown_document(
+/// A Markdown (or MDX) page's document, named by its front matter's URL,
+/// else by its route from `relative` (its path under the site's root);
+/// drafts are refused.
+pub fn markdown_document(
     text: &str,
     relative: &str,
     mdx: bool,

@@ -34,14 +34,15 @@ impl Default for FetchLimits {
 
 /// Disallow/Allow rules of one host's robots.txt that apply to qpai.
 #[derive(Debug, Default)]
-struct Robots {
+pub struct Robots {
     allow: Vec<String>,
     disallow: Vec<String>,
 }
 
 impl Robots {
-    fn parse(text: &str) -> Self {
-        // Rules of the `qpai` group if there is one, else of `*`.
+    /// The rules of a robots.txt: those of the `qpai` group if there is
+    /// one, else those of `*`.
+    pub fn parse(text: &str) -> Self {
         let mut groups: HashMap<String, Robots> = HashMap::new();
         let mut agents: Vec<String> = Vec::new();
         let mut in_rules = false;
@@ -82,8 +83,9 @@ impl Robots {
             .unwrap_or_default()
     }
 
-    /// Longest matching prefix wins; Allow wins ties.
-    fn allows(&self, path: &str) -> bool {
+    /// Whether `path` may be fetched: the longest matching prefix wins;
+    /// Allow wins ties.
+    pub fn allows(&self, path: &str) -> bool {
         let longest = |rules: &[String]| {
             rules
                 .iter()

@@ -11,13 +11,17 @@ use super::{ReadOptions, ReadOutcome, SourceItem, decode_page, document, html, p
 /// Nested sitemap indexes followed at most this deep.
 const MAX_DEPTH: usize = 3;
 
+/// What one sitemap file lists.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Sitemap {
-    pages: Vec<(String, Option<String>)>,
-    sitemaps: Vec<String>,
+pub struct Sitemap {
+    /// Page URLs, each with its `lastmod` when given.
+    pub pages: Vec<(String, Option<String>)>,
+    /// Nested sitemaps (of a sitemap index).
+    pub sitemaps: Vec<String>,
 }
 
-fn parse(text: &str) -> Result<Sitemap, String> {
+/// Reads a `<urlset>` or `<sitemapindex>` document.
+pub fn parse(text: &str) -> Result<Sitemap, String> {
     let mut reader = Reader::from_str(text);
     let mut sitemap = Sitemap::default();
     let mut stack: Vec<Vec<u8>> = Vec::new();

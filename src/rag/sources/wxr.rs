@@ -36,6 +36,7 @@ fn field<'a>(item: &'a mut Item, element: &[u8]) -> Option<&'a mut String> {
     })
 }
 
+/// Reads the WXR export at `path` (see `read_export`).
 pub fn read(
     path: &Path,
     options: &ReadOptions,
@@ -45,7 +46,19 @@ pub fn read(
     let limit = options.max_page_bytes.saturating_mul(64);
     let text = decode_page(std::fs::read(path)?, limit)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut reader = Reader::from_str(&text);
+    read_export(&text, &path.display().to_string(), options, emit)
+}
+
+/// Reads the items of an export's text, handing each published post or
+/// page to `emit` (which returns false to stop early); `name` (the file's
+/// path) starts error messages and each item's origin.
+pub fn read_export(
+    text: &str,
+    name: &str,
+    options: &ReadOptions,
+    emit: &mut dyn FnMut(SourceItem) -> bool,
+) -> anyhow::Result<ReadOutcome> {
+    let mut reader = Reader::from_str(text);
     reader.config_mut().check_end_names = true;
     let mut stack: Vec<Vec<u8>> = Vec::new();
     let mut item: Option<Item> = None;
@@ -59,8 +72,7 @@ pub fn read(
                 let at = reader.error_position();
                 return Ok(ReadOutcome {
                     interrupted: Some(format!(
-                        "{}: XML error at byte {at}: {error}; the items after it were not read",
-                        path.display()
+                        "{name}: XML error at byte {at}: {error}; the items after it were not read"
                     )),
                 });
             }
@@ -94,7 +106,7 @@ pub fn read(
                     && let Some(done) = item.take()
                 {
                     items += 1;
-                    if let Some(source_item) = to_document(done, path, &language, options)
+                    if let Some(source_item) = to_document(done, name, &language, options)
                         && !emit(source_item)
                     {
                         break;
@@ -123,7 +135,7 @@ pub fn read(
         }
     }
     if items == 0 {
-        anyhow::bail!("{} holds no <item> elements", path.display());
+        anyhow::bail!("{name} holds no <item> elements");
     }
     Ok(ReadOutcome::default())
 }
@@ -131,7 +143,7 @@ pub fn read(
 /// `None` for what is not a published post or page.
 fn to_document(
     item: Item,
-    path: &Path,
+    name: &str,
     language: &Option<String>,
     options: &ReadOptions,
 ) -> Option<SourceItem> {
@@ -144,7 +156,7 @@ fn to_document(
         return None;
     }
     let link = item.link.trim().to_string();
-    let origin = format!("{} item {}", path.display(), item.id.trim());
+    let origin = format!("{name} item {}", item.id.trim());
     if link.is_empty() {
         return Some(SourceItem {
             origin,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use arrow_array::types::Float32Type;
 use arrow_array::{Array, FixedSizeListArray, Float32Array, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use serde::Serialize;
 
+use super::{ChunkRow, SearchHit};
 use crate::rag::{RagError, RagResult};
 
 const MODEL_KEY: &str = "qpai.embedding_model";
@@ -29,41 +29,6 @@ pub const VECTOR_COLUMNS: &[&str] = &[
 pub const FULLTEXT_COLUMNS: &[&str] = &[
     "chunk_id", "url", "title", "heading", "text", "lang", "updated", "_score",
 ];
-
-/// One chunk, ready to store.
-#[derive(Debug, Clone)]
-pub struct ChunkRow {
-    pub chunk_id: String,
-    pub url: String,
-    pub title: String,
-    pub heading: String,
-    pub text: String,
-    pub lang: Option<String>,
-    pub updated: Option<String>,
-    pub source: String,
-    /// The file or URL the page was read from.
-    pub origin: String,
-    pub page_hash: String,
-    pub chunk_index: i32,
-    pub chunk_count: i32,
-    pub vector: Vec<f32>,
-}
-
-/// A stored chunk found by a search, as the API answers it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SearchHit {
-    pub url: String,
-    pub title: String,
-    pub heading: String,
-    pub text: String,
-    /// Cosine similarity (vector), BM25 score (full text) or fused rank score (hybrid).
-    pub score: f32,
-    pub chunk_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lang: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub updated: Option<String>,
-}
 
 /// The table of a site embedded with `model`.
 pub fn schema(dimensions: usize, model: &str) -> SchemaRef {
