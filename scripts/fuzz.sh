@@ -58,7 +58,7 @@ echo "|---|---:|---:|---:|---:|---:|"
 for target in "${targets[@]}"; do
   log="$logs/$target.log"
   executed=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
-  speed=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  speed=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | tail -1 | grep -o 'in [0-9]*' | grep -o '[0-9]*' || echo -)
   corpus=$(ls "$CARGO_TARGET_DIR/fuzz-corpus/$target" | wc -l)
   findings=$(ls "fuzz/artifacts/$target" 2>/dev/null | wc -l)

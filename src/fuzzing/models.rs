@@ -6,7 +6,6 @@
 
 use std::io::Cursor;
 
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
@@ -16,6 +15,7 @@ use crate::gateway::wire::{ChatCompletionRequest, Role, parse_json};
 use crate::lora::adapter::parse_key;
 use crate::lora::{Adapter, AdapterConfig, Projection};
 use crate::models::cpu_decoder::{Architecture, CpuDecoder};
+use crate::models::gguf_header::read_gguf;
 use crate::models::gguf_tokenizer::tokenizer_from_gguf;
 use crate::models::kv_cache::KvCacheConfig;
 use crate::models::loader::{eos_ids, token_text};
@@ -125,7 +125,7 @@ const SAMPLE_TEXT: &str = "Hello world, this is a test. <|im_start|>user\nhi<|im
 /// at work on a sample.
 pub fn gguf(data: &[u8]) {
     let mut reader = Cursor::new(data);
-    let Ok(content) = gguf_file::Content::read(&mut reader) else {
+    let Ok(content) = read_gguf(&mut reader) else {
         return;
     };
     let text = |key: &str| {

@@ -143,7 +143,7 @@ fn choose_kind(options: &LoadOptions, template: &Option<Arc<ChatTemplate>>) -> M
 
 fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)
+    let content = super::gguf_header::read_gguf(&mut file)
         .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
     let architecture = content
         .metadata

@@ -8,6 +8,7 @@ pub mod cpu_decoder;
 pub mod embedding;
 mod embedding_queue;
 pub mod gemma3;
+pub mod gguf_header;
 pub mod gguf_tokenizer;
 pub mod kv_cache;
 pub mod llama;

@@ -65,14 +65,16 @@ fn split_front_matter(source: &str) -> Result<(FrontMatter, &str), String> {
             continue;
         };
         let close = format!("\n{fence}");
-        let Some(end) = rest
-            .find(&close)
-            .or_else(|| rest.starts_with(fence).then_some(0))
-        else {
+        // Where the front matter ends, and where the closing fence does.
+        let (end, after_fence) = if rest.starts_with(fence) {
+            (0, fence.len())
+        } else if let Some(at) = rest.find(&close) {
+            (at, at + close.len())
+        } else {
             return Err(format!("front matter opened with {fence} is never closed"));
         };
         let text = &rest[..end];
-        let after = &rest[(end + close.len()).min(rest.len())..];
+        let after = &rest[after_fence..];
         let body = after.split_once('\n').map_or("", |(_, b)| b);
         let front = if yaml {
             yaml_front(text)?
@@ -258,5 +260,17 @@ mod tests {
         assert_eq!(text, vec!["Keep me\nText."]);
         assert!(parse("---\ntitle: [unclosed\n---\nx", false).is_err());
         assert!(parse("---\ntitle: x\nno end", false).is_err());
+    }
+
+    #[test]
+    fn empty_front_matter_is_closed_by_the_next_fence() {
+        // The closing fence right after the opening one: what follows it on
+        // its line is dropped (here a multi-byte character, which once made
+        // the split land inside it), and a later fence is body text.
+        let page = parse("---\n---\u{feff}\nBody.\n\n---\n\nMore.\n", false).unwrap();
+        assert_eq!(page.front.title, None);
+        let text: Vec<&str> = page.sections.iter().map(|s| s.text.as_str()).collect();
+        assert!(text.concat().contains("Body."), "{text:?}");
+        assert!(text.concat().contains("More."), "{text:?}");
     }
 }
