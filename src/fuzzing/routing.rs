@@ -84,7 +84,7 @@ pub fn sse(data: &[u8]) {
         let mut meter = StreamMeter::default();
         let mut events = Vec::new();
         for bytes in stream.chunks(piece) {
-            events.extend(reader.feed(bytes));
+            events.extend(reader.feed(bytes).unwrap_or_default());
         }
         events.extend(reader.finish());
         for event in &events {

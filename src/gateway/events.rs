@@ -285,11 +285,21 @@ impl UpstreamStream {
 
     fn on_bytes(&mut self, next: Option<Result<Bytes, UpstreamError>>) {
         match next {
-            Some(Ok(bytes)) => {
-                for data in self.reader.feed(&bytes) {
-                    self.on_data(data);
+            Some(Ok(bytes)) => match self.reader.feed(&bytes) {
+                Ok(events) => {
+                    for data in events {
+                        self.on_data(data);
+                    }
                 }
-            }
+                Err(error) => {
+                    tracing::warn!(%error, "cutting the stream");
+                    self.settle(Outcome::Cut);
+                    self.queue.push_back(StreamItem::Error(ApiError {
+                        code: Some("upstream_event_too_large"),
+                        ..ApiError::unavailable("The model's stream sent an event too large to read.")
+                    }));
+                }
+            },
             Some(Err(error)) => {
                 tracing::warn!(%error, "the stream broke off");
                 self.settle(Outcome::Cut);

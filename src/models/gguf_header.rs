@@ -2,7 +2,8 @@
 //! leaves unchecked before a tensor is read: each tensor's element count and
 //! byte size fit the machine's arithmetic, and its data lies inside the file.
 //! (A shape whose element count overflows made candle panic while reading the
-//! tensor; a tensor past the end of the file failed only at that point.)
+//! tensor; an empty tensor made it build a slice from a dangling, misaligned
+//! pointer; a tensor past the end of the file failed only at that point.)
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -24,9 +25,9 @@ pub fn read_gguf<R: Read + Seek>(reader: &mut R) -> anyhow::Result<Content> {
         let bytes = elements
             .filter(|n| n % dtype.block_size() == 0)
             .and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
-        let Some(bytes) = bytes else {
+        let Some(bytes) = bytes.filter(|&b| b > 0) else {
             bail!(
-                "tensor {name}: shape {:?} is not a whole number of {dtype:?} blocks of addressable size",
+                "tensor {name}: shape {:?} is not a whole, non-zero number of {dtype:?} blocks of addressable size",
                 info.shape.dims()
             );
         };

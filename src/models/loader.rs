@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use candle_transformers::models::quantized_llama;
 use serde::Deserialize;

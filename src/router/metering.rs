@@ -37,15 +37,34 @@ pub enum SseData {
 #[derive(Default)]
 pub struct SseReader {
     pending: BytesMut,
+    /// How much of `pending` is known to hold no separator's start: each
+    /// feed scans only what is new (rescanning from the start made an
+    /// event sent in many small pieces cost quadratic time).
+    scanned: usize,
 }
 
-/// The end of the first event in `buffer`: its length and the separator's.
-fn event_end(buffer: &[u8]) -> Option<(usize, usize)> {
-    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buffer
+/// The most an event may hold before the reader gives up on the stream:
+/// far above any chunk an OpenAI-style server sends, and a bound on what an
+/// upstream that never ends an event can make qpai hold.
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
+
+/// An upstream event grew past [`MAX_EVENT_BYTES`].
+#[derive(Debug, thiserror::Error)]
+#[error("an upstream event grew past {MAX_EVENT_BYTES} bytes without ending")]
+pub struct EventTooLarge;
+
+/// The end of the first event in `buffer`, searching from `from`: its
+/// length and the separator's.
+fn event_end(buffer: &[u8], from: usize) -> Option<(usize, usize)> {
+    let rest = &buffer[from.min(buffer.len())..];
+    let lf = rest
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (from + i, 2));
+    let crlf = rest
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
+        .map(|i| (from + i, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
@@ -75,20 +94,29 @@ fn event_data(event: &[u8]) -> Option<SseData> {
 }
 
 impl SseReader {
-    /// Takes bytes; returns the data of the events they complete.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseData> {
+    /// Takes bytes; returns the data of the events they complete, or an
+    /// error when an event outgrows [`MAX_EVENT_BYTES`].
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<SseData>, EventTooLarge> {
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some((length, separator)) = event_end(&self.pending) {
+        while let Some((length, separator)) = event_end(&self.pending, self.scanned) {
             let event = self.pending.split_to(length + separator);
+            self.scanned = 0;
             out.extend(event_data(&event[..length]));
         }
-        out
+        // A separator may straddle this feed and the next.
+        self.scanned = self.pending.len().saturating_sub(3);
+        if self.pending.len() > MAX_EVENT_BYTES {
+            self.pending = BytesMut::new();
+            return Err(EventTooLarge);
+        }
+        Ok(out)
     }
 
     /// The data of an unterminated last event, when the stream ends.
     pub fn finish(&mut self) -> Option<SseData> {
         let rest = self.pending.split();
+        self.scanned = 0;
         event_data(&rest)
     }
 }
@@ -149,7 +177,7 @@ mod tests {
         let mut meter = StreamMeter::default();
         let mut events = Vec::new();
         for piece in stream.as_bytes().chunks(size) {
-            events.extend(reader.feed(piece));
+            events.extend(reader.feed(piece).unwrap());
         }
         events.extend(reader.finish());
         for event in &events {
@@ -190,5 +218,24 @@ mod tests {
     fn embedding_usage_has_no_completion() {
         let answer = serde_json::json!({"usage": {"prompt_tokens": 5, "total_tokens": 5}});
         assert_eq!(usage_of(&answer), Some((5, 0)));
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_refused_past_the_limit() {
+        let mut reader = SseReader::default();
+        let piece = vec![b'x'; 1 << 20];
+        let mut fed = 0;
+        let refused = loop {
+            match reader.feed(&piece) {
+                Ok(events) => assert!(events.is_empty()),
+                Err(error) => break error,
+            }
+            fed += piece.len();
+            assert!(fed <= MAX_EVENT_BYTES, "{fed} bytes held");
+        };
+        assert!(refused.to_string().contains("without ending"));
+        // The reader starts over: a whole event still reads.
+        let events = reader.feed(b"data: [DONE]\n\n").unwrap();
+        assert!(matches!(events[..], [SseData::Done]));
     }
 }
