@@ -296,7 +296,9 @@ impl UpstreamStream {
                     self.settle(Outcome::Cut);
                     self.queue.push_back(StreamItem::Error(ApiError {
                         code: Some("upstream_event_too_large"),
-                        ..ApiError::unavailable("The model's stream sent an event too large to read.")
+                        ..ApiError::unavailable(
+                            "The model's stream sent an event too large to read.",
+                        )
                     }));
                 }
             },

@@ -105,11 +105,12 @@ impl SseReader {
             out.extend(event_data(&event[..length]));
         }
         // A separator may straddle this feed and the next.
-        self.scanned = self.pending.len().saturating_sub(3);
         if self.pending.len() > MAX_EVENT_BYTES {
             self.pending = BytesMut::new();
+            self.scanned = 0;
             return Err(EventTooLarge);
         }
+        self.scanned = self.pending.len().saturating_sub(3);
         Ok(out)
     }
 
