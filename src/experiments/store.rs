@@ -110,6 +110,13 @@ impl Experiments {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A generator of its own, seeded from the shared one: for the
+    /// thousands of draws of a posterior estimate, without holding the
+    /// lock that assignments take.
+    fn forked_rng(&self) -> StdRng {
+        StdRng::from_rng(&mut *self.rng())
+    }
+
     pub async fn create(&self, tenant: &str, spec: &ExperimentSpec) -> ApiResult<()> {
         let text = serde_json::to_string(spec).map_err(internal)?;
         let now = now_ms();
@@ -458,7 +465,8 @@ impl Experiments {
             return Ok(());
         }
         let bandit = Self::bandit_arms(&stored.spec, &arms);
-        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut *self.rng());
+        let best =
+            bandit::probability_best(&bandit, stored.spec.cost_weight, &mut self.forked_rng());
         let Some((index, p)) = best.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) else {
             return Ok(());
         };
@@ -487,8 +495,8 @@ impl Experiments {
         let stored = self.load(tenant, id, "id").await?;
         let arms = self.arms(tenant, &stored, true).await?;
         let bandit = Self::bandit_arms(&stored.spec, &arms);
-        let mut rng = self.rng();
-        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut *rng);
+        let mut rng = self.forked_rng();
+        let best = bandit::probability_best(&bandit, stored.spec.cost_weight, &mut rng);
         let requests: u64 = arms.iter().map(|a| a.requests).sum();
         let variants: Vec<Value> = arms
             .iter()
