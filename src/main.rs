@@ -10,6 +10,9 @@ fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches)?;
     qpai::telemetry::init_logging(cli.global.log_format);
+    if let Some(device) = &cli.global.device {
+        qpai::models::choose_device(device)?;
+    }
     if let (Command::Serve(args), Some(sub)) =
         (&mut cli.command, matches.subcommand_matches("serve"))
     {
@@ -34,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         | Command::BenchUpstream(_)
         | Command::BenchRouter(_)
         | Command::BenchServe(_)
+        | Command::Logits(_)
         | Command::Prompts { .. } => None,
         Command::Batch {
             command: BatchCommand::Run(args),
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => qpai::commands::models(command, &cli.global),
         Command::Bench(args) => qpai::bench::run(args, &cli.global).map(|_| ()),
         Command::BenchEmbeddings(args) => qpai::bench::embeddings(args, &cli.global),
+        Command::Logits(args) => qpai::bench::logits::run(args, &cli.global),
         Command::BenchLora(args) => qpai::adapters::bench::run(args, &cli.global),
         Command::BenchStructured(args) => {
             runtime()?.block_on(qpai::structured::bench::run(args, &cli.global))

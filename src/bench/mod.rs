@@ -2,6 +2,7 @@
 //! the engine's own forward pass (no HTTP). `scripts/bench.py` runs it beside
 //! llama.cpp on the same GGUF file and token ids.
 
+pub mod logits;
 pub mod serve;
 
 use std::sync::Arc;
@@ -64,7 +65,9 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub fn run(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<BenchResult> {
     let catalog = Catalog::load(global.catalog.as_deref())?;
     let store = ModelStore::new(global.models_dir());
-    let resolved = resolve(&args.model, &catalog, &store)?;
+    let mut resolved = resolve(&args.model, &catalog, &store)?;
+    // A KV slot for each sequence decoded together (accelerators).
+    resolved.options.kv_cache.sequences = resolved.options.kv_cache.sequences.max(args.concurrency);
     let model = load_model(&resolved.source, &resolved.options)?;
     let ids = prompt_ids(&model, args.prompt_tokens)?;
     anyhow::ensure!(

@@ -67,3 +67,35 @@ pub struct BenchServeArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
+
+/// Flags of `qpai logits`.
+#[derive(Debug, Clone, Args)]
+pub struct LogitsArgs {
+    /// Model (catalog id, .gguf file or checkpoint directory).
+    #[arg(long)]
+    pub model: String,
+    /// A JSON file: a list of `{"ids": [token ids], "adapter": "DIR"}`
+    /// (`adapter` optional: a PEFT adapter run unmerged for that prompt).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// A PEFT adapter merged into the weights at load.
+    #[arg(long)]
+    pub merge: Option<PathBuf>,
+    /// Weight type of safetensors checkpoints (f32, bf16, f16; default: the
+    /// checkpoint's on accelerators, f32 on the CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Run llama-family models in candle tensor ops (the accelerator path)
+    /// even on the CPU.
+    #[arg(long)]
+    pub tensor_ops: bool,
+    /// Greedy tokens to generate after each prompt, all prompts decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Caps the context the model is loaded with (the KV slots' length).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// Write the JSON here instead of standard output.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}

@@ -16,7 +16,7 @@ mod jobs;
 mod rag;
 mod router;
 
-pub use bench::BenchServeArgs;
+pub use bench::{BenchServeArgs, LogitsArgs};
 
 pub use jobs::{
     BatchCommand, BatchRunArgs, BatchTenant, CalibrationMetric, EvalCalibrateArgs, EvalRunArgs,
@@ -70,6 +70,10 @@ pub struct GlobalArgs {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Where models run: `cpu`, `cuda` or `cuda:N` (a build with the `cuda`
+    /// feature). Default: CUDA device 0 when there is one, else the CPU.
+    #[arg(long, env = "QPAI_DEVICE", global = true)]
+    pub device: Option<String>,
 }
 
 impl GlobalArgs {
@@ -116,6 +120,10 @@ pub enum Command {
     Bench(BenchArgs),
     /// Measure embeddings/s of an embedding model.
     BenchEmbeddings(BenchEmbeddingsArgs),
+    /// Print a model's next-token logits for token-id prompts run as one
+    /// batch, and their greedy continuations (checks a device against
+    /// reference logits).
+    Logits(LogitsArgs),
     /// Measure decode speed with LoRA adapters: none, merged, unmerged, several at once.
     BenchLora(BenchLoraArgs),
     /// Measure search latency on a site grown to a large table.

@@ -189,8 +189,7 @@ impl Engine {
     /// Queues a checked request. Fails at once when the engine is full.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, SubmitError> {
         if let Some(budget) = self.inner.model.kv_budget() {
-            let needed = crate::models::kv_cache::blocks_needed(
-                budget.block_tokens,
+            let needed = budget.blocks_for(
                 request.prompt_ids.len(),
                 request.n,
                 request.max_new_tokens,

@@ -138,9 +138,8 @@ impl Admission {
 }
 
 /// The KV blocks a request may come to hold.
-fn kv_blocks_for(request: &GenerationRequest, block_tokens: usize) -> usize {
-    crate::models::kv_cache::blocks_needed(
-        block_tokens,
+fn kv_blocks_for(request: &GenerationRequest, budget: &KvBudget) -> usize {
+    budget.blocks_for(
         request.prompt_ids.len(),
         request.n,
         request.max_new_tokens,
@@ -226,7 +225,7 @@ impl Worker {
             return Some(None);
         };
         budget
-            .try_reserve(kv_blocks_for(&job.request, budget.block_tokens))
+            .try_reserve(kv_blocks_for(&job.request, budget))
             .map(Some)
     }
 

@@ -461,6 +461,9 @@ pub struct ModelCard {
     /// For an adapter (per request or merged): the model it runs on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Where a local model runs: `cpu` or `cuda:N` (absent for routed names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -24,6 +24,7 @@ fn card(engine: &Engine, created: u64) -> ModelCard {
         architecture: model.architecture.clone(),
         context_length: model.context_length,
         parent: model.parent.clone(),
+        device: Some(crate::models::device_name(&model.device)),
     }
 }
 
@@ -58,6 +59,7 @@ fn embedding_card(slot: &EmbeddingSlot, created: u64) -> ModelCard {
         architecture: "BertModel".to_string(),
         context_length: slot.context_length,
         parent: None,
+        device: None,
     }
 }
 
@@ -82,6 +84,7 @@ fn routed_cards(state: &AppState, created: u64) -> Vec<ModelCard> {
         architecture: "routed".to_string(),
         context_length,
         parent: None,
+        device: None,
     };
     let widest = |indexes: &mut dyn Iterator<Item = usize>| {
         indexes

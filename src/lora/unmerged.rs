@@ -128,6 +128,9 @@ pub struct UnmergedAdapter {
     /// Names this adapter in the prefix cache's hashes: unique for the
     /// process's life, so a reloaded adapter never meets an earlier one's blocks.
     cache_seed: u64,
+    /// The factors on an accelerator, for a base run by the device decoder
+    /// (the CPU factors are then empty).
+    device: Option<std::sync::Arc<crate::models::device_decoder::DeviceAdapter>>,
 }
 
 /// The next adapter's `cache_seed` (0 is the base model's).
@@ -206,7 +209,28 @@ impl UnmergedAdapter {
             data,
             slots,
             cache_seed: NEXT_CACHE_SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            device: None,
         })
+    }
+
+    /// An adapter whose factors live on the device decoder's device.
+    pub fn on_device(
+        adapter: &Adapter,
+        factors: std::sync::Arc<crate::models::device_decoder::DeviceAdapter>,
+    ) -> Self {
+        Self {
+            rank: adapter.config.r,
+            scale: adapter.scale as f32,
+            data: Factors::F32(Vec::new()),
+            slots: Vec::new(),
+            cache_seed: NEXT_CACHE_SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            device: Some(factors),
+        }
+    }
+
+    /// The factors on the device, for adapters made by `on_device`.
+    pub fn device_factors(&self) -> Option<&crate::models::device_decoder::DeviceAdapter> {
+        self.device.as_deref()
     }
 
     /// Where this adapter's prefix-cache hash chains start.
@@ -216,10 +240,12 @@ impl UnmergedAdapter {
 
     /// Bytes of factors held.
     pub fn bytes(&self) -> usize {
-        match &self.data {
-            Factors::F32(data) => data.len() * 4,
-            Factors::Bf16(data) => data.len() * 2,
-        }
+        let device = self.device.as_ref().map_or(0, |d| d.bytes());
+        device
+            + match &self.data {
+                Factors::F32(data) => data.len() * 4,
+                Factors::Bf16(data) => data.len() * 2,
+            }
     }
 
     /// Adds the delta of `projection` for one token: `x` is the projection's

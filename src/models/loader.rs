@@ -8,16 +8,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
-use candle_transformers::models::quantized_llama;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use super::cpu_decoder::{Architecture, CpuDecoder};
+use super::device_decoder::DeviceDecoder;
 use super::gemma3::Gemma3Weights;
 use super::gguf_tokenizer::{SpecialTokens, tokenizer_from_gguf};
 use super::kv_cache::KvCacheConfig;
-use super::llama::LlamaWeights;
-use super::qwen2::Qwen2Weights;
 use super::{ChatTemplate, LoadedModel, ModelKind, Weights};
 use crate::lora::Adapter;
 
@@ -60,8 +58,12 @@ pub struct LoadOptions {
     pub merge: Option<Arc<Adapter>>,
     /// A chat template (Jinja) for a model whose files carry none.
     pub chat_template: Option<String>,
-    /// The paged KV cache's budget (decoders on the CPU).
+    /// The KV cache's budget: the paged pool on the CPU, the slab of
+    /// per-sequence slots on an accelerator.
     pub kv_cache: KvCacheConfig,
+    /// Runs llama-family decoders in candle tensor ops (the accelerator
+    /// path) on the CPU too: how that path is checked without a GPU.
+    pub tensor_ops: bool,
 }
 
 impl LoadOptions {
@@ -75,6 +77,7 @@ impl LoadOptions {
             merge: None,
             chat_template: None,
             kv_cache: KvCacheConfig::default(),
+            tensor_ops: false,
         }
     }
 }
@@ -166,12 +169,17 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
         .get(&format!("{architecture}.context_length"))
         .and_then(|v| v.to_u32().ok())
         .map(|n| n as usize);
-    let merges = architecture == "llama" && options.device.is_cpu();
-    if options.merge.is_some() && !merges {
-        bail!("merging an adapter into a GGUF base needs a llama model on the CPU");
+    if options.merge.is_some() && architecture != "llama" {
+        bail!("merging an adapter into a GGUF base needs a llama model");
     }
-    // The CPU runs qpai's own decoder; accelerators run candle's models.
-    let own_decoder = Architecture::from_name(&architecture).filter(|_| options.device.is_cpu());
+    // The CPU runs qpai's own decoder; accelerators run candle tensor ops.
+    let on_cpu = options.device.is_cpu() && !options.tensor_ops;
+    let own_decoder = Architecture::from_name(&architecture).filter(|_| on_cpu);
+    let served_positions = [file_context, options.max_context]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(4096);
     let (weights, implementation_limit) = match (architecture.as_str(), own_decoder) {
         (_, Some(decoder)) => {
             let positions = [file_context, options.max_context]
@@ -190,15 +198,19 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> anyhow::Result<LoadedModel> 
             let positions = weights.max_positions();
             (Weights::CpuDecoder(Arc::new(weights)), positions)
         }
-        // Accelerators: candle's own quantized llama (tensor ops on the device).
-        ("llama", None) => (
-            Weights::QuantizedLlama(Box::new(quantized_llama::ModelWeights::from_gguf(
-                content,
+        // Accelerators: every running sequence in one batched pass.
+        ("llama", None) => {
+            let weights = DeviceDecoder::from_gguf(
+                &content,
                 &mut file,
                 &options.device,
-            )?)),
-            quantized_llama::MAX_SEQ_LEN,
-        ),
+                served_positions,
+                options.merge.as_deref(),
+                options.kv_cache,
+            )?;
+            let positions = weights.max_positions();
+            (Weights::Device(Arc::new(weights)), positions)
+        }
         // Accelerators: candle tensor ops on the device.
         ("gemma3", None) => {
             // Rotary tables are sized to the context actually served.
@@ -348,8 +360,8 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         .transpose()?
         .map(Arc::new);
     let dtype = checkpoint_dtype(&config, options);
-    // The CPU runs qpai's own decoder in f32; accelerators run candle's models.
-    let (weights, max_positions) = if options.device.is_cpu() {
+    // The CPU runs qpai's own decoder in f32; accelerators run candle tensor ops.
+    let (weights, max_positions) = if options.device.is_cpu() && !options.tensor_ops {
         let weights = CpuDecoder::from_checkpoint(
             dir,
             options.merge.as_ref(),
@@ -358,14 +370,17 @@ fn load_safetensors(dir: &Path, options: &LoadOptions) -> anyhow::Result<LoadedM
         )?;
         let positions = weights.max_positions();
         (Weights::CpuDecoder(Arc::new(weights)), positions)
-    } else if architecture == "Qwen2ForCausalLM" {
-        let weights = Qwen2Weights::load(dir, dtype, &options.device, options.merge.as_ref())?;
-        let positions = weights.max_position_embeddings();
-        (Weights::Qwen2(Arc::new(weights)), positions)
     } else {
-        let weights = LlamaWeights::load(dir, dtype, &options.device, options.merge.as_ref())?;
-        let positions = weights.max_position_embeddings();
-        (Weights::Llama(Arc::new(weights)), positions)
+        let weights = DeviceDecoder::from_checkpoint(
+            dir,
+            dtype,
+            &options.device,
+            options.merge.as_ref(),
+            options.max_context,
+            options.kv_cache,
+        )?;
+        let positions = weights.max_positions();
+        (Weights::Device(Arc::new(weights)), positions)
     };
     let context_length = [Some(max_positions), options.max_context]
         .into_iter()

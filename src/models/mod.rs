@@ -5,20 +5,18 @@ pub mod bert;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod cpu_decoder;
+pub mod device_decoder;
 pub mod embedding;
 mod embedding_queue;
 pub mod gemma3;
 pub mod gguf_header;
 pub mod gguf_tokenizer;
 pub mod kv_cache;
-pub mod llama;
 pub mod loader;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod packed_gemm;
 pub mod quant_matmul;
-pub mod quantized;
-pub mod qwen2;
 pub mod spin_pool;
 
 use std::sync::Arc;
@@ -42,8 +40,54 @@ pub(crate) fn gguf_metadata<'a>(
         .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks {arch}.{key}")))
 }
 
-/// CUDA device 0 when built with the `cuda` feature and a GPU is present, else the CPU.
+/// The device named `cpu`, `cuda` or `cuda:N` (`--device`).
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("unknown device `{name}` (cpu, cuda or cuda:N)"),
+        },
+    };
+    #[cfg(feature = "cuda")]
+    {
+        Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("CUDA device {ordinal}: {e}"))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        anyhow::bail!(
+            "--device cuda:{ordinal}: this qpai was built without the `cuda` feature (scripts/build-cuda.sh builds one)"
+        )
+    }
+}
+
+/// How `/v1/models` and the logs name a device: `cpu` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The device `--device` chose, set once at start.
+static CHOSEN_DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Makes `device` the one every model loads on (`--device`); once per process.
+pub fn choose_device(name: &str) -> anyhow::Result<()> {
+    let device = parse_device(name)?;
+    CHOSEN_DEVICE
+        .set(device)
+        .map_err(|_| anyhow::anyhow!("the device was already chosen"))
+}
+
+/// The chosen device; else CUDA device 0 when built with the `cuda` feature
+/// and a GPU is present; else the CPU.
 pub fn default_device() -> Device {
+    if let Some(device) = CHOSEN_DEVICE.get() {
+        return device.clone();
+    }
     #[cfg(feature = "cuda")]
     {
         match Device::cuda_if_available(0) {
@@ -70,10 +114,9 @@ pub enum ModelKind {
 #[derive(Clone)]
 pub enum Weights {
     CpuDecoder(Arc<cpu_decoder::CpuDecoder>),
-    QuantizedLlama(Box<candle_transformers::models::quantized_llama::ModelWeights>),
+    /// Llama-family models in candle tensor ops on an accelerator, batched.
+    Device(Arc<device_decoder::DeviceDecoder>),
     Gemma3(Arc<gemma3::Gemma3Weights>),
-    Llama(Arc<llama::LlamaWeights>),
-    Qwen2(Arc<qwen2::Qwen2Weights>),
 }
 
 /// A loaded model: weights plus everything needed to turn text into tokens and back.
@@ -109,20 +152,19 @@ impl LoadedModel {
         &self,
         adapter: Option<&Arc<UnmergedAdapter>>,
     ) -> candle_core::Result<Box<dyn SequenceModel>> {
-        if adapter.is_some() && !matches!(self.weights, Weights::CpuDecoder(_)) {
+        if adapter.is_some() && !matches!(self.weights, Weights::CpuDecoder(_) | Weights::Device(_))
+        {
             candle_core::bail!("{} does not run unmerged adapters", self.id);
         }
         Ok(match &self.weights {
             Weights::CpuDecoder(w) => {
                 Box::new(cpu_decoder::CpuSequence::new(w.clone(), adapter.cloned()))
             }
-            Weights::QuantizedLlama(w) => Box::new(quantized::LlamaSequence::new(
-                (**w).clone(),
-                self.device.clone(),
-            )),
+            Weights::Device(w) => Box::new(device_decoder::DeviceSequence::new(
+                w.clone(),
+                adapter.cloned(),
+            )?),
             Weights::Gemma3(w) => Box::new(gemma3::Gemma3Sequence::new(w.clone())),
-            Weights::Llama(w) => Box::new(llama::LlamaSequence::new(w.clone())?),
-            Weights::Qwen2(w) => Box::new(qwen2::Qwen2Sequence::new(w)),
         })
     }
 
@@ -132,8 +174,9 @@ impl LoadedModel {
     pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<Arc<UnmergedAdapter>, String> {
         match &self.weights {
             Weights::CpuDecoder(w) => w.prepare_adapter(adapter).map(Arc::new),
+            Weights::Device(w) => w.prepare_adapter(adapter).map(Arc::new),
             _ => Err(format!(
-                "{} ({}) takes adapters merged at load only (--merge); per-request adapters need a llama-family base on the CPU",
+                "{} ({}) takes adapters merged at load only (--merge); per-request adapters need a llama-family base",
                 self.id, self.architecture
             )),
         }
@@ -178,6 +221,22 @@ impl LoadedModel {
                 }
             }
         }
+        if let Weights::Device(weights) = &self.weights
+            && sequences.len() > 1
+        {
+            let mut typed: Vec<&mut device_decoder::DeviceSequence> = sequences
+                .iter_mut()
+                .filter_map(|s| s.as_any_mut().downcast_mut())
+                .collect();
+            if typed.len() == inputs.len() {
+                match weights.forward_batch(&mut typed, inputs) {
+                    Ok(logits) => return logits.into_iter().map(Ok).collect(),
+                    Err(error) => {
+                        tracing::warn!(%error, "batched step failed; feeding each sequence alone")
+                    }
+                }
+            }
+        }
         sequences
             .iter_mut()
             .zip(inputs)
@@ -189,6 +248,7 @@ impl LoadedModel {
     pub fn kv_budget(&self) -> Option<&kv_cache::KvBudget> {
         match &self.weights {
             Weights::CpuDecoder(w) => Some(&w.kv_cache().budget),
+            Weights::Device(w) => Some(w.kv_budget()),
             _ => None,
         }
     }

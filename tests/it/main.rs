@@ -14,6 +14,7 @@ mod budget_processes;
 mod catalog;
 mod common;
 mod concurrency;
+mod device_decoder;
 mod drain;
 mod embeddings;
 mod eval_calibrate;

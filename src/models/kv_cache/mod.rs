@@ -110,6 +110,9 @@ pub struct KvCache {
 pub struct KvBudget {
     pub block_tokens: usize,
     pub total_blocks: usize,
+    /// Each block is one sequence's whole slot (the device decoder's KV
+    /// slab) rather than `block_tokens` of a paged pool.
+    whole_sequences: bool,
     reserved: Arc<AtomicUsize>,
 }
 
@@ -118,7 +121,25 @@ impl KvBudget {
         Self {
             block_tokens,
             total_blocks,
+            whole_sequences: false,
             reserved: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// `slots` slots of `context` positions, one per sequence.
+    pub(crate) fn slots(context: usize, slots: usize) -> Self {
+        Self {
+            whole_sequences: true,
+            ..Self::new(context, slots)
+        }
+    }
+
+    /// The blocks a request may come to hold (see [`blocks_needed`]); with
+    /// whole-sequence slots, one per choice.
+    pub fn blocks_for(&self, prompt: usize, n: usize, max_new_tokens: usize) -> usize {
+        match self.whole_sequences {
+            true => n,
+            false => blocks_needed(self.block_tokens, prompt, n, max_new_tokens),
         }
     }
 

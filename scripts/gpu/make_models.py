@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Test models for the GPU check (scripts/gpu/check.sh), built where it runs from configs alone.
+
+    OUT/smollm2-shape/            SmolLM2-135M's shapes (30 layers, hidden 576, 9 heads, 3 KV
+                                  heads, vocab 49152, tied embeddings) with random weights (seed 0),
+                                  saved by transformers in bfloat16, with the tiny fixtures'
+                                  tokenizer (its 512 ids are all the prompts use)
+    OUT/smollm2-shape-f32.gguf    the same weights as GGUF, every tensor F32, and
+    OUT/smollm2-shape-q8_0.gguf   projections Q8_0, both written by
+                                  scripts/reference/make_tiny_gguf.py's converter
+    OUT/smollm2-shape-logits.json transformers' reference: the checkpoint in float32 on the GPU,
+                                  last-position logits of three prompts and 8 greedy tokens each
+                                  (a full forward pass per token, no KV cache)
+
+The same shapes read the same bytes per token as the real model, so they decode at its speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+TINY = os.path.join(REPO, "tests", "fixtures", "tiny", "llama-bf16")
+
+
+def config() -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
+        bos_token_id=1, eos_token_id=2)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 64, 300)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config()).to(torch.bfloat16)
+    checkpoint = os.path.join(args.out, "smollm2-shape")
+    model.save_pretrained(checkpoint, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TINY, name), checkpoint)
+
+    sys.path.insert(0, os.path.join(REPO, "scripts", "reference"))
+    import gguf
+    import make_tiny_gguf
+
+    make_tiny_gguf.BASE = checkpoint
+    for name, file_type, weight_type in (
+        ("f32", gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+        ("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    ):
+        make_tiny_gguf.write_gguf(os.path.join(args.out, f"smollm2-shape-{name}.gguf"), file_type, weight_type)
+
+    reference = model.float().to(device).eval()
+    cases = []
+    with torch.no_grad():
+        for ids in prompts():
+            sequence = list(ids)
+            logits = reference(torch.tensor([sequence], device=device)).logits[0, -1]
+            last = logits.float().cpu()
+            greedy = []
+            for _ in range(8):
+                token = int(logits.argmax())
+                greedy.append(token)
+                sequence.append(token)
+                logits = reference(torch.tensor([sequence], device=device)).logits[0, -1]
+            cases.append({"ids": ids, "last_logits": [round(float(v), 6) for v in last],
+                          "greedy_continuation_ids": greedy})
+    with open(os.path.join(args.out, "smollm2-shape-logits.json"), "w") as f:
+        json.dump({"device": device, "torch": torch.__version__,
+                   "transformers": transformers.__version__, "cases": cases}, f)
+    print(f"models and reference logits in {args.out} ({device})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+//! One forward pass over every running sequence's new tokens.
+
+use candle_core::{DType, Tensor};
+
+use super::{DeviceAdapter, DeviceDecoder, DeviceSequence, RopeLayout, Weight};
+use crate::lora::Projection;
+
+/// The rows of one step: which sequence each belongs to and where.
+struct Rows {
+    /// Per sequence: its first row and how many it has.
+    spans: Vec<(usize, usize)>,
+    /// Each row's position in its sequence.
+    positions: Tensor,
+    /// Each row's row in the KV slab, broadcast to `[rows, kv_width]`.
+    slab_rows: Tensor,
+    /// Per adapter in the batch, the rows that run it (rows without an
+    /// adapter are in none).
+    adapters: Vec<(*const DeviceAdapter, Tensor)>,
+    /// The adapter every row runs, when there is one such.
+    one_adapter_for_all: Option<*const DeviceAdapter>,
+}
+
+impl DeviceDecoder {
+    /// Feeds `inputs[i]` to `sequences[i]` in one pass and returns each
+    /// one's next-token logits. When it fails no sequence advances (the
+    /// rows it wrote are past their positions and are written again).
+    pub fn forward_batch(
+        &self,
+        sequences: &mut [&mut DeviceSequence],
+        inputs: &[&[u32]],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        if sequences.len() != inputs.len() || inputs.iter().any(|i| i.is_empty()) {
+            candle_core::bail!("every sequence needs at least one token");
+        }
+        for (sequence, input) in sequences.iter().zip(inputs) {
+            if sequence.position + input.len() > self.context {
+                candle_core::bail!(
+                    "the sequence would hold {} positions; this model serves {}",
+                    sequence.position + input.len(),
+                    self.context
+                );
+            }
+        }
+        let rows = self.rows(sequences, inputs)?;
+        let ids: Vec<u32> = inputs.iter().flat_map(|i| i.iter().copied()).collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embedding.index_select(&ids, 0)?;
+        let decode_only = inputs.iter().all(|i| i.len() == 1);
+        let mask = match decode_only {
+            true => Some(self.decode_mask(sequences)?),
+            false => None,
+        };
+        let (cos, sin) = (
+            self.cos.index_select(&rows.positions, 0)?,
+            self.sin.index_select(&rows.positions, 0)?,
+        );
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attention_norm)?;
+            let q = self.project(&layer.q, &h, index, Projection::Q, &rows)?;
+            let k = self.project(&layer.k, &h, index, Projection::K, &rows)?;
+            let v = self.project(&layer.v, &h, index, Projection::V, &rows)?;
+            let q = self.rotate(&q, self.n_head, &cos, &sin)?;
+            let k = self.rotate(&k, self.n_kv_head, &cos, &sin)?;
+            // Keys back to rows, then every new key and value into the slab.
+            let n = ids.dim(0)?;
+            let k = k.transpose(0, 1)?.contiguous()?.reshape((n, ()))?;
+            self.kv.keys[index].scatter_set(&rows.slab_rows, &k, 0)?;
+            self.kv.values[index].scatter_set(&rows.slab_rows, &v.contiguous()?, 0)?;
+            let attention = match &mask {
+                Some(mask) => self.decode_attention(index, &q, sequences, mask)?,
+                None => self.prefill_attention(index, &q, sequences, &rows)?,
+            };
+            let attention = self.project(&layer.o, &attention, index, Projection::O, &rows)?;
+            x = (x + attention)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            let gate = self.project(&layer.gate, &h, index, Projection::Gate, &rows)?;
+            let up = self.project(&layer.up, &h, index, Projection::Up, &rows)?;
+            let mlp = (candle_nn::ops::silu(&gate)? * up)?;
+            let mlp = self.project(&layer.down, &mlp, index, Projection::Down, &rows)?;
+            x = (x + mlp)?;
+        }
+        let last: Vec<u32> = rows
+            .spans
+            .iter()
+            .map(|&(first, len)| (first + len - 1) as u32)
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = self.rms_norm(&x.index_select(&last, 0)?, &self.norm)?;
+        let logits = self.output.forward(&x)?.to_dtype(DType::F32)?.to_vec2()?;
+        for (sequence, input) in sequences.iter_mut().zip(inputs) {
+            sequence.position += input.len();
+        }
+        Ok(logits)
+    }
+
+    fn rows(
+        &self,
+        sequences: &[&mut DeviceSequence],
+        inputs: &[&[u32]],
+    ) -> candle_core::Result<Rows> {
+        let mut spans = Vec::with_capacity(inputs.len());
+        let (mut positions, mut slab_rows) = (Vec::new(), Vec::new());
+        let mut adapter_rows: Vec<(*const DeviceAdapter, Vec<u32>)> = Vec::new();
+        for (sequence, input) in sequences.iter().zip(inputs) {
+            let first = positions.len();
+            spans.push((first, input.len()));
+            for t in 0..input.len() {
+                let position = sequence.position + t;
+                positions.push(position as u32);
+                slab_rows.push((sequence.slot * self.context + position) as u32);
+            }
+            if let Some(adapter) = sequence.device_adapter() {
+                let key = adapter as *const DeviceAdapter;
+                let rows = (first as u32..(first + input.len()) as u32).collect::<Vec<_>>();
+                match adapter_rows.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, list)) => list.extend(rows),
+                    None => adapter_rows.push((key, rows)),
+                }
+            }
+        }
+        let n = positions.len();
+        let one_adapter_for_all = match adapter_rows.as_slice() {
+            [(key, list)] if list.len() == n => Some(*key),
+            _ => None,
+        };
+        let width = self.n_kv_head * self.head_dim;
+        let slab_rows = Tensor::new(slab_rows.as_slice(), &self.device)?
+            .unsqueeze(1)?
+            .broadcast_as((n, width))?
+            .contiguous()?;
+        let adapters = adapter_rows
+            .into_iter()
+            .map(|(key, list)| Ok((key, Tensor::new(list.as_slice(), &self.device)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Rows {
+            spans,
+            positions: Tensor::new(positions.as_slice(), &self.device)?,
+            slab_rows,
+            adapters,
+            one_adapter_for_all,
+        })
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, weight, self.eps)?;
+        normed.to_dtype(self.dtype)
+    }
+
+    /// `weight` on `x`, plus each row's adapter delta.
+    fn project(
+        &self,
+        weight: &Weight,
+        x: &Tensor,
+        layer: usize,
+        projection: Projection,
+        rows: &Rows,
+    ) -> candle_core::Result<Tensor> {
+        let mut y = weight.forward(x)?;
+        let factors = |key: *const DeviceAdapter| {
+            // SAFETY: the keys point at adapters the batch's sequences hold
+            // (an Arc each) for the whole of this pass.
+            let adapter = unsafe { &*key };
+            adapter.factors.get(layer)?[projection as usize].as_ref()
+        };
+        if let Some(key) = rows.one_adapter_for_all {
+            if let Some((a_t, b_t)) = factors(key) {
+                y = (y + x.matmul(a_t)?.matmul(b_t)?)?;
+            }
+            return Ok(y);
+        }
+        for (key, index) in &rows.adapters {
+            if let Some((a_t, b_t)) = factors(*key) {
+                let delta = x.index_select(index, 0)?.matmul(a_t)?.matmul(b_t)?;
+                y = y.index_add(index, &delta, 0)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// `[rows, heads * head_dim]` to `[heads, rows, head_dim]`, rotated.
+    fn rotate(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let x = x
+            .reshape((n, heads, self.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let rotated = match self.rope_layout {
+            RopeLayout::AdjacentPairs => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            RopeLayout::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+        };
+        rotated.squeeze(0)
+    }
+
+    /// `[sequences, 1, 1, longest]`: 0 where a sequence has a key, -inf past its end.
+    fn decode_mask(&self, sequences: &[&mut DeviceSequence]) -> candle_core::Result<Tensor> {
+        let longest = sequences.iter().map(|s| s.position + 1).max().unwrap_or(1);
+        let mut mask = Vec::with_capacity(sequences.len() * longest);
+        for sequence in sequences {
+            mask.extend(
+                (0..longest).map(|j| if j <= sequence.position { 0f32 } else { f32::NEG_INFINITY }),
+            );
+        }
+        Tensor::from_vec(mask, (sequences.len(), 1, 1, longest), &self.device)
+    }
+
+    /// One new token per sequence: every sequence's keys gathered from its
+    /// slot into `[sequences, kv_heads, longest, head_dim]`, and each KV
+    /// head's query heads as the rows of one product.
+    fn decode_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        sequences: &[&mut DeviceSequence],
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, longest) = (sequences.len(), mask.dim(3)?);
+        let groups = self.n_head / self.n_kv_head;
+        let mut gather = Vec::with_capacity(b * longest);
+        for sequence in sequences {
+            let base = sequence.slot * self.context;
+            gather.extend((0..longest).map(|j| (base + j) as u32));
+        }
+        let gather = Tensor::new(gather.as_slice(), &self.device)?;
+        let heads = |slab: &Tensor| -> candle_core::Result<Tensor> {
+            slab.index_select(&gather, 0)?
+                .reshape((b, longest, self.n_kv_head, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (k, v) = (heads(&self.kv.keys[layer])?, heads(&self.kv.values[layer])?);
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, self.n_kv_head, groups, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let out = weights.to_dtype(self.dtype)?.matmul(&v)?;
+        out.reshape((b, self.n_head * self.head_dim))
+    }
+
+    /// Prompt chunks: each sequence attends over its slot's first
+    /// `position + len` keys, causally.
+    fn prefill_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        sequences: &[&mut DeviceSequence],
+        rows: &Rows,
+    ) -> candle_core::Result<Tensor> {
+        let groups = self.n_head / self.n_kv_head;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut outputs = Vec::with_capacity(sequences.len());
+        for (sequence, &(first, len)) in sequences.iter().zip(&rows.spans) {
+            let keys = sequence.position + len;
+            let base = sequence.slot * self.context;
+            let heads = |slab: &Tensor| -> candle_core::Result<Tensor> {
+                slab.narrow(0, base, keys)?
+                    .reshape((keys, self.n_kv_head, self.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let (k, v) = (heads(&self.kv.keys[layer])?, heads(&self.kv.values[layer])?);
+            let q = q.narrow(1, first, len)?.contiguous()?.reshape((
+                self.n_kv_head,
+                groups * len,
+                self.head_dim,
+            ))?;
+            let mut mask = Vec::with_capacity(groups * len * keys);
+            for row in 0..groups * len {
+                let last = sequence.position + row % len;
+                mask.extend((0..keys).map(|j| if j <= last { 0f32 } else { f32::NEG_INFINITY }));
+            }
+            let mask = Tensor::from_vec(mask, (groups * len, keys), &self.device)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let weights = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let out = weights.to_dtype(self.dtype)?.matmul(&v)?;
+            outputs.push(
+                out.reshape((self.n_head, len, self.head_dim))?
+                    .transpose(0, 1)?
+                    .reshape((len, self.n_head * self.head_dim))?,
+            );
+        }
+        Tensor::cat(&outputs, 0)
+    }
+}
