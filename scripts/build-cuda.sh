@@ -41,12 +41,15 @@ wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
 cache="${QPAI_CUDA_CACHE:-$HOME/.cache/qpai-cuda}"
 site="$cache/site-13.0"
 stamp="$site/.wheels"
-if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ]; then
-  echo "== installing the CUDA toolkit wheels into $site"
-  # Only ever adds: a --check install followed by a build install keeps both.
-  python3 -m pip install --disable-pip-version-check -q --no-deps --upgrade \
-    --target "$site" "${wheels[@]}"
-  echo "${wheels[*]}" > "$stamp"
+missing=()
+for wheel in "${wheels[@]}"; do
+  grep -qxF "$wheel" "$stamp" 2>/dev/null || missing+=("$wheel")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing the CUDA toolkit wheels into $site: ${missing[*]}"
+  python3 -m pip install --disable-pip-version-check -q --no-deps --target "$site" \
+    --upgrade "${missing[@]}"
+  printf '%s\n' "${missing[@]}" >> "$stamp"
 fi
 cuda="$site/nvidia/cu13"
 
@@ -99,16 +102,16 @@ export PATH="$cuda/bin:$PATH"
 # The linker (cc) finds -lcuda, -lcublas and the rest here.
 export LIBRARY_PATH="$cuda/lib/stubs:$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
+# A target dir of its own: the CUDA build's binary must not replace the
+# default build's target/debug/qpai, which the tests run. The check shares
+# it, so it reuses the kernels a build compiled (nvcc on every kernel is most
+# of a cold CUDA build).
+export CARGO_TARGET_DIR="${QPAI_CUDA_TARGET_DIR:-$HOME/.cache/qpai-cuda-target}"
 if [ "$mode" = check ]; then
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
   echo "== cargo check --no-default-features --features cuda"
   cargo check --no-default-features --features cuda --lib --bins
   exit 0
 fi
-
-# A target dir of its own: the CUDA build's binary must not replace the
-# default build's target/debug/qpai, which the tests run.
-export CARGO_TARGET_DIR="${QPAI_CUDA_TARGET_DIR:-$HOME/.cache/qpai-cuda-target}"
 echo "== cargo build --no-default-features --features cuda (compute capabilities $caps)"
 cargo build --no-default-features --features cuda --bin qpai
 mkdir -p "$out"

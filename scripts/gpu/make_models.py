@@ -11,6 +11,10 @@
     OUT/smollm2-shape-logits.json transformers' reference: the checkpoint in float32 on the GPU,
                                   last-position logits of three prompts and 8 greedy tokens each
                                   (a full forward pass per token, no KV cache)
+    OUT/bert-shape/               all-MiniLM-L6-v2's shapes (6 layers, hidden 384, 12 heads) with
+                                  random weights and a small WordPiece vocabulary, and
+    OUT/bert-shape-embeddings.json  transformers' mean-pooled, L2-normalised embeddings of
+                                  EMBEDDING_TEXTS (as sentence-transformers computes them)
 
 The same shapes read the same bytes per token as the real model, so they decode at its speed.
 """
@@ -42,6 +46,42 @@ def config() -> transformers.LlamaConfig:
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 64, 300)]
+
+
+EMBEDDING_TEXTS = ["the cat sits on the mat", "a bakery sells fresh bread every morning",
+                   "opening hours are nine to five", "we answer questions about our products"]
+
+
+def make_bert(out: str, device: str) -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for t in EMBEDDING_TEXTS for w in t.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + list("abcdefghijklmnopqrstuvwxyz")
+    vocab = list(dict.fromkeys(vocab))
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    directory = os.path.join(out, "bert-shape")
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=384, num_hidden_layers=6,
+                                     num_attention_heads=12, intermediate_size=1536,
+                                     max_position_embeddings=512)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    model = model.to(device)
+    embeddings = []
+    with torch.no_grad():
+        for text in EMBEDDING_TEXTS:
+            ids = torch.tensor([tokenizer.encode(text).ids], device=device)
+            hidden = model(input_ids=ids).last_hidden_state[0].float()
+            pooled = hidden.mean(0)
+            embeddings.append((pooled / pooled.norm()).cpu().tolist())
+    with open(os.path.join(out, "bert-shape-embeddings.json"), "w") as f:
+        json.dump({"texts": EMBEDDING_TEXTS, "embeddings": embeddings}, f)
 
 
 def main() -> None:
@@ -85,6 +125,7 @@ def main() -> None:
     with open(os.path.join(args.out, "smollm2-shape-logits.json"), "w") as f:
         json.dump({"device": device, "torch": torch.__version__,
                    "transformers": transformers.__version__, "cases": cases}, f)
+    make_bert(args.out, device)
     print(f"models and reference logits in {args.out} ({device})")
 
 

@@ -85,7 +85,6 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
                     let adapter = model
                         .prepare_adapter(&adapter)
                         .map_err(anyhow::Error::msg)?;
-                    let adapter = Arc::new(adapter);
                     prepared.push((dir.clone(), adapter.clone()));
                     Some(adapter)
                 }

@@ -204,3 +204,78 @@ fn kv_slots_bound_the_sequences_and_forks_copy_their_slot() {
     let mut third = model.new_sequence().unwrap();
     assert_eq!(third.forward(&prompt).unwrap(), logits);
 }
+
+/// `--device`: cpu, cuda, cuda:N; a build without the `cuda` feature says so.
+#[test]
+fn device_names_parse_and_a_cpu_build_refuses_cuda_by_name() {
+    assert!(qpai::models::parse_device("cpu").unwrap().is_cpu());
+    let unknown = qpai::models::parse_device("gpu0").unwrap_err().to_string();
+    assert!(unknown.contains("cpu, cuda or cuda:N"), "{unknown}");
+    let bad_index = qpai::models::parse_device("cuda:x").unwrap_err().to_string();
+    assert!(bad_index.contains("unknown device"), "{bad_index}");
+    if !cfg!(feature = "cuda") {
+        let refused = qpai::models::parse_device("cuda:1").unwrap_err().to_string();
+        assert!(refused.contains("`cuda` feature"), "{refused}");
+    }
+    assert_eq!(qpai::models::device_name(&candle_core::Device::Cpu), "cpu");
+}
+
+/// The collected text of each choice, or the engine's error.
+async fn run(engine: &qpai::engine::Engine, request: qpai::engine::GenerationRequest) -> Vec<String> {
+    let mut stream = engine.submit(request).unwrap();
+    let mut texts = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            qpai::engine::GenerationEvent::Token { choice, text, .. } => {
+                texts.resize(texts.len().max(choice + 1), String::new());
+                texts[choice].push_str(&text);
+            }
+            qpai::engine::GenerationEvent::Error(message) => panic!("request failed: {message}"),
+            qpai::engine::GenerationEvent::End { .. } => {}
+        }
+    }
+    texts
+}
+
+/// Served by the engine: with two KV slots, four requests at once all finish
+/// (they wait for slots) with the text each gives alone; two greedy choices
+/// of one request (a fork) are the same text; three choices can never fit
+/// and are refused up front.
+#[tokio::test]
+async fn the_engine_runs_the_device_decoder_within_its_slots() {
+    let model = tensor_ops("llama-f32.gguf", None, 2);
+    let engine = qpai::engine::Engine::start(
+        model,
+        qpai::engine::EngineConfig {
+            max_running: 4,
+            ..qpai::engine::EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|p| (0..12).map(|i| (i * 37 + p * 11 + 5) % 500).collect())
+        .collect();
+    let greedy = |ids: &Vec<u32>| {
+        let mut request = qpai::engine::GenerationRequest::greedy(ids.clone(), 12);
+        request.ignore_eos = true;
+        request
+    };
+    let mut alone = Vec::new();
+    for ids in &prompts {
+        alone.push(run(&engine, greedy(ids)).await);
+    }
+    let together = futures::future::join_all(prompts.iter().map(|ids| run(&engine, greedy(ids)))).await;
+    assert_eq!(together, alone);
+    let mut two = greedy(&prompts[0]);
+    two.n = 2;
+    let choices = run(&engine, two).await;
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0], choices[1]);
+    assert_eq!(choices[0], alone[0][0]);
+    let mut three = greedy(&prompts[0]);
+    three.n = 3;
+    assert!(matches!(
+        engine.submit(three),
+        Err(qpai::engine::SubmitError::KvCacheTooSmall { .. })
+    ));
+}

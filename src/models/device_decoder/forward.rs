@@ -33,6 +33,10 @@ impl DeviceDecoder {
             candle_core::bail!("every sequence needs at least one token");
         }
         for (sequence, input) in sequences.iter().zip(inputs) {
+            // An id past the table would read outside it on the device.
+            if let Some(&id) = input.iter().find(|&&id| id as usize >= self.vocab) {
+                candle_core::bail!("token id {id} is outside the vocabulary ({})", self.vocab);
+            }
             if sequence.position + input.len() > self.context {
                 candle_core::bail!(
                     "the sequence would hold {} positions; this model serves {}",
