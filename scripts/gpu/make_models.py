@@ -93,8 +93,25 @@ def main() -> None:
     model = transformers.LlamaForCausalLM(config()).to(torch.bfloat16)
     checkpoint = os.path.join(args.out, "smollm2-shape")
     model.save_pretrained(checkpoint, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(TINY, name), checkpoint)
+    # transformers 5 writes the rotary base under rope_parameters only; the
+    # GGUF converter (and older readers) look for it at the top level.
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        saved = json.load(f)
+    saved.setdefault("rope_theta", (saved.get("rope_parameters") or {}).get("rope_theta", 100000.0))
+    with open(os.path.join(checkpoint, "config.json"), "w") as f:
+        json.dump(saved, f, indent=2)
+    shutil.copy(os.path.join(TINY, "tokenizer_config.json"), checkpoint)
+    # The tiny tokenizer's 512 tokens, and fillers up to the model's 49152 ids
+    # (every id the model can sample must decode to text).
+    with open(os.path.join(TINY, "tokenizer.json")) as f:
+        tokenizer = json.load(f)
+    vocab = tokenizer["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in tokenizer.get("added_tokens", [])}
+    for i in range(config().vocab_size):
+        if i not in taken:
+            vocab[f"x{i}"] = i
+    with open(os.path.join(checkpoint, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer, f)
 
     sys.path.insert(0, os.path.join(REPO, "scripts", "reference"))
     import gguf

@@ -297,7 +297,7 @@ impl DeviceDecoder {
     fn assemble(
         dims: Dimensions,
         embedding: Tensor,
-        layers: Vec<Layer>,
+        mut layers: Vec<Layer>,
         norm: Tensor,
         output: Weight,
         rope_layout: RopeLayout,
@@ -312,6 +312,12 @@ impl DeviceDecoder {
         } = dims.heads;
         let (vocab, hidden) = embedding.dims2()?;
         anyhow::ensure!(hidden == dims.hidden, "the embedding is {hidden} wide, not {}", dims.hidden);
+        // Norm weights in the activations' type, as the norm kernel takes them.
+        for layer in &mut layers {
+            layer.attention_norm = layer.attention_norm.to_dtype(dtype)?;
+            layer.ffn_norm = layer.ffn_norm.to_dtype(dtype)?;
+        }
+        let norm = norm.to_dtype(dtype)?;
         let context = dims.context.max(1);
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
