@@ -31,7 +31,8 @@ failures=0
 say() { echo "$*" | tee -a "$report"; }
 
 if [[ "$bin" == *.xz ]]; then
-  xz -dc "$bin" > "$work/qpai" && chmod +x "$work/qpai" && bin="$work/qpai"
+  rm -f "$work/qpai"
+  xz -dc "$bin" > "$work/qpai" && chmod +x "$work/qpai" && bin="$work/qpai" || { echo "cannot unpack $bin"; exit 2; }
 fi
 # CUDA's libraries from the Python packages where the system has none
 # (cuBLAS, cuRAND, NVRTC, the runtime), plus any the caller names.
@@ -79,9 +80,12 @@ json.dump([{"ids": p[i], **({"adapter": d + a} if a else {})} for i, a in rows],
 json.dump({"cases": [lora["adapters"][a]["unmerged"][i] if a else lora["base_logits"][i] for i, a in rows]},
           open(f"{work}/reference-mixed.json", "w"))
 EOF
-check() { # LABEL OURS REFERENCE TOLERANCE [compare.py options]
+check() { # LABEL OURS REFERENCE TOLERANCE [compare.py options]; counts its own failure
   python3 scripts/gpu/compare.py "$@" | tee -a "$report" || failures=$((failures + 1))
+  return 0
 }
+# A qpai run that fails is a failure too: `qpai ... && check ... || failed LABEL`.
+failed() { say "| $1 | qpai failed | | | | | FAIL |"; failures=$((failures + 1)); }
 say "## Correctness: qpai on $device against the references"
 say ""
 say "| what | max abs gap | relative | top-1 | greedy | tolerance | |"
@@ -90,22 +94,22 @@ for name in qwen2-bf16 mistral-f16 llama-bf16; do
   qpai "$device" logits "${tensor_ops[@]}" --model "tests/fixtures/tiny/$name" --dtype f32 --prompts "$work/prompts-$name.json" \
     --json "$out/tiny-$name-f32.json" && \
     check "tiny $name, f32, vs transformers f32" "$out/tiny-$name-f32.json" tests/fixtures/tiny/logits.json 2e-3 \
-      --reference-cases "models.$name.cases"
+      --reference-cases "models.$name.cases" || failed "tiny $name, f32, vs transformers f32"
   native=${name#*-}
   qpai "$device" logits "${tensor_ops[@]}" --model "tests/fixtures/tiny/$name" --prompts "$work/prompts-$name.json" \
     --json "$out/tiny-$name-native.json" && \
     check "tiny $name, $native on $device, vs transformers f32" "$out/tiny-$name-native.json" \
-      tests/fixtures/tiny/logits.json 0.1 --reference-cases "models.$name.cases"
+      tests/fixtures/tiny/logits.json 0.1 --reference-cases "models.$name.cases" || failed "tiny $name, $native on $device, vs transformers f32"
 done
 for file in llama-f32 llama-q8_0; do
   tolerance=2e-3; [ "$file" = llama-q8_0 ] && tolerance=0.3
   qpai "$device" logits "${tensor_ops[@]}" --model "tests/fixtures/tiny/$file.gguf" --prompts "$work/prompts-lora.json" \
     --json "$out/tiny-$file.json" && \
     check "tiny $file.gguf vs transformers f32" "$out/tiny-$file.json" tests/fixtures/lora/logits.json \
-      "$tolerance" --reference-cases base_logits
+      "$tolerance" --reference-cases base_logits || failed "tiny $file.gguf vs transformers f32"
   qpai cpu logits --model "tests/fixtures/tiny/$file.gguf" --prompts "$work/prompts-lora.json" \
     --json "$out/tiny-$file-cpu.json" && \
-    check "tiny $file.gguf, $device vs qpai's CPU decoder" "$out/tiny-$file.json" "$out/tiny-$file-cpu.json" "$tolerance"
+    check "tiny $file.gguf, $device vs qpai's CPU decoder" "$out/tiny-$file.json" "$out/tiny-$file-cpu.json" "$tolerance" || failed "tiny $file.gguf, $device vs qpai's CPU decoder"
 done
 for base in tests/fixtures/tiny/llama-f32.gguf tests/fixtures/tiny/llama-bf16; do
   label=$(basename "$base")
@@ -113,12 +117,12 @@ for base in tests/fixtures/tiny/llama-f32.gguf tests/fixtures/tiny/llama-bf16; d
   qpai "$device" logits "${tensor_ops[@]}" --model "$base" "${dtype[@]}" --prompts "$work/prompts-mixed.json" \
     --json "$out/lora-mixed-$label.json" && \
     check "$label + r4 / r8 / none unmerged, mixed in one batch, vs PEFT" "$out/lora-mixed-$label.json" \
-      "$work/reference-mixed.json" 2e-3
+      "$work/reference-mixed.json" 2e-3 || failed "$label + r4 / r8 / none unmerged, mixed in one batch, vs PEFT"
   for adapter in r4-all r8-rslora; do
     qpai "$device" logits "${tensor_ops[@]}" --model "$base" "${dtype[@]}" --merge "tests/fixtures/lora/$adapter" \
       --prompts "$work/prompts-lora.json" --json "$out/lora-merged-$label-$adapter.json" && \
       check "$label + $adapter merged vs PEFT merged" "$out/lora-merged-$label-$adapter.json" \
-        tests/fixtures/lora/logits.json 2e-3 --reference-cases "adapters.$adapter.merged"
+        tests/fixtures/lora/logits.json 2e-3 --reference-cases "adapters.$adapter.merged" || failed "$label + $adapter merged vs PEFT merged"
   done
 done
 
@@ -137,12 +141,12 @@ json.dump([{'ids': x['ids']} for x in c], open('$work/prompts-full.json', 'w'))"
     qpai "$device" logits "${tensor_ops[@]}" --model "$work/$model" "${extra[@]}" --prompts "$work/prompts-full.json" \
       --json "$out/full-$model${extra[1]:+-${extra[1]}}.json" && \
       check "SmolLM2-135M shape, $spec, vs transformers f32 on the GPU" \
-        "$out/full-$model${extra[1]:+-${extra[1]}}.json" "$ref" "$tolerance"
+        "$out/full-$model${extra[1]:+-${extra[1]}}.json" "$ref" "$tolerance" || failed "SmolLM2-135M shape, $spec, vs transformers f32 on the GPU"
   done
   qpai cpu logits --model "$work/smollm2-shape-q8_0.gguf" --prompts "$work/prompts-full.json" \
     --json "$out/full-q8_0-cpu.json" && \
     check "SmolLM2-135M shape Q8_0, $device vs qpai's CPU decoder" "$out/full-smollm2-shape-q8_0.gguf.json" \
-      "$out/full-q8_0-cpu.json" 0.5
+      "$out/full-q8_0-cpu.json" 0.5 || failed "SmolLM2-135M shape Q8_0, $device vs qpai's CPU decoder"
 fi
 say ""
 say "correctness failures: $failures"
@@ -151,7 +155,7 @@ say "correctness failures: $failures"
 model_dir="$work/smollm2-shape"
 if [ -d "$model_dir" ]; then
   say ""; say "## OpenAI client tests against qpai serve --device $device"
-  qpai "$device" serve --model "$model_dir" --embedding-model "$work/bert-shape" --port 18090 \
+  "$bin" --device "$device" serve --model "$model_dir" --embedding-model "$work/bert-shape" --port 18090 \
     --max-running 64 > "$out/serve.log" 2>&1 &
   server=$!
   get() { python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:18090$1').read().decode())"; }
