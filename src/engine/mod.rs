@@ -189,11 +189,8 @@ impl Engine {
     /// Queues a checked request. Fails at once when the engine is full.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, SubmitError> {
         if let Some(budget) = self.inner.model.kv_budget() {
-            let needed = budget.blocks_for(
-                request.prompt_ids.len(),
-                request.n,
-                request.max_new_tokens,
-            );
+            let needed =
+                budget.blocks_for(request.prompt_ids.len(), request.n, request.max_new_tokens);
             if needed > budget.total_blocks {
                 return Err(SubmitError::KvCacheTooSmall {
                     needed_tokens: needed * budget.block_tokens,

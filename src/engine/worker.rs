@@ -139,11 +139,7 @@ impl Admission {
 
 /// The KV blocks a request may come to hold.
 fn kv_blocks_for(request: &GenerationRequest, budget: &KvBudget) -> usize {
-    budget.blocks_for(
-        request.prompt_ids.len(),
-        request.n,
-        request.max_new_tokens,
-    )
+    budget.blocks_for(request.prompt_ids.len(), request.n, request.max_new_tokens)
 }
 
 /// How many of `max_running` slots batch work may hold.

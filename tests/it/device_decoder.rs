@@ -39,7 +39,10 @@ fn adapter(name: &str) -> Adapter {
 
 fn max_gap(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 fn floats(value: &Value) -> Vec<f32> {
@@ -97,7 +100,10 @@ fn tiny_checkpoints_in_tensor_ops_match_transformers_batched() {
             let mut refs: Vec<_> = sequences.iter_mut().collect();
             logits = model.decode_batch(&mut refs, &next).unwrap();
         }
-        assert_eq!(produced, greedy, "{name}: greedy continuations, decoded together");
+        assert_eq!(
+            produced, greedy,
+            "{name}: greedy continuations, decoded together"
+        );
     }
 }
 
@@ -107,7 +113,10 @@ fn tiny_checkpoints_in_tensor_ops_match_transformers_batched() {
 fn tiny_gguf_in_tensor_ops_matches_transformers_and_the_cpu_decoder() {
     let reference = fixture("lora/logits.json");
     let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompts"].clone()).unwrap();
-    for (file, tolerance) in [("llama-f32.gguf", F32_TOLERANCE), ("llama-q8_0.gguf", Q8_TOLERANCE)] {
+    for (file, tolerance) in [
+        ("llama-f32.gguf", F32_TOLERANCE),
+        ("llama-q8_0.gguf", Q8_TOLERANCE),
+    ] {
         let model = tensor_ops(file, None, 3);
         let (_, logits) = batch_logits(&model, &prompts, &[None, None, None]);
         let mut cpu_options = LoadOptions::new(file);
@@ -120,11 +129,20 @@ fn tiny_gguf_in_tensor_ops_matches_transformers_and_the_cpu_decoder() {
             .enumerate()
         {
             let gap = max_gap(ours, &floats(&expected["last_logits"]));
-            let cpu_logits = cpu.new_sequence().unwrap().forward(&prompts[index]).unwrap();
+            let cpu_logits = cpu
+                .new_sequence()
+                .unwrap()
+                .forward(&prompts[index])
+                .unwrap();
             let cpu_gap = max_gap(ours, &cpu_logits);
-            eprintln!("{file} prompt {index}: vs transformers {gap:.2e}, vs CPU decoder {cpu_gap:.2e}");
+            eprintln!(
+                "{file} prompt {index}: vs transformers {gap:.2e}, vs CPU decoder {cpu_gap:.2e}"
+            );
             assert!(gap < tolerance, "{file} prompt {index}: {gap}");
-            assert!(cpu_gap < tolerance, "{file} prompt {index} vs CPU decoder: {cpu_gap}");
+            assert!(
+                cpu_gap < tolerance,
+                "{file} prompt {index} vs CPU decoder: {cpu_gap}"
+            );
         }
     }
 }
@@ -149,7 +167,14 @@ fn adapters_unmerged_and_mixed_in_one_batch_and_merged_match_peft() {
             prompts[2].clone(),
             prompts[0].clone(),
         ];
-        let adapters = vec![r4.clone(), r4.clone(), r8.clone(), r8.clone(), r4.clone(), None];
+        let adapters = vec![
+            r4.clone(),
+            r4.clone(),
+            r8.clone(),
+            r8.clone(),
+            r4.clone(),
+            None,
+        ];
         let (_, logits) = batch_logits(&model, &batch_prompts, &adapters);
         let expect = |name: &str, prompt: usize| -> Vec<f32> {
             floats(&reference["adapters"][name]["unmerged"][prompt]["last_logits"])
@@ -199,7 +224,10 @@ fn kv_slots_bound_the_sequences_and_forks_copy_their_slot() {
     };
     assert!(error.contains("KV slots"), "{error}");
     let next = argmax(&logits) as u32;
-    assert_eq!(first.forward(&[next]).unwrap(), second.forward(&[next]).unwrap());
+    assert_eq!(
+        first.forward(&[next]).unwrap(),
+        second.forward(&[next]).unwrap()
+    );
     drop(second);
     let mut third = model.new_sequence().unwrap();
     assert_eq!(third.forward(&prompt).unwrap(), logits);
@@ -211,17 +239,24 @@ fn device_names_parse_and_a_cpu_build_refuses_cuda_by_name() {
     assert!(qpai::models::parse_device("cpu").unwrap().is_cpu());
     let unknown = qpai::models::parse_device("gpu0").unwrap_err().to_string();
     assert!(unknown.contains("cpu, cuda or cuda:N"), "{unknown}");
-    let bad_index = qpai::models::parse_device("cuda:x").unwrap_err().to_string();
+    let bad_index = qpai::models::parse_device("cuda:x")
+        .unwrap_err()
+        .to_string();
     assert!(bad_index.contains("unknown device"), "{bad_index}");
     if !cfg!(feature = "cuda") {
-        let refused = qpai::models::parse_device("cuda:1").unwrap_err().to_string();
+        let refused = qpai::models::parse_device("cuda:1")
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("`cuda` feature"), "{refused}");
     }
     assert_eq!(qpai::models::device_name(&candle_core::Device::Cpu), "cpu");
 }
 
 /// The collected text of each choice, or the engine's error.
-async fn run(engine: &qpai::engine::Engine, request: qpai::engine::GenerationRequest) -> Vec<String> {
+async fn run(
+    engine: &qpai::engine::Engine,
+    request: qpai::engine::GenerationRequest,
+) -> Vec<String> {
     let mut stream = engine.submit(request).unwrap();
     let mut texts = Vec::new();
     while let Some(event) = stream.next().await {
@@ -264,7 +299,8 @@ async fn the_engine_runs_the_device_decoder_within_its_slots() {
     for ids in &prompts {
         alone.push(run(&engine, greedy(ids)).await);
     }
-    let together = futures::future::join_all(prompts.iter().map(|ids| run(&engine, greedy(ids)))).await;
+    let together =
+        futures::future::join_all(prompts.iter().map(|ids| run(&engine, greedy(ids)))).await;
     assert_eq!(together, alone);
     let mut two = greedy(&prompts[0]);
     two.n = 2;
@@ -285,7 +321,9 @@ async fn the_engine_runs_the_device_decoder_within_its_slots() {
 #[test]
 fn decode_rows_and_a_prompt_chunk_in_one_pass_equal_separate_passes() {
     let model = tensor_ops("llama-f32.gguf", None, 6);
-    let prompt = |seed: u32, len: u32| -> Vec<u32> { (0..len).map(|i| (i * 31 + seed * 7 + 3) % 500).collect() };
+    let prompt = |seed: u32, len: u32| -> Vec<u32> {
+        (0..len).map(|i| (i * 31 + seed * 7 + 3) % 500).collect()
+    };
     let (a, b, c) = (prompt(1, 9), prompt(2, 20), prompt(3, 14));
     // Alone: a and c prefilled, then one token each; b prefilled in one go.
     let alone = |ids: &[u32], next: Option<u32>| -> Vec<f32> {

@@ -104,7 +104,13 @@ impl DeviceDecoder {
         let longest = decoding.iter().map(|&(.., p)| p + 1).max().unwrap_or(1);
         let (mut mask, mut gather) = (Vec::new(), Vec::new());
         for &(_, slot, position) in decoding {
-            mask.extend((0..longest).map(|j| if j <= position { 0f32 } else { f32::NEG_INFINITY }));
+            mask.extend((0..longest).map(|j| {
+                if j <= position {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
             gather.extend((0..longest).map(|j| (slot * self.context + j) as u32));
         }
         let rows: Vec<u32> = decoding.iter().map(|&(row, ..)| row as u32).collect();
@@ -163,10 +169,10 @@ impl DeviceDecoder {
                 .contiguous()
         };
         let (k, v) = (heads(&self.kv.keys[layer])?, heads(&self.kv.values[layer])?);
-        let q = q
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((b, self.n_kv_head, groups, self.head_dim))?;
+        let q =
+            q.transpose(0, 1)?
+                .contiguous()?
+                .reshape((b, self.n_kv_head, groups, self.head_dim))?;
         let out = self.softmax_attention(&q, &k, &v, &group.mask)?;
         out.reshape((b, self.n_head * self.head_dim))
     }

@@ -99,10 +99,7 @@ impl DeviceDecoder {
             float("rope.scaling.factor", 1.0) == 1.0,
             "GGUF files with rotary scaling are not supported"
         );
-        let (n_head, hidden) = (
-            number("attention.head_count")?,
-            number("embedding_length")?,
-        );
+        let (n_head, hidden) = (number("attention.head_count")?, number("embedding_length")?);
         let heads = HeadLayout {
             n_head,
             n_kv_head: number("attention.head_count_kv")?,
@@ -200,7 +197,10 @@ impl DeviceDecoder {
         let config: CheckpointConfig = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("config.json is not a llama-family config: {e}"))?;
         let act = config.hidden_act.as_deref().unwrap_or("silu");
-        anyhow::ensure!(act == "silu", "hidden_act `{act}` is not supported here (silu)");
+        anyhow::ensure!(
+            act == "silu",
+            "hidden_act `{act}` is not supported here (silu)"
+        );
         let scaled = [&config.rope_scaling, &config.rope_parameters]
             .into_iter()
             .flatten()
@@ -210,7 +210,10 @@ impl DeviceDecoder {
                     .and_then(|t| t.as_str())
                     .is_some_and(|t| t != "default")
             });
-        anyhow::ensure!(!scaled, "rotary scaling is not supported on this device yet");
+        anyhow::ensure!(
+            !scaled,
+            "rotary scaling is not supported on this device yet"
+        );
         let context = max_context.map_or(config.max_position_embeddings, |m| {
             m.min(config.max_position_embeddings)
         });
@@ -265,8 +268,8 @@ impl DeviceDecoder {
             });
         }
         let embedding = vars.get_unchecked("model.embed_tokens.weight")?;
-        let tied = config.tie_word_embeddings.unwrap_or(false)
-            || !vars.contains_tensor("lm_head.weight");
+        let tied =
+            config.tie_word_embeddings.unwrap_or(false) || !vars.contains_tensor("lm_head.weight");
         let output = match tied {
             true => Weight::Dense(candle_nn::Linear::new(embedding.clone(), None)),
             false => linear("lm_head")?,
@@ -311,7 +314,11 @@ impl DeviceDecoder {
             head_dim,
         } = dims.heads;
         let (vocab, hidden) = embedding.dims2()?;
-        anyhow::ensure!(hidden == dims.hidden, "the embedding is {hidden} wide, not {}", dims.hidden);
+        anyhow::ensure!(
+            hidden == dims.hidden,
+            "the embedding is {hidden} wide, not {}",
+            dims.hidden
+        );
         // Norm weights in the activations' type, as the norm kernel takes them.
         for layer in &mut layers {
             layer.attention_norm = layer.attention_norm.to_dtype(dtype)?;

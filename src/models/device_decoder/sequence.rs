@@ -26,10 +26,7 @@ impl DeviceSequence {
             candle_core::bail!("the adapter was prepared for another engine");
         }
         let slot = decoder.take_slot().ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "all {} KV slots are in use",
-                decoder.kv_slots()
-            ))
+            candle_core::Error::Msg(format!("all {} KV slots are in use", decoder.kv_slots()))
         })?;
         Ok(Self {
             decoder,
