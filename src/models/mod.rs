@@ -205,36 +205,22 @@ impl LoadedModel {
         sequences: &mut [&mut Box<dyn SequenceModel>],
         inputs: &[&[u32]],
     ) -> Vec<candle_core::Result<Vec<f32>>> {
-        if let Weights::CpuDecoder(weights) = &self.weights
-            && sequences.len() > 1
-        {
-            let mut typed: Vec<&mut cpu_decoder::CpuSequence> = sequences
-                .iter_mut()
-                .filter_map(|s| s.as_any_mut().downcast_mut())
-                .collect();
-            if typed.len() == inputs.len() {
-                match weights.forward_batch(&mut typed, inputs) {
-                    Ok(logits) => return logits.into_iter().map(Ok).collect(),
-                    Err(error) => {
-                        tracing::warn!(%error, "batched step failed; feeding each sequence alone")
-                    }
+        if sequences.len() > 1 {
+            let batched = match &self.weights {
+                Weights::CpuDecoder(w) => {
+                    batched_pass(sequences, inputs, |typed| w.forward_batch(typed, inputs))
                 }
-            }
-        }
-        if let Weights::Device(weights) = &self.weights
-            && sequences.len() > 1
-        {
-            let mut typed: Vec<&mut device_decoder::DeviceSequence> = sequences
-                .iter_mut()
-                .filter_map(|s| s.as_any_mut().downcast_mut())
-                .collect();
-            if typed.len() == inputs.len() {
-                match weights.forward_batch(&mut typed, inputs) {
-                    Ok(logits) => return logits.into_iter().map(Ok).collect(),
-                    Err(error) => {
-                        tracing::warn!(%error, "batched step failed; feeding each sequence alone")
-                    }
+                Weights::Device(w) => {
+                    batched_pass(sequences, inputs, |typed| w.forward_batch(typed, inputs))
                 }
+                Weights::Gemma3(_) => None,
+            };
+            match batched {
+                Some(Ok(logits)) => return logits.into_iter().map(Ok).collect(),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "batched step failed; feeding each sequence alone")
+                }
+                None => {}
             }
         }
         sequences
@@ -272,6 +258,20 @@ impl LoadedModel {
         ids.extend(self.tokenizer.encode_fast(text, false)?.get_ids());
         Ok(ids)
     }
+}
+
+/// Runs `pass` on the sequences as their concrete type `S`; None when one
+/// of them is another type (then each is fed alone).
+fn batched_pass<S: 'static>(
+    sequences: &mut [&mut Box<dyn SequenceModel>],
+    inputs: &[&[u32]],
+    pass: impl FnOnce(&mut [&mut S]) -> candle_core::Result<Vec<Vec<f32>>>,
+) -> Option<candle_core::Result<Vec<Vec<f32>>>> {
+    let mut typed: Vec<&mut S> = sequences
+        .iter_mut()
+        .filter_map(|s| s.as_any_mut().downcast_mut())
+        .collect();
+    (typed.len() == inputs.len()).then(|| pass(&mut typed))
 }
 
 /// One sequence being generated: owns its KV cache.

@@ -153,7 +153,7 @@ pub struct CpuDecoder {
 }
 
 /// The GGUF tensor name of a projection within a block.
-fn gguf_name(projection: Projection) -> &'static str {
+pub(crate) fn gguf_name(projection: Projection) -> &'static str {
     match projection {
         Projection::Q => "attn_q",
         Projection::K => "attn_k",
@@ -166,7 +166,7 @@ fn gguf_name(projection: Projection) -> &'static str {
 }
 
 /// (inputs, outputs) of a projection.
-fn projection_shape(
+pub(crate) fn projection_shape(
     projection: Projection,
     hidden: usize,
     q_width: usize,

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::{DeviceDecoder, KvSlab, Layer, RopeLayout, Weight};
+use crate::models::cpu_decoder::gguf_name;
 use crate::lora::{Adapter, HeadLayout, Projection};
 use crate::models::checkpoint::checkpoint_vars;
 use crate::models::gguf_metadata;
@@ -20,19 +21,6 @@ use crate::models::kv_cache::{KvBudget, KvCacheConfig};
 /// GiB kept free on an accelerator beside the weights and the KV slab, for
 /// the activations of a forward pass and cuBLAS's workspace.
 const WORKING_MEMORY: usize = 2 << 30;
-
-/// The GGUF tensor name of a projection within a block.
-fn gguf_name(projection: Projection) -> &'static str {
-    match projection {
-        Projection::Q => "attn_q",
-        Projection::K => "attn_k",
-        Projection::V => "attn_v",
-        Projection::O => "attn_output",
-        Projection::Gate => "ffn_gate",
-        Projection::Up => "ffn_up",
-        Projection::Down => "ffn_down",
-    }
-}
 
 /// The shape and numbers the rest of loading needs.
 struct Dimensions {

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::cpu_decoder::projection_shape;
 use super::kv_cache::KvBudget;
 use crate::lora::unmerged::gguf_row_source;
 use crate::lora::{Adapter, HeadLayout, Projection, UnmergedAdapter};
@@ -121,23 +122,6 @@ impl std::fmt::Debug for DeviceAdapter {
         f.debug_struct("DeviceAdapter")
             .field("bytes", &self.bytes)
             .finish()
-    }
-}
-
-/// (inputs, outputs) of a projection.
-fn projection_shape(
-    projection: Projection,
-    hidden: usize,
-    q_width: usize,
-    kv_width: usize,
-    ffn: usize,
-) -> (usize, usize) {
-    match projection {
-        Projection::Q => (hidden, q_width),
-        Projection::K | Projection::V => (hidden, kv_width),
-        Projection::O => (q_width, hidden),
-        Projection::Gate | Projection::Up => (hidden, ffn),
-        Projection::Down => (ffn, hidden),
     }
 }
 
