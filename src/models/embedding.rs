@@ -188,7 +188,7 @@ impl EmbeddingModel {
 
     /// Passes `embed_queued` has run (each may have served several callers).
     pub fn queue_passes(&self) -> u64 {
-        self.queue_passes.load(std::sync::atomic::Ordering::Relaxed)
+        self.queue_passes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Normalised embeddings of tokenized inputs, in their order: packed

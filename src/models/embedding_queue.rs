@@ -89,7 +89,13 @@ fn run(model: &EmbeddingModel, batch: Vec<Job>, tokens: usize) {
         replies.push(job.reply);
     }
     let (requests, texts) = (replies.len(), inputs.len());
-    match model.embed(&inputs) {
+    let result = model.embed(&inputs);
+    // Counted before any caller is answered, so a caller that reads the
+    // count after its answer sees its own pass.
+    model
+        .queue_passes
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    match result {
         Ok(vectors) => {
             let mut vectors = vectors.into_iter();
             for (reply, count) in replies.into_iter().zip(counts) {
@@ -104,9 +110,6 @@ fn run(model: &EmbeddingModel, batch: Vec<Job>, tokens: usize) {
             }
         }
     }
-    model
-        .queue_passes
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!("qpai_embedding_passes_total", "model" => model.id.clone()).increment(1);
     metrics::histogram!("qpai_embedding_pass_requests", "model" => model.id.clone())
         .record(requests as f64);

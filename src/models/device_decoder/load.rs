@@ -12,9 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::{DeviceDecoder, KvSlab, Layer, RopeLayout, Weight};
-use crate::models::cpu_decoder::gguf_name;
 use crate::lora::{Adapter, HeadLayout, Projection};
 use crate::models::checkpoint::checkpoint_vars;
+use crate::models::cpu_decoder::gguf_name;
 use crate::models::gguf_metadata;
 use crate::models::kv_cache::{KvBudget, KvCacheConfig};
 
