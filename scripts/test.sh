@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every qpai test. Sets up what the tests need first (all cached, so a
 # second run only checks):
+#   - Debian packages: python3-venv, protobuf-compiler, chromium (apt);
 #   - a Python venv with the official openai client, pytest and the torch-free
 #     reference tools (scripts/reference/requirements-light.txt);
 #   - the catalog models, pulled and sha256-verified by `qpai models pull`;
@@ -14,6 +15,19 @@ cd "$(dirname "$0")/.."
 # The clone's target/, where README's `cargo run -- serve` builds too, so
 # the two commands share one build; .ci/run points it at ~/.cache/qpai-target.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+
+# Debian packages a fresh machine lacks: Python's venv module (shipped
+# separately), protoc (lance builds its protobuf definitions), and Chromium
+# (the eval report's test renders the HTML report headless).
+missing=()
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -q && $sudo apt-get install -y -q "${missing[@]}"
+fi
 export QPAI_DATA_DIR="${QPAI_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/qpai}"
 venv="${QPAI_TEST_VENV:-$HOME/.cache/qpai-venv}"
 
