@@ -193,6 +193,8 @@ def main() -> int:
     p.add_argument("--rss-tolerance", type=float, default=0.10)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--server-prefix", default="",
+                   help="run the server under this command (e.g. 'heaptrack -o FILE'): a memory profile of the soak")
     p.add_argument("--routed", action="store_true",
                    help="route to a remote deployment (qpai bench-upstream) instead of a local model")
     p.add_argument("--fault-rate", type=float, default=0.2,
@@ -236,7 +238,7 @@ capabilities = ["streaming"]
 """)
         command += ["--model", "", "--router-config", catalog]
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(args.server_prefix.split() + command, env=env, stdout=log, stderr=subprocess.STDOUT)
     checks: dict[str, bool] = {}
     summary: dict = {"clients": args.clients, "duration_s": args.duration_s, "disconnect": args.disconnect}
     try:

@@ -14,6 +14,8 @@ same bytes):
     peft_adapter        adapter_config.json, a NUL byte, then tensor names one per line: the
                         two adapters of tests/fixtures/lora, and configurations qpai refuses
 
+and, into fuzz/regressions/gguf, the headers of `gguf_regressions` below.
+
 Every model is one layer with hidden size 32 (2 heads and 1 KV head of 16, MLP 32), its
 weights made from a sine, so the files stay a few KiB. The writers are the `gguf`
 package's GGUFWriter and a hand-written safetensors encoder (for BF16, which numpy lacks).
@@ -74,12 +76,12 @@ def gguf_bytes(build) -> bytes:
             return f.read()
 
 
-def hyperparameters(writer: gguf.GGUFWriter) -> None:
-    writer.add_block_count(1)
-    writer.add_context_length(CONTEXT)
+def hyperparameters(writer: gguf.GGUFWriter, blocks: int = 1, heads: int = HEADS, context: int = CONTEXT) -> None:
+    writer.add_block_count(blocks)
+    writer.add_context_length(context)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
+    writer.add_head_count(heads)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_key_length(HEAD_DIM)
@@ -155,11 +157,12 @@ def layer_tensors(writer: gguf.GGUFWriter, vocab: int, qtype, gemma: bool) -> No
         add(writer, f"blk.0.{name}.weight", shape, qtype, 1.0 + i)
 
 
-def llama(qtype, with_tensors: bool = True):
+def llama(qtype, with_tensors: bool = True, **counts):
+    """`counts` overrides hyperparameters' block, head and context counts."""
     def build(path: str) -> gguf.GGUFWriter:
         writer = gguf.GGUFWriter(path, "llama")
         writer.add_name("fuzz-llama")
-        hyperparameters(writer)
+        hyperparameters(writer, **counts)
         writer.add_rope_freq_base(10000.0)
         vocab = gpt2_vocab(writer)
         if with_tensors:
@@ -288,7 +291,24 @@ def peft_seeds() -> None:
         write("peft_adapter", f"refused_{name}.bin", seed(json.dumps({**plain, **extra}), names[:2]))
 
 
+def gguf_regressions() -> None:
+    """Headers whose counts once sized allocations or divided before being checked against the
+    file: a block count past the blocks present (a 2^31-entry layer list), no heads (a division
+    by zero), and a context of 2^32 - 1 positions (rotary tables and a KV pool of that size).
+    A context of 2^24 positions is kept too: it loads where the pool fits in memory, and its
+    pages must stay uncommitted."""
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, counts in [
+        ("block_count_past_tensors.gguf", {"blocks": 2**31}),
+        ("head_count_zero.gguf", {"heads": 0}),
+        ("context_length_u32_max.gguf", {"context": 2**32 - 1}),
+        ("context_length_16m.gguf", {"context": 2**24}),
+    ]:
+        write(os.path.join("..", "regressions", "gguf"), name, gguf_bytes(llama(q8, **counts)))
+
+
 if __name__ == "__main__":
     gguf_seeds()
+    gguf_regressions()
     safetensors_seeds()
     peft_seeds()

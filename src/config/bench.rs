@@ -1,8 +1,10 @@
-//! Flags of the serving benchmark.
+//! Flags of the benchmarks.
 
 use std::path::PathBuf;
 
 use clap::Args;
+
+use super::{AdapterTarget, DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchServeArgs {
@@ -98,4 +100,98 @@ pub struct LogitsArgs {
     /// Write the JSON here instead of standard output.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Model to measure (catalog id or path).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Also measure this many sequences decoded together (aggregate tokens/s).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchLoraArgs {
+    #[command(flatten)]
+    pub target: AdapterTarget,
+    /// Different adapters decoded together in the last measurement (copies
+    /// of --adapter with other scales: the same work as distinct adapters).
+    #[arg(long, default_value_t = 4)]
+    pub adapters_in_flight: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded per measurement.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Repetitions, interleaved across the modes (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchStructuredArgs {
+    /// Chat model (catalog id or path).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// A folder of {"name", "prompt", "strict", "schema"} JSON files.
+    #[arg(long, default_value = "tests/fixtures/schemas")]
+    pub schemas: PathBuf,
+    /// Schemas used (the first ones by file name).
+    #[arg(long, default_value_t = 8)]
+    pub limit: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 400)]
+    pub max_tokens: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchEmbeddingsArgs {
+    /// Embedding model (catalog id or path).
+    #[arg(long, default_value = DEFAULT_EMBEDDING_MODEL)]
+    pub model: String,
+    /// Texts to embed, one per line (default: built-in sample sentences).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Texts per call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Passes over the input (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CPU threads.
+    #[arg(long, env = "QPAI_THREADS")]
+    pub threads: Option<usize>,
 }

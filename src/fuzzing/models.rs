@@ -5,6 +5,7 @@
 //! rendering any conversation.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -14,12 +15,12 @@ use crate::gateway::chat_prompt::LocalPrompt;
 use crate::gateway::wire::{ChatCompletionRequest, Role, parse_json};
 use crate::lora::adapter::parse_key;
 use crate::lora::{Adapter, AdapterConfig, Projection};
-use crate::models::cpu_decoder::{Architecture, CpuDecoder};
+use crate::models::cpu_decoder::{Architecture, CpuDecoder, CpuSequence};
 use crate::models::gguf_header::read_gguf;
 use crate::models::gguf_tokenizer::tokenizer_from_gguf;
 use crate::models::kv_cache::KvCacheConfig;
 use crate::models::loader::{eos_ids, token_text};
-use crate::models::{ChatTemplate, TemplateMessage};
+use crate::models::{ChatTemplate, SequenceModel, TemplateMessage};
 
 /// A conversation in `data` rendered with each chat template, with and
 /// without the generation prompt.
@@ -110,7 +111,7 @@ fn text_turns(text: &str) -> Vec<TemplateMessage> {
         .collect()
 }
 
-/// Positions the rotary tables cover when a file gives no context length
+/// Positions a model is served with when its file gives no context length
 /// (the loader's default).
 const DEFAULT_POSITIONS: usize = 4096;
 /// Text a model file's tokenizer and chat template are tried on.
@@ -119,8 +120,9 @@ const SAMPLE_TEXT: &str = "Hello world, this is a test. <|im_start|>user\nhi<|im
 /// A GGUF file, from a `Cursor` where the loader reads a `File`, step by
 /// step as `loader::load_gguf` goes on the CPU with default options: the
 /// header and metadata, the architecture, the tokenizer and special
-/// tokens, the context length, the decoder's weights (llama and Gemma 3),
-/// the end tokens and the chat template (tried even when the weights are
+/// tokens, the context length, the decoder's weights (llama and Gemma 3)
+/// and, when they load, a prompt and a decode step through them, the end
+/// tokens and the chat template (tried even when the weights are
 /// refused, where the loader would stop); then the tokenizer and template
 /// at work on a sample.
 pub fn gguf(data: &[u8]) {
@@ -148,14 +150,20 @@ pub fn gguf(data: &[u8]) {
         .map(|n| n as usize);
     if let Some(decoder) = Architecture::from_name(&architecture) {
         let positions = file_context.unwrap_or(DEFAULT_POSITIONS);
-        let _ = CpuDecoder::from_gguf(
+        if let Ok(weights) = CpuDecoder::from_gguf(
             &content,
             &mut reader,
             decoder,
             positions,
             None,
             KvCacheConfig::default(),
-        );
+        ) {
+            // A model that loads must step: two tokens of a prompt, then one.
+            let mut sequence = CpuSequence::new(Arc::new(weights), None);
+            if sequence.forward(&[0, 1]).is_ok() {
+                let _ = sequence.forward(&[0]);
+            }
+        }
     }
     let _ = eos_ids(&tokenizer, &[special.eos, special.eot]);
     if let Ok(encoding) = tokenizer.encode_fast(SAMPLE_TEXT, false) {

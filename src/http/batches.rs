@@ -1,6 +1,6 @@
 //! `/v1/batches`: create, retrieve, list and cancel, as OpenAI's Batch API.
 //! The batch runner (batches/runner.rs) does the work; a tenant sees only
-//! its own batches.
+//! its own batches; an admin's key names any tenant with `?tenant=`.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::AppState;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ForTenant, acting_tenant};
 use crate::batches::{BatchList, BatchObject, Batches, NewBatch};
 use crate::error::{ApiError, ApiResult};
 use crate::tenancy::Principal;
@@ -36,8 +36,10 @@ pub async fn retrieve(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Json<BatchObject>> {
-    Ok(Json(batches(&state)?.get(&principal.tenant, &id).await?))
+    let tenant = acting_tenant(&principal, asked.tenant)?;
+    Ok(Json(batches(&state)?.get(&tenant, &id).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +47,7 @@ pub async fn retrieve(
 pub struct ListParams {
     after: Option<String>,
     limit: Option<usize>,
+    tenant: Option<String>,
 }
 
 pub async fn list(
@@ -52,9 +55,10 @@ pub async fn list(
     Extension(principal): Extension<Arc<Principal>>,
     Query(params): Query<ListParams>,
 ) -> ApiResult<Json<BatchList>> {
+    let tenant = acting_tenant(&principal, params.tenant)?;
     let page = batches(&state)?
         .list(
-            &principal.tenant,
+            &tenant,
             params.after.as_deref(),
             params.limit.unwrap_or(DEFAULT_LIST_LIMIT),
         )
@@ -66,6 +70,8 @@ pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Json<BatchObject>> {
-    Ok(Json(batches(&state)?.cancel(&principal.tenant, &id).await?))
+    let tenant = acting_tenant(&principal, asked.tenant)?;
+    Ok(Json(batches(&state)?.cancel(&tenant, &id).await?))
 }

@@ -2,18 +2,19 @@
 //! `GET /v1/experiments[/{id}]` shows each variant's posterior, traffic
 //! share and probability of being best, and `POST /v1/feedback` scores a
 //! request (`request_id`, from the `x-qpai-request-id` response header) or
-//! an episode (`episode_id`). A caller sees its own tenant's only.
+//! an episode (`episode_id`). A caller sees its own tenant's only; an
+//! admin's key names any tenant with `?tenant=`.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::extract::{ApiBody, parse_json};
+use super::extract::{ApiBody, ForTenant, acting_tenant, parse_json};
 use crate::error::{ApiError, ApiResult};
 use crate::experiments::{ExperimentSpec, Experiments, FeedbackTarget};
 use crate::tenancy::Principal;
@@ -47,11 +48,13 @@ pub async fn create(
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Json<Value>> {
+    let tenant = acting_tenant(&principal, asked.tenant)?;
     let experiments = experiments(&state)?;
     let mut data = Vec::new();
-    for id in experiments.list(&principal.tenant).await? {
-        data.push(experiments.describe(&principal.tenant, &id).await?);
+    for id in experiments.list(&tenant).await? {
+        data.push(experiments.describe(&tenant, &id).await?);
     }
     Ok(Json(json!({"object": "list", "data": data})))
 }
@@ -60,10 +63,10 @@ pub async fn get(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Json<Value>> {
-    let shown = experiments(&state)?
-        .describe(&principal.tenant, &id)
-        .await?;
+    let tenant = acting_tenant(&principal, asked.tenant)?;
+    let shown = experiments(&state)?.describe(&tenant, &id).await?;
     Ok(Json(shown))
 }
 

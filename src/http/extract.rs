@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 
 pub use crate::gateway::wire::parse_json;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
+use crate::tenancy::Principal;
 
 pub struct ApiJson<T>(pub T);
 
@@ -59,3 +60,24 @@ where
 /// message can state it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// `?tenant=NAME` on the endpoints of a tenant's own resources (files,
+/// batches, experiments).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForTenant {
+    pub tenant: Option<String>,
+}
+
+/// The tenant whose resources a request reads or changes: the caller's own,
+/// or with `?tenant=` any tenant's for an admin's key. A tenant's key naming
+/// another tenant gets the same 403 whether that tenant exists or not.
+pub fn acting_tenant(principal: &Principal, asked: Option<String>) -> ApiResult<String> {
+    match asked {
+        None => Ok(principal.tenant.clone()),
+        Some(tenant) if principal.may_see(&tenant) => Ok(tenant),
+        Some(_) => Err(ApiError::forbidden(
+            "A tenant's key acts on its own tenant's resources only; `tenant` needs an admin key.",
+        )),
+    }
+}

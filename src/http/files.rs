@@ -1,6 +1,6 @@
 //! `/v1/files`: upload (multipart: `file`, `purpose`, `expires_after`),
 //! list, retrieve, content and delete, as OpenAI's Files API. A tenant sees
-//! only its own files.
+//! only its own files; an admin's key names any tenant with `?tenant=`.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
+use super::extract::{ForTenant, acting_tenant};
 use crate::error::{ApiError, ApiResult};
 use crate::files::{FileList, FileObject, NewFile, Order, Purpose};
 use crate::tenancy::Principal;
@@ -91,6 +92,7 @@ pub async fn upload(
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     purpose: Option<String>,
+    tenant: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
     order: Option<Order>,
@@ -108,11 +110,12 @@ pub async fn list(
             })?),
             None => None,
         };
+    let tenant = acting_tenant(&principal, params.tenant)?;
     let page = state
         .gateway
         .files()?
         .list(
-            &principal.tenant,
+            &tenant,
             purpose,
             params.after.as_deref(),
             params.limit.unwrap_or(10_000),
@@ -126,9 +129,14 @@ pub async fn retrieve(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Json<FileObject>> {
     Ok(Json(
-        state.gateway.files()?.get(&principal.tenant, &id).await?,
+        state
+            .gateway
+            .files()?
+            .get(&acting_tenant(&principal, asked.tenant)?, &id)
+            .await?,
     ))
 }
 
@@ -136,11 +144,12 @@ pub async fn content(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Response> {
     let bytes = state
         .gateway
         .files()?
-        .content(&principal.tenant, &id)
+        .content(&acting_tenant(&principal, asked.tenant)?, &id)
         .await?;
     Ok(([("content-type", "application/octet-stream")], bytes).into_response())
 }
@@ -149,11 +158,12 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(asked): Query<ForTenant>,
 ) -> ApiResult<Json<serde_json::Value>> {
     state
         .gateway
         .files()?
-        .delete(&principal.tenant, &id)
+        .delete(&acting_tenant(&principal, asked.tenant)?, &id)
         .await?;
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }

@@ -2,13 +2,16 @@
 //! `fuzz/corpus/NAME` and every input of `fuzz/regressions/NAME` (one that
 //! once crashed or hung the target) goes through its target in
 //! `qpai::fuzzing`, each within libFuzzer's time limit; and every target
-//! has its libFuzzer binary and seeds.
+//! has its libFuzzer binary and seeds. GGUF findings are also checked for
+//! the loader's errors.
 
 use std::panic::catch_unwind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qpai::fuzzing::TARGETS;
+use qpai::models::loader::LoadOptions;
+use qpai::models::{ModelSource, load_model};
 
 /// libFuzzer's `-timeout` in scripts/fuzz.sh: a slower input is a finding.
 const TIME_LIMIT: Duration = Duration::from_secs(1);
@@ -93,4 +96,33 @@ fn every_committed_fuzz_input_passes_its_target_in_time() {
         TARGETS.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The GGUF headers the fuzzer found sizing allocations from their counts
+/// are refused by the loader, each with an error naming what is wrong, and
+/// the seed it was made from still loads.
+#[test]
+fn gguf_headers_whose_counts_the_file_does_not_back_are_refused() {
+    let dir = fuzz_dir().join("regressions").join("gguf");
+    let load = |name: &str| {
+        let source = ModelSource::from_path(&dir.join(name)).unwrap();
+        load_model(&source, &LoadOptions::new(name))
+    };
+    for (name, expected) in [
+        ("block_count_past_tensors.gguf", "2147483648 blocks"),
+        ("head_count_zero.gguf", "0 heads"),
+        ("context_length_u32_max.gguf", "--max-context"),
+    ] {
+        let error = match load(name) {
+            Ok(_) => panic!("{name} loaded"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(expected), "{name}: {error}");
+    }
+    let seed = fuzz_dir()
+        .join("corpus")
+        .join("gguf")
+        .join("llama_q8_0.gguf");
+    let source = ModelSource::from_path(&seed).unwrap();
+    assert!(load_model(&source, &LoadOptions::new("seed")).is_ok());
 }

@@ -404,11 +404,28 @@ async fn no_tenant_reads_or_changes_anothers_resources() {
             assert!(!text.contains(name), "globex's {path} shows {name}: {text}");
         }
     }
-    // Usage: another tenant's is refused alike, whether it exists or not.
-    let theirs = s.send(&globex, "GET", "/v1/usage?tenant=acme", None).await;
-    let absent = s.send(&globex, "GET", "/v1/usage?tenant=nope", None).await;
-    assert_eq!(theirs.status, StatusCode::FORBIDDEN);
-    assert_eq!(shape(&theirs, &["acme"]), shape(&absent, &["nope"]));
+    // Usage, and the lists and resources an admin reads with `?tenant=`:
+    // another tenant's are refused alike, whether it exists or not.
+    let for_acme = [
+        "/v1/usage?tenant=acme&group_by=tenant".to_string(),
+        "/v1/files?tenant=acme".to_string(),
+        format!("/v1/files/{}?tenant=acme", made.file),
+        "/v1/batches?tenant=acme".to_string(),
+        format!("/v1/batches/{}?tenant=acme", made.batch),
+        "/v1/experiments?tenant=acme".to_string(),
+        "/v1/experiments/acme-exp?tenant=acme".to_string(),
+    ];
+    for path in &for_acme {
+        let theirs = s.send(&globex, "GET", path, None).await;
+        let absent = s
+            .send(&globex, "GET", &path.replace("acme", "nope"), None)
+            .await;
+        assert_eq!(theirs.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(shape(&theirs, &names), shape(&absent, &names), "{path}");
+    }
+    let cancel = format!("/v1/batches/{}/cancel?tenant=acme", made.batch);
+    let reply = s.send(&globex, "POST", &cancel, None).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
     let own = s
         .send(&globex, "GET", "/v1/usage?group_by=tenant", None)
         .await;
@@ -446,15 +463,31 @@ async fn no_tenant_reads_or_changes_anothers_resources() {
     let reply = s.send(&acme, "POST", "/v1/feedback", Some(feedback)).await;
     assert!(reply.status.is_success(), "{}", reply.body);
 
-    // The admin sees every tenant's sites, adapters and usage.
-    for path in [
-        "/v1/sites/acme-site",
-        "/v1/adapters/acme-house",
-        "/v1/usage?tenant=acme",
-    ] {
+    // The admin sees every tenant's sites, adapters and usage, and with
+    // `?tenant=` its files, batches and experiments.
+    for path in ["/v1/sites/acme-site", "/v1/adapters/acme-house"] {
         let reply = s.send(&admin, "GET", path, None).await;
         assert_eq!(reply.status, StatusCode::OK, "admin {path}: {}", reply.body);
     }
+    for (path, shows) in for_acme.iter().zip([
+        "acme",
+        &made.file,
+        &made.file,
+        &made.batch,
+        &made.batch,
+        "acme-exp",
+        "acme-exp",
+    ]) {
+        let reply = s.send(&admin, "GET", path, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "admin {path}: {}", reply.body);
+        assert!(
+            reply.body.to_string().contains(shows),
+            "admin {path}: {}",
+            reply.body
+        );
+    }
+    let own = s.send(&admin, "GET", "/v1/batches", None).await;
+    assert!(!own.body.to_string().contains(&made.batch), "{}", own.body);
     eprintln!(
         "isolation matrix: {} tries by another tenant, all refused as absent",
         tries.len()

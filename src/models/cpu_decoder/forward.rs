@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::sequence::CpuSequence;
-use super::{Activation, CpuDecoder, Embedding, PARALLEL_ATTENTION_MIN_SCORES, RopeLayout};
+use super::{
+    Activation, CpuDecoder, Embedding, PARALLEL_ATTENTION_MIN_SCORES, RopeAngles, RopeLayout,
+};
 use crate::lora::{Projection, UnmergedAdapter};
 use crate::models::kv_cache::{BlockId, LayerView};
 use crate::models::spin_pool::for_each_chunk_mut;
@@ -50,14 +52,15 @@ impl CpuDecoder {
         out
     }
 
-    /// Rotates each head of `x` by its row's position with table `table`,
-    /// pairing dimensions as the architecture does.
-    fn rope(&self, x: &mut [f32], heads: usize, rows: &[Row], table: usize) {
+    /// Rotates each head of `x` by its row's angles, pairing dimensions as
+    /// the architecture does.
+    fn rope(&self, x: &mut [f32], heads: usize, angles: &RopeAngles) {
         let half = self.head_dim / 2;
-        let table = &self.ropes[table];
-        for (token, row) in x.chunks_exact_mut(heads * self.head_dim).zip(rows) {
-            let at = row.position * half;
-            let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
+        let rows = angles
+            .cos
+            .chunks_exact(half)
+            .zip(angles.sin.chunks_exact(half));
+        for (token, (cos, sin)) in x.chunks_exact_mut(heads * self.head_dim).zip(rows) {
             for head in token.chunks_exact_mut(self.head_dim) {
                 match self.rope_layout {
                     RopeLayout::AdjacentPairs => {
@@ -206,6 +209,11 @@ impl CpuDecoder {
             crate::lora::unmerged::add_deltas(&adapters, layer, parts, x, y);
         };
         let tables: Vec<&[BlockId]> = sequences.iter().map(|s| s.block_table()).collect();
+        let angles: Vec<RopeAngles> = self
+            .ropes
+            .iter()
+            .map(|frequencies| frequencies.angles(rows.iter().map(|r| r.position)))
+            .collect();
         for (index, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attention_norm);
             let mut parts = layer.qkv.forward(&h, n)?.into_iter();
@@ -222,8 +230,8 @@ impl CpuDecoder {
             if let Some(weight) = &layer.k_norm {
                 self.rms_norm_in_place(&mut k, weight);
             }
-            self.rope(&mut q, self.n_head, rows, layer.rope);
-            self.rope(&mut k, self.n_kv_head, rows, layer.rope);
+            self.rope(&mut q, self.n_head, &angles[layer.rope]);
+            self.rope(&mut k, self.n_kv_head, &angles[layer.rope]);
             for ((&slot, k), v) in slots
                 .iter()
                 .zip(k.chunks_exact(kv_width))

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{Activation, Architecture, CpuDecoder, Embedding, Layer, RopeLayout, RopeTable};
+use super::{Activation, Architecture, CpuDecoder, Embedding, Layer, RopeFrequencies, RopeLayout};
 use crate::lora::Adapter;
 use crate::models::checkpoint::{checkpoint_tensors, checkpoint_vars};
 use crate::models::kv_cache::{KvCache, KvCacheConfig, KvShape};
@@ -342,9 +342,7 @@ impl CpuDecoder {
             head_dim,
             eps: config.rms_norm_eps as f32,
             rope_layout: RopeLayout::Halves,
-            ropes: vec![RopeTable::new(head_dim, theta, positions, |f| {
-                scaling.apply(f)
-            })],
+            ropes: vec![RopeFrequencies::new(head_dim, theta, |f| scaling.apply(f))],
             activation,
             positions,
             kv: KvCache::new(
@@ -355,7 +353,7 @@ impl CpuDecoder {
                 },
                 kv_cache,
                 positions,
-            ),
+            )?,
             layers,
         })
     }

@@ -8,7 +8,7 @@ use candle_core::Device;
 use candle_core::quantized::{QTensor, gguf_file};
 
 use super::{
-    Activation, Architecture, CpuDecoder, Embedding, Layer, RopeLayout, RopeTable, gguf_name,
+    Activation, Architecture, CpuDecoder, Embedding, Layer, RopeFrequencies, RopeLayout, gguf_name,
     projection_shape,
 };
 use crate::lora::{Adapter, HeadLayout, Projection};
@@ -23,27 +23,24 @@ fn vector(t: &QTensor) -> candle_core::Result<Vec<f32>> {
     t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
 }
 
-/// Checks an adapter to merge against the file's shapes before any tensor is read.
-fn check_adapter(
-    ct: &gguf_file::Content,
-    adapter: &Adapter,
-    layers: usize,
-    heads: HeadLayout,
-    hidden: usize,
-) -> candle_core::Result<()> {
-    let ffn = ct
-        .tensor_infos
-        .get("blk.0.ffn_down.weight")
-        .map_or(0, |info| info.shape.dims()[info.shape.rank() - 1]);
-    let (q_width, kv_width) = (
-        heads.n_head * heads.head_dim,
-        heads.n_kv_head * heads.head_dim,
-    );
-    adapter
-        .check_base(layers, |p| {
-            projection_shape(p, hidden, q_width, kv_width, ffn)
-        })
-        .map_err(candle_core::Error::Msg)
+/// A norm's weights, which must number `len`.
+fn norm_weights(t: &QTensor, name: &str, len: usize) -> candle_core::Result<Vec<f32>> {
+    let values = vector(t)?;
+    if values.len() != len {
+        candle_core::bail!("{name} has {} weights, expected {len}", values.len());
+    }
+    Ok(values)
+}
+
+/// Checks that a matrix is `[rows, cols]` (outputs, inputs).
+fn check_matrix(t: &QTensor, name: &str, rows: usize, cols: usize) -> candle_core::Result<()> {
+    match t.shape().dims2() {
+        Ok(dims) if dims == (rows, cols) => Ok(()),
+        _ => candle_core::bail!(
+            "{name} has shape {:?}, expected [{rows}, {cols}]",
+            t.shape()
+        ),
+    }
 }
 
 impl CpuDecoder {
@@ -78,47 +75,66 @@ impl CpuDecoder {
         if float("rope.scaling.factor", 1.0) != 1.0 {
             candle_core::bail!("GGUF files with rotary scaling are not supported");
         }
+        // Every count sizes something: each is checked against the file's
+        // tensors before anything is allocated from it.
+        if n_head == 0 || hidden == 0 {
+            candle_core::bail!("{arch} metadata gives {n_head} heads of a {hidden}-wide model");
+        }
+        if block_count == 0
+            || !ct
+                .tensor_infos
+                .contains_key(&format!("blk.{}.attn_q.weight", block_count - 1))
+        {
+            candle_core::bail!(
+                "{arch} metadata gives {block_count} blocks, and the file does not hold them"
+            );
+        }
         let head_dim = number("attention.key_length").unwrap_or(hidden / n_head);
         let rope_dim = number("rope.dimension_count").unwrap_or(head_dim);
-        if rope_dim != head_dim || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+        if rope_dim != head_dim
+            || head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || n_kv_head == 0
+            || !n_head.is_multiple_of(n_kv_head)
+        {
             candle_core::bail!(
                 "unsupported {arch} head layout ({n_head} heads, {n_kv_head} KV heads, rope dims {rope_dim}, head dim {head_dim})"
             );
         }
+        let (q_width, kv_width) = (n_head * head_dim, n_kv_head * head_dim);
+        let ffn = ct
+            .tensor_infos
+            .get("blk.0.ffn_down.weight")
+            .and_then(|info| info.shape.dims().last().copied())
+            .unwrap_or(0);
         let heads = HeadLayout {
             n_head,
             n_kv_head,
             head_dim,
         };
         if let Some(adapter) = merge {
-            check_adapter(ct, adapter, block_count, heads, hidden)?;
+            // Checked against the file's shapes before any tensor is read.
+            adapter
+                .check_base(block_count, |p| {
+                    projection_shape(p, hidden, q_width, kv_width, ffn)
+                })
+                .map_err(candle_core::Error::Msg)?;
         }
         // Gemma 3: local layers (sliding window, local rotary base) and
         // every sixth global one.
         let (ropes, window) = match architecture {
             Architecture::Llama => (
-                vec![RopeTable::new(
+                vec![RopeFrequencies::new(
                     head_dim,
                     float("rope.freq_base", 10_000.0),
-                    positions,
                     |f| f,
                 )],
                 None,
             ),
             Architecture::Gemma3 => (
                 vec![
-                    RopeTable::new(
-                        head_dim,
-                        float("rope.freq_base", 1_000_000.0),
-                        positions,
-                        |f| f,
-                    ),
-                    RopeTable::new(
-                        head_dim,
-                        float("rope.local_freq_base", 10_000.0),
-                        positions,
-                        |f| f,
-                    ),
+                    RopeFrequencies::new(head_dim, float("rope.freq_base", 1_000_000.0), |f| f),
+                    RopeFrequencies::new(head_dim, float("rope.local_freq_base", 10_000.0), |f| f),
                 ],
                 Some(number("attention.sliding_window")?),
             ),
@@ -127,6 +143,7 @@ impl CpuDecoder {
         let mut tensor = |name: &str| ct.tensor(reader, name, &device);
         let embedding_q = tensor("token_embd.weight")?;
         let (vocab, _) = embedding_q.shape().dims2()?;
+        check_matrix(&embedding_q, "token_embd.weight", vocab, hidden)?;
         // Tied embeddings are the output projection's rows; a table of its
         // own stays quantized too; types candle computes are dequantized.
         let table = QuantMatrix::new(embedding_q)?;
@@ -135,7 +152,10 @@ impl CpuDecoder {
             false => Some(vector(&tensor("token_embd.weight")?)?),
         };
         let (output, own_table) = match tensor("output.weight") {
-            Ok(output) => (QuantMatrix::new(output)?, Some(table)),
+            Ok(output) => {
+                check_matrix(&output, "output.weight", vocab, hidden)?;
+                (QuantMatrix::new(output)?, Some(table))
+            }
             Err(_) => (table, None),
         };
         let embedding = match (dense, own_table) {
@@ -143,13 +163,16 @@ impl CpuDecoder {
             (None, Some(table)) => Embedding::Quantized(table),
             (None, None) => Embedding::Output,
         };
-        let norm = vector(&tensor("output_norm.weight")?)?;
+        let norm = norm_weights(&tensor("output_norm.weight")?, "output_norm.weight", hidden)?;
         let gemma = architecture == Architecture::Gemma3;
         let mut layers = Vec::with_capacity(block_count);
         for i in 0..block_count {
             let mut t = |suffix: &str| tensor(&format!("blk.{i}.{suffix}"));
             let mut projection = |p: Projection| {
-                let tensor = t(&format!("{}.weight", gguf_name(p)))?;
+                let name = format!("{}.weight", gguf_name(p));
+                let tensor = t(&name)?;
+                let (inputs, outputs) = projection_shape(p, hidden, q_width, kv_width, ffn);
+                check_matrix(&tensor, &format!("blk.{i}.{name}"), outputs, inputs)?;
                 match merge {
                     Some(adapter) => match crate::lora::merge::delta(adapter, i, p, Some(heads))? {
                         Some(delta) => crate::lora::merge::merge_qtensor(tensor, &delta),
@@ -166,26 +189,34 @@ impl CpuDecoder {
             let o = projection(Projection::O)?;
             let gate_up = vec![projection(Projection::Gate)?, projection(Projection::Up)?];
             let down = projection(Projection::Down)?;
-            let attention_norm = vector(&t("attn_norm.weight")?)?;
-            let ffn_norm = vector(&t("ffn_norm.weight")?)?;
-            let mut gemma_norm = |name: &str| -> candle_core::Result<Option<Vec<f32>>> {
-                match gemma {
-                    true => Ok(Some(vector(&t(&format!("{name}.weight"))?)?)),
-                    false => Ok(None),
-                }
+            let mut layer_norm = |name: &str, len: usize| {
+                norm_weights(
+                    &t(&format!("{name}.weight"))?,
+                    &format!("blk.{i}.{name}"),
+                    len,
+                )
             };
+            let attention_norm = layer_norm("attn_norm", hidden)?;
+            let ffn_norm = layer_norm("ffn_norm", hidden)?;
+            let mut gemma_norm =
+                |name: &str, len: usize| -> candle_core::Result<Option<Vec<f32>>> {
+                    match gemma {
+                        true => Ok(Some(layer_norm(name, len)?)),
+                        false => Ok(None),
+                    }
+                };
             let global = (i + 1).is_multiple_of(GEMMA3_SLIDING_WINDOW_PATTERN);
             layers.push(Layer {
                 attention_norm,
                 qkv: ProjectionGroup::new(qkv)?,
-                q_norm: gemma_norm("attn_q_norm")?,
-                k_norm: gemma_norm("attn_k_norm")?,
+                q_norm: gemma_norm("attn_q_norm", head_dim)?,
+                k_norm: gemma_norm("attn_k_norm", head_dim)?,
                 o: QuantMatrix::new(o)?.with_panels(),
-                post_attention_norm: gemma_norm("post_attention_norm")?,
+                post_attention_norm: gemma_norm("post_attention_norm", hidden)?,
                 ffn_norm,
                 gate_up: ProjectionGroup::new(gate_up)?,
                 down: QuantMatrix::new(down)?.with_panels(),
-                post_ffn_norm: gemma_norm("post_ffw_norm")?,
+                post_ffn_norm: gemma_norm("post_ffw_norm", hidden)?,
                 rope: usize::from(gemma && !global),
                 window: window.filter(|_| !global),
             });
@@ -223,7 +254,7 @@ impl CpuDecoder {
                 },
                 kv_cache,
                 positions,
-            ),
+            )?,
         })
     }
 }

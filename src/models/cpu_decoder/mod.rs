@@ -69,32 +69,41 @@ enum Activation {
     GeluTanh,
 }
 
-/// Rotary tables `[positions, head_dim / 2]` for one base frequency.
-struct RopeTable {
+/// Rotary inverse frequencies (`head_dim / 2`) for one base frequency.
+/// Each pass computes the angles of its own rows' positions, so nothing is
+/// sized by the context served.
+struct RopeFrequencies {
+    inverse: Vec<f32>,
+}
+
+/// Rotary angles of one pass: `[rows, head_dim / 2]` cosines and sines.
+struct RopeAngles {
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
-impl RopeTable {
-    /// The tables of base frequency `base`, each inverse frequency passed
-    /// through `scale` (rotary scaling for long contexts).
-    fn new(head_dim: usize, base: f32, positions: usize, scale: impl Fn(f32) -> f32) -> Self {
+impl RopeFrequencies {
+    /// The frequencies of base `base`, each passed through `scale` (rotary
+    /// scaling for long contexts).
+    fn new(head_dim: usize, base: f32, scale: impl Fn(f32) -> f32) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inverse = (0..half)
             .map(|i| scale(1.0 / base.powf((2 * i) as f32 / head_dim as f32)))
             .collect();
-        let mut table = Self {
-            cos: Vec::with_capacity(positions * half),
-            sin: Vec::with_capacity(positions * half),
-        };
-        for p in 0..positions {
-            for &f in &inv_freq {
+        Self { inverse }
+    }
+
+    /// The angles of each of `positions`, in order.
+    fn angles(&self, positions: impl Iterator<Item = usize>) -> RopeAngles {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
+            for &f in &self.inverse {
                 let angle = p as f32 * f;
-                table.cos.push(angle.cos());
-                table.sin.push(angle.sin());
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
-        table
+        RopeAngles { cos, sin }
     }
 }
 
@@ -123,7 +132,7 @@ struct Layer {
     gate_up: ProjectionGroup,
     down: QuantMatrix,
     post_ffn_norm: Option<Vec<f32>>,
-    /// Index into the model's rotary tables.
+    /// Index into the model's rotary frequencies.
     rope: usize,
     /// `Some(window)`: each position sees only itself and the `window - 1`
     /// positions before it (Gemma's local layers).
@@ -145,7 +154,7 @@ pub struct CpuDecoder {
     head_dim: usize,
     eps: f32,
     rope_layout: RopeLayout,
-    ropes: Vec<RopeTable>,
+    ropes: Vec<RopeFrequencies>,
     activation: Activation,
     positions: usize,
     /// Every sequence's keys and values.

@@ -1,9 +1,11 @@
 //! One forward pass over every running sequence's new tokens.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
-use super::{DeviceAdapter, DeviceDecoder, DeviceSequence, RopeLayout, Weight};
-use crate::lora::Projection;
+use super::{DeviceDecoder, DeviceSequence, RopeLayout, Weight};
+use crate::lora::{Projection, UnmergedAdapter};
 
 /// The rows of one step: which sequence each belongs to and where.
 pub(super) struct Rows {
@@ -15,9 +17,9 @@ pub(super) struct Rows {
     slab_rows: Tensor,
     /// Per adapter in the batch, the rows that run it (rows without an
     /// adapter are in none).
-    adapters: Vec<(*const DeviceAdapter, Tensor)>,
+    adapters: Vec<(Arc<UnmergedAdapter>, Tensor)>,
     /// The adapter every row runs, when there is one such.
-    one_adapter_for_all: Option<*const DeviceAdapter>,
+    one_adapter_for_all: Option<Arc<UnmergedAdapter>>,
 }
 
 impl DeviceDecoder {
@@ -97,7 +99,7 @@ impl DeviceDecoder {
     ) -> candle_core::Result<Rows> {
         let mut spans = Vec::with_capacity(inputs.len());
         let (mut positions, mut slab_rows) = (Vec::new(), Vec::new());
-        let mut adapter_rows: Vec<(*const DeviceAdapter, Vec<u32>)> = Vec::new();
+        let mut adapter_rows: Vec<(Arc<UnmergedAdapter>, Vec<u32>)> = Vec::new();
         for (sequence, input) in sequences.iter().zip(inputs) {
             let first = positions.len();
             spans.push((first, input.len()));
@@ -106,18 +108,20 @@ impl DeviceDecoder {
                 positions.push(position as u32);
                 slab_rows.push((sequence.slot * self.context + position) as u32);
             }
-            if let Some(adapter) = sequence.device_adapter() {
-                let key = adapter as *const DeviceAdapter;
+            if let Some(adapter) = sequence.adapter() {
                 let rows = (first as u32..(first + input.len()) as u32).collect::<Vec<_>>();
-                match adapter_rows.iter_mut().find(|(k, _)| *k == key) {
+                match adapter_rows
+                    .iter_mut()
+                    .find(|(a, _)| Arc::ptr_eq(a, adapter))
+                {
                     Some((_, list)) => list.extend(rows),
-                    None => adapter_rows.push((key, rows)),
+                    None => adapter_rows.push((adapter.clone(), rows)),
                 }
             }
         }
         let n = positions.len();
         let one_adapter_for_all = match adapter_rows.as_slice() {
-            [(key, list)] if list.len() == n => Some(*key),
+            [(adapter, list)] if list.len() == n => Some(adapter.clone()),
             _ => None,
         };
         let width = self.n_kv_head * self.head_dim;
@@ -127,7 +131,7 @@ impl DeviceDecoder {
             .contiguous()?;
         let adapters = adapter_rows
             .into_iter()
-            .map(|(key, list)| Ok((key, Tensor::new(list.as_slice(), &self.device)?)))
+            .map(|(adapter, list)| Ok((adapter, Tensor::new(list.as_slice(), &self.device)?)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Rows {
             spans,
@@ -153,20 +157,21 @@ impl DeviceDecoder {
         rows: &Rows,
     ) -> candle_core::Result<Tensor> {
         let mut y = weight.forward(x)?;
-        let factors = |key: *const DeviceAdapter| {
-            // SAFETY: the keys point at adapters the batch's sequences hold
-            // (an Arc each) for the whole of this pass.
-            let adapter = unsafe { &*key };
-            adapter.factors.get(layer)?[projection as usize].as_ref()
-        };
-        if let Some(key) = rows.one_adapter_for_all {
-            if let Some((a_t, b_t)) = factors(key) {
+        fn factors(
+            adapter: &UnmergedAdapter,
+            layer: usize,
+            projection: Projection,
+        ) -> Option<&(Tensor, Tensor)> {
+            adapter.device_factors()?.factors.get(layer)?[projection as usize].as_ref()
+        }
+        if let Some(adapter) = &rows.one_adapter_for_all {
+            if let Some((a_t, b_t)) = factors(adapter, layer, projection) {
                 y = (y + x.matmul(a_t)?.matmul(b_t)?)?;
             }
             return Ok(y);
         }
-        for (key, index) in &rows.adapters {
-            if let Some((a_t, b_t)) = factors(*key) {
+        for (adapter, index) in &rows.adapters {
+            if let Some((a_t, b_t)) = factors(adapter, layer, projection) {
                 let delta = x.index_select(index, 0)?.matmul(a_t)?.matmul(b_t)?;
                 y = y.index_add(index, &delta, 0)?;
             }

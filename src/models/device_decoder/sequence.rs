@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{DeviceAdapter, DeviceDecoder};
+use super::DeviceDecoder;
 use crate::lora::UnmergedAdapter;
 use crate::models::SequenceModel;
 
@@ -36,8 +36,8 @@ impl DeviceSequence {
         })
     }
 
-    pub(super) fn device_adapter(&self) -> Option<&DeviceAdapter> {
-        self.adapter.as_ref()?.device_factors()
+    pub(super) fn adapter(&self) -> Option<&Arc<UnmergedAdapter>> {
+        self.adapter.as_ref()
     }
 }
 

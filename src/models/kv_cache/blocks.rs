@@ -46,8 +46,13 @@ pub struct PrefixCounters {
 
 pub struct BlockManager {
     block_tokens: usize,
+    /// Blocks in the pool. Only those handed out at least once have entries
+    /// in the per-block lists (`refs`, `cached`, `last_used`), which grow as
+    /// fresh blocks are first handed out, lowest first.
+    total: usize,
     refs: Vec<u32>,
-    /// Blocks with nothing worth keeping.
+    /// Blocks handed out before that hold nothing worth keeping, reused
+    /// before fresh ones.
     free: Vec<BlockId>,
     cached: Vec<Option<Cached>>,
     by_hash: HashMap<u64, BlockId>,
@@ -64,14 +69,14 @@ impl BlockManager {
     pub fn new(blocks: usize, block_tokens: usize, max_idle: usize) -> Self {
         Self {
             block_tokens,
-            refs: vec![0; blocks],
-            // Popped from the end: block 0 is handed out first.
-            free: (0..blocks as BlockId).rev().collect(),
-            cached: (0..blocks).map(|_| None).collect(),
+            total: blocks,
+            refs: Vec::new(),
+            free: Vec::new(),
+            cached: Vec::new(),
             by_hash: HashMap::new(),
             evictable: BTreeMap::new(),
             max_idle,
-            last_used: vec![0; blocks],
+            last_used: Vec::new(),
             clock: 0,
             counters: PrefixCounters::default(),
         }
@@ -82,12 +87,17 @@ impl BlockManager {
     }
 
     pub fn total(&self) -> usize {
-        self.refs.len()
+        self.total
     }
 
     /// Blocks some sequence holds.
     pub fn used(&self) -> usize {
-        self.total() - self.free.len() - self.evictable.len()
+        self.refs.len() - self.free.len() - self.evictable.len()
+    }
+
+    /// Blocks never handed out yet.
+    fn fresh(&self) -> usize {
+        self.total - self.refs.len()
     }
 
     /// Blocks that hold a cached prefix and no sequence.
@@ -97,7 +107,7 @@ impl BlockManager {
 
     /// Blocks a new sequence can get: free ones and idle cached ones.
     pub fn available(&self) -> usize {
-        self.free.len() + self.evictable.len()
+        self.free.len() + self.fresh() + self.evictable.len()
     }
 
     pub fn references(&self, block: BlockId) -> u32 {
@@ -105,10 +115,17 @@ impl BlockManager {
     }
 
     /// A block for one sequence alone (reference count 1): a free one, else
-    /// the least recently used idle cached one. None when every block is held.
+    /// a fresh one, else the least recently used idle cached one. None when
+    /// every block is held.
     pub fn allocate(&mut self) -> Option<BlockId> {
         let block = match self.free.pop() {
             Some(block) => block,
+            None if self.fresh() > 0 => {
+                self.refs.push(0);
+                self.cached.push(None);
+                self.last_used.push(0);
+                (self.refs.len() - 1) as BlockId
+            }
             None => self.evict_oldest()?,
         };
         self.refs[block as usize] = 1;

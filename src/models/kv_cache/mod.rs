@@ -173,31 +173,57 @@ impl Drop for KvReservation {
 
 impl KvCache {
     /// A pool for `shape` within `config`'s budget (at least one context's
-    /// worth of blocks when the budget is unset).
-    pub fn new(shape: KvShape, config: KvCacheConfig, context_length: usize) -> Self {
+    /// worth of blocks when the budget is unset). Fails, naming the flags
+    /// that size it, when the pool would not fit in this machine's memory.
+    pub fn new(
+        shape: KvShape,
+        config: KvCacheConfig,
+        context_length: usize,
+    ) -> candle_core::Result<Self> {
         let block_bytes = shape.bytes_per_token(config.dtype) * BLOCK_TOKENS;
         let blocks = match config.megabytes {
-            Some(mb) => (mb << 20) / block_bytes.max(1),
-            None => config.sequences.max(1) * context_length.div_ceil(BLOCK_TOKENS),
+            Some(mb) => Some((mb << 20) / block_bytes.max(1)),
+            None => config
+                .sequences
+                .max(1)
+                .checked_mul(context_length.div_ceil(BLOCK_TOKENS)),
         }
-        .max(1);
+        .map(|blocks| blocks.max(1));
+        let bytes = blocks.and_then(|blocks| blocks.checked_mul(block_bytes));
+        let memory = physical_memory();
+        let (Some(blocks), Some(bytes)) = (blocks, bytes) else {
+            candle_core::bail!(
+                "a KV cache for {} sequences of {context_length} positions overflows; pass --kv-cache-mb or --max-context",
+                config.sequences
+            );
+        };
+        if memory.is_some_and(|memory| bytes > memory) || blocks > BlockId::MAX as usize {
+            candle_core::bail!(
+                "a KV cache of {} MiB ({} sequences of {context_length} positions) does not fit in this machine's {} MiB; pass --kv-cache-mb or --max-context",
+                bytes >> 20,
+                config.sequences,
+                memory.unwrap_or(0) >> 20
+            );
+        }
         tracing::info!(
             blocks,
             block_tokens = BLOCK_TOKENS,
             dtype = %config.dtype,
-            megabytes = (blocks * block_bytes) >> 20,
+            megabytes = bytes >> 20,
             "KV cache"
         );
-        Self {
+        let store = KvStore::new(shape, config.dtype, blocks * BLOCK_TOKENS)
+            .map_err(|e| candle_core::Error::Msg(format!("reserving the KV cache: {e}")))?;
+        Ok(Self {
             state: Mutex::new(KvState {
                 // Half the pool may hold idle cached prefixes.
                 blocks: BlockManager::new(blocks, BLOCK_TOKENS, blocks.div_ceil(2)),
-                store: KvStore::new(shape, config.dtype, blocks * BLOCK_TOKENS),
+                store,
             }),
             shape,
             config,
             budget: KvBudget::new(BLOCK_TOKENS, blocks),
-        }
+        })
     }
 
     /// The pool, for one forward pass or bookkeeping step. A panic while it
@@ -223,6 +249,14 @@ impl KvCache {
 /// `n` choices the generated tokens' and a copy of the prompt's last,
 /// partly filled block. Shared prefix blocks are counted as if they were
 /// not shared, so what admission reserves always covers what is allocated.
+/// This machine's memory in bytes (`MemTotal`), when it can be read.
+fn physical_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 pub fn blocks_needed(block_tokens: usize, prompt: usize, n: usize, max_new_tokens: usize) -> usize {
     prompt.div_ceil(block_tokens) + n * (max_new_tokens.div_ceil(block_tokens) + 1)
 }

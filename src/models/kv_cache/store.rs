@@ -1,30 +1,75 @@
 //! The keys and values themselves: one array per layer, laid out
 //! `[block][slot in block][kv head][head_dim]`, in f32, f16 or Q8_0 (int8
 //! with one f32 scale per head vector, as llama.cpp's `q8_0` cache type
-//! quantizes per 32 values). The arrays are zero-initialised allocations, so
-//! the operating system commits their pages only as blocks are first written.
+//! quantizes per 32 values). The arrays are anonymous mappings without a
+//! swap reservation, so the operating system commits their pages only as
+//! blocks are first written: a pool sized for every sequence at the full
+//! context costs memory in proportion to what is used.
 
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+
+use bytemuck::Pod;
 use half::f16;
+use memmap2::{MmapMut, MmapOptions};
 
 use super::KvDType;
+
+/// A zeroed array of `len` `T`s, committed page by page as it is written.
+struct LazyArray<T> {
+    map: MmapMut,
+    len: usize,
+    element: PhantomData<T>,
+}
+
+impl<T: Pod> LazyArray<T> {
+    fn new(len: usize) -> std::io::Result<Self> {
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .ok_or_else(|| std::io::Error::other("KV array size overflows"))?;
+        // A mapping needs at least one byte; page alignment suits any `T`.
+        let map = MmapOptions::new()
+            .len(bytes.max(1))
+            .no_reserve_swap()
+            .map_anon()?;
+        Ok(Self {
+            map,
+            len,
+            element: PhantomData,
+        })
+    }
+}
+
+impl<T: Pod> Deref for LazyArray<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        bytemuck::cast_slice(&self.map[..self.len * size_of::<T>()])
+    }
+}
+
+impl<T: Pod> DerefMut for LazyArray<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        bytemuck::cast_slice_mut(&mut self.map[..self.len * size_of::<T>()])
+    }
+}
 
 /// The per-layer arrays of one element type.
 enum Arrays {
     F32 {
-        keys: Vec<Vec<f32>>,
-        values: Vec<Vec<f32>>,
+        keys: Vec<LazyArray<f32>>,
+        values: Vec<LazyArray<f32>>,
     },
-    /// f16 bit patterns (u16 so that the zeroed allocation stays lazy).
+    /// f16 bit patterns.
     F16 {
-        keys: Vec<Vec<u16>>,
-        values: Vec<Vec<u16>>,
+        keys: Vec<LazyArray<u16>>,
+        values: Vec<LazyArray<u16>>,
     },
     Q8 {
-        keys: Vec<Vec<i8>>,
-        values: Vec<Vec<i8>>,
+        keys: Vec<LazyArray<i8>>,
+        values: Vec<LazyArray<i8>>,
         /// One scale per (slot, kv head).
-        key_scales: Vec<Vec<f32>>,
-        value_scales: Vec<Vec<f32>>,
+        key_scales: Vec<LazyArray<f32>>,
+        value_scales: Vec<LazyArray<f32>>,
     },
 }
 
@@ -57,8 +102,8 @@ impl KvShape {
     }
 }
 
-fn layers<T: Clone + Default>(shape: KvShape, len: usize) -> Vec<Vec<T>> {
-    (0..shape.layers).map(|_| vec![T::default(); len]).collect()
+fn layers<T: Pod>(shape: KvShape, len: usize) -> std::io::Result<Vec<LazyArray<T>>> {
+    (0..shape.layers).map(|_| LazyArray::new(len)).collect()
 }
 
 /// `x ≈ scale * q` with q in -127..=127.
@@ -72,33 +117,34 @@ fn quantize(x: &[f32], q: &mut [i8]) -> f32 {
     scale
 }
 
-fn copy_within<T: Copy>(arrays: &mut [Vec<T>], from: usize, to: usize, len: usize) {
+fn copy_within<T: Pod>(arrays: &mut [LazyArray<T>], from: usize, to: usize, len: usize) {
     for array in arrays {
         array.copy_within(from..from + len, to);
     }
 }
 
 impl KvStore {
-    /// Room for `slots` tokens of `shape`.
-    pub fn new(shape: KvShape, dtype: KvDType, slots: usize) -> Self {
+    /// Room for `slots` tokens of `shape`; fails when the address space
+    /// cannot hold it.
+    pub fn new(shape: KvShape, dtype: KvDType, slots: usize) -> std::io::Result<Self> {
         let len = slots * shape.kv_width();
         let arrays = match dtype {
             KvDType::F32 => Arrays::F32 {
-                keys: layers(shape, len),
-                values: layers(shape, len),
+                keys: layers(shape, len)?,
+                values: layers(shape, len)?,
             },
             KvDType::F16 => Arrays::F16 {
-                keys: layers(shape, len),
-                values: layers(shape, len),
+                keys: layers(shape, len)?,
+                values: layers(shape, len)?,
             },
             KvDType::Q8_0 => Arrays::Q8 {
-                keys: layers(shape, len),
-                values: layers(shape, len),
-                key_scales: layers(shape, slots * shape.n_kv_head),
-                value_scales: layers(shape, slots * shape.n_kv_head),
+                keys: layers(shape, len)?,
+                values: layers(shape, len)?,
+                key_scales: layers(shape, slots * shape.n_kv_head)?,
+                value_scales: layers(shape, slots * shape.n_kv_head)?,
             },
         };
-        Self { shape, arrays }
+        Ok(Self { shape, arrays })
     }
 
     /// Stores one token's keys and values (`[kv head][head_dim]` each) in `slot`.
@@ -279,5 +325,37 @@ impl LayerView<'_> {
                     .for_each(|(o, v)| *o += scaled * *v as f32);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 64 GiB of keys and as much of values, past this machine's memory:
+    /// reserving them commits nothing, and a slot at the far end is written
+    /// and read back.
+    #[test]
+    fn a_pool_past_the_machine_is_address_space_until_written() {
+        let shape = KvShape {
+            layers: 1,
+            n_kv_head: 1,
+            head_dim: 64,
+        };
+        let slots = 1 << 28;
+        let mut store = KvStore::new(shape, KvDType::F32, slots).unwrap();
+        let last = slots - 1;
+        let (k, v) = (vec![0.5f32; 64], vec![2.0f32; 64]);
+        store.write(0, last, &k, &v);
+        let layer = store.layer(0);
+        assert_eq!(layer.key_dot(last, 0, &vec![1.0; 64]), 32.0);
+        assert_eq!(
+            layer.key_dot(0, 0, &vec![1.0; 64]),
+            0.0,
+            "unwritten slots read zero"
+        );
+        let mut out = vec![0.0; 64];
+        layer.add_value(last, 0, 0.25, &mut out);
+        assert_eq!(out, vec![0.5; 64]);
     }
 }
