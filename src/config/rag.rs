@@ -14,7 +14,8 @@ pub enum SitesCommand {
     /// Create an empty site.
     Create {
         site: String,
-        /// The tenant that owns the site (its keys see it; others do not).
+        /// Create it in this tenant's namespace (its keys see it by this
+        /// name; others do not). Without it: a site of the admins.
         #[arg(long)]
         tenant: Option<String>,
         #[command(flatten)]
@@ -38,10 +39,12 @@ pub struct EmbeddingArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {
-    /// Site to ingest into (created when missing).
+    /// Site to ingest into (created when missing): a stored name (`NAME`,
+    /// or `NAME.TENANT` for a tenant's site), or with --tenant the tenant's
+    /// own name for it.
     #[arg(long)]
     pub site: String,
-    /// The tenant that owns the site (refused when another tenant owns it).
+    /// The tenant whose site --site names (in the tenant's namespace).
     #[arg(long)]
     pub tenant: Option<String>,
     /// A directory of HTML and/or Markdown/MDX pages, a WordPress WXR export

@@ -247,9 +247,8 @@ pub async fn search(
 ) -> ApiResult<Output> {
     let query = render_template(&variant.query, &case.columns)
         .map_err(|e| ApiError::invalid_param("query", e))?;
-    gateway.check_site_access(principal, &variant.site).await?;
+    let site = gateway.site_for(principal, &variant.site).await?;
     let rag = gateway.rag().await?;
-    let site = crate::rag::SiteName::parse(&variant.site)?;
     let request = crate::rag::SearchRequest {
         query,
         top_k: variant.top_k,

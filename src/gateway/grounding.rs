@@ -10,29 +10,27 @@ use crate::rag::{SearchRequest, SiteName, prompt, search};
 use crate::tenancy::Principal;
 
 impl Gateway {
-    /// Refuses `site` to a caller who does not own it: as "not found", so
-    /// other tenants' site names do not leak. Sites with no owner belong to
-    /// the admins.
-    pub async fn check_site_access(&self, principal: &Principal, site: &str) -> ApiResult<()> {
+    /// The site a caller means by `name`: a tenant's key names sites in
+    /// its tenant's namespace (where a site given to it before names were
+    /// per tenant keeps its plain name), so another tenant's sites are out
+    /// of its reach and look absent; an admin's key names any stored site
+    /// (`NAME` or `NAME.TENANT`). A server without keys has one namespace.
+    pub async fn site_for(&self, principal: &Principal, name: &str) -> ApiResult<SiteName> {
         if principal.admin {
-            return Ok(());
+            return Ok(SiteName::parse_stored(name)?);
         }
-        let owner = match &self.tenancy {
-            Some(tenancy) => tenancy
-                .ledger
-                .site_owner(site)
-                .await
-                .map_err(ApiError::internal)?,
-            None => return Ok(()),
+        let site = SiteName::parse(name)?;
+        let Some(tenancy) = &self.tenancy else {
+            return Ok(site);
         };
-        if owner.as_deref() == Some(principal.tenant.as_str()) {
-            Ok(())
-        } else {
-            Err(ApiError {
-                code: Some("site_not_found"),
-                param: Some("site".into()),
-                ..ApiError::not_found(format!("No site named '{site}'."))
-            })
+        let owner = tenancy
+            .ledger
+            .site_owner(site.as_str())
+            .await
+            .map_err(ApiError::internal)?;
+        match owner.as_deref() == Some(principal.tenant.as_str()) {
+            true => Ok(site),
+            false => Ok(site.in_tenant(&principal.tenant)?),
         }
     }
 
@@ -44,9 +42,8 @@ impl Gateway {
         options: &RagOptions,
         messages: &mut [TemplateMessage],
     ) -> ApiResult<Vec<Citation>> {
-        let site = SiteName::parse(&options.site)
-            .map_err(|e| ApiError::invalid_param("rag.site", e.to_string()))?;
-        self.check_site_access(principal, site.as_str())
+        let site = self
+            .site_for(principal, &options.site)
             .await
             .map_err(|mut e| {
                 e.param = Some("rag.site".into());

@@ -24,14 +24,9 @@ use crate::tenancy::Principal;
 /// Records per ingest request.
 const MAX_DOCUMENTS: usize = 1000;
 
-/// The site named in the path, if the caller may use it.
+/// The site the caller means by the name in the path.
 async fn site_name(state: &AppState, principal: &Principal, site: &str) -> ApiResult<SiteName> {
-    let site = SiteName::parse(site)?;
-    state
-        .gateway
-        .check_site_access(principal, site.as_str())
-        .await?;
-    Ok(site)
+    state.gateway.site_for(principal, site).await
 }
 
 type Caller = Extension<Arc<Principal>>;
@@ -42,13 +37,15 @@ pub struct CreateSite {
     pub name: String,
 }
 
-/// Sites the caller may see: a tenant's own, or all for an admin.
+/// Sites the caller may see: a tenant's own, by the names it gave them, or
+/// every stored site for an admin, with its owner.
 pub async fn list_sites(
     State(state): State<Arc<AppState>>,
     Extension(principal): Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
     let store = state.gateway.rag_store()?;
-    let owners: std::collections::HashMap<String, String> = match state.gateway.tenancy.clone() {
+    // Sites given to a tenant before names were per tenant.
+    let given: std::collections::HashMap<String, String> = match state.gateway.tenancy.clone() {
         Some(tenancy) => tenancy
             .ledger
             .site_owners()
@@ -58,67 +55,43 @@ pub async fn list_sites(
             .collect(),
         None => Default::default(),
     };
-    let data: Vec<_> = store
-        .sites()
-        .await?
-        .into_iter()
-        .filter(|id| principal.admin || owners.get(id) == Some(&principal.tenant))
-        .map(|id| json!({ "id": id, "object": "site", "owner": owners.get(&id) }))
-        .collect();
+    let mut data = Vec::new();
+    for stored in store.sites().await? {
+        let Ok(site) = SiteName::parse_stored(&stored) else {
+            continue;
+        };
+        let owner = site.tenant().or(given.get(&stored).map(String::as_str));
+        if principal.admin {
+            data.push(json!({ "id": stored, "object": "site", "owner": owner }));
+        } else if owner == Some(principal.tenant.as_str()) {
+            data.push(json!({ "id": site.local_name(), "object": "site" }));
+        }
+    }
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
-/// Creates a site owned by the caller's tenant (an admin's sites have no
-/// owner). A tenant cannot take over a site that exists: another tenant's,
-/// or an admin's (which has no owner row).
+/// Creates a site in the caller's namespace: a tenant's, or for an admin's
+/// key any stored name (a plain one, which no tenant sees, or `NAME.TENANT`
+/// for a tenant). Another tenant's names neither block nor show.
 pub async fn create_site(
     State(state): State<Arc<AppState>>,
     Extension(principal): Caller,
     ApiJson(request): ApiJson<CreateSite>,
 ) -> ApiResult<Response> {
-    let site = SiteName::parse(&request.name)
-        .map_err(|e| ApiError::invalid_param("name", e.to_string()))?;
+    let site = state
+        .gateway
+        .site_for(&principal, &request.name)
+        .await
+        .map_err(|mut e| {
+            e.param = Some("name".into());
+            e
+        })?;
     let rag = state.gateway.rag().await?;
-    let exists = || RagError::SiteExists(site.as_str().to_string());
-    let tenancy = state.gateway.tenancy.clone().filter(|_| !principal.admin);
-    let mut claimed = false;
-    if let Some(tenancy) = &tenancy {
-        if rag.store.sites().await?.iter().any(|s| s == site.as_str()) {
-            return Err(exists().into());
-        }
-        // Claimed first, so two tenants cannot race for one name: the
-        // insert succeeds for one of them only.
-        claimed = tenancy
-            .ledger
-            .claim_site(site.as_str(), &principal.tenant)
-            .await
-            .map_err(ApiError::internal)?;
-        let owner = tenancy
-            .ledger
-            .site_owner(site.as_str())
-            .await
-            .map_err(ApiError::internal)?;
-        if owner.as_deref() != Some(principal.tenant.as_str()) {
-            return Err(exists().into());
-        }
-    }
-    let created = rag
-        .store
+    rag.store
         .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
-        .await;
-    if let Err(error) = created {
-        if let (true, Some(tenancy)) = (claimed, &tenancy) {
-            // The name was free in the ledger but the site exists (an
-            // admin's): the claim goes again.
-            tenancy
-                .ledger
-                .release_site(site.as_str())
-                .await
-                .map_err(ApiError::internal)?;
-        }
-        return Err(error.into());
-    }
-    let body = json!({ "id": site.as_str(), "object": "site", "embedding_model": rag.embedder.id });
+        .await?;
+    let body =
+        json!({ "id": site.to_string(), "object": "site", "embedding_model": rag.embedder.id });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -149,7 +122,7 @@ pub async fn delete_site(
             .map_err(ApiError::internal)?;
     }
     Ok(Json(
-        json!({ "id": site.as_str(), "object": "site", "deleted": true }),
+        json!({ "id": site.to_string(), "object": "site", "deleted": true }),
     ))
 }
 
@@ -180,6 +153,10 @@ pub async fn search_site(
     ApiJson(body): ApiJson<SearchBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let site = site_name(&state, &principal, &site).await?;
+    // An absent site is named before the embedding model is needed.
+    if !state.gateway.rag_store()?.exists(&site).await? {
+        return Err(RagError::SiteNotFound(site.to_string()).into());
+    }
     let rag = state.gateway.rag().await?;
     let hits = search::search(&rag, &site, &body.into_request()).await?;
     Ok(Json(json!({ "object": "list", "results": hits })))

@@ -34,25 +34,31 @@ fn source_id(source: &str) -> String {
     std::fs::canonicalize(source).map_or_else(|_| source.to_string(), |p| p.display().to_string())
 }
 
-/// Gives `site` to `tenant` in the ledger; refused when another tenant owns it.
-async fn claim(global: &GlobalArgs, site: &SiteName, tenant: &str) -> anyhow::Result<()> {
+/// The site an operator names: with `--tenant`, the tenant's site in its
+/// namespace (or the plain name it was given before names were per
+/// tenant); else any stored name (`NAME`, or `NAME.TENANT`).
+async fn operator_site(
+    global: &GlobalArgs,
+    name: &str,
+    tenant: Option<&str>,
+) -> anyhow::Result<SiteName> {
+    let Some(tenant) = tenant else {
+        return Ok(SiteName::parse_stored(name)?);
+    };
     crate::ledger::keys::check_tenant_name(tenant).map_err(anyhow::Error::msg)?;
+    let site = SiteName::parse(name)?;
     let ledger = Ledger::open(&global.database_url()).await?;
-    if let Some(owner) = ledger.site_owner(site.as_str()).await?
-        && owner != tenant
-    {
-        anyhow::bail!("the site {site} belongs to the tenant {owner}");
-    }
-    ledger.claim_site(site.as_str(), tenant).await?;
-    Ok(())
+    Ok(
+        match ledger.site_owner(site.as_str()).await?.as_deref() == Some(tenant) {
+            true => site,
+            false => site.in_tenant(tenant)?,
+        },
+    )
 }
 
 pub async fn ingest(args: IngestArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let site = SiteName::parse(&args.site)?;
+    let site = operator_site(global, &args.site, args.tenant.as_deref()).await?;
     super::sources::detect(&args.source)?;
-    if let Some(tenant) = &args.tenant {
-        claim(global, &site, tenant).await?;
-    }
     let base_url = args
         .base_url
         .as_deref()
@@ -135,7 +141,7 @@ fn print_report(report: &IngestReport) {
 }
 
 pub async fn search(args: SearchArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let site = SiteName::parse(&args.site)?;
+    let site = SiteName::parse_stored(&args.site)?;
     let rag = rag(global, &args.embedding).await?;
     let request = SearchRequest {
         query: args.query,
@@ -182,10 +188,7 @@ pub async fn sites(command: SitesCommand, global: &GlobalArgs) -> anyhow::Result
             tenant,
             embedding,
         } => {
-            let site = SiteName::parse(&site)?;
-            if let Some(tenant) = &tenant {
-                claim(global, &site, tenant).await?;
-            }
+            let site = operator_site(global, &site, tenant.as_deref()).await?;
             let rag = rag(global, &embedding).await?;
             store
                 .create_site(&site, rag.embedder.dimensions, &rag.embedder.id)
@@ -193,11 +196,11 @@ pub async fn sites(command: SitesCommand, global: &GlobalArgs) -> anyhow::Result
             println!("created site {site} ({})", rag.embedder.id);
         }
         SitesCommand::Stats { site } => {
-            let stats = store.stats(&SiteName::parse(&site)?).await?;
+            let stats = store.stats(&SiteName::parse_stored(&site)?).await?;
             println!("{}", serde_json::to_string_pretty(&stats)?);
         }
         SitesCommand::Delete { site } => {
-            let site = SiteName::parse(&site)?;
+            let site = SiteName::parse_stored(&site)?;
             store.delete_site(&site).await?;
             Ledger::open(&global.database_url())
                 .await?

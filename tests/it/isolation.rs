@@ -238,8 +238,6 @@ fn tries(made: &Made) -> Vec<Try> {
             "messages": [{"role": "user", "content": "When is bread baked?"}]})
     };
     let search = json!({"query": "bread"});
-    let documents =
-        json!({"documents": [{"url": "https://globex.test/x", "text": "Overwritten."}]});
     let feedback = |id: &str| json!({"request_id": id, "metric": "reward", "value": true});
     vec![
         path(
@@ -286,13 +284,6 @@ fn tries(made: &Made) -> Vec<Try> {
             "/v1/sites/nope/search".into(),
             Some(search.clone()),
             Some(search),
-        ),
-        (
-            "POST",
-            "/v1/sites/acme-site/documents".into(),
-            "/v1/sites/nope/documents".into(),
-            Some(documents.clone()),
-            Some(documents),
         ),
         body(
             "POST",
@@ -431,6 +422,20 @@ async fn no_tenant_reads_or_changes_anothers_resources() {
         .await;
     assert!(!own.body.to_string().contains("acme"), "{}", own.body);
 
+    // Site names are per tenant: globex ingesting into "acme-site" fills a
+    // site of its own of that name.
+    let documents =
+        json!({"documents": [{"url": "https://globex.test/x", "text": "Overwritten."}]});
+    let reply = s
+        .send(
+            &globex,
+            "POST",
+            "/v1/sites/acme-site/documents",
+            Some(documents),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+
     // acme's resources are all still there and work.
     let reply = s.send(&acme, "GET", "/v1/adapters/acme-house", None).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -465,7 +470,7 @@ async fn no_tenant_reads_or_changes_anothers_resources() {
 
     // The admin sees every tenant's sites, adapters and usage, and with
     // `?tenant=` its files, batches and experiments.
-    for path in ["/v1/sites/acme-site", "/v1/adapters/acme-house"] {
+    for path in ["/v1/sites/acme-site.acme", "/v1/adapters/acme-house"] {
         let reply = s.send(&admin, "GET", path, None).await;
         assert_eq!(reply.status, StatusCode::OK, "admin {path}: {}", reply.body);
     }
@@ -497,39 +502,94 @@ async fn no_tenant_reads_or_changes_anothers_resources() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_operations_need_an_admin_key() {
     let (s, [acme, globex, admin]) = server().await;
-    // A site the admin makes has no owner: no tenant sees it, nor takes
-    // it over by creating the same name.
+    // Site names are per tenant. A site the admin makes has no owner: no
+    // tenant sees it, and a tenant making the same name makes its own.
     let reply = s
         .send(&admin, "POST", "/v1/sites", Some(json!({"name": "shared"})))
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     let reply = s.send(&acme, "GET", "/v1/sites/shared", None).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let reply = s.send(&acme, "DELETE", "/v1/sites/shared", None).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let reply = s
         .send(&acme, "POST", "/v1/sites", Some(json!({"name": "shared"})))
         .await;
-    assert!(reply.status.is_client_error(), "{}", reply.body);
-    let reply = s.send(&acme, "GET", "/v1/sites/shared", None).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::NOT_FOUND,
-        "acme took over the admin's site"
-    );
-    let reply = s.send(&acme, "DELETE", "/v1/sites/shared", None).await;
-    assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    let reply = s.send(&admin, "GET", "/v1/sites/shared", None).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    // Nor one another's.
-    let reply = s
-        .send(&acme, "POST", "/v1/sites", Some(json!({"name": "mine"})))
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(reply.body["id"], "shared");
+    // Two tenants' sites of one name: neither's create tells of the other,
+    // and each reaches its own.
+    for key in [&acme, &globex] {
+        let reply = s
+            .send(key, "POST", "/v1/sites", Some(json!({"name": "mine"})))
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    }
     let reply = s
         .send(&globex, "POST", "/v1/sites", Some(json!({"name": "mine"})))
         .await;
-    assert!(reply.status.is_client_error(), "{}", reply.body);
-    let reply = s.send(&globex, "GET", "/v1/sites/mine", None).await;
-    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        reply.status,
+        StatusCode::CONFLICT,
+        "its own exists: {}",
+        reply.body
+    );
+    assert_eq!(reply.body["error"]["param"], "name");
+    let documents = |text: &str| json!({"documents": [{"url": "https://x.test/a", "title": "A", "text": text}]});
+    for (key, text) in [(&acme, "Acme bakes rye."), (&globex, "Globex sells bolts.")] {
+        let reply = s
+            .send(
+                key,
+                "POST",
+                "/v1/sites/mine/documents",
+                Some(documents(text)),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let search = json!({"query": "What does the shop sell?"});
+    let reply = s
+        .send(&globex, "POST", "/v1/sites/mine/search", Some(search))
+        .await;
+    let hits = reply.body.to_string();
+    assert!(hits.contains("bolts") && !hits.contains("rye"), "{hits}");
+    let reply = s.send(&globex, "DELETE", "/v1/sites/mine", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let reply = s.send(&acme, "GET", "/v1/sites/mine", None).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "globex deleted acme's: {}",
+        reply.body
+    );
+    // The admin sees every stored site with its owner, and reaches a
+    // tenant's as NAME.TENANT.
+    let listed = |reply: Reply| -> Vec<(String, Value)> {
+        let mut sites: Vec<_> = reply.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["id"].as_str().unwrap().to_string(), s["owner"].clone()))
+            .collect();
+        sites.sort_by(|a, b| a.0.cmp(&b.0));
+        sites
+    };
+    let all = listed(s.send(&admin, "GET", "/v1/sites", None).await);
+    for (id, owner) in [
+        ("shared", Value::Null),
+        ("shared.acme", json!("acme")),
+        ("mine.acme", json!("acme")),
+    ] {
+        assert!(
+            all.contains(&(id.to_string(), owner)),
+            "{id} not in {all:?}"
+        );
+    }
+    let reply = s.send(&admin, "GET", "/v1/sites/mine.acme", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let own = listed(s.send(&acme, "GET", "/v1/sites", None).await);
+    let own: Vec<&str> = own.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(own, ["mine", "shared"]);
 
     // Shared adapters: loaded and unloaded by the admin only; a tenant
     // loads from its own folder only.

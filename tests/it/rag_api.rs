@@ -392,36 +392,54 @@ async fn sites_made_on_the_command_line_can_belong_to_a_tenant() {
         let output = qpai(&uri, args).output().unwrap();
         (
             output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
             String::from_utf8_lossy(&output.stderr).to_string(),
         )
     };
-    let (ok, stderr) = run(&["sites", "create", "acme-blog", "--tenant", "acme"]);
+    let listed = || {
+        let (ok, stdout, stderr) = run(&["sites", "list"]);
+        assert!(ok, "{stderr}");
+        let mut sites: Vec<String> = stdout.lines().map(str::to_string).collect();
+        sites.sort();
+        sites
+    };
+    // Each tenant's names are its own: acme's and globex's `blog` are two
+    // sites, stored as NAME.TENANT.
+    let (ok, _, stderr) = run(&["sites", "create", "blog", "--tenant", "acme"]);
+    assert!(ok, "{stderr}");
+    let page = tmp.path().join("page.md");
+    std::fs::write(&page, "# Hours\n\nOpen from nine to five.\n").unwrap();
+    let ingest = |site: &str, tenant: &str| {
+        run(&[
+            "ingest",
+            "--site",
+            site,
+            "--tenant",
+            tenant,
+            page.to_str().unwrap(),
+        ])
+    };
+    let (ok, _, stderr) = ingest("blog", "globex");
+    assert!(ok, "{stderr}");
+    assert_eq!(listed(), ["blog.acme", "blog.globex"]);
+    // A site given to a tenant before names were per tenant keeps its
+    // plain name for that tenant.
+    let (ok, _, stderr) = run(&["sites", "create", "legacy"]);
     assert!(ok, "{stderr}");
     let ledger = qpai::ledger::Ledger::open(&crate::common::test_database(&uri))
         .await
         .unwrap();
-    assert_eq!(
-        ledger.site_owner("acme-blog").await.unwrap().as_deref(),
-        Some("acme")
-    );
-    let page = tmp.path().join("page.md");
-    std::fs::write(&page, "# Hours\n\nOpen from nine to five.\n").unwrap();
-    let (ok, stderr) = run(&[
-        "ingest",
-        "--site",
-        "acme-blog",
-        "--tenant",
-        "globex",
-        page.to_str().unwrap(),
-    ]);
-    assert!(
-        !ok && stderr.contains("belongs to the tenant acme"),
-        "{stderr}"
-    );
-    let (ok, stderr) = run(&["sites", "delete", "acme-blog"]);
+    assert!(ledger.claim_site("legacy", "acme").await.unwrap());
+    let (ok, _, stderr) = ingest("legacy", "acme");
     assert!(ok, "{stderr}");
+    assert_eq!(listed(), ["blog.acme", "blog.globex", "legacy"]);
+    let (ok, _, stderr) = run(&["sites", "delete", "blog.acme"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&["sites", "delete", "legacy"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(listed(), ["blog.globex"]);
     assert_eq!(
-        ledger.site_owner("acme-blog").await.unwrap(),
+        ledger.site_owner("legacy").await.unwrap(),
         None,
         "deleting releases the name"
     );
