@@ -61,11 +61,21 @@ def free_port() -> int:
 
 
 def rss_kib(pid: int) -> int:
+    return rss_parts_kib(pid)["VmRSS"]
+
+
+def rss_parts_kib(pid: int) -> dict[str, int]:
+    """VmRSS and its parts (KiB): anonymous memory, file pages (the binary among them) and shared
+    memory; and the process's thread count."""
+    parts = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Threads"):
+                parts[name] = int(value.split()[0])
+    if "VmRSS" not in parts:
+        raise RuntimeError("no VmRSS")
+    return parts
 
 
 def gauges(text: str) -> dict[str, float]:
@@ -245,7 +255,8 @@ capabilities = ["streaming"]
         wait_ready(base, server)
         warm = asyncio.run(load(base, key, args, args.warmup_s, args.seed))
         time.sleep(1)
-        rss_warm = rss_kib(server.pid)
+        parts_warm = rss_parts_kib(server.pid)
+        rss_warm = parts_warm["VmRSS"]
         started = time.monotonic()
         tally = asyncio.run(load(base, key, args, args.duration_s, args.seed + 1))
         summary["soak_s"] = round(time.monotonic() - started, 1)
@@ -258,8 +269,14 @@ capabilities = ["streaming"]
         summary["gauges_after"] = now
         checks["gauges back at 0"] = all(v == 0 for v in now.values())
         time.sleep(1)
-        rss_after = rss_kib(server.pid)
+        parts_after = rss_parts_kib(server.pid)
+        rss_after = parts_after["VmRSS"]
         summary["rss_mib"] = {"after_warmup": round(rss_warm / 1024, 1), "after_soak": round(rss_after / 1024, 1)}
+        summary["rss_parts_mib"] = {
+            name: [round(parts_warm.get(name, 0) / 1024, 1), round(parts_after.get(name, 0) / 1024, 1)]
+            for name in ("RssAnon", "RssFile", "RssShmem")
+        }
+        summary["threads"] = [parts_warm.get("Threads"), parts_after.get("Threads")]
         checks[f"RSS within {args.rss_tolerance:.0%} of warm-up"] = rss_after <= rss_warm * (1 + args.rss_tolerance)
     finally:
         server.send_signal(signal.SIGTERM)

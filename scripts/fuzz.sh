@@ -31,6 +31,11 @@ if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(ls fuzz/fuzz_targets | sed 's/\.rs$//')
 fi
 
+# Errors carry no backtraces, as `qpai`'s main sets (telemetry.rs): with
+# RUST_BACKTRACE=1 alone candle renders one into every error, and the
+# symbol cache that fills grows the process by about a kilobyte per input.
+export RUST_LIB_BACKTRACE=0
+
 # A target dir of its own: fuzz builds are instrumented, nothing is shared
 # with the main build.
 export CARGO_TARGET_DIR="${QPAI_FUZZ_TARGET_DIR:-$HOME/.cache/qpai-fuzz-target}"

@@ -7,6 +7,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> anyhow::Result<()> {
+    qpai::telemetry::keep_backtraces_out_of_errors();
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches)?;
     qpai::telemetry::init_logging(cli.global.log_format);

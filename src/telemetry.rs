@@ -18,6 +18,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// Error values carry no backtraces unless `RUST_LIB_BACKTRACE` asks for
+/// them. With `RUST_BACKTRACE=1` alone (meant for panics), candle and
+/// anyhow capture one in every error and render it into the message: a
+/// stack trace in the API error a client reads, milliseconds to symbolize
+/// per failed request, and a symbol cache growing with each new frame.
+/// Panics still print theirs.
+pub fn keep_backtraces_out_of_errors() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread
+        // exists to read the environment.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter.
 pub fn init_logging(format: LogFormat) {
     let filter =

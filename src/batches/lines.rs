@@ -119,7 +119,7 @@ pub async fn claim(
              ORDER BY b.created_ms, l.batch_id, l.line LIMIT $4 FOR UPDATE OF l SKIP LOCKED) \
              RETURNING batch_id, line, custom_id, body, tries"
         }
-        Db::Sqlite(_) => {
+        Db::Sqlite { .. } => {
             "UPDATE batch_lines SET lease_owner = $1, lease_until_ms = $2, tries = tries + 1 \
              WHERE (batch_id, line) IN (SELECT l.batch_id, l.line FROM batch_lines l \
              JOIN batches b ON b.id = l.batch_id WHERE b.status = 'in_progress' \

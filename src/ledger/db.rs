@@ -95,7 +95,13 @@ pub type Statement = (&'static str, Vec<Value>);
 
 #[derive(Clone)]
 pub enum Db {
-    Sqlite(Arc<Mutex<rusqlite::Connection>>),
+    /// One connection; `turn` lets one call at a time onto the blocking
+    /// pool, so waiting callers wait as tasks, not as threads blocked on
+    /// the connection's lock (under load, hundreds of them).
+    Sqlite {
+        conn: Arc<Mutex<rusqlite::Connection>>,
+        turn: Arc<tokio::sync::Semaphore>,
+    },
     /// Statements share one pipelined connection; transactions take a
     /// second one of their own, so no other statement lands inside them;
     /// a third, pipelined too, commits without waiting for the disk.
@@ -162,7 +168,10 @@ impl Db {
                 tokio::task::spawn_blocking(move || open_sqlite(Path::new(&opened))).await??;
             let connection = Arc::new(Mutex::new(connection));
             checkpoint_in_background(&path, &connection);
-            Db::Sqlite(connection)
+            Db::Sqlite {
+                conn: connection,
+                turn: Arc::new(tokio::sync::Semaphore::new(1)),
+            }
         };
         db.migrate().await?;
         Ok(db)
@@ -170,7 +179,7 @@ impl Db {
 
     pub fn backend(&self) -> &'static str {
         match self {
-            Db::Sqlite(_) => "sqlite",
+            Db::Sqlite { .. } => "sqlite",
             Db::Postgres { .. } => "postgres",
         }
     }
@@ -189,7 +198,7 @@ impl Db {
                     .await?;
                 migrated
             }
-            Db::Sqlite(_) => {
+            Db::Sqlite { .. } => {
                 self.batch("BEGIN IMMEDIATE").await?;
                 match self.migrate_unlocked(true).await {
                     Ok(()) => self.batch("COMMIT").await,
@@ -243,9 +252,9 @@ impl Db {
     /// Runs SQL text without parameters (several statements allowed).
     async fn batch(&self, sql: &str) -> Result<(), DbError> {
         match self {
-            Db::Sqlite(conn) => {
+            Db::Sqlite { conn, turn } => {
                 let (conn, sql) = (conn.clone(), sql.to_string());
-                blocking(move || Ok(lock(&conn)?.execute_batch(&sql)?)).await
+                blocking(turn, move || Ok(lock(&conn)?.execute_batch(&sql)?)).await
             }
             Db::Postgres { shared, .. } => Ok(shared.batch_execute(sql).await?),
         }
@@ -254,9 +263,9 @@ impl Db {
     /// Runs one statement; returns the rows it changed.
     pub async fn execute(&self, sql: &'static str, params: Vec<Value>) -> Result<u64, DbError> {
         match self {
-            Db::Sqlite(conn) => {
+            Db::Sqlite { conn, turn } => {
                 let conn = conn.clone();
-                blocking(move || {
+                blocking(turn, move || {
                     let changed = lock(&conn)?
                         .prepare_cached(&sqlite_sql(sql))?
                         .execute(rusqlite::params_from_iter(params.iter()))?;
@@ -278,7 +287,7 @@ impl Db {
         params: Vec<Value>,
     ) -> Result<u64, DbError> {
         match self {
-            Db::Sqlite(_) => self.execute(sql, params).await,
+            Db::Sqlite { .. } => self.execute(sql, params).await,
             Db::Postgres { unsynced, .. } => Ok(unsynced.execute(sql, &pg_params(&params)).await?),
         }
     }
@@ -291,9 +300,9 @@ impl Db {
         params: Vec<Value>,
     ) -> Result<Vec<Row>, DbError> {
         match self {
-            Db::Sqlite(conn) => {
+            Db::Sqlite { conn, turn } => {
                 let conn = conn.clone();
-                blocking(move || sqlite_rows(&*lock(&conn)?, &sql, &params)).await
+                blocking(turn, move || sqlite_rows(&*lock(&conn)?, &sql, &params)).await
             }
             Db::Postgres { shared, .. } => {
                 let rows = shared.query(sql.as_str(), &pg_params(&params)).await?;
@@ -331,9 +340,9 @@ impl Db {
         statements: Vec<Statement>,
     ) -> Result<bool, DbError> {
         match self {
-            Db::Sqlite(conn) => {
+            Db::Sqlite { conn, turn } => {
                 let conn = conn.clone();
-                blocking(move || {
+                blocking(turn, move || {
                     let mut conn = lock(&conn)?;
                     let tx = conn.transaction()?;
                     if let Some((sql, params)) = &guard {
@@ -442,12 +451,24 @@ fn lock(
         .map_err(|_| DbError::Other("the SQLite connection was poisoned".into()))
 }
 
+/// `work` on the blocking pool once it is this connection's turn; the turn
+/// ends with the work, even when its caller has gone.
 async fn blocking<T: Send + 'static>(
+    turn: &Arc<tokio::sync::Semaphore>,
     work: impl FnOnce() -> Result<T, DbError> + Send + 'static,
 ) -> Result<T, DbError> {
-    tokio::task::spawn_blocking(work)
+    let turn = turn
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|e| DbError::Other(e.to_string()))?
+        .map_err(|e| DbError::Other(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        let done = work();
+        drop(turn);
+        done
+    })
+    .await
+    .map_err(|e| DbError::Other(e.to_string()))?
 }
 
 fn sqlite_rows(

@@ -454,3 +454,41 @@ async fn unknown_route_and_wrong_method_use_the_envelope() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(body["error"]["message"].is_string());
 }
+
+/// With `RUST_BACKTRACE=1` in the environment (meant for panics), an error
+/// message still carries no stack trace: candle would capture one in every
+/// error it raises and print it inside the message.
+#[test]
+fn error_messages_carry_no_backtrace_when_rust_backtrace_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.json");
+    std::fs::write(&prompts, r#"[{"ids": [1, 999999]}]"#).unwrap();
+    let model = fixtures_dir().join("tiny").join("llama-q8_0.gguf");
+    let output = qpai(
+        dir.path(),
+        &[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+        ],
+    )
+    .env("RUST_BACKTRACE", "1")
+    .env_remove("RUST_LIB_BACKTRACE")
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("outside the vocabulary"), "{stderr}");
+    let frames = stderr
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start();
+            line.split_once(": ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .count();
+    assert_eq!(frames, 0, "a backtrace in the message:\n{stderr}");
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+}
