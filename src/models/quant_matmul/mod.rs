@@ -78,6 +78,13 @@ pub struct QuantMatrix {
     panels: Option<Panels>,
 }
 
+/// Whether candle's CPU dot product of `dtype` would get rows of an odd
+/// number of blocks, which its Q4_1, Q5_0 and Q5_1 kernels assert against.
+fn odd_pairs(dtype: GgmlDType, cols: usize) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+        && !(cols / dtype.block_size()).is_multiple_of(2)
+}
+
 fn blocks_from_bytes<T: Copy>(bytes: &[u8]) -> Vec<T> {
     let size = std::mem::size_of::<T>();
     bytes
@@ -102,6 +109,13 @@ impl QuantMatrix {
             }
             (true, GgmlDType::Q6K) if cols.is_multiple_of(SUPER_BLOCK) => {
                 Storage::Q6K(blocks::repack_q6_k(&tensor.data()?))
+            }
+            _ if tensor.device().is_cpu() && odd_pairs(tensor.dtype(), cols) => {
+                // candle's CPU products of these types take blocks in pairs
+                // and panic on a row of an odd number of blocks: such a
+                // matrix is widened to f32 (exact) and run on the f32 kernels.
+                let values = tensor.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+                return Ok(Self::dense(DenseWeights::F32(values), None, rows, cols));
             }
             _ => Storage::Candle(QMatMul::from_qtensor(tensor)?),
         };
