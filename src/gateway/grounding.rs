@@ -28,10 +28,8 @@ impl Gateway {
             .site_owner(site.as_str())
             .await
             .map_err(ApiError::internal)?;
-        match owner.as_deref() == Some(principal.tenant.as_str()) {
-            true => Ok(site),
-            false => Ok(site.in_tenant(&principal.tenant)?),
-        }
+        let given_plain = owner.as_deref() == Some(principal.tenant.as_str());
+        Ok(site.of_tenant(&principal.tenant, given_plain)?)
     }
 
     /// Retrieves from the site for the last user message and replaces that

@@ -48,12 +48,8 @@ async fn operator_site(
     crate::ledger::keys::check_tenant_name(tenant).map_err(anyhow::Error::msg)?;
     let site = SiteName::parse(name)?;
     let ledger = Ledger::open(&global.database_url()).await?;
-    Ok(
-        match ledger.site_owner(site.as_str()).await?.as_deref() == Some(tenant) {
-            true => site,
-            false => site.in_tenant(tenant)?,
-        },
-    )
+    let given_plain = ledger.site_owner(site.as_str()).await?.as_deref() == Some(tenant);
+    Ok(site.of_tenant(tenant, given_plain)?)
 }
 
 pub async fn ingest(args: IngestArgs, global: &GlobalArgs) -> anyhow::Result<()> {

@@ -78,6 +78,15 @@ impl SiteName {
         })
     }
 
+    /// `tenant`'s site of this name: in its namespace, or the plain name
+    /// when the tenant was given that site before names were per tenant.
+    pub fn of_tenant(self, tenant: &str, given_plain: bool) -> Result<Self, RagError> {
+        match given_plain {
+            true => Ok(self),
+            false => self.in_tenant(tenant),
+        }
+    }
+
     /// The stored name: the site's table.
     pub fn as_str(&self) -> &str {
         &self.stored
