@@ -20,7 +20,7 @@ mod stand_ins;
 
 pub use models::{chat_template, gguf, peft_adapter, safetensors_header};
 pub use requests::{batch_line, chat_request, completion_request, embedding_request};
-pub use routing::{router_toml, sse};
+pub use routing::{router_toml, sse, token_count, token_count_tables};
 pub use sources::{chunker, html, markdown, robots, sitemap, wxr};
 
 /// A fuzz target: any bytes in, nothing out.
@@ -45,4 +45,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("chunker", chunker),
     ("router_toml", router_toml),
     ("sse", sse),
+    ("token_count", token_count),
 ];

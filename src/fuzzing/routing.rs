@@ -1,7 +1,8 @@
 //! What the router reads: its catalog (TOML, checked whole, then every
-//! name it offers ranked for a few kinds of request) and the answers of
+//! name it offers ranked for a few kinds of request), the answers of
 //! upstream deployments (server-sent events cut anywhere, and whole JSON
-//! answers), metered for usage.
+//! answers), metered for usage, and the text it counts tokens of as
+//! OpenAI would.
 
 use std::collections::BTreeSet;
 
@@ -11,6 +12,7 @@ use crate::router::calibration;
 use crate::router::catalog::{Capability, RouterCatalog};
 use crate::router::metering::{SseData, SseReader, StreamMeter, usage_of};
 use crate::router::policy::{self, Needs};
+use crate::router::tokens::TokenCounter;
 
 /// Prompt tokens every candidate is ranked with.
 const PROMPT_TOKENS: u64 = 1_000;
@@ -91,6 +93,42 @@ pub fn sse(data: &[u8]) {
             if let SseData::Chunk(chunk) = event {
                 meter.observe(chunk);
             }
+        }
+    }
+}
+
+/// Models whose OpenAI tokenizers count text: o200k_base (also every name
+/// OpenAI does not know), cl100k_base and p50k_base.
+const COUNTED_AS: [&str; 3] = ["gpt-4o", "gpt-4", "text-davinci-003"];
+
+/// Loads the tables of `COUNTED_AS`'s tokenizers before the first input
+/// (as the server loads o200k_base's at start, `tokens::warm_up`): a
+/// second or so each, which libFuzzer would otherwise time that input by.
+pub fn token_count_tables() {
+    for model in COUNTED_AS {
+        let _ = TokenCounter::for_remote_model(model);
+    }
+}
+
+/// Text counted as a remote deployment's tokens (a prompt, an upstream's
+/// answer without usage): the bytes as text, with each of OpenAI's
+/// tokenizers; and, when they are JSON, as a chat request's messages (a
+/// list, or an object holding one under `messages`).
+pub fn token_count(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let messages = match serde_json::from_slice::<Value>(data) {
+        Ok(Value::Array(items)) => Some(items),
+        Ok(Value::Object(mut object)) => match object.remove("messages") {
+            Some(Value::Array(items)) => Some(items),
+            _ => None,
+        },
+        _ => None,
+    };
+    for model in COUNTED_AS {
+        let counter = TokenCounter::for_remote_model(model);
+        let _ = counter.count(&text);
+        if let Some(messages) = &messages {
+            let _ = counter.count_messages(messages);
         }
     }
 }

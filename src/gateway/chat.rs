@@ -17,7 +17,7 @@ use crate::engine::Priority;
 use crate::error::{ApiError, ApiResult};
 use crate::experiments::{Assignment, ExperimentCall};
 use crate::router::policy::{self, Candidate, Needs};
-use crate::router::tokens::TokenCounter;
+use crate::router::tokens::{RemoteCounts, TokenCounter};
 use crate::router::{Capability, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
@@ -211,12 +211,15 @@ impl Gateway {
                     remote_body = Some(serde_json::to_value(request).map_err(ApiError::internal)?);
                 }
                 let grounded = request.rag.is_some();
+                let mut counted = RemoteCounts::default();
                 rank_prepared(requested, &offered, needs, |deployment, local_errors| {
                     if deployment.provider != ProviderKind::Local {
                         if grounded {
                             return Err("'rag' is answered by qpai's own models only".into());
                         }
-                        let tokens = remote_prompt_tokens(&deployment.model, remote_body.as_ref());
+                        let tokens = counted.count(&deployment.model, |counter| {
+                            remote_prompt_tokens(counter, remote_body.as_ref())
+                        });
                         return Ok((tokens, None));
                     }
                     let (engine, adapter) = targets
@@ -272,11 +275,10 @@ type ChatCandidates = (
     Option<Value>,
 );
 
-/// A chat prompt as OpenAI counts it on `model`, tool definitions
+/// A chat prompt as OpenAI counts it with `counter`, tool definitions
 /// included (an estimate: OpenAI renders them in a format of its own).
-fn remote_prompt_tokens(model: &str, body: Option<&Value>) -> u64 {
+fn remote_prompt_tokens(counter: &TokenCounter, body: Option<&Value>) -> u64 {
     let Some(body) = body else { return 0 };
-    let counter = TokenCounter::for_remote_model(model);
     let messages = body
         .get("messages")
         .and_then(Value::as_array)

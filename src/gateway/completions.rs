@@ -21,7 +21,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::lora::UnmergedAdapter;
 use crate::models::{LoadedModel, ModelKind};
 use crate::router::policy::{self, Candidate, Needs};
-use crate::router::tokens::TokenCounter;
+use crate::router::tokens::RemoteCounts;
 use crate::router::{Capability, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
@@ -115,18 +115,23 @@ impl Gateway {
                 }
                 let unknown = validate::reject_unknown_fields(&request.other, "").err();
                 let mut targets = self.models.local_targets(principal, &offered).await;
+                let mut counted = RemoteCounts::default();
                 rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
                     if deployment.provider != ProviderKind::Local {
                         if !deployment.capabilities.contains(&Capability::Completions) {
                             return Err("does not serve text completions".into());
                         }
-                        let counter = TokenCounter::for_remote_model(&deployment.model);
-                        let tokens = match &request.prompt {
-                            Prompt::Text(text) => counter.count(text),
-                            Prompt::Texts(texts) => texts.iter().map(|t| counter.count(t)).sum(),
-                            Prompt::Tokens(ids) => ids.len() as u64,
-                            Prompt::TokenLists(lists) => lists.iter().map(|l| l.len() as u64).sum(),
-                        };
+                        let tokens =
+                            counted.count(&deployment.model, |counter| match &request.prompt {
+                                Prompt::Text(text) => counter.count(text),
+                                Prompt::Texts(texts) => {
+                                    texts.iter().map(|t| counter.count(t)).sum()
+                                }
+                                Prompt::Tokens(ids) => ids.len() as u64,
+                                Prompt::TokenLists(lists) => {
+                                    lists.iter().map(|l| l.len() as u64).sum()
+                                }
+                            });
                         return Ok((tokens, None));
                     }
                     let (engine, adapter) = targets

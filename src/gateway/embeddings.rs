@@ -18,7 +18,7 @@ use super::{Answer, Gateway, Hints, Whole, validate};
 use crate::error::{ApiError, ApiResult};
 use crate::models::embedding::EmbeddingModel;
 use crate::router::policy::{self, Candidate, Needs};
-use crate::router::tokens::TokenCounter;
+use crate::router::tokens::{RemoteCounts, TokenCounter};
 use crate::router::{Deployment, Endpoint, ProviderKind};
 use crate::tenancy::Principal;
 
@@ -176,9 +176,12 @@ impl Gateway {
                     }
                 }
                 let offered: Vec<&Deployment> = offered.iter().collect();
+                let mut counted = RemoteCounts::default();
                 rank_prepared(&requested, &offered, &needs, |deployment, local_errors| {
                     if deployment.provider != ProviderKind::Local {
-                        let tokens = remote_input_tokens(&deployment.model, &request.input);
+                        let tokens = counted.count(&deployment.model, |counter| {
+                            remote_input_tokens(counter, &request.input)
+                        });
                         return Ok((tokens, None));
                     }
                     let model = models[&deployment.model].clone().map_err(|e| e.message)?;
@@ -216,9 +219,8 @@ impl Gateway {
     }
 }
 
-/// The inputs' tokens as OpenAI counts them on `model`.
-fn remote_input_tokens(model: &str, input: &EmbeddingInput) -> u64 {
-    let counter = TokenCounter::for_remote_model(model);
+/// The inputs' tokens as OpenAI counts them with `counter`.
+fn remote_input_tokens(counter: &TokenCounter, input: &EmbeddingInput) -> u64 {
     match input {
         EmbeddingInput::Text(text) => counter.count(text),
         EmbeddingInput::Texts(texts) => texts.iter().map(|t| counter.count(t)).sum(),
