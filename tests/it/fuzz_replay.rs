@@ -119,6 +119,15 @@ fn gguf_headers_whose_counts_the_file_does_not_back_are_refused() {
         };
         assert!(error.contains(expected), "{name}: {error}");
     }
+    // The accelerator path on the CPU sized its rotary table (positions x
+    // head size, built on the host) before checking the KV slab fits.
+    let mut tensor_ops = LoadOptions::new("tensor_ops");
+    tensor_ops.tensor_ops = true;
+    let source = ModelSource::from_path(&dir.join("context_length_u32_max.gguf")).unwrap();
+    match load_model(&source, &tensor_ops) {
+        Ok(_) => panic!("context_length_u32_max.gguf loaded on the accelerator path"),
+        Err(error) => assert!(format!("{error:#}").contains("--max-context"), "{error:#}"),
+    }
     let seed = fuzz_dir()
         .join("corpus")
         .join("gguf")

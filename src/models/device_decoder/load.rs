@@ -314,6 +314,19 @@ impl DeviceDecoder {
         }
         let norm = norm.to_dtype(dtype)?;
         let context = dims.context.max(1);
+        // The KV slab is sized (and refused when one sequence does not fit
+        // the device, or this machine) before the rotary table, which is
+        // smaller than one sequence's slot.
+        let kv_width = n_kv_head * head_dim;
+        let slot_bytes = [dims.layers, 2, context, kv_width, dtype.size_in_bytes()]
+            .into_iter()
+            .try_fold(1usize, usize::checked_mul)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "one sequence's KV cache at the served context ({context} positions) overflows: lower --max-context"
+                )
+            })?;
+        let slots = kv_slots(kv_cache, slot_bytes, device)?;
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / dims.theta.powf((2 * i) as f32 / head_dim as f32))
@@ -327,9 +340,6 @@ impl DeviceDecoder {
             angles.cos()?.to_dtype(dtype)?,
             angles.sin()?.to_dtype(dtype)?,
         );
-        let kv_width = n_kv_head * head_dim;
-        let slot_bytes = dims.layers * 2 * context * kv_width * dtype.size_in_bytes();
-        let slots = kv_slots(kv_cache, slot_bytes, device)?;
         let slab = || Tensor::zeros((slots * context, kv_width), dtype, device);
         let kv = KvSlab {
             keys: (0..dims.layers).map(|_| slab()).collect::<Result<_, _>>()?,
@@ -384,16 +394,18 @@ fn moved_to(
 
 /// How many sequences' slots the KV slab gets: `--kv-cache-mb` worth, or the
 /// configured number of sequences; on CUDA never more than the free memory
-/// leaves after a working margin. Fails when not even one fits.
+/// leaves after a working margin, elsewhere never more than this machine's
+/// memory. Fails when not even one fits.
 fn kv_slots(config: KvCacheConfig, slot_bytes: usize, device: &Device) -> anyhow::Result<usize> {
     let wanted = match config.megabytes {
         Some(mb) => (mb << 20) / slot_bytes.max(1),
         None => config.sequences.max(1),
     };
-    let fits = match free_device_memory(device)? {
-        Some(free) => free.saturating_sub(WORKING_MEMORY) / slot_bytes.max(1),
-        None => wanted,
+    let room = match free_device_memory(device)? {
+        Some(free) => Some(free.saturating_sub(WORKING_MEMORY)),
+        None => crate::models::kv_cache::physical_memory(),
     };
+    let fits = room.map_or(wanted, |room| room / slot_bytes.max(1));
     let slots = wanted.min(fits);
     anyhow::ensure!(
         slots > 0,

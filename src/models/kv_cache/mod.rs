@@ -245,18 +245,18 @@ impl KvCache {
     }
 }
 
-/// Blocks a request may come to hold: its prompt's, plus for each of its
-/// `n` choices the generated tokens' and a copy of the prompt's last,
-/// partly filled block. Shared prefix blocks are counted as if they were
-/// not shared, so what admission reserves always covers what is allocated.
 /// This machine's memory in bytes (`MemTotal`), when it can be read.
-fn physical_memory() -> Option<usize> {
+pub(crate) fn physical_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
 }
 
+/// Blocks a request may come to hold: its prompt's, plus for each of its
+/// `n` choices the generated tokens' and a copy of the prompt's last,
+/// partly filled block. Shared prefix blocks are counted as if they were
+/// not shared, so what admission reserves always covers what is allocated.
 pub fn blocks_needed(block_tokens: usize, prompt: usize, n: usize, max_new_tokens: usize) -> usize {
     prompt.div_ceil(block_tokens) + n * (max_new_tokens.div_ceil(block_tokens) + 1)
 }
