@@ -23,6 +23,20 @@ pub use requests::{batch_line, chat_request, completion_request, embedding_reque
 pub use routing::{router_toml, sse, token_count, token_count_tables};
 pub use sources::{chunker, html, markdown, robots, sitemap, wxr};
 
+/// The messages `data` holds as JSON: a list of them, or an object (a chat
+/// request) holding one under `messages`.
+fn json_messages(data: &[u8]) -> Option<Vec<serde_json::Value>> {
+    use serde_json::Value;
+    match serde_json::from_slice::<Value>(data) {
+        Ok(Value::Array(items)) => Some(items),
+        Ok(Value::Object(mut object)) => match object.remove("messages") {
+            Some(Value::Array(items)) => Some(items),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// A fuzz target: any bytes in, nothing out.
 pub type Target = fn(&[u8]);
 

@@ -1,7 +1,8 @@
 //! Model files and the conversations rendered for models: GGUF files read
 //! as the loader reads them (header and metadata, the tokenizer and chat
 //! template they carry, the CPU decoder's weights), safetensors files and
-//! PEFT adapter configurations read as LoRA adapters, and chat templates
+//! PEFT adapter configurations read as LoRA adapters (those that fit the
+//! tiny llama used on it, per request and merged), and chat templates
 //! rendering any conversation.
 
 use std::io::Cursor;
@@ -42,15 +43,7 @@ fn conversation(data: &[u8]) -> Vec<TemplateMessage> {
     {
         return prompt.messages;
     }
-    let listed = match serde_json::from_slice::<Value>(data) {
-        Ok(Value::Array(items)) => Some(items),
-        Ok(Value::Object(mut object)) => match object.remove("messages") {
-            Some(Value::Array(items)) => Some(items),
-            _ => None,
-        },
-        _ => None,
-    };
-    match listed {
+    match super::json_messages(data) {
         Some(items) => items.iter().map(json_message).collect(),
         None => text_turns(&String::from_utf8_lossy(data)),
     }
@@ -207,7 +200,8 @@ const SAFETENSORS_ADAPTER: &str = r#"{"r": 4, "lora_alpha": 8, "target_modules":
 
 /// A safetensors file, as `Adapter::load` reads `adapter_model.safetensors`
 /// (every tensor loaded on the CPU), then checked as an adapter's factors
-/// and against the tiny llama.
+/// and against the tiny llama; one that fits it is used on it as the
+/// server uses adapters (`on_tiny_llama`).
 pub fn safetensors_header(data: &[u8]) {
     let Ok(tensors) = candle_core::safetensors::load_buffer(data, &Device::Cpu) else {
         return;
@@ -215,8 +209,48 @@ pub fn safetensors_header(data: &[u8]) {
     let Ok(config) = AdapterConfig::parse(SAFETENSORS_ADAPTER) else {
         return;
     };
-    if let Ok(adapter) = Adapter::from_tensors(config, tensors) {
-        let _ = adapter.check_base(TINY_LLAMA_LAYERS, tiny_llama_shape);
+    if let Ok(adapter) = Adapter::from_tensors(config, tensors)
+        && adapter
+            .check_base(TINY_LLAMA_LAYERS, tiny_llama_shape)
+            .is_ok()
+    {
+        on_tiny_llama(&adapter);
+    }
+}
+
+/// The tiny llama as a Q8_0 GGUF file, the base adapters are used on.
+const TINY_LLAMA_GGUF: &[u8] = include_bytes!("../../tests/fixtures/tiny/llama-q8_0.gguf");
+/// Positions the tiny llama is served with here.
+const TINY_LLAMA_POSITIONS: usize = 64;
+
+/// The tiny llama loaded from `TINY_LLAMA_GGUF`, `merge` merged into it.
+fn tiny_llama(merge: Option<&Adapter>) -> anyhow::Result<CpuDecoder> {
+    let mut reader = Cursor::new(TINY_LLAMA_GGUF);
+    let content = read_gguf(&mut reader)?;
+    Ok(CpuDecoder::from_gguf(
+        &content,
+        &mut reader,
+        Architecture::Llama,
+        TINY_LLAMA_POSITIONS,
+        merge,
+        KvCacheConfig::default(),
+    )?)
+}
+
+/// `adapter` on the tiny llama both ways the server uses one: prepared for
+/// requests that name it (unmerged, on a base loaded once) and merged into
+/// the weights at load (`--merge`), a short prompt stepped through each.
+fn on_tiny_llama(adapter: &Adapter) {
+    static BASE: std::sync::OnceLock<Arc<CpuDecoder>> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        Arc::new(tiny_llama(None).expect("tests/fixtures/tiny/llama-q8_0.gguf loads"))
+    });
+    if let Ok(unmerged) = base.prepare_adapter(adapter) {
+        let mut sequence = CpuSequence::new(base.clone(), Some(Arc::new(unmerged)));
+        let _ = sequence.forward(&[0, 1]);
+    }
+    if let Ok(merged) = tiny_llama(Some(adapter)) {
+        let _ = CpuSequence::new(Arc::new(merged), None).forward(&[0, 1]);
     }
 }
 

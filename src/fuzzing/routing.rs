@@ -116,14 +116,7 @@ pub fn token_count_tables() {
 /// list, or an object holding one under `messages`).
 pub fn token_count(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let messages = match serde_json::from_slice::<Value>(data) {
-        Ok(Value::Array(items)) => Some(items),
-        Ok(Value::Object(mut object)) => match object.remove("messages") {
-            Some(Value::Array(items)) => Some(items),
-            _ => None,
-        },
-        _ => None,
-    };
+    let messages = super::json_messages(data);
     for model in COUNTED_AS {
         let counter = TokenCounter::for_remote_model(model);
         let _ = counter.count(&text);
