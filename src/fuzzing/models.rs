@@ -162,13 +162,18 @@ pub fn gguf(data: &[u8]) {
     // tokenizers keeps a BPE's cache of words in a thread-local map keyed
     // by the tokenizer's id, which outlives the tokenizer: one tokenizer per
     // input would pile them up on the fuzzer's thread (about 1.2 KB an
-    // input), so the sample is encoded on a thread that ends with it.
+    // input), so the sample is encoded on a thread that ends with it. The
+    // thread is joined (a scope alone returns before its thread-local
+    // destructors run, and LeakSanitizer took the map for a leak).
     std::thread::scope(|scope| {
-        scope.spawn(|| {
+        let encoding = scope.spawn(|| {
             if let Ok(encoding) = tokenizer.encode_fast(SAMPLE_TEXT, false) {
                 let _ = tokenizer.decode(encoding.get_ids(), false);
             }
         });
+        if let Err(panic) = encoding.join() {
+            std::panic::resume_unwind(panic);
+        }
     });
     let Some(source) = template_source else {
         return;

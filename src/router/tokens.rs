@@ -81,8 +81,8 @@ impl TokenCounter {
 }
 
 /// One request's count under each remote deployment's tokenizer, counted
-/// once per tokenizer: ranking asks for every deployment on offer, and
-/// most share o200k_base, where a large prompt takes seconds to count.
+/// once per tokenizer: ranking asks for every deployment on offer, most
+/// share o200k_base, and a megabyte of prompt takes 0.2 to 0.3 s to count.
 #[derive(Default)]
 pub struct RemoteCounts(Vec<(usize, u64)>);
 
