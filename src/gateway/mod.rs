@@ -18,6 +18,7 @@ mod local_chat;
 pub mod models;
 mod named_prompt;
 pub mod tool_calls;
+pub mod usage;
 pub mod validate;
 pub mod wire;
 

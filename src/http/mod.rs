@@ -15,8 +15,6 @@ mod prompts;
 mod sites;
 mod usage;
 
-pub use usage::group_keys as usage_group_keys;
-
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -1,6 +1,5 @@
-//! `GET /v1/usage` (the ledger, grouped) and `GET /v1/router/health` (the
-//! deployments' circuit breakers). A tenant's key reads its own tenant's
-//! usage only; an admin's may read any tenant's, or all.
+//! `GET /v1/usage` (the ledger, grouped, as `Gateway::usage` reads it) and
+//! `GET /v1/router/health` (the deployments' circuit breakers).
 
 use std::sync::Arc;
 
@@ -10,8 +9,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use crate::error::{ApiError, ApiResult};
-use crate::ledger::{GroupKey, UsageQuery};
+use crate::error::ApiResult;
+use crate::gateway::usage::UsageAsk;
 use crate::money::Usd;
 use crate::tenancy::Principal;
 
@@ -27,69 +26,19 @@ pub struct UsageParams {
     pub key: Option<String>,
 }
 
-fn day(param: &str, value: Option<String>) -> ApiResult<Option<String>> {
-    match value {
-        Some(text) if chrono::NaiveDate::parse_from_str(&text, "%Y-%m-%d").is_err() => {
-            Err(ApiError::invalid_param(
-                param,
-                format!("'{param}' must be a day as YYYY-MM-DD, not {text:?}."),
-            ))
-        }
-        other => Ok(other),
-    }
-}
-
-/// Parses `group_by`.
-pub fn group_keys(text: Option<&str>) -> Result<Vec<GroupKey>, String> {
-    text.unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|name| {
-            GroupKey::parse(name).ok_or_else(|| {
-                format!(
-                    "cannot group by {name:?}: use model, provider, key, day, tenant, deployment, batch, prompt or eval"
-                )
-            })
-        })
-        .collect()
-}
-
 pub async fn usage(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Query(params): Query<UsageParams>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let tenancy = state
-        .gateway
-        .tenancy
-        .clone()
-        .ok_or_else(|| ApiError::not_found("This server keeps no usage ledger."))?;
-    let group_by = group_keys(params.group_by.as_deref())
-        .map_err(|e| ApiError::invalid_param("group_by", e))?;
-    let tenant = match params.tenant {
-        Some(tenant) if !principal.may_see(&tenant) => {
-            return Err(ApiError::forbidden(
-                "A tenant's key reads its own usage only.",
-            ));
-        }
-        Some(tenant) => Some(tenant),
-        None if principal.admin => None,
-        None => Some(principal.tenant.clone()),
+    let ask = UsageAsk {
+        group_by: params.group_by,
+        from: params.from,
+        to: params.to,
+        tenant: params.tenant,
+        key: params.key,
     };
-    let query = UsageQuery {
-        tenant,
-        key_id: params.key,
-        from_day: day("from", params.from)?,
-        to_day: day("to", params.to)?,
-        group_by,
-    };
-    tenancy.ledger.flush().await;
-    let rows = tenancy
-        .ledger
-        .usage(&query)
-        .await
-        .map_err(ApiError::internal)?;
+    let rows = state.gateway.usage(&principal, ask).await?;
     let total = Usd(rows.iter().map(|r| r.cost.0).sum());
     let data: Vec<_> = rows
         .iter()

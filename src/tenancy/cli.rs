@@ -73,7 +73,7 @@ pub async fn keys(command: KeysCommand, global: &GlobalArgs) -> anyhow::Result<(
 pub async fn usage(args: UsageArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let ledger = Ledger::open(&global.database_url()).await?;
     let group_by =
-        crate::http::usage_group_keys(Some(&args.group_by)).map_err(anyhow::Error::msg)?;
+        crate::gateway::usage::group_keys(Some(&args.group_by)).map_err(anyhow::Error::msg)?;
     let rows = ledger
         .usage(&UsageQuery {
             tenant: args.tenant,
